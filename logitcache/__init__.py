@@ -1,0 +1,11 @@
+"""logitcache: run the teacher once, store its soft targets in Zarr, make knowledge distillation nearly free."""
+
+__version__ = "0.1.0"
+
+from .build import build_cache
+from .encoding import to_probs
+from .errors import LogitcacheError
+from .replay import replay, replay_view, sample_seed
+from .store import Cache, open_cache
+
+__all__ = ["build_cache", "open_cache", "Cache", "to_probs", "replay", "replay_view", "sample_seed", "LogitcacheError"]

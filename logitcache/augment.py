@@ -1,0 +1,46 @@
+"""Built-in augmentation presets (torchvision v2). Each preset has a random training pipeline and the deterministic
+evaluation pipeline that matches it; both map a PIL image (or uint8 tensor) to a normalised float tensor."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torchvision.transforms import v2
+
+MEAN, STD = (0.5,), (0.5,)  # broadcast over any number of channels
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def _to_float(mean=MEAN, std=STD) -> list:
+    return [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
+
+
+def plain(size: int | None = None) -> v2.Compose:
+    """No randomness: tensor conversion and normalisation only."""
+    return v2.Compose(_to_float())
+
+
+def pad_crop_flip(size: int, padding: int = 4) -> v2.Compose:
+    """The classic small-image recipe: pad, random crop back to ``size``, horizontal flip."""
+    return v2.Compose([v2.ToImage(), v2.RandomCrop(size, padding=padding), v2.RandomHorizontalFlip(),
+                       v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)])
+
+
+def rrc_flip(size: int = 224) -> v2.Compose:
+    """ImageNet-style: random resized crop to ``size`` and horizontal flip."""
+    return v2.Compose([v2.ToImage(), v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip(),
+                       v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+def center_crop(size: int = 224) -> v2.Compose:
+    return v2.Compose([v2.ToImage(), v2.Resize(int(size * 8 / 7), antialias=True), v2.CenterCrop(size),
+                       v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+# name -> (training pipeline, matching evaluation pipeline); each takes the image size.
+PRESETS: dict[str, tuple[Callable[[int], v2.Compose], Callable[[int], v2.Compose]]] = {
+    "pad-crop-flip": (pad_crop_flip, plain),
+    "rrc-flip": (rrc_flip, center_crop),
+    "none": (plain, plain),
+}

@@ -1,0 +1,236 @@
+"""The precompute stage: teacher over dataset x views -> a cache.
+
+DataLoader workers decode and augment (replayed from seeds); the main process runs the teacher; a writer thread
+compresses and writes each finished unit (one chunk of one view) while the next batches are computed. Batches never
+straddle a unit, so a unit's bytes do not depend on which run, resume or rank computed it.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+import zarr
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from . import store
+from .datasets import labels_of
+from .encoding import make_encoding
+from .errors import LogitcacheError
+from .fingerprint import dataset_fingerprint, teacher_sha256, versions
+from .progress import progress_bar
+from .replay import fingerprint_mismatch, replay_fingerprint, replay_view
+
+# Settings whose change makes an existing cache a different cache (resume is refused, --overwrite needed).
+_IDENTITY = ("num_samples", "num_views", "num_classes", "chunk_rows", "batch_size", "seed", "encoding", "codec")
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise LogitcacheError("--device cuda was asked for but CUDA is not available on this machine")
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise LogitcacheError(f"unknown device {device!r}; use auto, cpu or cuda") from None
+
+
+class ReplayedViews(Dataset):
+    """Flat index ``view * N + i`` -> the replayed augmented view of sample ``i``."""
+
+    def __init__(self, dataset: Dataset, transform: Callable[[Any], torch.Tensor], seed: int):
+        self.dataset, self.transform, self.seed, self.n = dataset, transform, seed, len(dataset)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, flat: int) -> torch.Tensor:
+        view, index = divmod(flat, self.n)
+        return replay_view(self.transform, self.dataset[index][0], self.seed, view, index)
+
+
+def plan_batches(layout: store.Layout, units: list[tuple[int, int]], batch_size: int) -> list[tuple[tuple[int, int], list[int]]]:
+    """``(unit, flat indices)`` per batch; batch boundaries restart at every unit so results are unit-local."""
+    plan = []
+    for view, chunk in units:
+        start, stop = layout.rows(chunk)
+        for b in range(start, stop, batch_size):
+            plan.append(((view, chunk), [view * layout.num_samples + i for i in range(b, min(b + batch_size, stop))]))
+    return plan
+
+
+def assign_units(units: list[tuple[int, int]], rank: int, world_size: int) -> list[tuple[int, int]]:
+    """Round-robin over the pending units: every rank gets an equal share (+-1) of the remaining work."""
+    return units[rank::world_size]
+
+
+def _teacher_logits(teacher: nn.Module, x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    out = teacher(x.to(device, non_blocking=True))
+    if not isinstance(out, torch.Tensor) or out.ndim != 2:
+        raise LogitcacheError(f"the teacher must return logits of shape [batch, classes]; it returned "
+                              f"{type(out).__name__}{tuple(out.shape) if isinstance(out, torch.Tensor) else ''}")
+    return out.float().cpu()
+
+
+def _check_compatible(path: str, existing: dict, meta: dict) -> None:
+    for key in _IDENTITY:
+        if existing.get(key) != meta.get(key):
+            raise LogitcacheError(f"{path} was built with {key}={existing.get(key)!r}, this build has "
+                                  f"{meta.get(key)!r}; pass --overwrite to replace it")
+    checks = [("teacher", "sha256", "a different teacher"), ("dataset", "labels_sha256", "a different dataset"),
+              ("dataset", "samples_sha256", "a different dataset"), ("augment", "repr", "a different augmentation")]
+    for section, key, what in checks:
+        if existing[section].get(key) != meta[section].get(key):
+            raise LogitcacheError(f"{path} was built with {what}; pass --overwrite to replace it")
+    bad = fingerprint_mismatch(existing["augment"]["fingerprint"], meta["augment"]["fingerprint"])
+    if bad:
+        raise LogitcacheError(f"{path}: augmentation replay differs from the recorded one ({bad}); "
+                              "pass --overwrite to rebuild")
+
+
+def _open_output(out: str, meta: dict, fields: dict, codec: str, resume: bool, overwrite: bool) -> zarr.Group:
+    path = Path(out)
+    if store.is_store(path):
+        if overwrite:
+            store.remove_store(path)
+        elif resume:
+            _check_compatible(out, dict(zarr.open_group(out, mode="r").attrs[store.ATTR_KEY]), meta)
+            return zarr.open_group(out, mode="r+")
+        else:
+            done = store.open_cache(out).completion()
+            raise LogitcacheError(f"{out} already holds a cache ({int(done.sum())}/{done.size} chunks complete); "
+                                  "pass --resume to finish it or --overwrite to replace it")
+    elif path.exists() and not (path.is_dir() and not any(path.iterdir())):
+        raise LogitcacheError(f"{out} exists and is not a logitcache store; choose another --out")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise LogitcacheError(f"cannot create {out}: {e.strerror or e}") from None
+    if not os.access(path, os.W_OK):
+        raise LogitcacheError(f"{out} is not writable")
+    return store.create_store(out, meta, fields, codec)
+
+
+def build_cache(
+    teacher: nn.Module,
+    dataset: Dataset,
+    out: str | os.PathLike,
+    *,
+    augment: Callable[[Any], torch.Tensor],
+    views: int = 1,
+    seed: int = 0,
+    encoding: str = "topk",
+    k: int = 10,
+    codec: str = "blosc-lz4",
+    batch_size: int = 256,
+    chunk_rows: int = 1024,
+    workers: int = 2,
+    device: str = "auto",
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    specs: dict[str, str | None] | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+) -> store.Cache:
+    """Run ``teacher`` over ``views`` replayed augmentations of every sample of ``dataset`` and store soft targets.
+
+    ``specs`` records how the teacher/dataset/augmentation were named (CLI specs), so that tools can re-create them.
+    Returns the opened cache. Interrupting it (Ctrl-C, kill) loses at most the units in flight: ``resume=True``
+    finishes the job and the result is bitwise identical to an uninterrupted build on the same machine.
+    """
+    out = str(out)
+    specs = specs or {}
+    for name, value, low in (("views", views, 1), ("batch_size", batch_size, 1), ("chunk_rows", chunk_rows, 1),
+                             ("workers", workers, 0)):
+        if value < low:
+            raise LogitcacheError(f"{name} must be >= {low}, got {value}")
+    if codec not in store.CODECS:
+        raise LogitcacheError(f"unknown codec {codec!r}; choose one of: {', '.join(store.CODECS)}")
+    dev = resolve_device(device)
+    teacher = teacher.eval().to(dev)
+    n = len(dataset)
+    if n == 0:
+        raise LogitcacheError("the dataset is empty")
+
+    labels = labels_of(dataset)
+    probe = replay_view(augment, dataset[0][0], seed, 0, 0)
+    if not isinstance(probe, torch.Tensor):
+        raise LogitcacheError(f"the augmentation must return a tensor; it returned {type(probe).__name__}")
+    with torch.inference_mode():
+        try:
+            num_classes = _teacher_logits(teacher, probe[None], dev).shape[1]
+        except LogitcacheError:
+            raise
+        except Exception as e:
+            raise LogitcacheError(f"the teacher failed on the first image (shape {tuple(probe.shape)}): "
+                                  f"{type(e).__name__}: {str(e).splitlines()[0]}") from None
+    if labels.min() < 0 or labels.max() >= num_classes:
+        bad = int(np.argmax((labels < 0) | (labels >= num_classes)))
+        raise LogitcacheError(f"label {labels[bad]} of sample {bad} is outside the teacher's {num_classes} classes")
+    encoder = make_encoding(encoding, num_classes, {"k": k} if encoding == "topk" else {})
+
+    meta = {
+        "format_version": store.FORMAT_VERSION,
+        "num_samples": n, "num_views": views, "num_classes": num_classes, "chunk_rows": chunk_rows,
+        "batch_size": batch_size, "seed": seed, "codec": codec,
+        "encoding": {"name": encoder.name, "params": encoder.params()},
+        "values": "log-probs" if encoder.name == "topk" else "logits", "temperature": 1.0,
+        "view_rule": "epoch e uses view e % num_views",
+        "augment": {"spec": specs.get("augment"), "repr": repr(augment),
+                    "fingerprint": replay_fingerprint(augment, dataset, seed, views)},
+        "teacher": {"spec": specs.get("teacher"), "class": type(teacher).__name__, "sha256": teacher_sha256(teacher)},
+        "dataset": {"spec": specs.get("dataset"), **dataset_fingerprint(dataset, labels)},
+        "versions": versions(),
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    fields = encoder.fields()
+    group = _open_output(out, meta, fields, codec, resume, overwrite) if rank == 0 else zarr.open_group(out, mode="r+")
+    layout = store.Layout(views, n, chunk_rows)
+    done = group[store.COMPLETE][...].astype(bool)
+    units = [(v, c) for v in range(views) for c in range(layout.num_chunks) if not done[v, c]]
+    units = assign_units(units, rank, world_size)
+    plan = plan_batches(layout, units, batch_size)
+
+    loader = DataLoader(ReplayedViews(dataset, augment, seed), batch_sampler=[idx for _, idx in plan],
+                        num_workers=workers, pin_memory=dev.type == "cuda")
+    field_names = sorted(fields)
+    writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="logitcache-writer")
+    in_flight: list[Future] = []
+    buffer: list[torch.Tensor] = []
+    total_rows = sum(len(idx) for _, idx in plan)
+
+    def submit(unit: tuple[int, int]) -> None:
+        encoded = {k_: v_.numpy() for k_, v_ in encoder.encode(torch.cat(buffer)).items()}
+        buffer.clear()
+        in_flight.append(writer.submit(store.write_unit, group, field_names, unit[0], unit[1], layout.rows(unit[1]),
+                                       encoded))
+        while len(in_flight) > 4 or (in_flight and in_flight[0].done()):  # bounded: back-pressure on slow disks
+            in_flight.pop(0).result()
+
+    try:
+        with progress_bar("build", total_rows, enabled=progress) as advance, torch.inference_mode():
+            for i, (x, (unit, idx)) in enumerate(zip(loader, plan)):
+                logits = _teacher_logits(teacher, x, dev)
+                finite = torch.isfinite(logits).all(dim=1)
+                if not finite.all():
+                    bad = idx[int((~finite).nonzero()[0])]
+                    raise LogitcacheError(f"the teacher produced NaN/inf for view {bad // n}, sample {bad % n}; "
+                                          "nothing was written for its chunk")
+                buffer.append(logits)
+                if i + 1 == len(plan) or plan[i + 1][0] != unit:
+                    submit(unit)
+                advance(len(idx))
+    finally:
+        # Units already handed to the writer are complete: let them land, so an interrupt loses only the current one.
+        writer.shutdown(wait=True)
+    for f in in_flight:
+        f.result()
+    return store.open_cache(out)

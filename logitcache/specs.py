@@ -1,0 +1,181 @@
+"""How users name things on the command line: datasets, augmentations, models and teachers.
+
+A spec is a built-in name, ``pkg.module:callable``, ``path/to/file.py:callable``, or (for teachers) a run directory
+written by ``logitcache train``. Everything resolves to plain objects that the Python API takes directly.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from . import augment as aug
+from .datasets import BUILTIN, image_folder
+from .errors import LogitcacheError
+from .models import small_resnet
+
+MODEL_FILE, MODEL_SPEC_FILE = "model.safetensors", "model.json"
+
+
+def load_callable(spec: str) -> Callable[..., Any]:
+    """``pkg.module:name`` or ``path/to/file.py:name`` -> the object."""
+    target, sep, attr = spec.rpartition(":")
+    if not sep or not target or not attr:
+        raise LogitcacheError(f"{spec!r} is not a callable spec; write pkg.module:function or path/file.py:function")
+    if target.endswith(".py"):
+        path = Path(target)
+        if not path.is_file():
+            raise LogitcacheError(f"{spec}: file {path} does not exist")
+        mod_name = f"_logitcache_user_{abs(hash(str(path.resolve())))}"
+        module = sys.modules.get(mod_name)
+        if module is None:
+            loader_spec = importlib.util.spec_from_file_location(mod_name, path)
+            module = importlib.util.module_from_spec(loader_spec)
+            sys.modules[mod_name] = module  # registered first: DataLoader workers under spawn can re-import it
+            try:
+                loader_spec.loader.exec_module(module)
+            except Exception as e:
+                del sys.modules[mod_name]
+                raise LogitcacheError(f"{spec}: importing {path} failed: {type(e).__name__}: {e}") from None
+    else:
+        try:
+            module = importlib.import_module(target)
+        except ImportError as e:
+            raise LogitcacheError(f"{spec}: cannot import module {target!r} ({e})") from None
+    fn = getattr(module, attr, None)
+    if fn is None or not callable(fn):
+        raise LogitcacheError(f"{spec}: {target} has no callable named {attr!r}")
+    return fn
+
+
+def _call(spec: str, fn: Callable[..., Any], **kwargs: Any) -> Any:
+    try:
+        return fn(**kwargs)
+    except LogitcacheError:
+        raise
+    except Exception as e:
+        raise LogitcacheError(f"{spec}: calling it failed: {type(e).__name__}: {e}") from None
+
+
+def resolve_dataset(spec: str, train: bool = True) -> Dataset:
+    """A map-style dataset of ``(image, int label)`` without random transforms."""
+    if spec in BUILTIN:
+        ds = BUILTIN[spec](train=train)
+    elif spec.startswith("imagefolder:"):
+        ds = image_folder(spec.split(":", 1)[1], train=train)
+    elif ":" in spec:
+        ds = _call(spec, load_callable(spec), train=train)
+    else:
+        raise LogitcacheError(
+            f"unknown dataset {spec!r}; use one of {', '.join(BUILTIN)}, imagefolder:PATH, or pkg.module:function")
+    if not hasattr(ds, "__getitem__") or not hasattr(ds, "__len__"):
+        raise LogitcacheError(f"dataset {spec!r} returned {type(ds).__name__}, not a map-style dataset")
+    if len(ds) == 0:
+        raise LogitcacheError(f"dataset {spec!r} is empty")
+    sample = ds[0]
+    if not (isinstance(sample, (tuple, list)) and len(sample) == 2 and isinstance(sample[1], int)):
+        raise LogitcacheError(f"dataset {spec!r} must return (image, int label) pairs; sample 0 is {type(sample).__name__}"
+                              + (f" with label type {type(sample[1]).__name__}" if isinstance(sample, (tuple, list))
+                                 and len(sample) == 2 else ""))
+    return ds
+
+
+def image_size(dataset: Dataset) -> int:
+    image = dataset[0][0]
+    if hasattr(image, "size") and not callable(image.size):  # PIL: (width, height)
+        return min(image.size)
+    return min(torch.as_tensor(image).shape[-2:])
+
+
+def resolve_augment(spec: str, dataset: Dataset) -> tuple[Callable[[Any], torch.Tensor], Callable[[Any], torch.Tensor]]:
+    """``(training transform, evaluation transform)``; a user callable ``fn()`` gets the ``none`` preset for evaluation."""
+    size = image_size(dataset)
+    if spec in aug.PRESETS:
+        train_fn, eval_fn = aug.PRESETS[spec]
+        return train_fn(size), eval_fn(size)
+    if ":" not in spec:
+        raise LogitcacheError(f"unknown augmentation {spec!r}; use one of {', '.join(aug.PRESETS)} or pkg.module:function")
+    transform = _call(spec, load_callable(spec))
+    if not callable(transform):
+        raise LogitcacheError(f"augmentation {spec!r} returned {type(transform).__name__}, not a transform")
+    out = transform(dataset[0][0])
+    if not isinstance(out, torch.Tensor):
+        raise LogitcacheError(f"augmentation {spec!r} must map an image to a tensor; it returned {type(out).__name__}")
+    return transform, aug.plain(size)
+
+
+def build_model(spec: str, num_classes: int, in_channels: int) -> nn.Module:
+    """A fresh model: ``small-resnet...``, a torchvision model name, or ``fn(num_classes=, in_channels=)``."""
+    model = small_resnet(spec, num_classes, in_channels)
+    if model is None and ":" in spec:
+        model = _call(spec, load_callable(spec), num_classes=num_classes, in_channels=in_channels)
+    elif model is None:
+        import torchvision.models as tvm
+
+        if spec not in tvm.list_models():
+            raise LogitcacheError(f"unknown model {spec!r}; use small-resnet8/14/20[-wW], a torchvision model name, "
+                                  "or pkg.module:function")
+        model = tvm.get_model(spec, weights=None, num_classes=num_classes)
+    if not isinstance(model, nn.Module):
+        raise LogitcacheError(f"model {spec!r} returned {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
+    """Load a state dict from ``.safetensors`` or a weights-only ``torch.save`` file: never pickle."""
+    path = Path(path)
+    if not path.is_file():
+        raise LogitcacheError(f"weights file {path} does not exist")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise LogitcacheError(f"cannot read weights {path}: {type(e).__name__}: {e}") from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    try:
+        model.load_state_dict(state)
+    except Exception as e:
+        first = str(e).strip().splitlines()[:3]
+        raise LogitcacheError(f"weights {path} do not fit the model: {' '.join(first)}") from None
+    return model
+
+
+def is_run_dir(spec: str) -> bool:
+    return (Path(spec) / MODEL_SPEC_FILE).is_file()
+
+
+def resolve_teacher(spec: str, weights: str | Path | None = None) -> nn.Module:
+    """A teacher in eval mode: a run directory, ``fn()`` returning a module, or a torchvision model name."""
+    if is_run_dir(spec):
+        info = json.loads((Path(spec) / MODEL_SPEC_FILE).read_text())
+        model = build_model(info["model"], info["num_classes"], info["in_channels"])
+        load_weights(model, Path(spec) / MODEL_FILE)
+    elif Path(spec).is_dir():
+        raise LogitcacheError(f"teacher {spec} is a folder without {MODEL_SPEC_FILE}: not a logitcache run directory")
+    elif ":" in spec:
+        model = _call(spec, load_callable(spec))
+    else:
+        import torchvision.models as tvm
+
+        if spec not in tvm.list_models():
+            raise LogitcacheError(f"unknown teacher {spec!r}; use a run directory, pkg.module:function, "
+                                  "path/file.py:function or a torchvision model name")
+        model = tvm.get_model(spec, weights=None)
+    if not isinstance(model, nn.Module):
+        raise LogitcacheError(f"teacher {spec!r} returned {type(model).__name__}, not a torch.nn.Module")
+    if weights is not None:
+        load_weights(model, weights)
+    return model.eval()

@@ -1,0 +1,181 @@
+"""The on-disk cache: a Zarr v3 group. The format is specified in FORMAT.md; this module is its only writer and reader.
+
+Work is done in *units*: one chunk of rows of one view. A unit's arrays are written first and then its flag in the
+``complete`` array is set; both are whole-chunk writes, which LocalStore makes atomic (temp file + rename). So a unit
+is either marked complete with all its data present, or it is recomputed on resume, and several processes can fill
+disjoint units of one store without coordination.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import zarr
+from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec, ZstdCodec
+
+from .encoding import Field, make_encoding
+from .errors import LogitcacheError
+
+FORMAT_VERSION = 1
+ATTR_KEY = "logitcache"
+COMPLETE = "complete"
+CODECS = ("blosc-lz4", "zstd", "none")
+
+
+def _compressors(codec: str, itemsize: int) -> list:
+    # crc32c last: a damaged chunk fails loudly on read instead of decoding to wrong targets.
+    if codec == "blosc-lz4":
+        shuffle = BloscShuffle.bitshuffle if itemsize <= 2 else BloscShuffle.shuffle
+        return [BloscCodec(cname="lz4", clevel=5, shuffle=shuffle, typesize=itemsize), Crc32cCodec()]
+    if codec == "zstd":
+        return [ZstdCodec(level=3), Crc32cCodec()]
+    if codec == "none":
+        return [Crc32cCodec()]
+    raise LogitcacheError(f"unknown codec {codec!r}; choose one of: {', '.join(CODECS)}")
+
+
+@dataclass(frozen=True)
+class Layout:
+    num_views: int
+    num_samples: int
+    chunk_rows: int
+
+    @property
+    def num_chunks(self) -> int:
+        return -(-self.num_samples // self.chunk_rows)
+
+    def rows(self, chunk: int) -> tuple[int, int]:
+        start = chunk * self.chunk_rows
+        return start, min(start + self.chunk_rows, self.num_samples)
+
+
+def is_store(path: str | os.PathLike) -> bool:
+    try:
+        group = zarr.open_group(str(path), mode="r")
+    except Exception:
+        return False
+    return ATTR_KEY in group.attrs
+
+
+def remove_store(path: str | os.PathLike) -> None:
+    """Delete a cache; refuses anything that is not one, so ``--overwrite`` cannot wipe an unrelated folder."""
+    p = Path(path)
+    if not p.exists():
+        return
+    if p.is_dir() and not any(p.iterdir()):
+        return
+    if not is_store(p):
+        raise LogitcacheError(f"{p} exists and is not a logitcache store; refusing to overwrite it")
+    shutil.rmtree(p)
+
+
+def create_store(path: str | os.PathLike, meta: dict[str, Any], fields: dict[str, Field], codec: str) -> zarr.Group:
+    layout = Layout(meta["num_views"], meta["num_samples"], meta["chunk_rows"])
+    try:
+        group = zarr.open_group(str(path), mode="w")
+    except OSError as e:
+        raise LogitcacheError(f"cannot create the cache at {path}: {e.strerror or e}") from None
+    for name, field in fields.items():
+        group.create_array(
+            name,
+            shape=(layout.num_views, layout.num_samples, *field.shape),
+            chunks=(1, layout.chunk_rows, *field.shape),
+            dtype=field.dtype,
+            compressors=_compressors(codec, field.dtype.itemsize),
+            fill_value=0,
+            dimension_names=("view", "sample", *[f"dim{i}" for i in range(len(field.shape))]),
+        )
+    group.create_array(
+        COMPLETE,
+        shape=(layout.num_views, layout.num_chunks),
+        chunks=(1, 1),
+        dtype="uint8",
+        compressors=[Crc32cCodec()],
+        fill_value=0,
+        dimension_names=("view", "chunk"),
+    )
+    # Attributes last: a store without them is not a cache, so a crash during creation leaves nothing "valid".
+    group.attrs[ATTR_KEY] = meta
+    return group
+
+
+def write_unit(group: zarr.Group, field_names: list[str], view: int, chunk: int, rows: tuple[int, int],
+               data: dict[str, np.ndarray]) -> None:
+    start, stop = rows
+    for name in field_names:
+        group[name][view, start:stop] = data[name]
+    group[COMPLETE][view, chunk] = 1
+
+
+class Cache:
+    """A read handle on a logitcache store. Reads whole chunks; decode with ``logitcache.to_probs``/``kd_loss``."""
+
+    def __init__(self, path: str | os.PathLike, group: zarr.Group):
+        self.path = str(path)
+        self.group = group
+        self.meta: dict[str, Any] = dict(group.attrs[ATTR_KEY])
+        self.layout = Layout(self.meta["num_views"], self.meta["num_samples"], self.meta["chunk_rows"])
+        self.encoder = make_encoding(self.meta["encoding"]["name"], self.meta["num_classes"],
+                                     self.meta["encoding"]["params"])
+        self.field_names = sorted(self.encoder.fields())
+        self._arrays = {name: group[name] for name in self.field_names}
+
+    num_samples = property(lambda self: self.layout.num_samples)
+    num_views = property(lambda self: self.layout.num_views)
+    num_classes = property(lambda self: self.meta["num_classes"])
+    chunk_rows = property(lambda self: self.layout.chunk_rows)
+    encoding = property(lambda self: self.meta["encoding"]["name"])
+    encoding_params = property(lambda self: dict(self.meta["encoding"]["params"]))
+
+    def completion(self) -> np.ndarray:
+        """``[views, chunks]`` booleans: which units are complete."""
+        return self.group[COMPLETE][...].astype(bool)
+
+    @property
+    def is_complete(self) -> bool:
+        return bool(self.completion().all())
+
+    def require_complete(self) -> None:
+        done = self.completion()
+        if not done.all():
+            raise LogitcacheError(
+                f"cache {self.path} is incomplete ({int(done.sum())}/{done.size} chunks); "
+                "finish it with `logitcache build ... --resume`")
+
+    def read(self, view: int, start: int = 0, stop: int | None = None) -> dict[str, torch.Tensor]:
+        """Targets of samples ``[start, stop)`` of ``view``; aligned ranges read whole chunks only."""
+        if not 0 <= view < self.num_views:
+            raise LogitcacheError(f"view {view} out of range: the cache holds {self.num_views} views")
+        stop = self.num_samples if stop is None else stop
+        out = {name: torch.from_numpy(np.ascontiguousarray(arr[view, start:stop])) for name, arr in self._arrays.items()}
+        out["num_classes"] = torch.full((stop - start,), self.num_classes, dtype=torch.int64)
+        return out
+
+    def read_chunk(self, view: int, chunk: int) -> dict[str, torch.Tensor]:
+        return self.read(view, *self.layout.rows(chunk))
+
+    def __repr__(self) -> str:
+        return (f"Cache({self.path!r}, encoding={self.encoding}{self.encoding_params}, views={self.num_views}, "
+                f"samples={self.num_samples}, classes={self.num_classes})")
+
+
+def open_cache(path: str | os.PathLike) -> Cache:
+    """Open a cache written by ``build_cache``; a clear error if the path is not one."""
+    if not Path(path).exists():
+        raise LogitcacheError(f"no cache at {path}: the path does not exist")
+    try:
+        group = zarr.open_group(str(path), mode="r")
+    except Exception:
+        raise LogitcacheError(f"{path} is not a Zarr group, so not a logitcache store") from None
+    if ATTR_KEY not in group.attrs:
+        raise LogitcacheError(f"{path} is a Zarr group without logitcache metadata (an unfinished or foreign store)")
+    version = group.attrs[ATTR_KEY].get("format_version")
+    if version != FORMAT_VERSION:
+        raise LogitcacheError(f"{path} has format version {version}; this logitcache reads version {FORMAT_VERSION}")
+    return Cache(path, group)
