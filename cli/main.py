@@ -64,6 +64,7 @@ def build(
     chunk_rows: int = typer.Option(1024, min=1, help="Samples per stored chunk (the unit of work and of resume)."),
     workers: int = typer.Option(2, min=0, help="DataLoader worker processes for decoding and augmentation."),
     device: str = typer.Option("auto", help="auto (CUDA when present), cpu or cuda."),
+    limit: Optional[int] = typer.Option(None, min=1, help="Use the first N samples of the dataset only."),
     resume: bool = typer.Option(False, "--resume", help="Finish an interrupted build; complete chunks are kept."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing cache at --out."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
@@ -74,6 +75,10 @@ def build(
         from logitcache import build_cache, specs
 
         ds = specs.resolve_dataset(dataset, train=True)
+        if limit:
+            from logitcache.datasets import Head
+
+            ds = Head(ds, limit)
         train_tf, _ = specs.resolve_augment(augment, ds)
         model = specs.resolve_teacher(teacher, teacher_weights)
         cache = build_cache(model, ds, out_path, augment=train_tf, views=views, seed=seed, encoding=encoding.value,
@@ -82,6 +87,86 @@ def build(
                             specs={"teacher": teacher, "dataset": dataset, "augment": augment})
         out.print(f"[green]done[/]: {cache.num_views} views x {cache.num_samples} samples, {cache.num_classes} classes, "
                   f"encoding {cache.encoding} {cache.encoding_params or ''} -> {cache.path}")
+
+    _run(go)
+
+
+class KD(str, Enum):
+    none = "none"
+    cached = "cached"
+    online = "online"
+
+
+@app.command()
+def train(
+    out_path: Path = typer.Option(..., "--out", help="Run directory to write (config, metrics, weights)."),
+    dataset: str = typer.Option("fashion-mnist", help="Same dataset specs as `build`."),
+    model: str = typer.Option("small-resnet8", help="small-resnet8/14/20[-wW], a torchvision model name, or "
+                                                   "pkg.module:fn (fn(num_classes=, in_channels=) returns a module)."),
+    epochs: int = typer.Option(5, min=1),
+    kd: KD = typer.Option(KD.none, help="none: plain training. cached: targets from --cache. online: run --teacher "
+                                        "on every batch (the baseline the cache beats)."),
+    cache: Optional[str] = typer.Option(None, help="Cache written by `logitcache build` (for --kd cached)."),
+    teacher: Optional[str] = typer.Option(None, help="Run directory or teacher spec (for --kd online)."),
+    kd_weight: float = typer.Option(0.9, help="Loss = (1 - a) * CE + a * T^2 * KL."),
+    temperature: float = typer.Option(4.0, help="Distillation temperature T."),
+    kd_until: float = typer.Option(1.0, help="Apply KD for the first fraction F of training steps only."),
+    augment: Optional[str] = typer.Option(None, help="Training augmentation; default: the cache's for --kd cached, "
+                                                     "else pad-crop-flip."),
+    seed: int = typer.Option(0, help="Seeds initialisation, shuffling and (without a cache) augmentation."),
+    lr: float = typer.Option(0.1, help="Peak learning rate (SGD, nesterov momentum 0.9, warm-up then cosine)."),
+    weight_decay: float = typer.Option(5e-4),
+    label_smoothing: float = typer.Option(0.0),
+    batch_size: int = typer.Option(128, min=1),
+    workers: int = typer.Option(2, min=0, help="DataLoader worker processes."),
+    device: str = typer.Option("auto", help="auto (CUDA when present), cpu or cuda."),
+    limit: Optional[int] = typer.Option(None, min=1, help="Train on the first N samples (must match the cache)."),
+    target_accuracy: Optional[float] = typer.Option(None, help="Report the epoch and time the test accuracy first "
+                                                               "reaches X (0-1)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run directory."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+) -> None:
+    """Train a model, optionally distilling from a cache or an online teacher; the run directory can teach the next."""
+
+    def go() -> None:
+        from logitcache import TrainConfig
+        from logitcache import train as train_run
+
+        cfg = TrainConfig(out=str(out_path), dataset=dataset, model=model, epochs=epochs, kd=kd.value, cache=cache,
+                          teacher=teacher, kd_weight=kd_weight, temperature=temperature, kd_until=kd_until,
+                          augment=augment, seed=seed, lr=lr, weight_decay=weight_decay,
+                          label_smoothing=label_smoothing, batch_size=batch_size, workers=workers, device=device,
+                          limit=limit, target_accuracy=target_accuracy, overwrite=overwrite, progress=not quiet)
+        result = train_run(cfg)
+        from rich.table import Table
+
+        table = Table(title=f"run {result.run_dir} (--kd {kd.value})")
+        for col in ("epoch", "train loss", "test acc", "wall s", "samples/s", "teacher fwd"):
+            table.add_column(col, justify="right")
+        for m in result.metrics:
+            table.add_row(str(m["epoch"]), f"{m['train_loss']:.4f}", f"{m['test_accuracy']:.4f}",
+                          f"{m['wall_seconds']:.1f}", f"{m['samples_per_second']:.0f}", str(m["teacher_forwards"]))
+        out.print(table)
+        if target_accuracy is not None:
+            out.print(f"target accuracy {target_accuracy}: " + (
+                f"reached at epoch {result.target_epoch} after {result.target_seconds:.1f} s"
+                if result.target_epoch else "not reached"))
+
+    _run(go)
+
+
+@app.command()
+def demo(
+    out_path: Path = typer.Option(Path("demo-out"), "--out", help="Folder for runs, cache, plot and summary."),
+    quick: bool = typer.Option(False, "--quick", help="A ~1 minute smoke version (tiny data, 1-2 epochs)."),
+    workers: int = typer.Option(2, min=0),
+) -> None:
+    """The whole idea on real Fashion-MNIST: teacher run, one build, then the next run with and without KD."""
+
+    def go() -> None:
+        from logitcache.demo import run_demo
+
+        run_demo(out_path, quick=quick, workers=workers, console=out)
 
     _run(go)
 

@@ -9,3 +9,9 @@ from .replay import replay, replay_view, sample_seed
 from .store import Cache, open_cache
 
 __all__ = ["build_cache", "open_cache", "Cache", "to_probs", "replay", "replay_view", "sample_seed", "LogitcacheError"]
+
+from .data import CachedKDDataset, ReplayDataset
+from .losses import kd_loss, kd_loss_dense
+from .train import RunResult, TrainConfig, train
+
+__all__ += ["CachedKDDataset", "ReplayDataset", "kd_loss", "kd_loss_dense", "TrainConfig", "RunResult", "train"]

@@ -86,3 +86,23 @@ def labels_of(dataset: Dataset) -> np.ndarray:
     if targets is not None and len(targets) == len(dataset):
         return np.asarray(targets, dtype=np.int64)
     return np.asarray([int(dataset[i][1]) for i in range(len(dataset))], dtype=np.int64)
+
+
+class Head(Dataset):
+    """The first ``n`` samples of a dataset, keeping ``.targets`` so labels are not read image by image."""
+
+    def __init__(self, dataset: Dataset, n: int):
+        if n < 1:
+            raise LogitcacheError(f"the sample limit must be >= 1, got {n}")
+        self.dataset, self.n = dataset, min(n, len(dataset))
+        targets = getattr(dataset, "targets", None)
+        if targets is not None and len(targets) == len(dataset):
+            self.targets = np.asarray(targets, dtype=np.int64)[: self.n]
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int):
+        if not 0 <= index < self.n:
+            raise IndexError(index)
+        return self.dataset[index]

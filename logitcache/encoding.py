@@ -18,6 +18,9 @@ from torch import Tensor
 
 from .errors import LogitcacheError
 
+# Floor for the log leftover mass: keeps exp/log finite when a teacher puts (numerically) all mass in the top k.
+MIN_TAIL = -80.0
+
 
 @dataclass(frozen=True)
 class Field:
@@ -96,7 +99,8 @@ class TopKEncoding:
 
     @staticmethod
     def dense_logits(targets: dict[str, Tensor]) -> Tensor:
-        logp, ids, tail = targets["logprobs"].float(), targets["ids"].long(), targets["tail"].float()
+        logp, ids = targets["logprobs"].float(), targets["ids"].long()
+        tail = targets["tail"].float().clamp(min=MIN_TAIL)
         num_classes = int(targets["num_classes"].reshape(-1)[0])
         rest = num_classes - ids.shape[-1]
         fill = tail - math.log(rest) if rest > 0 else torch.full_like(tail, float("-inf"))

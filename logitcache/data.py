@@ -1,0 +1,128 @@
+"""Datasets for training: replayed augmentation, and the same plus cached teacher targets.
+
+Both take the epoch from a shared-memory tensor, so ``set_epoch`` reaches DataLoader workers, persistent ones
+included, with any sampler (``DistributedSampler`` too): call it before iterating the loader, as with
+``DistributedSampler.set_epoch``.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections import OrderedDict
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from .datasets import labels_of
+from .errors import LogitcacheError
+from .fingerprint import dataset_fingerprint
+from .replay import fingerprint_mismatch, replay_fingerprint, replay_view
+from .store import Cache, open_cache
+
+
+class ReplayDataset(Dataset):
+    """``ds[i]`` -> ``(view of image i for the current epoch, label)``, the view replayed from ``(seed, view, i)``.
+
+    With ``num_views`` set, epoch ``e`` uses view ``e % num_views``; without, every epoch gets a fresh view ``e``.
+    """
+
+    def __init__(self, base: Dataset, augment: Callable[[Any], torch.Tensor], seed: int = 0,
+                 num_views: int | None = None):
+        self.base, self.augment, self.seed, self.num_views = base, augment, seed, num_views
+        self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
+
+    def set_epoch(self, epoch: int) -> None:
+        self._epoch[0] = epoch
+
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch[0])
+
+    def view_of(self, epoch: int) -> int:
+        return epoch % self.num_views if self.num_views else epoch
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def image(self, index: int, view: int) -> tuple[torch.Tensor, int]:
+        image, label = self.base[index]
+        return replay_view(self.augment, image, self.seed, view, index), int(label)
+
+    def __getitem__(self, index: int):
+        return self.image(index, self.view_of(self.epoch))
+
+
+class CachedKDDataset(ReplayDataset):
+    """``ds[i]`` -> ``(image, label, target)``: ``image`` is exactly the view the teacher labelled for this epoch.
+
+    ``target`` is a dict of tensors (batched by the default collate) for ``logitcache.kd_loss`` / ``to_probs``.
+    ``augment`` defaults to the one recorded in the cache; any augmentation whose replay does not reproduce the
+    recorded fingerprint is refused (``allow_mismatch=True`` turns that into a warning, at your own risk).
+    Targets are read one whole chunk at a time and kept in an LRU of ``max_cache_mb`` per process.
+    """
+
+    def __init__(self, base: Dataset, cache: Cache | str | os.PathLike, *, augment: Callable[[Any], torch.Tensor] | None = None,
+                 allow_mismatch: bool = False, max_cache_mb: float = 512):
+        cache = cache if isinstance(cache, Cache) else open_cache(cache)
+        cache.require_complete()
+        meta = cache.meta
+        if augment is None:
+            augment = _recorded_augment(meta, base)
+        super().__init__(base, augment, meta["seed"], cache.num_views)
+        self.cache = cache
+        self._check(base, meta, allow_mismatch)
+        self._chunks: OrderedDict[tuple[int, int], dict[str, torch.Tensor]] = OrderedDict()
+        self._chunk_bytes = max(1, sum(t.nbytes for t in cache.read_chunk(0, 0).values()))
+        self._max_chunks = max(1, int(max_cache_mb * 2**20 // self._chunk_bytes))
+
+    def _check(self, base: Dataset, meta: dict, allow_mismatch: bool) -> None:
+        recorded = meta["dataset"]
+        if len(base) != recorded["length"]:
+            raise LogitcacheError(f"the dataset has {len(base)} samples but the cache was built on {recorded['length']}")
+        fresh = dataset_fingerprint(base, labels_of(base))
+        if fresh["labels_sha256"] != recorded["labels_sha256"]:
+            raise LogitcacheError("the dataset's labels differ from the ones the cache was built on "
+                                  "(another dataset, split or order)")
+        if fresh["samples_sha256"] != recorded["samples_sha256"]:
+            raise LogitcacheError("the dataset's images differ from the ones the cache was built on "
+                                  "(another dataset, preprocessing or order)")
+        bad = fingerprint_mismatch(meta["augment"]["fingerprint"],
+                                   replay_fingerprint(self.augment, base, self.seed, self.num_views))
+        if bad:
+            msg = (f"the augmentation does not replay the views the teacher labelled ({bad}); "
+                   f"the cache was built with {meta['augment']['spec'] or meta['augment']['repr']}")
+            if not allow_mismatch:
+                raise LogitcacheError(msg)
+            warnings.warn(msg + " -- continuing because allow_mismatch=True: targets will not match the images")
+
+    def target(self, index: int, view: int) -> dict[str, torch.Tensor]:
+        chunk = index // self.cache.chunk_rows
+        key = (view, chunk)
+        rows = self._chunks.get(key)
+        if rows is None:
+            rows = self.cache.read_chunk(view, chunk)
+            self._chunks[key] = rows
+            if len(self._chunks) > self._max_chunks:
+                self._chunks.popitem(last=False)
+        else:
+            self._chunks.move_to_end(key)
+        offset = index - chunk * self.cache.chunk_rows
+        return {name: t[offset].clone() for name, t in rows.items()}
+
+    def __getitem__(self, index: int):
+        view = self.view_of(self.epoch)
+        image, label = self.image(index, view)
+        return image, label, self.target(index, view)
+
+
+def _recorded_augment(meta: dict, base: Dataset) -> Callable[[Any], torch.Tensor]:
+    from .specs import resolve_augment
+
+    spec = meta["augment"]["spec"]
+    if spec is None:
+        raise LogitcacheError("the cache was built from Python with a transform object; pass the same transform as "
+                              f"augment= (recorded: {meta['augment']['repr']})")
+    return resolve_augment(spec, base)[0]

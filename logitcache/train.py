@@ -1,0 +1,237 @@
+"""The training loop: plain, online-KD or cached-KD training, writing a run directory that can teach the next run.
+
+A run directory holds ``config.json``, ``metrics.jsonl`` (one line per epoch, flushed as it goes), ``model.json`` and
+``model.safetensors`` (rewritten atomically after every epoch, so an interrupted run still leaves a usable teacher).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from torch.utils.data import DataLoader, RandomSampler
+
+from . import specs
+from .build import resolve_device
+from .data import CachedKDDataset, ReplayDataset
+from .datasets import Head
+from .errors import LogitcacheError
+from .fingerprint import versions
+from .losses import kd_loss, kd_loss_dense
+from .progress import progress_bar
+from .store import open_cache
+
+KD_MODES = ("none", "cached", "online")
+
+
+@dataclass
+class TrainConfig:
+    out: str
+    dataset: str = "fashion-mnist"
+    model: str = "small-resnet8"
+    epochs: int = 5
+    kd: str = "none"
+    cache: str | None = None
+    teacher: str | None = None
+    kd_weight: float = 0.9
+    temperature: float = 4.0
+    kd_until: float = 1.0
+    augment: str | None = None  # default: the cache's augmentation for --kd cached, else pad-crop-flip
+    seed: int = 0
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    label_smoothing: float = 0.0
+    warmup: float = 0.05  # fraction of steps with linear warm-up, then cosine decay
+    batch_size: int = 128
+    workers: int = 2
+    device: str = "auto"
+    limit: int | None = None  # train on the first `limit` samples only (must match the cache)
+    target_accuracy: float | None = None
+    overwrite: bool = False
+    progress: bool = True
+
+
+@dataclass
+class RunResult:
+    run_dir: str
+    final_accuracy: float
+    metrics: list[dict] = field(default_factory=list)
+    target_epoch: int | None = None
+    target_seconds: float | None = None
+    teacher_forwards: int = 0
+
+
+def _validate(cfg: TrainConfig) -> None:
+    if cfg.kd not in KD_MODES:
+        raise LogitcacheError(f"--kd must be one of {', '.join(KD_MODES)}, got {cfg.kd!r}")
+    if cfg.kd == "cached" and not cfg.cache:
+        raise LogitcacheError("--kd cached needs --cache PATH (a store written by `logitcache build`)")
+    if cfg.kd == "online" and not cfg.teacher:
+        raise LogitcacheError("--kd online needs --teacher (a run directory or a model spec)")
+    if cfg.epochs < 1:
+        raise LogitcacheError(f"--epochs must be >= 1, got {cfg.epochs}")
+    if not 0.0 <= cfg.kd_weight <= 1.0:
+        raise LogitcacheError(f"--kd-weight must be in [0, 1], got {cfg.kd_weight}")
+    if not 0.0 <= cfg.kd_until <= 1.0:
+        raise LogitcacheError(f"--kd-until must be in [0, 1], got {cfg.kd_until}")
+    if cfg.temperature <= 0:
+        raise LogitcacheError(f"--temperature must be > 0, got {cfg.temperature}")
+    if cfg.batch_size < 1 or cfg.lr <= 0:
+        raise LogitcacheError("--batch-size must be >= 1 and --lr > 0")
+
+
+def _prepare_run_dir(path: Path, overwrite: bool) -> None:
+    if path.exists() and any(path.iterdir()):
+        if not overwrite:
+            raise LogitcacheError(f"run directory {path} is not empty; pass --overwrite to replace it")
+        if not (path / "config.json").is_file():
+            raise LogitcacheError(f"{path} is not a logitcache run directory; refusing to overwrite it")
+        shutil.rmtree(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise LogitcacheError(f"cannot create run directory {path}: {e.strerror or e}") from None
+
+
+def _save_weights(model: torch.nn.Module, run_dir: Path) -> None:
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    tmp = run_dir / "model.safetensors.partial"
+    save_file(state, str(tmp))
+    os.replace(tmp, run_dir / specs.MODEL_FILE)
+
+
+def _lr_at(step: int, total: int, base: float, warmup: float) -> float:
+    warm = max(1, int(warmup * total))
+    if step < warm:
+        return base * (step + 1) / warm
+    return 0.5 * base * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, loader: DataLoader, device: torch.device) -> float:
+    model.eval()
+    correct = total = 0
+    for x, y in loader:
+        pred = model(x.to(device)).argmax(1).cpu()
+        correct += int((pred == y).sum())
+        total += len(y)
+    return correct / total
+
+
+def train(cfg: TrainConfig) -> RunResult:
+    """Train one run as configured and write its run directory; returns the metrics and the target-accuracy time."""
+    _validate(cfg)
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+
+    base = specs.resolve_dataset(cfg.dataset, train=True)
+    test_base = specs.resolve_dataset(cfg.dataset, train=False)
+    if cfg.limit:
+        base = Head(base, cfg.limit)
+
+    cache = open_cache(cfg.cache) if cfg.kd == "cached" else None
+    augment_spec = cfg.augment or (cache.meta["augment"]["spec"] if cache else None) or "pad-crop-flip"
+    train_tf, eval_tf = specs.resolve_augment(augment_spec, base)
+    if cache is not None:
+        train_ds: ReplayDataset = CachedKDDataset(base, cache, augment=train_tf)
+    else:
+        train_ds = ReplayDataset(base, train_tf, seed=cfg.seed)
+    test_ds = ReplayDataset(test_base, eval_tf)
+
+    sample = train_ds.image(0, 0)[0]
+    labels = getattr(base, "targets", None)
+    num_classes = cache.num_classes if cache else int(max(labels) + 1 if labels is not None
+                                                       else max(base[i][1] for i in range(len(base))) + 1)
+    model = specs.build_model(cfg.model, num_classes, in_channels=sample.shape[0]).to(device)
+    teacher = specs.resolve_teacher(cfg.teacher).to(device) if cfg.kd == "online" else None
+
+    run_dir = Path(cfg.out)
+    _prepare_run_dir(run_dir, cfg.overwrite)
+    (run_dir / specs.MODEL_SPEC_FILE).write_text(json.dumps(
+        {"model": cfg.model, "num_classes": num_classes, "in_channels": int(sample.shape[0])}, indent=2))
+    config = {**asdict(cfg), "augment": augment_spec, "versions": versions(), "device": str(device),
+              "cache_fingerprint": ({"path": cache.path, "teacher_sha256": cache.meta["teacher"]["sha256"],
+                                     "created": cache.meta["created"]} if cache else None)}
+    (run_dir / "config.json").write_text(json.dumps(config, indent=2))
+
+    g = torch.Generator().manual_seed(cfg.seed)
+    persistent = cfg.workers > 0
+    loader = DataLoader(train_ds, batch_size=cfg.batch_size, sampler=RandomSampler(train_ds, generator=g),
+                        num_workers=cfg.workers, persistent_workers=persistent, drop_last=True,
+                        pin_memory=device.type == "cuda")
+    test_loader = DataLoader(test_ds, batch_size=512, num_workers=cfg.workers, persistent_workers=persistent)
+    if len(loader) == 0:
+        raise LogitcacheError(f"--batch-size {cfg.batch_size} is larger than the training set ({len(train_ds)})")
+
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0,
+                          weight_decay=cfg.weight_decay)
+    total_steps = cfg.epochs * len(loader)
+    kd_steps = int(round(cfg.kd_until * total_steps)) if cfg.kd != "none" else 0
+    result = RunResult(str(run_dir), 0.0)
+    step, wall, teacher_forwards = 0, 0.0, 0
+    metrics_file = open(run_dir / "metrics.jsonl", "w")
+    try:
+        for epoch in range(cfg.epochs):
+            train_ds.set_epoch(epoch)
+            model.train()
+            start, loss_sum, seen = time.perf_counter(), 0.0, 0
+            with progress_bar(f"epoch {epoch + 1}/{cfg.epochs}", len(loader) * cfg.batch_size, cfg.progress) as advance:
+                for batch in loader:
+                    x, y = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
+                    for group in opt.param_groups:
+                        group["lr"] = _lr_at(step, total_steps, cfg.lr, cfg.warmup)
+                    logits = model(x)
+                    loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
+                    if step < kd_steps:
+                        if teacher is not None:
+                            with torch.inference_mode():
+                                teacher_logits = teacher(x)
+                            teacher_forwards += len(x)
+                            kd = kd_loss_dense(logits, teacher_logits.clone(), cfg.temperature)
+                        else:
+                            targets = {k: v.to(device, non_blocking=True) for k, v in batch[2].items()}
+                            kd = kd_loss(logits, targets, cfg.temperature)
+                        loss = (1 - cfg.kd_weight) * loss + cfg.kd_weight * kd
+                    if not torch.isfinite(loss):
+                        raise LogitcacheError(f"the loss became {loss.item()} at epoch {epoch + 1}, step {step}; "
+                                              "lower --lr")
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    step += 1
+                    loss_sum += loss.item() * len(x)
+                    seen += len(x)
+                    advance(len(x))
+            train_seconds = time.perf_counter() - start
+            wall += train_seconds
+            accuracy = evaluate(model, test_loader, device)
+            wall += time.perf_counter() - start - train_seconds
+            row = {"epoch": epoch + 1, "train_loss": loss_sum / seen, "test_accuracy": accuracy,
+                   "wall_seconds": round(wall, 3), "samples_per_second": round(seen / train_seconds, 1),
+                   "teacher_forwards": teacher_forwards}
+            metrics_file.write(json.dumps(row) + "\n")
+            metrics_file.flush()
+            _save_weights(model, run_dir)
+            result.metrics.append(row)
+            if cfg.target_accuracy is not None and result.target_epoch is None and accuracy >= cfg.target_accuracy:
+                result.target_epoch, result.target_seconds = epoch + 1, wall
+    finally:
+        metrics_file.close()
+    result.final_accuracy = result.metrics[-1]["test_accuracy"]
+    result.teacher_forwards = teacher_forwards
+    return result
+
+
+def load_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
