@@ -13,7 +13,7 @@ from rich.console import Console
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Cache a teacher's soft targets once (build), then distill from them at almost no cost (train).")
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # one error = one line, whatever the width
 out = Console()
 
 

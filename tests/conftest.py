@@ -1,0 +1,30 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+torch.set_num_threads(os.cpu_count() or 1)
+
+import helpers  # noqa: E402
+
+import logitcache as lc  # noqa: E402
+
+HELPERS = str(Path(__file__).parent / "helpers.py")
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    return helpers.tiny_dataset()
+
+
+@pytest.fixture(scope="session")
+def built_cache(tmp_path_factory, tiny):
+    """A complete top-k cache of the tiny dataset: 3 views, chunks of 64 rows (4 chunks per view)."""
+    out = tmp_path_factory.mktemp("cache") / "c"
+    lc.build_cache(helpers.tiny_teacher(), tiny, out, augment=helpers.heavy_augment(), views=3, seed=7, k=3,
+                   batch_size=32, chunk_rows=64, workers=0, progress=False,
+                   specs={"augment": f"{HELPERS}:heavy_augment", "dataset": f"{HELPERS}:tiny_dataset"})
+    return out

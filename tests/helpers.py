@@ -1,0 +1,100 @@
+"""Small synthetic data and models for unit tests (the demo and benchmarks use real Fashion-MNIST)."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+from torchvision.transforms import v2
+
+from logitcache.models import SmallResNet
+
+NUM_CLASSES = 10
+
+
+class TinyImages(torch.utils.data.Dataset):
+    """Grayscale 16x16 PIL images whose class is a bright horizontal band position, plus noise."""
+
+    def __init__(self, n: int = 300, seed: int = 0, size: int = 16):
+        g = np.random.default_rng(seed)
+        self.targets = g.integers(0, NUM_CLASSES, n).astype(np.int64)
+        self.images = []
+        for label in self.targets:
+            img = g.integers(0, 60, (size, size)).astype(np.uint8)
+            row = int(label) * (size - 2) // (NUM_CLASSES - 1)
+            img[row:row + 2] = 220
+            self.images.append(img)
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i: int):
+        return Image.fromarray(self.images[i], mode="L"), int(self.targets[i])
+
+
+def tiny_dataset(train: bool = True) -> TinyImages:
+    return TinyImages(240 if train else 100, seed=0 if train else 1)
+
+
+def tiny_teacher() -> nn.Module:
+    torch.manual_seed(0)
+    return SmallResNet(8, 4, 1, NUM_CLASSES).eval()
+
+
+def nan_teacher() -> nn.Module:
+    class NaNNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.zeros(1))
+
+        def forward(self, x):
+            out = torch.zeros(len(x), NUM_CLASSES)
+            out[-1, 0] = float("nan")
+            return out
+
+    return NaNNet()
+
+
+def not_a_module():
+    return "hello"
+
+
+class _PythonAndNumpyNoise:
+    """Draws from Python `random` and NumPy, as some user transforms do."""
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return x + random.random() * 0.1 + float(np.random.rand()) * 0.1
+
+
+def heavy_augment() -> v2.Compose:
+    """Every kind of randomness a user pipeline may have: crops, flips, colour jitter, erasing, Python, NumPy."""
+    return v2.Compose([
+        v2.ToImage(), v2.RandomCrop(16, padding=3), v2.RandomHorizontalFlip(), v2.ColorJitter(0.4, 0.4),
+        v2.ToDtype(torch.float32, scale=True), v2.RandomErasing(p=0.5), _PythonAndNumpyNoise(),
+    ])
+
+
+def other_augment() -> v2.Compose:
+    return v2.Compose([v2.ToImage(), v2.RandomCrop(16, padding=5), v2.ToDtype(torch.float32, scale=True)])
+
+
+class DyingTeacher(nn.Module):
+    """Wraps the tiny teacher and kills its own process (SIGKILL, no cleanup) after N forward calls."""
+
+    def __init__(self, calls_before_death: int):
+        super().__init__()
+        self.net, self.left = tiny_teacher(), calls_before_death
+
+    def forward(self, x):
+        self.left -= 1
+        if self.left < 0:
+            os.kill(os.getpid(), 9)
+        return self.net(x)
+
+
+def dying_teacher() -> nn.Module:
+    return DyingTeacher(int(os.environ["DIE_AFTER"]))

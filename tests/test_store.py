@@ -1,0 +1,205 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from typer.testing import CliRunner
+
+import helpers
+import logitcache as lc
+from cli.main import app
+from conftest import HELPERS
+from logitcache.errors import LogitcacheError
+
+BUILD = dict(views=2, seed=5, k=3, batch_size=16, chunk_rows=32, workers=0, progress=False)
+
+
+def _arrays(path):
+    g = zarr.open_group(str(path), mode="r")
+    return {name: g[name][...] for name in ("logprobs", "ids", "tail", "complete")}
+
+
+def _assert_bitwise_equal(a, b):
+    for name in a:
+        assert a[name].dtype == b[name].dtype and a[name].tobytes() == b[name].tobytes(), name
+
+
+def test_store_is_plain_zarr_v3(built_cache):
+    g = zarr.open_group(str(built_cache), mode="r")
+    assert g.metadata.zarr_format == 3
+    meta = g.attrs["logitcache"]
+    json.dumps(meta)  # plain JSON, no pickle
+    assert meta["encoding"] == {"name": "topk", "params": {"k": 3}}
+    assert meta["num_views"] == 3 and meta["num_samples"] == 240 and meta["num_classes"] == 10
+    for key in ("teacher", "dataset", "augment", "versions", "seed", "values", "temperature"):
+        assert key in meta
+    assert g["logprobs"].shape == (3, 240, 3) and g["logprobs"].chunks == (1, 64, 3)
+    assert g["ids"].dtype == np.int16 and g["tail"].shape == (3, 240)
+    codecs = [c["name"] for c in g["ids"].metadata.to_dict()["codecs"]]
+    assert "crc32c" in codecs
+    assert g["complete"][...].all()
+    # no pickled objects anywhere in the store
+    for f in Path(built_cache).rglob("*"):
+        if f.is_file():
+            assert b"\x80\x04\x95" not in f.read_bytes()[:3]
+
+
+def test_open_cache_reads_views_and_ranges(built_cache):
+    cache = lc.open_cache(built_cache)
+    assert (cache.num_samples, cache.num_views, cache.num_classes, cache.encoding) == (240, 3, 10, "topk")
+    view = cache.read(1)
+    assert view["ids"].shape == (240, 3) and view["logprobs"].dtype == torch.float16
+    part = cache.read(1, 64, 128)
+    assert torch.equal(part["ids"], view["ids"][64:128])
+    assert torch.allclose(lc.to_probs(part).sum(1), torch.ones(64), atol=1e-4)
+
+
+def test_stored_targets_match_the_teacher_on_replayed_views(built_cache, tiny):
+    cache = lc.open_cache(built_cache)
+    teacher, tf = helpers.tiny_teacher(), helpers.heavy_augment()
+    for view, index in [(0, 0), (1, 77), (2, 239), (2, 64)]:
+        x = lc.replay_view(tf, tiny[index][0], 7, view, index)
+        with torch.no_grad():
+            logp = torch.log_softmax(teacher(x[None]), 1)[0]
+        row = cache.read(view, index, index + 1)
+        top, ids = logp.topk(3)
+        assert torch.equal(row["ids"][0].long(), ids)
+        assert torch.allclose(row["logprobs"][0].float(), top, atol=1e-2)
+
+
+def test_resume_after_crash_is_bitwise_identical(tmp_path, tiny):
+    ref = tmp_path / "ref"
+    lc.build_cache(helpers.tiny_teacher(), tiny, ref, augment=helpers.heavy_augment(), **BUILD)
+
+    class Crashing(torch.nn.Module):
+        def __init__(self, calls):
+            super().__init__()
+            self.net, self.calls = helpers.tiny_teacher(), calls
+
+        def forward(self, x):
+            self.calls -= 1
+            if self.calls < 0:
+                raise KeyboardInterrupt
+            return self.net(x)
+
+    out = tmp_path / "crashed"
+    with pytest.raises(KeyboardInterrupt):
+        lc.build_cache(Crashing(11), tiny, out, augment=helpers.heavy_augment(), **BUILD)
+    done = lc.open_cache(out).completion()
+    assert 0 < done.sum() < done.size
+    with pytest.raises(LogitcacheError, match="--resume"):
+        lc.build_cache(Crashing(10**9), tiny, out, augment=helpers.heavy_augment(), **BUILD)
+    with pytest.raises(LogitcacheError, match="incomplete"):
+        lc.CachedKDDataset(tiny, out, augment=helpers.heavy_augment())
+    lc.build_cache(Crashing(10**9), tiny, out, augment=helpers.heavy_augment(), resume=True, **BUILD)
+    _assert_bitwise_equal(_arrays(ref), _arrays(out))
+
+
+def test_half_written_chunk_is_recomputed(tmp_path, tiny):
+    ref = tmp_path / "ref"
+    lc.build_cache(helpers.tiny_teacher(), tiny, ref, augment=helpers.heavy_augment(), **BUILD)
+    out = tmp_path / "torn"
+    lc.build_cache(helpers.tiny_teacher(), tiny, out, augment=helpers.heavy_augment(), **BUILD)
+    # power loss mid-unit: data chunk torn, completion flag never written
+    chunk_file = out / "logprobs" / "c" / "1" / "2" / "0"
+    chunk_file.write_bytes(chunk_file.read_bytes()[:7])
+    (out / "complete" / "c" / "1" / "2").unlink()
+    assert not lc.open_cache(out).is_complete
+    lc.build_cache(helpers.tiny_teacher(), tiny, out, augment=helpers.heavy_augment(), resume=True, **BUILD)
+    _assert_bitwise_equal(_arrays(ref), _arrays(out))
+
+
+def test_kill_9_then_resume_via_cli(tmp_path):
+    ref, out = tmp_path / "ref", tmp_path / "killed"
+    common = ["build", "--dataset", f"{HELPERS}:tiny_dataset", "--augment", f"{HELPERS}:heavy_augment",
+              "--views", "2", "--k", "3", "--batch-size", "16", "--chunk-rows", "32", "--workers", "2", "-q"]
+    env = {**os.environ, "DIE_AFTER": "9"}
+    cmd = [sys.executable, "-m", "logitcache"]
+    killed = subprocess.run(cmd + common + ["--teacher", f"{HELPERS}:dying_teacher", "--out", str(out)],
+                            env=env, capture_output=True)
+    assert killed.returncode == -9
+    assert not lc.open_cache(out).is_complete
+    env["DIE_AFTER"] = "100000"
+    for args in (["--teacher", f"{HELPERS}:dying_teacher", "--out", str(out), "--resume"],
+                 ["--teacher", f"{HELPERS}:tiny_teacher", "--out", str(ref)]):
+        r = subprocess.run(cmd + common + args, env=env, capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+    _assert_bitwise_equal(_arrays(ref), _arrays(out))
+
+
+def test_existing_cache_with_other_inputs_is_refused(tmp_path, tiny):
+    out = tmp_path / "c"
+    lc.build_cache(helpers.tiny_teacher(), tiny, out, augment=helpers.heavy_augment(), **BUILD)
+    other_teacher = helpers.tiny_teacher()
+    with torch.no_grad():
+        other_teacher.head.bias.add_(1.0)
+    with pytest.raises(LogitcacheError, match="different teacher"):
+        lc.build_cache(other_teacher, tiny, out, augment=helpers.heavy_augment(), resume=True, **BUILD)
+    with pytest.raises(LogitcacheError, match="different augmentation"):
+        lc.build_cache(helpers.tiny_teacher(), tiny, out, augment=helpers.other_augment(), resume=True, **BUILD)
+    with pytest.raises(LogitcacheError, match="encoding"):
+        lc.build_cache(helpers.tiny_teacher(), tiny, out, augment=helpers.heavy_augment(), resume=True,
+                       encoding="full", **{k: v for k, v in BUILD.items() if k != "k"})
+    with pytest.raises(LogitcacheError, match="different dataset"):
+        lc.build_cache(helpers.tiny_teacher(), helpers.TinyImages(240, seed=9), out, augment=helpers.heavy_augment(),
+                       resume=True, **BUILD)
+    cache = lc.build_cache(other_teacher, tiny, out, augment=helpers.heavy_augment(), overwrite=True, **BUILD)
+    assert cache.is_complete
+
+
+def test_overwrite_refuses_a_foreign_folder(tmp_path, tiny):
+    out = tmp_path / "precious"
+    out.mkdir()
+    (out / "thesis.tex").write_text("do not delete")
+    with pytest.raises(LogitcacheError, match="not a logitcache store"):
+        lc.build_cache(helpers.tiny_teacher(), tiny, out, augment=helpers.heavy_augment(), overwrite=True, **BUILD)
+    assert (out / "thesis.tex").exists()
+
+
+runner = CliRunner()
+
+
+def _cli_build(tmp_path, *extra, teacher=f"{HELPERS}:tiny_teacher", dataset=f"{HELPERS}:tiny_dataset"):
+    args = ["build", "--teacher", teacher, "--dataset", dataset, "--out", str(tmp_path / "out"),
+            "--augment", f"{HELPERS}:heavy_augment", "--views", "1", "--workers", "0", "-q", *extra]
+    return runner.invoke(app, args)
+
+
+@pytest.mark.parametrize("case, kwargs, extra, message", [
+    ("missing path", {"dataset": "imagefolder:/nonexistent/folder"}, [], "does not exist"),
+    ("unknown dataset", {"dataset": "imagenet-42"}, [], "unknown dataset"),
+    ("unknown teacher", {"teacher": "resnet9000"}, [], "unknown teacher"),
+    ("missing module", {"teacher": "no_such_pkg.mod:fn"}, [], "cannot import"),
+    ("missing file", {"teacher": "nowhere/teacher.py:fn"}, [], "does not exist"),
+    ("wrong return type", {"teacher": f"{HELPERS}:not_a_module"}, [], "not a torch.nn.Module"),
+    ("k too large", {}, ["--k", "11"], "k must be between 1"),
+    ("k below 1", {}, ["--k", "0"], "greater than or equal to 1"),
+    ("labels outside classes", {"teacher": "helpers_small:five_class_teacher"}, [], "outside the teacher"),
+    ("NaN teacher", {"teacher": f"{HELPERS}:nan_teacher"}, [], "NaN"),
+    ("missing weights", {}, ["--teacher-weights", "/nonexistent.safetensors"], "does not exist"),
+])
+def test_bad_input_gives_one_clear_line(tmp_path, monkeypatch, case, kwargs, extra, message):
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "helpers_small.py").write_text(
+        "from logitcache.models import SmallResNet\n"
+        "def five_class_teacher():\n    return SmallResNet(8, 4, 1, 5)\n")
+    result = _cli_build(tmp_path, *extra, **kwargs)
+    assert result.exit_code == 2, (case, result.output)
+    assert message in result.output, (case, result.output)
+    assert "Traceback" not in result.output
+    if case == "NaN teacher":
+        assert not lc.open_cache(tmp_path / "out").completion().any()
+
+
+def test_unwritable_output_is_a_clear_error(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    result = runner.invoke(app, ["build", "--teacher", f"{HELPERS}:tiny_teacher", "--dataset",
+                                 f"{HELPERS}:tiny_dataset", "--out", str(blocker / "sub"), "--augment", "none", "-q",
+                                 "--workers", "0"])
+    assert result.exit_code == 2 and "cannot create" in result.output, result.output
