@@ -96,7 +96,11 @@ def image_size(dataset: Dataset) -> int:
 
 
 def resolve_augment(spec: str, dataset: Dataset) -> tuple[Callable[[Any], torch.Tensor], Callable[[Any], torch.Tensor]]:
-    """``(training transform, evaluation transform)``; a user callable ``fn()`` gets the ``none`` preset for evaluation."""
+    """``(training transform, evaluation transform)``.
+
+    A user callable ``fn()`` returns either the training transform (evaluation then uses the ``none`` preset) or a
+    ``(training, evaluation)`` pair.
+    """
     size = image_size(dataset)
     if spec in aug.PRESETS:
         train_fn, eval_fn = aug.PRESETS[spec]
@@ -104,12 +108,15 @@ def resolve_augment(spec: str, dataset: Dataset) -> tuple[Callable[[Any], torch.
     if ":" not in spec:
         raise LogitcacheError(f"unknown augmentation {spec!r}; use one of {', '.join(aug.PRESETS)} or pkg.module:function")
     transform = _call(spec, load_callable(spec))
-    if not callable(transform):
+    evaluation = aug.plain(size)
+    if isinstance(transform, tuple) and len(transform) == 2:
+        transform, evaluation = transform
+    if not callable(transform) or not callable(evaluation):
         raise LogitcacheError(f"augmentation {spec!r} returned {type(transform).__name__}, not a transform")
     out = transform(dataset[0][0])
     if not isinstance(out, torch.Tensor):
         raise LogitcacheError(f"augmentation {spec!r} must map an image to a tensor; it returned {type(out).__name__}")
-    return transform, aug.plain(size)
+    return transform, evaluation
 
 
 def build_model(spec: str, num_classes: int, in_channels: int) -> nn.Module:

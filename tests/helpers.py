@@ -98,3 +98,9 @@ class DyingTeacher(nn.Module):
 
 def dying_teacher() -> nn.Module:
     return DyingTeacher(int(os.environ["DIE_AFTER"]))
+
+
+def light_augment():
+    """A (training, evaluation) pair: flips keep the class (a horizontal band), so tiny models learn it fast."""
+    evaluation = v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize([0.5], [0.5])])
+    return v2.Compose([v2.RandomHorizontalFlip(), evaluation]), evaluation
