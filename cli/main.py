@@ -20,6 +20,8 @@ out = Console()
 class Encoding(str, Enum):
     full = "full"
     topk = "topk"
+    sampled = "sampled"
+    quantized = "quantized"
 
 
 def _run(fn: Callable[[], None]) -> None:
@@ -55,8 +57,13 @@ def build(
     views: int = typer.Option(4, min=1, help="Augmented views stored per image; epoch e trains on view e % views."),
     seed: int = typer.Option(0, help="Base seed: view v of sample i is replayed from hash(seed, v, i)."),
     encoding: Encoding = typer.Option(Encoding.topk, help="full: all logits (float16). topk: k largest log-probs, "
-                                                          "their ids and the leftover mass."),
+                                                          "their ids and the leftover mass. sampled: S draws from the "
+                                                          "teacher at temperature tau, as ids + counts (unbiased). "
+                                                          "quantized: all log-probs in 8 bits."),
     k: int = typer.Option(10, min=1, help="Entries kept per sample for --encoding topk."),
+    samples: int = typer.Option(50, min=1, help="Draws S per sample for --encoding sampled."),
+    tau: float = typer.Option(1.0, help="Sampling temperature for --encoding sampled; training must use the same."),
+    floor: float = typer.Option(20.0, help="Lowest log-probability kept by --encoding quantized."),
     codec: str = typer.Option("blosc-lz4", help="Compression: blosc-lz4, zstd or none (all add a crc32c checksum)."),
     teacher_weights: Optional[Path] = typer.Option(None, help="State dict (.safetensors or weights-only torch file)."),
     batch_size: int = typer.Option(256, min=1, help="Teacher batch size (part of the cache identity: resume needs "
@@ -82,7 +89,7 @@ def build(
         train_tf, _ = specs.resolve_augment(augment, ds)
         model = specs.resolve_teacher(teacher, teacher_weights)
         cache = build_cache(model, ds, out_path, augment=train_tf, views=views, seed=seed, encoding=encoding.value,
-                            k=k, codec=codec, batch_size=batch_size, chunk_rows=chunk_rows, workers=workers,
+                            k=k, samples=samples, tau=tau, floor=floor, codec=codec, batch_size=batch_size, chunk_rows=chunk_rows, workers=workers,
                             device=device, resume=resume, overwrite=overwrite, progress=not quiet,
                             specs={"teacher": teacher, "dataset": dataset, "augment": augment})
         out.print(f"[green]done[/]: {cache.num_views} views x {cache.num_samples} samples, {cache.num_classes} classes, "
@@ -111,6 +118,8 @@ def train(
     kd_weight: float = typer.Option(0.9, help="Loss = (1 - a) * CE + a * T^2 * KL."),
     temperature: float = typer.Option(4.0, help="Distillation temperature T."),
     kd_until: float = typer.Option(1.0, help="Apply KD for the first fraction F of training steps only."),
+    kd_tail: str = typer.Option("uniform", help="Top-k caches: uniform (spread the leftover mass over the other "
+                                                "classes) or bucket (one 'rest' class)."),
     augment: Optional[str] = typer.Option(None, help="Training augmentation; default: the cache's for --kd cached, "
                                                      "else pad-crop-flip."),
     seed: int = typer.Option(0, help="Seeds initialisation, shuffling and (without a cache) augmentation."),
@@ -134,6 +143,7 @@ def train(
 
         cfg = TrainConfig(out=str(out_path), dataset=dataset, model=model, epochs=epochs, kd=kd.value, cache=cache,
                           teacher=teacher, kd_weight=kd_weight, temperature=temperature, kd_until=kd_until,
+                          kd_tail=kd_tail,
                           augment=augment, seed=seed, lr=lr, weight_decay=weight_decay,
                           label_smoothing=label_smoothing, batch_size=batch_size, workers=workers, device=device,
                           limit=limit, target_accuracy=target_accuracy, overwrite=overwrite, progress=not quiet)
@@ -151,6 +161,119 @@ def train(
             out.print(f"target accuracy {target_accuracy}: " + (
                 f"reached at epoch {result.target_epoch} after {result.target_seconds:.1f} s"
                 if result.target_epoch else "not reached"))
+
+    _run(go)
+
+
+@app.command()
+def inspect(
+    path: Path = typer.Argument(..., help="A cache written by `logitcache build`."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+    stats_rows: int = typer.Option(20000, min=1, help="Samples per view used for the teacher statistics."),
+) -> None:
+    """Encoding, completion, bytes on disk, compression, fingerprints, versions, teacher statistics per view."""
+
+    def go() -> None:
+        import json
+
+        from logitcache.summary import inspect_cache
+
+        info = inspect_cache(path, stats_rows=stats_rows)
+        if as_json:
+            print(json.dumps(info, indent=2))
+            return
+        _render_inspect(info)
+
+    _run(go)
+
+
+def _render_inspect(info: dict) -> None:
+    from rich.table import Table
+
+    head = Table(show_header=False, title=f"cache {info['path']}")
+    rows = [
+        ("encoding", f"{info['encoding']} {info['encoding_params']}  ({info['values']} at T={info['temperature']})"),
+        ("views x samples", f"{info['num_views']} x {info['num_samples']:,}  ({info['num_classes']} classes, "
+                            f"chunks of {info['chunk_rows']})"),
+        ("complete", f"{info['complete']}  per view: {info['completion_per_view']}"),
+        ("bytes on disk", f"{info['bytes_on_disk']:,}"),
+        ("per view / per sample / per kept entry", f"{info['bytes_per_view']:,.0f} / {info['bytes_per_sample_view']} "
+                                                   f"/ {info['bytes_per_kept_entry']}"),
+        ("compression", f"{info['codec']}, ratio {info['compression_ratio']}"),
+        ("teacher", f"{info['teacher']['spec']} ({info['teacher']['class']}) sha256 {info['teacher']['sha256'][:16]}"),
+        ("dataset", f"{info['dataset']['spec']}: {info['dataset']['length']:,} samples, labels sha256 "
+                    f"{info['dataset']['labels_sha256'][:16]}"),
+        ("augment", f"{info['augment']['spec']}"),
+        ("versions", ", ".join(f"{k} {v}" for k, v in info["versions"].items())),
+    ]
+    for k, v in rows:
+        head.add_row(k, v)
+    out.print(head)
+    arrays = Table(title="arrays")
+    for col in ("array", "shape", "dtype", "chunks", "raw bytes", "stored bytes", "ratio"):
+        arrays.add_column(col, justify="right")
+    for name, a in info["arrays"].items():
+        arrays.add_row(name, str(a["shape"]), a["dtype"], str(a["chunks"]), f"{a['bytes']:,}", f"{a['stored_bytes']:,}",
+                       str(a["compression_ratio"]))
+    out.print(arrays)
+    views = Table(title="teacher per view")
+    for col in ("view", "rows", "top-1 = label", "mean entropy (nats)", "mean tail mass"):
+        views.add_column(col, justify="right")
+    for v in info["views"]:
+        views.add_row(str(v["view"]), f"{v['rows']:,}", str(v["top1_agreement_with_labels"]),
+                      str(v["mean_entropy_nats"]), str(v["mean_tail_mass"] if v["mean_tail_mass"] is not None else "-"))
+    out.print(views)
+
+
+@app.command()
+def verify(
+    path: Path = typer.Argument(..., help="A cache written by `logitcache build`."),
+    teacher: str = typer.Option(..., help="The teacher the cache should hold (same specs as `build`)."),
+    dataset: str = typer.Option(..., help="The dataset the cache was built on."),
+    augment: Optional[str] = typer.Option(None, help="Default: the augmentation recorded in the cache."),
+    teacher_weights: Optional[Path] = typer.Option(None),
+    limit: Optional[int] = typer.Option(None, min=1, help="The first N samples, as given to `build --limit`."),
+    samples: int = typer.Option(256, min=1, help="(view, index) pairs to re-run; at least one per chunk when "
+                                                 "N >= number of chunks."),
+    atol: float = typer.Option(0.05, help="Largest allowed difference of a stored number."),
+    kl_tolerance: float = typer.Option(1e-3, help="Largest allowed KL(fresh || stored) beyond the encoding's own "
+                                                  "loss."),
+    seed: int = typer.Option(0, help="Seed for choosing the pairs."),
+    device: str = typer.Option("auto"),
+) -> None:
+    """Re-run the teacher on replayed views and compare with the stored targets; exit 1 when they disagree."""
+
+    def go() -> None:
+        from rich.table import Table
+
+        from logitcache import specs
+        from logitcache.verify import verify_cache
+
+        ds = specs.resolve_dataset(dataset, train=True)
+        if limit:
+            from logitcache.datasets import Head
+
+            ds = Head(ds, limit)
+        tf = specs.resolve_augment(augment, ds)[0] if augment else None
+        model = specs.resolve_teacher(teacher, teacher_weights)
+        report = verify_cache(path, model, ds, augment=tf, samples=samples, seed=seed, atol=atol,
+                              kl_tolerance=kl_tolerance, device=device)
+        table = Table(title=f"verify {path}")
+        for col in ("pairs", "top-1 agreement", "max abs diff", "mean excess KL", "max excess KL"):
+            table.add_column(col, justify="right")
+        table.add_row(str(report.checked), f"{report.top1_agreement:.4f}", f"{report.max_abs_diff:.3g}",
+                      f"{report.mean_excess_kl:.2e}", f"{report.max_excess_kl:.2e}")
+        out.print(table)
+        if report.ok:
+            out.print("[green]ok[/]: the stored targets match the teacher on their replayed views")
+            return
+        first = f"first bad: view {report.first_bad[0]}, sample {report.first_bad[1]}" if report.first_bad else ""
+        for line in report.problems[:10]:
+            err.print(f"  {line}", highlight=False)
+        if len(report.problems) > 10:
+            err.print(f"  ... and {len(report.problems) - 10} more")
+        err.print(f"[bold red]FAILED[/]: {len(report.problems)} problem(s); {first}", highlight=False)
+        raise typer.Exit(1)
 
     _run(go)
 

@@ -25,7 +25,11 @@ from .encoding import make_encoding
 from .errors import LogitcacheError
 from .fingerprint import dataset_fingerprint, teacher_sha256, versions
 from .progress import progress_bar
-from .replay import fingerprint_mismatch, replay_fingerprint, replay_view
+from .replay import fingerprint_mismatch, replay_fingerprint, replay_view, sample_seed
+
+_ENCODE_SALT = 0x5EED_E4C0
+
+VALUES = {"full": "logits", "topk": "log-probs", "sampled": "sample counts", "quantized": "log-probs"}
 
 # Settings whose change makes an existing cache a different cache (resume is refused, --overwrite needed).
 _IDENTITY = ("num_samples", "num_views", "num_classes", "chunk_rows", "batch_size", "seed", "encoding", "codec")
@@ -95,7 +99,8 @@ def _check_compatible(path: str, existing: dict, meta: dict) -> None:
         raise LogitcacheError(f"{path} was built with a different augmentation ({bad}); pass --overwrite to rebuild")
 
 
-def _open_output(out: str, meta: dict, fields: dict, codec: str, resume: bool, overwrite: bool) -> zarr.Group:
+def _open_output(out: str, meta: dict, fields: dict, codec: str, labels: np.ndarray, resume: bool,
+                 overwrite: bool) -> zarr.Group:
     path = Path(out)
     if store.is_store(path):
         if overwrite:
@@ -115,7 +120,7 @@ def _open_output(out: str, meta: dict, fields: dict, codec: str, resume: bool, o
         raise LogitcacheError(f"cannot create {out}: {e.strerror or e}") from None
     if not os.access(path, os.W_OK):
         raise LogitcacheError(f"{out} is not writable")
-    return store.create_store(out, meta, fields, codec)
+    return store.create_store(out, meta, fields, codec, labels)
 
 
 def build_cache(
@@ -128,6 +133,9 @@ def build_cache(
     seed: int = 0,
     encoding: str = "topk",
     k: int = 10,
+    samples: int = 50,
+    tau: float = 1.0,
+    floor: float = 20.0,
     codec: str = "blosc-lz4",
     batch_size: int = 256,
     chunk_rows: int = 1024,
@@ -175,14 +183,15 @@ def build_cache(
     if labels.min() < 0 or labels.max() >= num_classes:
         bad = int(np.argmax((labels < 0) | (labels >= num_classes)))
         raise LogitcacheError(f"label {labels[bad]} of sample {bad} is outside the teacher's {num_classes} classes")
-    encoder = make_encoding(encoding, num_classes, {"k": k} if encoding == "topk" else {})
+    params = {"topk": {"k": k}, "sampled": {"samples": samples, "tau": tau}, "quantized": {"floor": floor}}
+    encoder = make_encoding(encoding, num_classes, params.get(encoding, {}))
 
     meta = {
         "format_version": store.FORMAT_VERSION,
         "num_samples": n, "num_views": views, "num_classes": num_classes, "chunk_rows": chunk_rows,
         "batch_size": batch_size, "seed": seed, "codec": codec,
         "encoding": {"name": encoder.name, "params": encoder.params()},
-        "values": "log-probs" if encoder.name == "topk" else "logits", "temperature": 1.0,
+        "values": VALUES[encoder.name], "temperature": encoder.params().get("tau", 1.0),
         "view_rule": "epoch e uses view e % num_views",
         "augment": {"spec": specs.get("augment"), "repr": repr(augment),
                     "fingerprint": replay_fingerprint(augment, dataset, seed, views)},
@@ -192,7 +201,7 @@ def build_cache(
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     fields = encoder.fields()
-    group = _open_output(out, meta, fields, codec, resume, overwrite) if rank == 0 else zarr.open_group(out, mode="r+")
+    group = _open_output(out, meta, fields, codec, labels, resume, overwrite) if rank == 0 else zarr.open_group(out, mode="r+")
     layout = store.Layout(views, n, chunk_rows)
     done = group[store.COMPLETE][...].astype(bool)
     units = [(v, c) for v in range(views) for c in range(layout.num_chunks) if not done[v, c]]
@@ -208,7 +217,9 @@ def build_cache(
     total_rows = sum(len(idx) for _, idx in plan)
 
     def submit(unit: tuple[int, int]) -> None:
-        encoded = {k_: v_.numpy() for k_, v_ in encoder.encode(torch.cat(buffer)).items()}
+        # Sampling encodings draw from a generator seeded per unit: a unit's bytes stay a function of its inputs.
+        rng = torch.Generator().manual_seed(sample_seed(seed ^ _ENCODE_SALT, unit[0], unit[1]))
+        encoded = {k_: v_.numpy() for k_, v_ in encoder.encode(torch.cat(buffer), rng).items()}
         buffer.clear()
         in_flight.append(writer.submit(store.write_unit, group, field_names, unit[0], unit[1], layout.rows(unit[1]),
                                        encoded))

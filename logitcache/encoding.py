@@ -1,10 +1,12 @@
 """Soft targets <-> compact arrays. Pure tensor code: nothing here knows about Zarr or files.
 
 An encoding turns a batch of teacher logits ``[B, C]`` into a dict of fixed-shape arrays (the "fields" stored per
-sample) and turns such a dict, as a collated batch, back into dense teacher logits. Every target dict also carries
-``num_classes`` (one integer per sample) so that a batch can be decoded without the cache at hand.
+sample) and turns such a dict, as a collated batch, back into dense teacher log-probabilities. Every target dict also
+carries the encoding's per-sample constants (``num_classes``; ``temperature`` for ``sampled``) so that a batch can be
+decoded without the cache at hand.
 
-Stored numbers are at temperature 1; the temperature is chosen at training time (see ``dense_log_probs``).
+Stored numbers are at temperature 1 and the temperature is chosen at training time, except for ``sampled``, whose
+samples were drawn at a build-time temperature that training must use.
 """
 
 from __future__ import annotations
@@ -35,11 +37,11 @@ def id_dtype(num_classes: int) -> np.dtype:
     return np.dtype("int32")
 
 
-class FullEncoding:
-    """All C logits as float16: exact up to float16 rounding; C * 2 bytes per sample."""
+class Encoding:
+    """Base: ``fields`` (what is stored per sample), ``encode`` (logits -> fields), ``log_probs`` (fields -> dense)."""
 
-    name = "full"
-    field_names = frozenset({"logits"})
+    name = ""
+    field_names: frozenset[str] = frozenset()
 
     def __init__(self, num_classes: int):
         self.num_classes = num_classes
@@ -47,18 +49,43 @@ class FullEncoding:
     def params(self) -> dict:
         return {}
 
+    def constants(self) -> dict[str, float]:
+        """Per-sample constants added to every target dict at read time."""
+        return {"num_classes": self.num_classes}
+
+    def fields(self) -> dict[str, Field]:
+        raise NotImplementedError
+
+    def encode(self, logits: Tensor, generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    @staticmethod
+    def log_probs(targets: dict[str, Tensor], temperature: float) -> Tensor:
+        raise NotImplementedError
+
+    def entries(self) -> int:
+        """Numbers kept per sample (for bytes-per-entry figures)."""
+        return self.num_classes
+
+
+class FullEncoding(Encoding):
+    """All C logits as float16: exact up to float16 rounding; 2C bytes per sample."""
+
+    name = "full"
+    field_names = frozenset({"logits"})
+
     def fields(self) -> dict[str, Field]:
         return {"logits": Field((self.num_classes,), np.dtype("float16"))}
 
-    def encode(self, logits: Tensor) -> dict[str, Tensor]:
+    def encode(self, logits: Tensor, generator: torch.Generator | None = None) -> dict[str, Tensor]:
         return {"logits": logits.float().to(torch.float16)}
 
     @staticmethod
-    def dense_logits(targets: dict[str, Tensor]) -> Tensor:
-        return targets["logits"].float()
+    def log_probs(targets: dict[str, Tensor], temperature: float) -> Tensor:
+        return torch.log_softmax(targets["logits"].float() / temperature, dim=-1)
 
 
-class TopKEncoding:
+class TopKEncoding(Encoding):
     """The k largest log-probabilities, their class ids, and the log of the leftover probability mass ("tail").
 
     The tail keeps the target honest: nothing is renormalised. Decoding spreads the tail mass uniformly over the
@@ -70,13 +97,16 @@ class TopKEncoding:
     field_names = frozenset({"logprobs", "ids", "tail"})
 
     def __init__(self, num_classes: int, k: int):
+        super().__init__(num_classes)
         if not 1 <= k <= num_classes:
             raise LogitcacheError(f"k must be between 1 and the number of classes ({num_classes}), got {k}")
-        self.num_classes = num_classes
         self.k = k
 
     def params(self) -> dict:
         return {"k": self.k}
+
+    def entries(self) -> int:
+        return self.k
 
     def fields(self) -> dict[str, Field]:
         return {
@@ -85,42 +115,143 @@ class TopKEncoding:
             "tail": Field((), np.dtype("float32")),
         }
 
-    def encode(self, logits: Tensor) -> dict[str, Tensor]:
+    def encode(self, logits: Tensor, generator: torch.Generator | None = None) -> dict[str, Tensor]:
         logp = torch.log_softmax(logits.float(), dim=-1)
         top, ids = logp.topk(self.k, dim=-1)
         # log(1 - sum(top)) computed from the dropped entries directly: no cancellation for confident teachers.
-        dropped = logp.scatter(-1, ids, float("-inf"))
-        tail = torch.logsumexp(dropped, dim=-1)
-        return {
-            "logprobs": top.to(torch.float16),
-            "ids": ids.to(torch.int16 if id_dtype(self.num_classes) == np.int16 else torch.int32),
-            "tail": tail,
-        }
+        tail = torch.logsumexp(logp.scatter(-1, ids, float("-inf")), dim=-1)
+        return {"logprobs": top.to(torch.float16), "ids": ids.to(_torch_id_dtype(self.num_classes)), "tail": tail}
 
     @staticmethod
-    def dense_logits(targets: dict[str, Tensor]) -> Tensor:
+    def log_probs(targets: dict[str, Tensor], temperature: float) -> Tensor:
         logp, ids = targets["logprobs"].float(), targets["ids"].long()
         tail = targets["tail"].float().clamp(min=MIN_TAIL)
         num_classes = int(targets["num_classes"].reshape(-1)[0])
         rest = num_classes - ids.shape[-1]
         fill = tail - math.log(rest) if rest > 0 else torch.full_like(tail, float("-inf"))
-        dense = fill[..., None].expand(*ids.shape[:-1], num_classes).clone()
-        return dense.scatter_(-1, ids, logp)
+        dense = fill[..., None].expand(*ids.shape[:-1], num_classes).clone().scatter_(-1, ids, logp)
+        return torch.log_softmax(dense / temperature, dim=-1)
 
 
-ENCODINGS = {"full": FullEncoding, "topk": TopKEncoding}
+class SampledEncoding(Encoding):
+    """Random-sampling KD (Anshumann et al., ACL 2025): S draws with replacement from the teacher's distribution at
+    temperature ``tau``, stored as distinct ids with their counts (``S`` slots, unused slots have count 0).
+
+    ``counts / S`` is an unbiased estimate of the teacher's distribution at ``tau`` (so its cross-entropy gradient is
+    unbiased too); it is only defined at ``tau``, so training at another temperature is refused.
+    """
+
+    name = "sampled"
+    field_names = frozenset({"ids", "counts"})
+
+    def __init__(self, num_classes: int, samples: int = 50, tau: float = 1.0):
+        super().__init__(num_classes)
+        if samples < 1:
+            raise LogitcacheError(f"the number of samples S must be >= 1, got {samples}")
+        if tau <= 0:
+            raise LogitcacheError(f"the sampling temperature must be > 0, got {tau}")
+        self.samples, self.tau = samples, float(tau)
+
+    def params(self) -> dict:
+        return {"samples": self.samples, "tau": self.tau}
+
+    def constants(self) -> dict[str, float]:
+        return {"num_classes": self.num_classes, "temperature": self.tau}
+
+    def slots(self) -> int:
+        return min(self.samples, self.num_classes)
+
+    def entries(self) -> int:
+        return self.slots()
+
+    def fields(self) -> dict[str, Field]:
+        count_dtype = np.dtype("uint8") if self.samples < 256 else np.dtype("int32")
+        return {"ids": Field((self.slots(),), id_dtype(self.num_classes)), "counts": Field((self.slots(),), count_dtype)}
+
+    def encode(self, logits: Tensor, generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        probs = torch.softmax(logits.float() / self.tau, dim=-1)
+        draws = torch.multinomial(probs, self.samples, replacement=True, generator=generator)
+        counts = torch.zeros(probs.shape, dtype=torch.int32).scatter_add_(1, draws, torch.ones_like(draws, dtype=torch.int32))
+        top, ids = counts.topk(self.slots(), dim=-1)
+        ids = torch.where(top > 0, ids, 0)  # unused slots: id 0, count 0 (compresses to nothing)
+        count_dtype = torch.uint8 if self.samples < 256 else torch.int32
+        return {"ids": ids.to(_torch_id_dtype(self.num_classes)), "counts": top.to(count_dtype)}
+
+    @staticmethod
+    def check_temperature(targets: dict[str, Tensor], temperature: float) -> None:
+        tau = float(targets["temperature"].reshape(-1)[0])
+        if abs(tau - temperature) > 1e-6:
+            raise LogitcacheError(f"this cache holds samples drawn at temperature {tau:g}; a sampled target is only "
+                                  f"unbiased at that temperature, so it cannot be used at temperature {temperature:g} "
+                                  f"(train with --temperature {tau:g}, or rebuild)")
+
+    @staticmethod
+    def probs(targets: dict[str, Tensor]) -> Tensor:
+        counts = targets["counts"].float()
+        num_classes = int(targets["num_classes"].reshape(-1)[0])
+        dense = torch.zeros(*counts.shape[:-1], num_classes)
+        dense.scatter_add_(-1, targets["ids"].long(), counts)
+        return dense / counts.sum(-1, keepdim=True)
+
+    @staticmethod
+    def log_probs(targets: dict[str, Tensor], temperature: float) -> Tensor:
+        SampledEncoding.check_temperature(targets, temperature)
+        return SampledEncoding.probs(targets).log()
 
 
-def make_encoding(name: str, num_classes: int, params: dict | None = None):
-    params = dict(params or {})
+class QuantizedEncoding(Encoding):
+    """All C log-probabilities in 8 bits: ``logp ~= -q * scale`` with one float32 ``scale`` per sample.
+
+    Log-probabilities below ``-floor`` are clipped to it (probabilities under e^-floor carry no signal); the error is
+    at most ``scale / 2 <= floor / 510`` in log space, i.e. a relative error of at most ~2% per probability at the
+    default floor of 20. C + 4 bytes per sample; decoding renormalises the rounded distribution.
+    """
+
+    name = "quantized"
+    field_names = frozenset({"q", "scale"})
+
+    def __init__(self, num_classes: int, floor: float = 20.0):
+        super().__init__(num_classes)
+        if floor <= 0:
+            raise LogitcacheError(f"the quantization floor must be > 0, got {floor}")
+        self.floor = float(floor)
+
+    def params(self) -> dict:
+        return {"floor": self.floor}
+
+    def fields(self) -> dict[str, Field]:
+        return {"q": Field((self.num_classes,), np.dtype("uint8")), "scale": Field((), np.dtype("float32"))}
+
+    def encode(self, logits: Tensor, generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        logp = torch.log_softmax(logits.float(), dim=-1).clamp(min=-self.floor)
+        scale = (-logp.min(dim=-1).values).clamp(min=1e-6) / 255
+        q = torch.round(-logp / scale[:, None]).clamp(0, 255).to(torch.uint8)
+        return {"q": q, "scale": scale}
+
+    @staticmethod
+    def log_probs(targets: dict[str, Tensor], temperature: float) -> Tensor:
+        logp = -targets["q"].float() * targets["scale"].float()[..., None]
+        return torch.log_softmax(logp / temperature, dim=-1)
+
+
+def _torch_id_dtype(num_classes: int) -> torch.dtype:
+    return torch.int16 if id_dtype(num_classes) == np.int16 else torch.int32
+
+
+ENCODINGS: dict[str, type[Encoding]] = {"full": FullEncoding, "topk": TopKEncoding, "sampled": SampledEncoding,
+                                         "quantized": QuantizedEncoding}
+CONSTANT_KEYS = frozenset({"num_classes", "temperature"})
+
+
+def make_encoding(name: str, num_classes: int, params: dict | None = None) -> Encoding:
     if name not in ENCODINGS:
         raise LogitcacheError(f"unknown encoding {name!r}; choose one of: {', '.join(ENCODINGS)}")
-    return ENCODINGS[name](num_classes, **params)
+    return ENCODINGS[name](num_classes, **dict(params or {}))
 
 
-def encoding_of(targets: dict[str, Tensor]):
+def encoding_of(targets: dict[str, Tensor]) -> type[Encoding]:
     """The encoding class that produced a target dict, recognised by its field names."""
-    keys = set(targets) - {"num_classes"}
+    keys = set(targets) - CONSTANT_KEYS
     for cls in ENCODINGS.values():
         if keys == cls.field_names:
             return cls
@@ -129,8 +260,7 @@ def encoding_of(targets: dict[str, Tensor]):
 
 def dense_log_probs(targets: dict[str, Tensor], temperature: float = 1.0) -> Tensor:
     """Dense teacher log-probabilities ``[B, C]`` at ``temperature``, the tail restored as the encoding defines."""
-    logits = encoding_of(targets).dense_logits(targets)
-    return torch.log_softmax(logits / temperature, dim=-1)
+    return encoding_of(targets).log_probs(targets, temperature)
 
 
 def to_probs(targets: dict[str, Tensor], temperature: float = 1.0) -> Tensor:

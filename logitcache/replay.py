@@ -75,15 +75,25 @@ def replay_fingerprint(transform: Callable[[Any], Any], dataset: Any, base_seed:
     return points
 
 
-def fingerprint_mismatch(recorded: list[dict], fresh: list[dict], tolerance: float = 2e-2) -> str | None:
-    """A description of the first disagreement between two replay fingerprints, or None when they agree."""
-    if len(recorded) != len(fresh):
-        return "different number of fingerprint points"
+class Mismatch(str):
+    """A fingerprint disagreement: reads as its message, and names the (view, index) where it was seen."""
+
+    view: int
+    index: int
+
+    def __new__(cls, view: int, index: int, reason: str) -> "Mismatch":
+        obj = super().__new__(cls, f"view {view}, sample {index}: {reason}")
+        obj.view, obj.index = view, index
+        return obj
+
+
+def fingerprint_mismatch(recorded: list[dict], fresh: list[dict], tolerance: float = 2e-2) -> Mismatch | None:
+    """The first disagreement between two replay fingerprints, or None when they agree."""
     for r, f in zip(recorded, fresh):
-        where = f"view {r['view']}, sample {r['index']}"
         if r["shape"] != f["shape"]:
-            return f"{where}: replayed shape {f['shape']} != recorded {r['shape']}"
+            return Mismatch(r["view"], r["index"], f"replayed shape {f['shape']} != recorded {r['shape']}")
         diff = max(abs(a - b) for a, b in zip(r["thumb"], f["thumb"]))
         if diff > tolerance:
-            return f"{where}: replayed image differs from the recorded one (max thumbnail difference {diff:.3g})"
+            return Mismatch(r["view"], r["index"],
+                            f"replayed image differs from the recorded one (max thumbnail difference {diff:.3g})")
     return None

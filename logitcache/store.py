@@ -19,12 +19,13 @@ import torch
 import zarr
 from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec, ZstdCodec
 
-from .encoding import Field, make_encoding
+from .encoding import Field, id_dtype, make_encoding
 from .errors import LogitcacheError
 
 FORMAT_VERSION = 1
 ATTR_KEY = "logitcache"
 COMPLETE = "complete"
+LABELS = "labels"
 CODECS = ("blosc-lz4", "zstd", "none")
 
 
@@ -75,7 +76,8 @@ def remove_store(path: str | os.PathLike) -> None:
     shutil.rmtree(p)
 
 
-def create_store(path: str | os.PathLike, meta: dict[str, Any], fields: dict[str, Field], codec: str) -> zarr.Group:
+def create_store(path: str | os.PathLike, meta: dict[str, Any], fields: dict[str, Field], codec: str,
+                 labels: np.ndarray) -> zarr.Group:
     layout = Layout(meta["num_views"], meta["num_samples"], meta["chunk_rows"])
     try:
         group = zarr.open_group(str(path), mode="w")
@@ -100,6 +102,8 @@ def create_store(path: str | os.PathLike, meta: dict[str, Any], fields: dict[str
         fill_value=0,
         dimension_names=("view", "chunk"),
     )
+    group.create_array(LABELS, data=labels.astype(id_dtype(meta["num_classes"])), chunks=(layout.chunk_rows,),
+                       compressors=_compressors(codec, 2), dimension_names=("sample",))
     # Attributes last: a store without them is not a cache, so a crash during creation leaves nothing "valid".
     group.attrs[ATTR_KEY] = meta
     return group
@@ -124,6 +128,10 @@ class Cache:
         self.encoder = make_encoding(self.meta["encoding"]["name"], self.meta["num_classes"],
                                      self.meta["encoding"]["params"])
         self.field_names = sorted(self.encoder.fields())
+        members = set(group.array_keys())
+        missing = [n for n in (*self.field_names, COMPLETE, LABELS) if n not in members]
+        if missing:
+            raise LogitcacheError(f"{path} is damaged or from another version: missing array(s) {', '.join(missing)}")
         self._arrays = {name: group[name] for name in self.field_names}
 
     num_samples = property(lambda self: self.layout.num_samples)
@@ -154,8 +162,13 @@ class Cache:
             raise LogitcacheError(f"view {view} out of range: the cache holds {self.num_views} views")
         stop = self.num_samples if stop is None else stop
         out = {name: torch.from_numpy(np.ascontiguousarray(arr[view, start:stop])) for name, arr in self._arrays.items()}
-        out["num_classes"] = torch.full((stop - start,), self.num_classes, dtype=torch.int64)
+        for name, value in self.encoder.constants().items():
+            out[name] = torch.full((stop - start,), value, dtype=torch.int64 if isinstance(value, int) else torch.float32)
         return out
+
+    def labels(self) -> torch.Tensor:
+        """The dataset labels recorded at build time (``[N]``)."""
+        return torch.from_numpy(self.group[LABELS][...].astype(np.int64))
 
     def read_chunk(self, view: int, chunk: int) -> dict[str, torch.Tensor]:
         return self.read(view, *self.layout.rows(chunk))

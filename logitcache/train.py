@@ -45,6 +45,7 @@ class TrainConfig:
     kd_weight: float = 0.9
     temperature: float = 4.0
     kd_until: float = 1.0
+    kd_tail: str = "uniform"  # top-k caches: "uniform" or "bucket"
     augment: str | None = None  # default: the cache's augmentation for --kd cached, else pad-crop-flip
     seed: int = 0
     lr: float = 0.1
@@ -84,6 +85,8 @@ def _validate(cfg: TrainConfig) -> None:
         raise LogitcacheError(f"--kd-weight must be in [0, 1], got {cfg.kd_weight}")
     if not 0.0 <= cfg.kd_until <= 1.0:
         raise LogitcacheError(f"--kd-until must be in [0, 1], got {cfg.kd_until}")
+    if cfg.kd_tail not in ("uniform", "bucket"):
+        raise LogitcacheError(f"--kd-tail must be uniform or bucket, got {cfg.kd_tail!r}")
     if cfg.temperature <= 0:
         raise LogitcacheError(f"--temperature must be > 0, got {cfg.temperature}")
     if cfg.batch_size < 1 or cfg.lr <= 0:
@@ -140,6 +143,10 @@ def train(cfg: TrainConfig) -> RunResult:
         base = Head(base, cfg.limit)
 
     cache = open_cache(cfg.cache) if cfg.kd == "cached" else None
+    if cache is not None and cache.encoding == "sampled" and abs(cache.encoding_params["tau"] - cfg.temperature) > 1e-6:
+        raise LogitcacheError(f"the cache holds samples drawn at temperature {cache.encoding_params['tau']:g}; "
+                              f"train with --temperature {cache.encoding_params['tau']:g} (sampled targets are only "
+                              "unbiased at their build temperature)")
     augment_spec = cfg.augment or (cache.meta["augment"]["spec"] if cache else None) or "pad-crop-flip"
     train_tf, eval_tf = specs.resolve_augment(augment_spec, base)
     if cache is not None:
@@ -200,7 +207,7 @@ def train(cfg: TrainConfig) -> RunResult:
                             kd = kd_loss_dense(logits, teacher_logits.clone(), cfg.temperature)
                         else:
                             targets = {k: v.to(device, non_blocking=True) for k, v in batch[2].items()}
-                            kd = kd_loss(logits, targets, cfg.temperature)
+                            kd = kd_loss(logits, targets, cfg.temperature, tail=cfg.kd_tail)
                         loss = (1 - cfg.kd_weight) * loss + cfg.kd_weight * kd
                     if not torch.isfinite(loss):
                         raise LogitcacheError(f"the loss became {loss.item()} at epoch {epoch + 1}, step {step}; "

@@ -90,3 +90,90 @@ def test_kd_loss_full_and_gradient(logits):
 
 def test_id_dtype():
     assert id_dtype(10) == np.int16 and id_dtype(32768) == np.int16 and id_dtype(40000) == np.int32
+
+
+from logitcache.encoding import QuantizedEncoding, SampledEncoding
+
+
+def _sampled(logits, samples=20, tau=1.0, seed=0):
+    enc = SampledEncoding(logits.shape[1], samples, tau)
+    t = enc.encode(logits, torch.Generator().manual_seed(seed))
+    for name, value in enc.constants().items():
+        t[name] = torch.full((len(logits),), value)
+    return t
+
+
+def test_sampled_fields_hold_the_draws(logits):
+    t = _sampled(logits, samples=50)
+    assert t["counts"].dtype == torch.uint8 and t["counts"].shape == (64, 50)
+    assert (t["counts"].long().sum(1) == 50).all()
+    assert torch.allclose(to_probs(t).sum(1), torch.ones(64), atol=1e-6)
+    # the drawn classes are the likely ones
+    top1 = torch.softmax(logits, 1).argmax(1)
+    assert (t["ids"][:, 0].long() == top1).float().mean() > 0.7
+
+
+@pytest.mark.parametrize("tau", [1.0, 2.0])
+def test_sampled_is_unbiased(tau):
+    """Mean of M independent reconstructions -> teacher distribution at tau, each class within 5 standard errors
+    (standard error of a mean of M*S Bernoulli draws: sqrt(p(1-p)/(M*S)))."""
+    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0, -1.0, -2.0, -4.0, 0.5]])
+    m, s = 4000, 20
+    t = _sampled(logits.expand(m, -1).contiguous(), samples=s, tau=tau, seed=1)
+    mean = SampledEncoding.probs(t).mean(0)
+    p = torch.softmax(logits[0] / tau, 0)
+    se = (p * (1 - p) / (m * s)).sqrt()
+    z = ((mean - p).abs() / se).max().item()
+    print(f"tau={tau}: max |mean - p| / SE = {z:.2f}")
+    assert z < 5
+
+
+def test_sampled_refuses_another_temperature(logits):
+    t = _sampled(logits, tau=2.0)
+    with pytest.raises(LogitcacheError, match="temperature 2"):
+        kd_loss(logits, t, temperature=4.0)
+    with pytest.raises(LogitcacheError, match="temperature 2"):
+        to_probs(t, temperature=1.0)
+    assert torch.isfinite(kd_loss(logits, t, temperature=2.0))
+
+
+def test_sampled_kd_loss_equals_dense_by_hand(logits):
+    t = _sampled(logits, tau=2.0)
+    student = torch.randn(64, 100, generator=torch.Generator().manual_seed(3))
+    p = SampledEncoding.probs(t)
+    log_q = torch.log_softmax(student / 2.0, 1)
+    by_hand = 4.0 * (torch.special.xlogy(p, p) - p * log_q).sum(1).mean()
+    assert torch.allclose(kd_loss(student, t, 2.0), by_hand, atol=1e-5)
+
+
+def test_quantized_round_trip(logits):
+    enc = QuantizedEncoding(100, floor=20.0)
+    t = _batch(enc, logits)
+    assert t["q"].dtype == torch.uint8
+    true = torch.log_softmax(logits, 1)
+    rec = dense_log_probs(t)
+    kept = true > -20
+    # before renormalisation each entry is within scale/2 <= floor/510; renormalising shifts a row by a constant
+    shift = (rec - true)[kept].reshape(-1)
+    err = (-t["q"].float() * t["scale"][:, None] - true)[kept].abs().max()
+    assert err <= 20.0 / 510 + 1e-4
+    kl = _kl(true.exp(), rec.exp()).mean().item()
+    print(f"KL(teacher || quantized) = {kl:.2e} nats")
+    assert kl < 1e-3 and shift.numel() > 0
+
+
+def test_topk_bucket_tail_equals_by_hand(logits):
+    k, temperature = 5, 2.0
+    targets = _batch(TopKEncoding(100, k), logits)
+    student = torch.randn(64, 100, generator=torch.Generator().manual_seed(4))
+    log_p = dense_log_probs(targets, temperature)
+    ids = targets["ids"].long()
+    p_top = log_p.exp().gather(1, ids)
+    p_rest = 1 - p_top.sum(1)
+    q = torch.softmax(student / temperature, 1)
+    q_top = q.gather(1, ids)
+    q_rest = 1 - q_top.sum(1)
+    by_hand = (p_top * (p_top.log() - q_top.log())).sum(1) + p_rest * (p_rest.log() - q_rest.log())
+    loss = kd_loss(student, targets, temperature, tail="bucket")
+    assert torch.allclose(loss, temperature**2 * by_hand.mean(), rtol=1e-4)
+    assert not torch.allclose(loss, kd_loss(student, targets, temperature))

@@ -1,0 +1,170 @@
+"""``logitcache verify``: re-run the teacher on replayed (view, index) pairs and compare with what is stored.
+
+Catches a different teacher, a different augmentation, a modified chunk (checksum or numbers) and a dataset that
+changed order. Every complete unit gets at least one checked pair when ``samples`` >= the number of units, and every
+chunk of every field is read once so that checksums are verified everywhere.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from .build import resolve_device
+from .data import _recorded_augment
+from .encoding import dense_log_probs
+from .errors import LogitcacheError
+from .fingerprint import dataset_fingerprint
+from .replay import fingerprint_mismatch, replay_fingerprint, replay_view
+from .store import Cache, open_cache
+
+
+@dataclass
+class VerifyReport:
+    checked: int = 0
+    top1_agreement: float = 1.0
+    max_abs_diff: float = 0.0
+    mean_excess_kl: float = 0.0
+    max_excess_kl: float = 0.0
+    problems: list[str] = field(default_factory=list)
+    first_bad: tuple[int, int] | None = None
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "ok": self.ok}
+
+
+def _kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    p = log_p.exp()
+    return (p * (log_p - log_q)).nan_to_num(0.0, posinf=float("inf")).sum(-1)
+
+
+def _pick_pairs(cache: Cache, samples: int, seed: int) -> list[tuple[int, int]]:
+    done = cache.completion()
+    units = [(v, c) for v in range(cache.num_views) for c in range(cache.layout.num_chunks) if done[v, c]]
+    rng = random.Random(seed)
+    rng.shuffle(units)
+    pairs = set()
+    for i in range(samples):
+        v, c = units[i % len(units)]
+        start, stop = cache.layout.rows(c)
+        pairs.add((v, rng.randrange(start, stop)))
+    return sorted(pairs)
+
+
+def verify_cache(cache: Cache | str | os.PathLike, teacher: nn.Module, dataset: Dataset, *,
+                 augment: Callable[[Any], torch.Tensor] | None = None, samples: int = 256, seed: int = 0,
+                 atol: float = 0.05, kl_tolerance: float = 1e-3, device: str = "auto",
+                 batch_size: int = 64) -> VerifyReport:
+    """Compare stored targets with a fresh teacher pass. ``atol`` bounds the stored numbers' difference,
+    ``kl_tolerance`` the extra KL(fresh || stored reconstruction) beyond what the encoding itself loses."""
+    cache = cache if isinstance(cache, Cache) else open_cache(cache)
+    meta, report = cache.meta, VerifyReport()
+    if len(dataset) != cache.num_samples:
+        raise LogitcacheError(f"the dataset has {len(dataset)} samples, the cache {cache.num_samples}")
+    fresh_fp = dataset_fingerprint(dataset)
+    for key in ("labels_sha256", "samples_sha256"):
+        if fresh_fp[key] != meta["dataset"][key]:
+            report.problems.append(f"dataset {key.split('_')[0]} hash differs from the one recorded at build time")
+    augment = augment if augment is not None else _recorded_augment(meta, dataset)
+    bad_replay = fingerprint_mismatch(meta["augment"]["fingerprint"],
+                                      replay_fingerprint(augment, dataset, meta["seed"], cache.num_views))
+    if bad_replay:
+        report.problems.append(f"augmentation replay differs from the recorded fingerprint: {bad_replay}")
+        report.first_bad = (bad_replay.view, bad_replay.index)
+
+    unreadable = _check_all_chunks(cache)
+    report.problems += [f"view {v}, chunk {c}: {why}" for v, c, why in unreadable]
+    bad_units = {(v, c) for v, c, _ in unreadable}
+    if bad_units and report.first_bad is None:
+        v, c = min(bad_units)
+        report.first_bad = (v, cache.layout.rows(c)[0])
+
+    dev = resolve_device(device)
+    teacher = teacher.eval().to(dev)
+    encoder = cache.encoder
+    temperature = float(meta["temperature"])
+    pairs = [p for p in _pick_pairs(cache, samples, seed) if (p[0], p[1] // cache.chunk_rows) not in bad_units]
+    agree, excess = 0, []
+    for b in range(0, len(pairs), batch_size):
+        batch = pairs[b:b + batch_size]
+        images = torch.stack([replay_view(augment, dataset[i][0], meta["seed"], v, i) for v, i in batch])
+        with torch.inference_mode():
+            logits = teacher(images.to(dev)).float().cpu()
+        stored = _gather(cache, batch)
+        fresh = encoder.encode(logits, torch.Generator().manual_seed(0))
+        for name, value in encoder.constants().items():
+            fresh[name] = torch.full((len(batch),), value)
+        fresh_log_p = torch.log_softmax(logits / temperature, dim=-1)
+        stored_log_p = dense_log_probs(stored, temperature)
+        fresh_rec = dense_log_probs(fresh, temperature)
+        kl_stored, kl_fresh = _kl(fresh_log_p, stored_log_p), _kl(fresh_log_p, fresh_rec)
+        for j, (v, i) in enumerate(batch):
+            agree += int(fresh_log_p[j].argmax() == stored_log_p[j].argmax())
+            why = _compare_row(cache.encoding, {k: t[j] for k, t in stored.items()},
+                               {k: t[j] for k, t in fresh.items()}, fresh_log_p[j], atol, report)
+            extra = float(kl_stored[j] - kl_fresh[j]) if cache.encoding != "sampled" else 0.0
+            excess.append(extra)
+            if why is None and extra > kl_tolerance:
+                why = f"KL(fresh || stored) exceeds the encoding's own loss by {extra:.3g} nats"
+            if why is not None:
+                report.problems.append(f"view {v}, sample {i}: {why}")
+                if report.first_bad is None:
+                    report.first_bad = (v, i)
+    report.checked = len(pairs)
+    report.top1_agreement = agree / len(pairs) if pairs else 0.0
+    report.mean_excess_kl = sum(excess) / len(excess) if excess else 0.0
+    report.max_excess_kl = max(excess) if excess else 0.0
+    return report
+
+
+def _check_all_chunks(cache: Cache) -> list[tuple[int, int, str]]:
+    done, bad = cache.completion(), []
+    for v in range(cache.num_views):
+        for c in range(cache.layout.num_chunks):
+            if not done[v, c]:
+                continue
+            try:
+                cache.read_chunk(v, c)
+            except Exception as e:  # crc32c mismatch or a truncated/corrupt chunk
+                bad.append((v, c, f"unreadable ({type(e).__name__}: {str(e).splitlines()[0][:120]})"))
+    return bad
+
+
+def _gather(cache: Cache, pairs: list[tuple[int, int]]) -> dict[str, torch.Tensor]:
+    rows: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
+    out: dict[str, list[torch.Tensor]] = {}
+    for v, i in pairs:
+        c = i // cache.chunk_rows
+        if (v, c) not in rows:
+            rows[(v, c)] = cache.read_chunk(v, c)
+        chunk = rows[(v, c)]
+        for name, t in chunk.items():
+            out.setdefault(name, []).append(t[i - c * cache.chunk_rows])
+    return {name: torch.stack(ts) for name, ts in out.items()}
+
+
+def _compare_row(encoding: str, stored: dict, fresh: dict, fresh_log_p: torch.Tensor, atol: float,
+                 report: VerifyReport) -> str | None:
+    if encoding == "sampled":
+        used = stored["counts"] > 0
+        worst = float(fresh_log_p[stored["ids"][used].long()].min())
+        # a drawn class the fresh teacher finds essentially impossible means another teacher or image
+        return f"a stored draw has fresh probability e^{worst:.1f}" if worst < -14 else None
+    if "ids" in stored and not torch.equal(stored["ids"], fresh["ids"]):
+        return f"stored top-k ids {stored['ids'].tolist()} != fresh {fresh['ids'].tolist()}"
+    diff = max(float((stored[k].float() - fresh[k].float()).abs().max()) for k in stored
+               if stored[k].is_floating_point() and k not in ("temperature",))
+    if encoding == "quantized":
+        diff = float((stored["q"].float() * stored["scale"] - fresh["q"].float() * fresh["scale"]).abs().max())
+    report.max_abs_diff = max(report.max_abs_diff, diff)
+    return f"stored numbers differ from fresh ones by {diff:.3g} (> {atol})" if diff > atol else None
