@@ -101,3 +101,30 @@ def test_train_bad_input(tmp_path, args, message):
     result = CliRunner().invoke(app, ["train", "--out", str(tmp_path / "r"), "--dataset", DATASET, "--epochs", "1",
                                       "--workers", "0", "-q", *args])
     assert result.exit_code == 2 and message in result.output, result.output
+
+
+def test_cached_kd_trains_like_online_kd(tmp_path, teacher_run):
+    """Same seed, views and teacher: a full-encoding cache must give the online trajectory (up to fp16 targets)."""
+    ds = helpers.tiny_dataset()
+    tf, _ = specs.resolve_augment(f"{HELPERS}:light_augment", ds)
+    cache = tmp_path / "full"
+    lc.build_cache(specs.resolve_teacher(teacher_run.run_dir), ds, cache, augment=tf, views=3, seed=4,
+                   encoding="full", workers=0, progress=False, specs={"augment": f"{HELPERS}:light_augment"})
+    common = {**COMMON, "lr": 0.01, "seed": 4}
+    online = lc.train(lc.TrainConfig(out=str(tmp_path / "on"), kd="online", teacher=teacher_run.run_dir,
+                                     augment=f"{HELPERS}:light_augment", **common))
+    cached = lc.train(lc.TrainConfig(out=str(tmp_path / "ca"), kd="cached", cache=str(cache), **common))
+    plain = lc.train(lc.TrainConfig(out=str(tmp_path / "no"), augment=f"{HELPERS}:light_augment", **common))
+    for a, b, c in zip(online.metrics, cached.metrics, plain.metrics):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-3)
+        assert abs(a["train_loss"] - c["train_loss"]) > 1e-2  # KD really is in the loss
+
+
+def test_demo_quick_runs_end_to_end_on_fashion_mnist(tmp_path):
+    result = CliRunner().invoke(app, ["demo", "--quick", "--out", str(tmp_path / "demo"), "--workers", "0"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
+    assert set(summary["runs"]) == {"run 1 (teacher)", "run 2, kd none", "run 2, kd cached", "run 2, kd online"}
+    assert summary["runs"]["run 2, kd cached"]["teacher_forwards"] == 0
+    assert summary["runs"]["run 2, kd online"]["teacher_forwards"] > 0
+    assert (tmp_path / "demo" / "accuracy_vs_time.png").stat().st_size > 10_000
