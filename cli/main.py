@@ -130,6 +130,7 @@ def train(
     workers: int = typer.Option(2, min=0, help="DataLoader worker processes."),
     device: str = typer.Option("auto", help="auto (CUDA when present), cpu or cuda."),
     limit: Optional[int] = typer.Option(None, min=1, help="Train on the first N samples (must match the cache)."),
+    test_limit: Optional[int] = typer.Option(None, min=1, help="Evaluate on the first N test samples only."),
     target_accuracy: Optional[float] = typer.Option(None, help="Report the epoch and time the test accuracy first "
                                                                "reaches X (0-1)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run directory."),
@@ -146,7 +147,7 @@ def train(
                           kd_tail=kd_tail,
                           augment=augment, seed=seed, lr=lr, weight_decay=weight_decay,
                           label_smoothing=label_smoothing, batch_size=batch_size, workers=workers, device=device,
-                          limit=limit, target_accuracy=target_accuracy, overwrite=overwrite, progress=not quiet)
+                          limit=limit, test_limit=test_limit, target_accuracy=target_accuracy, overwrite=overwrite, progress=not quiet)
         result = train_run(cfg)
         from rich.table import Table
 

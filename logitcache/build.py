@@ -216,13 +216,17 @@ def build_cache(
     buffer: list[torch.Tensor] = []
     total_rows = sum(len(idx) for _, idx in plan)
 
-    def submit(unit: tuple[int, int]) -> None:
-        # Sampling encodings draw from a generator seeded per unit: a unit's bytes stay a function of its inputs.
+    def encode_and_write(logits: torch.Tensor, unit: tuple[int, int]) -> None:
+        # Runs on the writer thread, overlapping the teacher. Sampling encodings draw from a generator seeded per
+        # unit, so a unit's bytes stay a function of its inputs.
         rng = torch.Generator().manual_seed(sample_seed(seed ^ _ENCODE_SALT, unit[0], unit[1]))
-        encoded = {k_: v_.numpy() for k_, v_ in encoder.encode(torch.cat(buffer), rng).items()}
+        encoded = {name: t.numpy() for name, t in encoder.encode(logits, rng).items()}
+        store.write_unit(group, field_names, unit[0], unit[1], layout.rows(unit[1]), encoded)
+
+    def submit(unit: tuple[int, int]) -> None:
+        logits = torch.cat(buffer)
         buffer.clear()
-        in_flight.append(writer.submit(store.write_unit, group, field_names, unit[0], unit[1], layout.rows(unit[1]),
-                                       encoded))
+        in_flight.append(writer.submit(encode_and_write, logits, unit))
         while len(in_flight) > 4 or (in_flight and in_flight[0].done()):  # bounded: back-pressure on slow disks
             in_flight.pop(0).result()
 

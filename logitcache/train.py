@@ -57,6 +57,7 @@ class TrainConfig:
     workers: int = 2
     device: str = "auto"
     limit: int | None = None  # train on the first `limit` samples only (must match the cache)
+    test_limit: int | None = None  # evaluate on the first `test_limit` test samples only
     target_accuracy: float | None = None
     overwrite: bool = False
     progress: bool = True
@@ -141,6 +142,8 @@ def train(cfg: TrainConfig) -> RunResult:
     test_base = specs.resolve_dataset(cfg.dataset, train=False)
     if cfg.limit:
         base = Head(base, cfg.limit)
+    if cfg.test_limit:
+        test_base = Head(test_base, cfg.test_limit)
 
     cache = open_cache(cfg.cache) if cfg.kd == "cached" else None
     if cache is not None and cache.encoding == "sampled" and abs(cache.encoding_params["tau"] - cfg.temperature) > 1e-6:

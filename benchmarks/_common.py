@@ -1,0 +1,103 @@
+"""Shared plumbing for the benchmarks: real data, interleaved repetitions, medians, and RESULTS.md records."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from logitcache import specs  # noqa: E402
+from logitcache.datasets import Head  # noqa: E402
+from logitcache.fingerprint import versions  # noqa: E402
+
+RESULTS = Path(__file__).parent / "RESULTS.md"
+OUT = Path(os.environ.get("LOGITCACHE_BENCH_OUT", "bench-out"))
+console = Console()
+
+torch.set_num_threads(os.cpu_count() or 1)
+
+
+def fashion_mnist(limit: int | None = None, train: bool = True):
+    ds = specs.resolve_dataset("fashion-mnist", train=train)
+    return Head(ds, limit) if limit else ds
+
+
+def interleaved(variants: dict[str, Callable[[], float]], reps: int) -> dict[str, list[float]]:
+    """Run every variant once per repetition, rotating the order, so drift on a shared machine hits all alike."""
+    names = list(variants)
+    out: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(reps):
+        order = names[r % len(names):] + names[: r % len(names)]
+        for name in order:
+            out[name].append(variants[name]())
+    return out
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+def timed(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    v = versions()
+    return (f"{os.cpu_count()} cores ({cpu}), {gpu}; torch {v['torch']}, torchvision {v['torchvision']}, "
+            f"zarr {v['zarr']}, python {v['python']}")
+
+
+def show(table: Table) -> str:
+    console.print(table)
+    rec = Console(record=True, width=140, file=open(os.devnull, "w"))
+    rec.print(table)
+    return rec.export_text()
+
+
+def record(title: str, body: str, quick: bool) -> None:
+    """Append a result block with the exact command and machine to RESULTS.md (quick runs are not recorded)."""
+    if quick:
+        console.print("[dim](--quick: not recorded in RESULTS.md)")
+        return
+    command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0])] + sys.argv[1:])
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    block = (f"\n## {title}\n\n- date: {stamp}\n- command: `{command}`\n- machine: {machine()}\n\n"
+             f"```\n{body.rstrip()}\n```\n")
+    with open(RESULTS, "a") as f:
+        f.write(block)
+    console.print(f"[green]recorded in {RESULTS}")
+
+
+def trained_teacher(limit: int = 10000, epochs: int = 2, model: str = "small-resnet8") -> str:
+    """A real (trained) Fashion-MNIST teacher run directory, trained once and reused by every benchmark."""
+    from logitcache import TrainConfig, train
+
+    run_dir = OUT / f"teacher-{model}-{limit}-{epochs}"
+    if not (run_dir / "model.safetensors").is_file() or len((run_dir / "metrics.jsonl").read_text().splitlines()) < epochs:
+        console.print(f"[dim]training the benchmark teacher {run_dir} ...")
+        train(TrainConfig(out=str(run_dir), model=model, epochs=epochs, limit=limit, overwrite=True, progress=False,
+                          lr=0.05))
+    return str(run_dir)
