@@ -1,0 +1,159 @@
+"""Fidelity study (issue 4): what each encoding costs on disk and how faithful it is.
+
+Part 1, targets: for each encoding/parameter/codec, bytes per stored view and per kept entry, KL(teacher || decoded)
+at T = 1 and T = 4, the cosine between the KD gradient from the decoded target and from the exact one (for a
+uniform student, at T = 4), and top-1 agreement with the teacher, on one replayed view of
+  - Fashion-MNIST (10 classes), teacher: small-resnet8 trained here;
+  - Fashion-MNIST pairs (100 classes: two garments side by side), teacher: small-resnet8 trained here.
+Part 2, students: cached-KD training with the same budget per encoding, test accuracy versus `full`.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+from rich.table import Table
+from torch.utils.data import DataLoader
+
+from _common import OUT, console, median, record, show, trained_teacher
+from logitcache import TrainConfig, build_cache, specs, to_probs, train
+from logitcache.build import ReplayedViews
+from logitcache.datasets import Head
+from logitcache.train import load_metrics
+
+HERE = Path(__file__).resolve().parent
+PAIRS, PAIRS_AUG = f"{HERE}/bench_data.py:fmnist_pairs", f"{HERE}/bench_data.py:pairs_augment"
+
+CONFIGS_10 = [("full", {}, "blosc-lz4"), ("full", {}, "zstd"), ("topk", {"k": 1}, "blosc-lz4"),
+              ("topk", {"k": 2}, "blosc-lz4"), ("topk", {"k": 4}, "blosc-lz4"), ("topk", {"k": 4}, "zstd"),
+              ("sampled", {"samples": 10, "tau": 1.0}, "blosc-lz4"), ("sampled", {"samples": 10, "tau": 4.0}, "blosc-lz4"),
+              ("quantized", {}, "blosc-lz4")]
+CONFIGS_100 = [("full", {}, "blosc-lz4"), ("topk", {"k": 1}, "blosc-lz4"), ("topk", {"k": 5}, "blosc-lz4"),
+               ("topk", {"k": 10}, "blosc-lz4"), ("topk", {"k": 20}, "blosc-lz4"), ("topk", {"k": 10}, "zstd"),
+               ("sampled", {"samples": 10, "tau": 1.0}, "blosc-lz4"),
+               ("sampled", {"samples": 50, "tau": 1.0}, "blosc-lz4"),
+               ("sampled", {"samples": 50, "tau": 4.0}, "blosc-lz4"), ("quantized", {}, "blosc-lz4")]
+
+
+def label(enc: str, params: dict, codec: str) -> str:
+    p = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
+    return f"{enc}({p}) {codec}" if p else f"{enc} {codec}"
+
+
+def fidelity(name: str, ds, tf, teacher, configs, out: Path) -> str:
+    loader = DataLoader(ReplayedViews(ds, tf, 0), batch_size=512)
+    with torch.inference_mode():
+        logits = torch.cat([teacher(x) for x in loader]).float()
+    table = Table(title=f"{name}: {len(ds)} samples, {logits.shape[1]} classes, one view")
+    for col in ("encoding", "B/view", "B/sample", "B/kept entry", "KL T=1", "KL T=4", "grad cos T=4", "top-1 agree"):
+        table.add_column(col, justify="right")
+    for enc, params, codec in configs:
+        cache = build_cache(teacher, ds, out / label(enc, params, codec).replace(" ", "_"), augment=tf, views=1,
+                            encoding=enc, codec=codec, overwrite=True, progress=False, **params)
+        stored = sum(cache.group[n].nbytes_stored() for n in cache.field_names)
+        targets = cache.read(0)
+        row = [label(enc, params, codec), f"{stored:,}", f"{stored / len(ds):.2f}",
+               f"{stored / (len(ds) * cache.encoder.entries()):.3f}"]
+        for t in (1.0, 4.0):
+            if enc == "sampled":  # a single draw has zeros: KL(teacher || it) is infinite by construction
+                row.append("n/a")
+                continue
+            p = torch.softmax(logits / t, 1)
+            q = to_probs(targets, t)
+            kl = (p * (p.clamp_min(1e-30).log() - q.clamp_min(1e-30).log())).sum(1).mean()
+            row.append(f"{kl:.2e}")
+        # KD gradient w.r.t. a fresh (uniform) student's logits is q - p: cosine to the exact one (RS-KD's measure)
+        if enc == "sampled" and params["tau"] != 4.0:
+            row.append("-")
+        else:
+            u = torch.full_like(logits, 1 / logits.shape[1])
+            exact, approx = u - torch.softmax(logits / 4.0, 1), u - to_probs(targets, 4.0)
+            row.append(f"{torch.nn.functional.cosine_similarity(exact, approx, dim=1).mean():.4f}")
+        agree = (to_probs(targets, params.get("tau", 1.0)).argmax(1) == logits.argmax(1)).float().mean()
+        row.append(f"{agree:.4f}")
+        table.add_row(*row)
+    return show(table)
+
+
+def students(name: str, dataset: str, augment: str, model: str, teacher_dir: str, configs, epochs: int, limit: int,
+             seeds: list[int], out: Path, test_limit: int | None) -> str:
+    ds = specs.resolve_dataset(dataset)
+    ds = Head(ds, limit)
+    tf, _ = specs.resolve_augment(augment, ds)
+    teacher = specs.resolve_teacher(teacher_dir)
+    table = Table(title=f"{name}: cached-KD students, {model}, {epochs} epochs on {limit} images, T=4, "
+                        f"seeds {seeds} (mean accuracy)")
+    for col in ("encoding", "test accuracy", "vs full (pp)", "per seed"):
+        table.add_column(col, justify="right")
+    results = {}
+    for enc, params, codec in configs:
+        key = label(enc, params, codec)
+        cache = build_cache(teacher, ds, out / ("kd-" + key.replace(" ", "_")), augment=tf, views=epochs,
+                            encoding=enc, codec=codec, overwrite=True, progress=False,
+                            specs={"augment": augment, "dataset": dataset}, **params)
+        accs = []
+        for seed in seeds:
+            r = train(TrainConfig(out=str(out / f"student-{key.replace(' ', '_')}-{seed}"), dataset=dataset,
+                                  model=model, epochs=epochs, limit=limit, kd="cached", cache=str(cache.path),
+                                  temperature=4.0, seed=seed, lr=0.05, overwrite=True, progress=False,
+                                  test_limit=test_limit))
+            accs.append(r.final_accuracy)
+        results[key] = accs
+        console.print(f"{name} {key}: {accs}")
+    full = sum(next(iter(results.values()))) / len(seeds)
+    for key, accs in results.items():
+        mean = sum(accs) / len(accs)
+        table.add_row(key, f"{mean:.4f}", f"{100 * (mean - full):+.2f}", ", ".join(f"{a:.4f}" for a in accs))
+    return show(table)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--samples", type=int, default=10000, help="samples for the fidelity part")
+    ap.add_argument("--epochs", type=int, default=3, help="student epochs")
+    ap.add_argument("--seeds", type=int, default=2)
+    ap.add_argument("--quick", action="store_true", help="~1 minute smoke run, not recorded")
+    args = ap.parse_args()
+    out = OUT / "fidelity"
+    if args.quick:
+        args.samples, args.epochs, args.seeds = 1000, 1, 1
+    sections = []
+
+    # 10 classes
+    fm_teacher = trained_teacher()
+    ds = Head(specs.resolve_dataset("fashion-mnist"), args.samples)
+    tf, _ = specs.resolve_augment("pad-crop-flip", ds)
+    sections.append(fidelity("Fashion-MNIST", ds, tf, specs.resolve_teacher(fm_teacher), CONFIGS_10, out / "fm"))
+
+    # 100 classes: train a real teacher on the pairs task first
+    pairs_teacher = OUT / f"teacher-pairs-{'quick' if args.quick else 'full'}"
+    if not (pairs_teacher / "model.safetensors").is_file():
+        console.print("[dim]training the 100-class pairs teacher ...")
+        r = train(TrainConfig(out=str(pairs_teacher), dataset=PAIRS, augment=PAIRS_AUG, model="small-resnet8",
+                              epochs=1 if args.quick else 4, limit=2000 if args.quick else None, lr=0.05,
+                              overwrite=True, progress=False))
+        console.print(f"pairs teacher test accuracy: {r.final_accuracy:.4f}")
+    teacher_acc = load_metrics(pairs_teacher)[-1]["test_accuracy"]
+    sections.append(f"100-class pairs teacher: small-resnet8, test accuracy {teacher_acc:.4f}")
+    pds = Head(specs.resolve_dataset(PAIRS), args.samples)
+    ptf, _ = specs.resolve_augment(PAIRS_AUG, pds)
+    sections.append(fidelity("Fashion-MNIST pairs", pds, ptf, specs.resolve_teacher(str(pairs_teacher)),
+                             CONFIGS_100, out / "pairs"))
+
+    seeds = list(range(1, args.seeds + 1))
+    student_configs_10 = [("full", {}, "blosc-lz4"), ("topk", {"k": 1}, "blosc-lz4"), ("topk", {"k": 4}, "blosc-lz4"),
+                          ("sampled", {"samples": 10, "tau": 4.0}, "blosc-lz4"), ("quantized", {}, "blosc-lz4")]
+    sections.append(students("Fashion-MNIST", "fashion-mnist", "pad-crop-flip", "small-resnet8-w8", fm_teacher,
+                             student_configs_10, args.epochs, args.samples, seeds, out, 2000))
+    student_configs_100 = [("full", {}, "blosc-lz4"), ("topk", {"k": 1}, "blosc-lz4"),
+                           ("topk", {"k": 10}, "blosc-lz4"), ("sampled", {"samples": 50, "tau": 4.0}, "blosc-lz4"),
+                           ("quantized", {}, "blosc-lz4")]
+    sections.append(students("Fashion-MNIST pairs", PAIRS, PAIRS_AUG, "small-resnet8-w8", str(pairs_teacher),
+                             student_configs_100, args.epochs, args.samples, seeds, out, 2000))
+    record("Fidelity of encodings (bench_fidelity.py)", "\n".join(sections), args.quick)
+
+
+if __name__ == "__main__":
+    main()
