@@ -28,6 +28,8 @@ def _run(fn: Callable[[], None]) -> None:
     """User mistakes (LogitcacheError) become one red line and exit code 2; Ctrl-C says how to resume."""
     from logitcache.errors import LogitcacheError
 
+    from logitcache import distributed
+
     try:
         fn()
     except LogitcacheError as e:
@@ -36,13 +38,17 @@ def _run(fn: Callable[[], None]) -> None:
     except KeyboardInterrupt:
         err.print("[yellow]interrupted[/]: finished chunks are kept; rerun the same command with --resume to continue")
         raise typer.Exit(130)
+    finally:
+        distributed.shutdown()
 
 
 @app.callback()
 def _setup() -> None:
     import torch
 
-    torch.set_num_threads(os.cpu_count() or 1)
+    # All cores, shared fairly between the processes torchrun starts on this machine (OMP_NUM_THREADS wins).
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 0)) or max(1, (os.cpu_count() or 1) // local))
 
 
 @app.command()
@@ -51,7 +57,7 @@ def build(
                                           "(fn() returns an nn.Module), or a torchvision model name."),
     dataset: str = typer.Option(..., help="fashion-mnist, mnist, cifar10, cifar100, imagefolder:PATH, or "
                                           "pkg.module:fn / file.py:fn (fn(train=True) returns (image, label) pairs)."),
-    out_path: Path = typer.Option(..., "--out", help="Folder of the Zarr store to write."),
+    out_path: str = typer.Option(..., "--out", help="Folder of the Zarr store to write, or an fsspec URL (s3://bucket/path, ...)."),
     augment: str = typer.Option("pad-crop-flip", help="pad-crop-flip, rrc-flip, none, or pkg.module:fn / file.py:fn "
                                                       "(fn() returns a transform from image to tensor)."),
     views: int = typer.Option(4, min=1, help="Augmented views stored per image; epoch e trains on view e % views."),
@@ -79,8 +85,9 @@ def build(
     """Run the teacher once over every image x view and store its soft targets in a Zarr v3 store."""
 
     def go() -> None:
-        from logitcache import build_cache, specs
+        from logitcache import build_cache, distributed, specs
 
+        distributed.init_from_env()  # under torchrun: join the process group
         ds = specs.resolve_dataset(dataset, train=True)
         if limit:
             from logitcache.datasets import Head
@@ -92,6 +99,8 @@ def build(
                             k=k, samples=samples, tau=tau, floor=floor, codec=codec, batch_size=batch_size, chunk_rows=chunk_rows, workers=workers,
                             device=device, resume=resume, overwrite=overwrite, progress=not quiet,
                             specs={"teacher": teacher, "dataset": dataset, "augment": augment})
+        if distributed.rank() != 0:
+            return
         out.print(f"[green]done[/]: {cache.num_views} views x {cache.num_samples} samples, {cache.num_classes} classes, "
                   f"encoding {cache.encoding} {cache.encoding_params or ''} -> {cache.path}")
 
@@ -139,9 +148,10 @@ def train(
     """Train a model, optionally distilling from a cache or an online teacher; the run directory can teach the next."""
 
     def go() -> None:
-        from logitcache import TrainConfig
+        from logitcache import TrainConfig, distributed
         from logitcache import train as train_run
 
+        distributed.init_from_env()
         cfg = TrainConfig(out=str(out_path), dataset=dataset, model=model, epochs=epochs, kd=kd.value, cache=cache,
                           teacher=teacher, kd_weight=kd_weight, temperature=temperature, kd_until=kd_until,
                           kd_tail=kd_tail,
@@ -149,6 +159,8 @@ def train(
                           label_smoothing=label_smoothing, batch_size=batch_size, workers=workers, device=device,
                           limit=limit, test_limit=test_limit, target_accuracy=target_accuracy, overwrite=overwrite, progress=not quiet)
         result = train_run(cfg)
+        if distributed.rank() != 0:
+            return
         from rich.table import Table
 
         table = Table(title=f"run {result.run_dir} (--kd {kd.value})")
@@ -168,7 +180,7 @@ def train(
 
 @app.command()
 def inspect(
-    path: Path = typer.Argument(..., help="A cache written by `logitcache build`."),
+    path: str = typer.Argument(..., help="A cache written by `logitcache build`."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
     stats_rows: int = typer.Option(20000, min=1, help="Samples per view used for the teacher statistics."),
 ) -> None:
@@ -228,7 +240,7 @@ def _render_inspect(info: dict) -> None:
 
 @app.command()
 def verify(
-    path: Path = typer.Argument(..., help="A cache written by `logitcache build`."),
+    path: str = typer.Argument(..., help="A cache written by `logitcache build`."),
     teacher: str = typer.Option(..., help="The teacher the cache should hold (same specs as `build`)."),
     dataset: str = typer.Option(..., help="The dataset the cache was built on."),
     augment: Optional[str] = typer.Option(None, help="Default: the augmentation recorded in the cache."),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import os
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -19,7 +20,7 @@ import zarr
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from . import store
+from . import distributed, store
 from .datasets import labels_of
 from .encoding import make_encoding
 from .errors import LogitcacheError
@@ -70,11 +71,6 @@ def plan_batches(layout: store.Layout, units: list[tuple[int, int]], batch_size:
     return plan
 
 
-def assign_units(units: list[tuple[int, int]], rank: int, world_size: int) -> list[tuple[int, int]]:
-    """Round-robin over the pending units: every rank gets an equal share (+-1) of the remaining work."""
-    return units[rank::world_size]
-
-
 def _teacher_logits(teacher: nn.Module, x: torch.Tensor, device: torch.device) -> torch.Tensor:
     out = teacher(x.to(device, non_blocking=True))
     if not isinstance(out, torch.Tensor) or out.ndim != 2:
@@ -101,25 +97,26 @@ def _check_compatible(path: str, existing: dict, meta: dict) -> None:
 
 def _open_output(out: str, meta: dict, fields: dict, codec: str, labels: np.ndarray, resume: bool,
                  overwrite: bool) -> zarr.Group:
-    path = Path(out)
-    if store.is_store(path):
+    if store.is_store(out):
         if overwrite:
-            store.remove_store(path)
+            store.remove_store(out)
         elif resume:
-            _check_compatible(out, dict(zarr.open_group(out, mode="r").attrs[store.ATTR_KEY]), meta)
-            return zarr.open_group(out, mode="r+")
+            _check_compatible(out, dict(store.open_group(out, mode="r").attrs[store.ATTR_KEY]), meta)
+            return store.open_group(out, mode="r+")
         else:
             done = store.open_cache(out).completion()
             raise LogitcacheError(f"{out} already holds a cache ({int(done.sum())}/{done.size} chunks complete); "
                                   "pass --resume to finish it or --overwrite to replace it")
-    elif path.exists() and not (path.is_dir() and not any(path.iterdir())):
-        raise LogitcacheError(f"{out} exists and is not a logitcache store; choose another --out")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise LogitcacheError(f"cannot create {out}: {e.strerror or e}") from None
-    if not os.access(path, os.W_OK):
-        raise LogitcacheError(f"{out} is not writable")
+    elif not store.is_url(out):
+        path = Path(out)
+        if path.exists() and not (path.is_dir() and not any(path.iterdir())):
+            raise LogitcacheError(f"{out} exists and is not a logitcache store; choose another --out")
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise LogitcacheError(f"cannot create {out}: {e.strerror or e}") from None
+        if not os.access(path, os.W_OK):
+            raise LogitcacheError(f"{out} is not writable")
     return store.create_store(out, meta, fields, codec, labels)
 
 
@@ -145,14 +142,16 @@ def build_cache(
     overwrite: bool = False,
     progress: bool = True,
     specs: dict[str, str | None] | None = None,
-    rank: int = 0,
-    world_size: int = 1,
 ) -> store.Cache:
     """Run ``teacher`` over ``views`` replayed augmentations of every sample of ``dataset`` and store soft targets.
 
     ``specs`` records how the teacher/dataset/augmentation were named (CLI specs), so that tools can re-create them.
     Returns the opened cache. Interrupting it (Ctrl-C, kill) loses at most the units in flight: ``resume=True``
     finishes the job and the result is bitwise identical to an uninterrupted build on the same machine.
+
+    Under ``torchrun`` (an initialised process group) every rank calls this with the same arguments: rank 0 alone
+    creates or validates the store and its metadata; ranks then claim units one at a time from a shared counter and
+    write only the units they claimed. The result is the same store, byte for byte, whatever the number of ranks.
     """
     out = str(out)
     specs = specs or {}
@@ -201,20 +200,36 @@ def build_cache(
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     fields = encoder.fields()
-    group = _open_output(out, meta, fields, codec, labels, resume, overwrite) if rank == 0 else zarr.open_group(out, mode="r+")
+    group = None
+    if distributed.rank() == 0:
+        try:
+            group = _open_output(out, meta, fields, codec, labels, resume, overwrite)
+        except BaseException:
+            distributed.agree(False)
+            raise
+    if not distributed.agree(True):
+        raise LogitcacheError("rank 0 could not open the output store (see its error)")
+    if group is None:
+        group = store.open_group(out, mode="r+")
     layout = store.Layout(views, n, chunk_rows)
     done = group[store.COMPLETE][...].astype(bool)
     units = [(v, c) for v in range(views) for c in range(layout.num_chunks) if not done[v, c]]
-    units = assign_units(units, rank, world_size)
-    plan = plan_batches(layout, units, batch_size)
+    total_rows = sum(layout.rows(c)[1] - layout.rows(c)[0] for _, c in units) // distributed.world_size()
+    planned: deque[tuple[tuple[int, int], list[int]]] = deque()
 
-    loader = DataLoader(ReplayedViews(dataset, augment, seed), batch_sampler=[idx for _, idx in plan],
-                        num_workers=workers, pin_memory=dev.type == "cuda")
+    def batches() -> Iterator[list[int]]:
+        # Units are claimed lazily, so under torchrun a rank takes the next unit only when it needs work.
+        for unit in distributed.claim(units, "build-units"):
+            for step in plan_batches(layout, [unit], batch_size):
+                planned.append(step)
+                yield step[1]
+
+    loader = DataLoader(ReplayedViews(dataset, augment, seed), batch_sampler=batches(), num_workers=workers,
+                        pin_memory=dev.type == "cuda")
     field_names = sorted(fields)
     writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="logitcache-writer")
     in_flight: list[Future] = []
     buffer: list[torch.Tensor] = []
-    total_rows = sum(len(idx) for _, idx in plan)
 
     def encode_and_write(logits: torch.Tensor, unit: tuple[int, int]) -> None:
         # Runs on the writer thread, overlapping the teacher. Sampling encodings draw from a generator seeded per
@@ -231,8 +246,9 @@ def build_cache(
             in_flight.pop(0).result()
 
     try:
-        with progress_bar("build", total_rows, enabled=progress) as advance, torch.inference_mode():
-            for i, (x, (unit, idx)) in enumerate(zip(loader, plan)):
+        with progress_bar("build", total_rows, enabled=progress and distributed.rank() == 0) as advance, torch.inference_mode():
+            for x in loader:
+                unit, idx = planned.popleft()  # the loader keeps the sampler's order
                 logits = _teacher_logits(teacher, x, dev)
                 finite = torch.isfinite(logits).all(dim=1)
                 if not finite.all():
@@ -240,7 +256,8 @@ def build_cache(
                     raise LogitcacheError(f"the teacher produced NaN/inf for view {bad // n}, sample {bad % n}; "
                                           "nothing was written for its chunk")
                 buffer.append(logits)
-                if i + 1 == len(plan) or plan[i + 1][0] != unit:
+                start, stop = layout.rows(unit[1])
+                if idx[-1] == unit[0] * n + stop - 1:  # the unit's last batch
                     submit(unit)
                 advance(len(idx))
     finally:
@@ -248,4 +265,5 @@ def build_cache(
         writer.shutdown(wait=True)
     for f in in_flight:
         f.result()
+    distributed.barrier()
     return store.open_cache(out)

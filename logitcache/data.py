@@ -73,6 +73,7 @@ class CachedKDDataset(ReplayDataset):
             augment = _recorded_augment(meta, base)
         super().__init__(base, augment, meta["seed"], cache.num_views)
         self.cache = cache
+        self._pid = os.getpid()
         self._check(base, meta, allow_mismatch)
         self._chunks: OrderedDict[tuple[int, int], dict[str, torch.Tensor]] = OrderedDict()
         self._chunk_bytes = max(1, sum(t.nbytes for t in cache.read_chunk(0, 0).values()))
@@ -99,6 +100,9 @@ class CachedKDDataset(ReplayDataset):
             warnings.warn(msg + " -- continuing because allow_mismatch=True: targets will not match the images")
 
     def target(self, index: int, view: int) -> dict[str, torch.Tensor]:
+        if os.getpid() != self._pid:  # a forked DataLoader worker: open its own store handle, lazily
+            self.cache, self._pid = self.cache.reopened(), os.getpid()
+            self._chunks.clear()
         chunk = index // self.cache.chunk_rows
         key = (view, chunk)
         rows = self._chunks.get(key)

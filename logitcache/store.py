@@ -56,9 +56,19 @@ class Layout:
         return start, min(start + self.chunk_rows, self.num_samples)
 
 
+def is_url(path: str | os.PathLike) -> bool:
+    """Remote stores are fsspec URLs (``s3://...``, ``gs://...``, ``memory://...``); options such as an S3
+    endpoint come from fsspec's environment configuration (e.g. ``FSSPEC_S3_ENDPOINT_URL``)."""
+    return "://" in str(path)
+
+
+def open_group(path: str | os.PathLike, mode: str) -> zarr.Group:
+    return zarr.open_group(str(path), mode=mode)
+
+
 def is_store(path: str | os.PathLike) -> bool:
     try:
-        group = zarr.open_group(str(path), mode="r")
+        group = open_group(path, mode="r")
     except Exception:
         return False
     return ATTR_KEY in group.attrs
@@ -66,6 +76,10 @@ def is_store(path: str | os.PathLike) -> bool:
 
 def remove_store(path: str | os.PathLike) -> None:
     """Delete a cache; refuses anything that is not one, so ``--overwrite`` cannot wipe an unrelated folder."""
+    if is_url(path):
+        if is_store(path):
+            open_group(path, mode="w")  # mode "w" clears the remote prefix
+        return
     p = Path(path)
     if not p.exists():
         return
@@ -80,7 +94,7 @@ def create_store(path: str | os.PathLike, meta: dict[str, Any], fields: dict[str
                  labels: np.ndarray) -> zarr.Group:
     layout = Layout(meta["num_views"], meta["num_samples"], meta["chunk_rows"])
     try:
-        group = zarr.open_group(str(path), mode="w")
+        group = open_group(path, mode="w")
     except OSError as e:
         raise LogitcacheError(f"cannot create the cache at {path}: {e.strerror or e}") from None
     for name, field in fields.items():
@@ -173,6 +187,17 @@ class Cache:
     def read_chunk(self, view: int, chunk: int) -> dict[str, torch.Tensor]:
         return self.read(view, *self.layout.rows(chunk))
 
+    def __getstate__(self) -> dict:
+        # Travels as its path: each process (DataLoader workers under spawn) opens its own handle, because
+        # remote filesystems (fsspec, s3fs) are not fork- or pickle-safe.
+        return {"path": self.path}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["path"], open_group(state["path"], mode="r"))
+
+    def reopened(self) -> "Cache":
+        return Cache(self.path, open_group(self.path, mode="r"))
+
     def __repr__(self) -> str:
         return (f"Cache({self.path!r}, encoding={self.encoding}{self.encoding_params}, views={self.num_views}, "
                 f"samples={self.num_samples}, classes={self.num_classes})")
@@ -180,12 +205,13 @@ class Cache:
 
 def open_cache(path: str | os.PathLike) -> Cache:
     """Open a cache written by ``build_cache``; a clear error if the path is not one."""
-    if not Path(path).exists():
+    if not is_url(path) and not Path(path).exists():
         raise LogitcacheError(f"no cache at {path}: the path does not exist")
     try:
-        group = zarr.open_group(str(path), mode="r")
-    except Exception:
-        raise LogitcacheError(f"{path} is not a Zarr group, so not a logitcache store") from None
+        group = open_group(path, mode="r")
+    except Exception as e:
+        raise LogitcacheError(f"{path} is not a Zarr group, so not a logitcache store "
+                              f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
     if ATTR_KEY not in group.attrs:
         raise LogitcacheError(f"{path} is a Zarr group without logitcache metadata (an unfinished or foreign store)")
     version = group.attrs[ATTR_KEY].get("format_version")

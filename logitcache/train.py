@@ -18,9 +18,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
-from torch.utils.data import DataLoader, RandomSampler
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
-from . import specs
+from . import distributed, specs
 from .build import resolve_device
 from .data import CachedKDDataset, ReplayDataset
 from .datasets import Head
@@ -114,6 +114,18 @@ def _save_weights(model: torch.nn.Module, run_dir: Path) -> None:
     os.replace(tmp, run_dir / specs.MODEL_FILE)
 
 
+def _write_run_header(run_dir: Path, cfg: TrainConfig, num_classes: int, in_channels: int, augment_spec: str,
+                      device: torch.device, cache) -> None:
+    _prepare_run_dir(run_dir, cfg.overwrite)
+    (run_dir / specs.MODEL_SPEC_FILE).write_text(json.dumps(
+        {"model": cfg.model, "num_classes": num_classes, "in_channels": in_channels}, indent=2))
+    config = {**asdict(cfg), "augment": augment_spec, "versions": versions(), "device": str(device),
+              "world_size": distributed.world_size(),
+              "cache_fingerprint": ({"path": cache.path, "teacher_sha256": cache.meta["teacher"]["sha256"],
+                                     "created": cache.meta["created"]} if cache else None)}
+    (run_dir / "config.json").write_text(json.dumps(config, indent=2))
+
+
 def _lr_at(step: int, total: int, base: float, warmup: float) -> float:
     warm = max(1, int(warmup * total))
     if step < warm:
@@ -165,20 +177,32 @@ def train(cfg: TrainConfig) -> RunResult:
     model = specs.build_model(cfg.model, num_classes, in_channels=sample.shape[0]).to(device)
     teacher = specs.resolve_teacher(cfg.teacher).to(device) if cfg.kd == "online" else None
 
+    # Under torchrun: DDP, one shard of every epoch per rank, and rank 0 alone writes the run directory.
+    rank, world = distributed.rank(), distributed.world_size()
+    lead = rank == 0
     run_dir = Path(cfg.out)
-    _prepare_run_dir(run_dir, cfg.overwrite)
-    (run_dir / specs.MODEL_SPEC_FILE).write_text(json.dumps(
-        {"model": cfg.model, "num_classes": num_classes, "in_channels": int(sample.shape[0])}, indent=2))
-    config = {**asdict(cfg), "augment": augment_spec, "versions": versions(), "device": str(device),
-              "cache_fingerprint": ({"path": cache.path, "teacher_sha256": cache.meta["teacher"]["sha256"],
-                                     "created": cache.meta["created"]} if cache else None)}
-    (run_dir / "config.json").write_text(json.dumps(config, indent=2))
+    if lead:
+        try:
+            _write_run_header(run_dir, cfg, num_classes, int(sample.shape[0]), augment_spec, device, cache)
+        except BaseException:
+            distributed.agree(False)
+            raise
+    if not distributed.agree(True):
+        raise LogitcacheError("rank 0 could not prepare the run directory (see its error)")
+    trained = model
+    if world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
+                                                          else None)
 
-    g = torch.Generator().manual_seed(cfg.seed)
+    per_rank_batch = max(1, cfg.batch_size // world)  # the global batch stays --batch-size
     persistent = cfg.workers > 0
-    loader = DataLoader(train_ds, batch_size=cfg.batch_size, sampler=RandomSampler(train_ds, generator=g),
-                        num_workers=cfg.workers, persistent_workers=persistent, drop_last=True,
-                        pin_memory=device.type == "cuda")
+    if world > 1:
+        sampler = DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed,
+                                     drop_last=True)
+    else:
+        sampler = RandomSampler(train_ds, generator=torch.Generator().manual_seed(cfg.seed))
+    loader = DataLoader(train_ds, batch_size=per_rank_batch, sampler=sampler, num_workers=cfg.workers,
+                        persistent_workers=persistent, drop_last=True, pin_memory=device.type == "cuda")
     test_loader = DataLoader(test_ds, batch_size=512, num_workers=cfg.workers, persistent_workers=persistent)
     if len(loader) == 0:
         raise LogitcacheError(f"--batch-size {cfg.batch_size} is larger than the training set ({len(train_ds)})")
@@ -189,13 +213,16 @@ def train(cfg: TrainConfig) -> RunResult:
     kd_steps = int(round(cfg.kd_until * total_steps)) if cfg.kd != "none" else 0
     result = RunResult(str(run_dir), 0.0)
     step, wall, teacher_forwards = 0, 0.0, 0
-    metrics_file = open(run_dir / "metrics.jsonl", "w")
+    metrics_file = open(run_dir / "metrics.jsonl", "w") if lead else None
     try:
         for epoch in range(cfg.epochs):
             train_ds.set_epoch(epoch)
+            if world > 1:
+                sampler.set_epoch(epoch)
             model.train()
             start, loss_sum, seen = time.perf_counter(), 0.0, 0
-            with progress_bar(f"epoch {epoch + 1}/{cfg.epochs}", len(loader) * cfg.batch_size, cfg.progress) as advance:
+            with progress_bar(f"epoch {epoch + 1}/{cfg.epochs}", len(loader) * per_rank_batch * world,
+                              cfg.progress and lead) as advance:
                 for batch in loader:
                     x, y = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
                     for group in opt.param_groups:
@@ -221,24 +248,28 @@ def train(cfg: TrainConfig) -> RunResult:
                     step += 1
                     loss_sum += loss.item() * len(x)
                     seen += len(x)
-                    advance(len(x))
+                    advance(len(x) * world)
             train_seconds = time.perf_counter() - start
             wall += train_seconds
-            accuracy = evaluate(model, test_loader, device)
+            loss_sum, seen, forwards = distributed.all_sum(loss_sum, seen, teacher_forwards)
+            accuracy = evaluate(trained, test_loader, device) if lead else 0.0
+            (accuracy,) = distributed.all_sum(accuracy)  # rank 0 evaluates, every rank learns the result
             wall += time.perf_counter() - start - train_seconds
             row = {"epoch": epoch + 1, "train_loss": loss_sum / seen, "test_accuracy": accuracy,
                    "wall_seconds": round(wall, 3), "samples_per_second": round(seen / train_seconds, 1),
-                   "teacher_forwards": teacher_forwards}
-            metrics_file.write(json.dumps(row) + "\n")
-            metrics_file.flush()
-            _save_weights(model, run_dir)
+                   "teacher_forwards": int(forwards)}
+            if lead:
+                metrics_file.write(json.dumps(row) + "\n")
+                metrics_file.flush()
+                _save_weights(trained, run_dir)
             result.metrics.append(row)
             if cfg.target_accuracy is not None and result.target_epoch is None and accuracy >= cfg.target_accuracy:
                 result.target_epoch, result.target_seconds = epoch + 1, wall
     finally:
-        metrics_file.close()
+        if metrics_file is not None:
+            metrics_file.close()
     result.final_accuracy = result.metrics[-1]["test_accuracy"]
-    result.teacher_forwards = teacher_forwards
+    result.teacher_forwards = result.metrics[-1]["teacher_forwards"]
     return result
 
 

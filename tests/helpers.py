@@ -83,15 +83,17 @@ def other_augment() -> v2.Compose:
 
 
 class DyingTeacher(nn.Module):
-    """Wraps the tiny teacher and kills its own process (SIGKILL, no cleanup) after N forward calls."""
+    """Wraps the tiny teacher and kills its own process (SIGKILL, no cleanup) after N forward calls; under torchrun
+    only on rank DIE_RANK when that is set."""
 
     def __init__(self, calls_before_death: int):
         super().__init__()
         self.net, self.left = tiny_teacher(), calls_before_death
+        self.mortal = os.environ.get("DIE_RANK") in (None, os.environ.get("RANK"))
 
     def forward(self, x):
         self.left -= 1
-        if self.left < 0:
+        if self.left < 0 and self.mortal:
             os.kill(os.getpid(), 9)
         return self.net(x)
 

@@ -1,0 +1,83 @@
+"""torch.distributed glue: logitcache runs under `torchrun` with no launcher of its own.
+
+Ranks share one counter in the process group's key-value store to claim work units, so a rank that finishes early
+takes the next unit instead of idling (dynamic balancing, whatever the units' costs).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Iterable, Iterator, TypeVar
+
+import torch
+import torch.distributed as dist
+
+T = TypeVar("T")
+
+
+def init_from_env() -> bool:
+    """Join the process group `torchrun` describes in the environment (gloo on CPU, NCCL on GPU); False if none."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or is_distributed():
+        return is_distributed()
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl")
+    else:
+        dist.init_process_group("gloo")
+    return True
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def agree(ok: bool) -> bool:
+    """True on every rank if ``ok`` is True on rank 0 (rank 0 decides; no pickling of Python objects)."""
+    if not is_distributed():
+        return ok
+    flag = torch.tensor([1 if ok else 0], dtype=torch.int64)
+    dist.broadcast(flag, src=0)
+    return bool(flag.item())
+
+
+def all_sum(*values: float) -> list[float]:
+    if not is_distributed():
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def claim(items: list[T], name: str) -> Iterator[T]:
+    """Yield the items this rank should process. Single process: all of them in order. Distributed: each item goes
+    to exactly one rank, claimed through an atomic counter in the process group's store when it is needed."""
+    if not is_distributed():
+        yield from items
+        return
+    key = torch.randint(0, 2**62, (1,), dtype=torch.int64)  # fresh key per call, shared from rank 0
+    dist.broadcast(key, src=0)
+    store = dist.distributed_c10d._get_default_store()
+    counter = f"logitcache/{name}/{int(key.item())}"
+    while True:
+        i = store.add(counter, 1) - 1
+        if i >= len(items):
+            return
+        yield items[i]
+
+
+def shutdown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
