@@ -20,8 +20,8 @@ HERE = Path(__file__).resolve().parent
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--samples", type=int, default=8000)
-    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--samples", type=int, default=12000)
+    ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--quick", action="store_true", help="~1 minute smoke run, not recorded")
