@@ -114,7 +114,7 @@ class CachedKDDataset(ReplayDataset):
         else:
             self._chunks.move_to_end(key)
         offset = index - chunk * self.cache.chunk_rows
-        return {name: t[offset].clone() for name, t in rows.items()}
+        return {name: t[offset] for name, t in rows.items()}  # views: collate copies them into the batch
 
     def __getitem__(self, index: int):
         view = self.view_of(self.epoch)

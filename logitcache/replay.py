@@ -11,6 +11,7 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+from torch.utils.data import get_worker_info
 
 _MASK64 = (1 << 64) - 1
 
@@ -35,10 +36,12 @@ def replay(transform: Callable[[Any], Any], image: Any, seed: int) -> Any:
 
     The caller's RNG states are restored afterwards, so replaying inside a ``num_workers=0`` loader does not disturb
     the training loop's randomness. torchvision v2 draws from torch's default CPU generator; user code may use the
-    other two.
+    other two. Inside a DataLoader worker the Python and NumPy states are not restored: the worker's own randomness
+    is not the training loop's, and saving NumPy's state costs as much as a small augmentation (~50 us).
     """
-    py_state = random.getstate()
-    np_state = np.random.get_state()
+    restore = get_worker_info() is None
+    if restore:
+        py_state, np_state = random.getstate(), np.random.get_state()
     with torch.random.fork_rng(devices=[]):
         # default_generator only: torch.manual_seed would also reseed CUDA, which fork_rng(devices=[]) won't restore.
         torch.default_generator.manual_seed(seed)
@@ -47,8 +50,9 @@ def replay(transform: Callable[[Any], Any], image: Any, seed: int) -> Any:
         try:
             return transform(image)
         finally:
-            random.setstate(py_state)
-            np.random.set_state(np_state)
+            if restore:
+                random.setstate(py_state)
+                np.random.set_state(np_state)
 
 
 def replay_view(transform: Callable[[Any], Any], image: Any, base_seed: int, view: int, index: int) -> Any:
