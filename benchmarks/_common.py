@@ -39,7 +39,7 @@ def interleaved(variants: dict[str, Callable[[], float]], reps: int) -> dict[str
     names = list(variants)
     out: dict[str, list[float]] = {n: [] for n in names}
     for r in range(reps):
-        order = names[r % len(names):] + names[: r % len(names)]
+        order = names[r % len(names) :] + names[: r % len(names)]
         for name in order:
             out[name].append(variants[name]())
     return out
@@ -66,8 +66,10 @@ def machine() -> str:
         pass
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     v = versions()
-    return (f"{os.cpu_count()} cores ({cpu}), {gpu}; torch {v['torch']}, torchvision {v['torchvision']}, "
-            f"zarr {v['zarr']}, python {v['python']}")
+    return (
+        f"{os.cpu_count()} cores ({cpu}), {gpu}; torch {v['torch']}, torchvision {v['torchvision']}, "
+        f"zarr {v['zarr']}, python {v['python']}"
+    )
 
 
 def show(table: Table) -> str:
@@ -84,8 +86,10 @@ def record(title: str, body: str, quick: bool) -> None:
         return
     command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0])] + sys.argv[1:])
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    block = (f"\n## {title}\n\n- date: {stamp}\n- command: `{command}`\n- machine: {machine()}\n\n"
-             f"```\n{body.rstrip()}\n```\n")
+    block = (
+        f"\n## {title}\n\n- date: {stamp}\n- command: `{command}`\n- machine: {machine()}\n\n"
+        f"```\n{body.rstrip()}\n```\n"
+    )
     with open(RESULTS, "a") as f:
         f.write(block)
     console.print(f"[green]recorded in {RESULTS}")
@@ -96,8 +100,14 @@ def trained_teacher(limit: int = 10000, epochs: int = 2, model: str = "small-res
     from logitcache import TrainConfig, train
 
     run_dir = OUT / f"teacher-{model}-{limit}-{epochs}"
-    if not (run_dir / "model.safetensors").is_file() or len((run_dir / "metrics.jsonl").read_text().splitlines()) < epochs:
+    if (
+        not (run_dir / "model.safetensors").is_file()
+        or len((run_dir / "metrics.jsonl").read_text().splitlines()) < epochs
+    ):
         console.print(f"[dim]training the benchmark teacher {run_dir} ...")
-        train(TrainConfig(out=str(run_dir), model=model, epochs=epochs, limit=limit, overwrite=True, progress=False,
-                          lr=0.05))
+        train(
+            TrainConfig(
+                out=str(run_dir), model=model, epochs=epochs, limit=limit, overwrite=True, progress=False, lr=0.05
+            )
+        )
     return str(run_dir)

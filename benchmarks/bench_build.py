@@ -49,27 +49,42 @@ def main() -> None:
     n = args.views * args.samples
 
     def build(encoding: str) -> float:
-        return n / timed(lambda: build_cache(teacher, ds, OUT / "build" / encoding, augment=tf, views=args.views,
-                                             encoding=encoding, k=4, batch_size=batch, chunk_rows=rows,
-                                             workers=args.workers, overwrite=True, progress=False))
+        return n / timed(
+            lambda: build_cache(
+                teacher,
+                ds,
+                OUT / "build" / encoding,
+                augment=tf,
+                views=args.views,
+                encoding=encoding,
+                k=4,
+                batch_size=batch,
+                chunk_rows=rows,
+                workers=args.workers,
+                overwrite=True,
+                progress=False,
+            )
+        )
 
     variants = {
-        "bare loop (teacher only)": lambda: n / timed(lambda: bare_loop(teacher, ds, tf, args.views, batch, rows,
-                                                                        args.workers)),
+        "bare loop (teacher only)": lambda: (
+            n / timed(lambda: bare_loop(teacher, ds, tf, args.views, batch, rows, args.workers))
+        ),
         "build, full": lambda: build("full"),
         "build, topk k=4": lambda: build("topk"),
         "build, quantized": lambda: build("quantized"),
     }
     rates = interleaved(variants, args.reps)
     base = median(rates["bare loop (teacher only)"])
-    table = Table(title=f"build throughput: {args.samples} Fashion-MNIST images x {args.views} views, "
-                        f"small-resnet8 teacher, {args.workers} workers, {args.reps} reps (medians)")
+    table = Table(
+        title=f"build throughput: {args.samples} Fashion-MNIST images x {args.views} views, "
+        f"small-resnet8 teacher, {args.workers} workers, {args.reps} reps (medians)"
+    )
     for col in ("variant", "samples/s", "throughput / bare loop", "all runs (samples/s)"):
         table.add_column(col, justify="right")
     for name, xs in rates.items():
         table.add_row(name, f"{median(xs):,.0f}", f"{median(xs) / base:.3f}x", ", ".join(f"{x:,.0f}" for x in xs))
-    record("Build throughput (bench_build.py)", show(table) + "\ntarget: build >= 0.95x of the bare loop",
-           args.quick)
+    record("Build throughput (bench_build.py)", show(table) + "\ntarget: build >= 0.95x of the bare loop", args.quick)
 
 
 if __name__ == "__main__":

@@ -41,5 +41,11 @@ def fmnist_pairs(train: bool = True) -> FashionPairs:
 def pairs_augment():
     """(train, eval): pad-and-crop only."""
     evaluation = v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize([0.5], [0.5])])
-    return v2.Compose([v2.ToImage(), v2.RandomCrop((28, 56), padding=3), v2.ToDtype(torch.float32, scale=True),
-                       v2.Normalize([0.5], [0.5])]), evaluation
+    return v2.Compose(
+        [
+            v2.ToImage(),
+            v2.RandomCrop((28, 56), padding=3),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize([0.5], [0.5]),
+        ]
+    ), evaluation

@@ -17,7 +17,7 @@ import torch
 from rich.table import Table
 from torch.utils.data import DataLoader
 
-from _common import OUT, console, median, record, show, trained_teacher
+from _common import OUT, console, record, show, trained_teacher
 from logitcache import TrainConfig, build_cache, specs, to_probs, train
 from logitcache.build import ReplayedViews
 from logitcache.datasets import Head
@@ -26,15 +26,29 @@ from logitcache.train import load_metrics
 HERE = Path(__file__).resolve().parent
 PAIRS, PAIRS_AUG = f"{HERE}/bench_data.py:fmnist_pairs", f"{HERE}/bench_data.py:pairs_augment"
 
-CONFIGS_10 = [("full", {}, "blosc-lz4"), ("full", {}, "zstd"), ("topk", {"k": 1}, "blosc-lz4"),
-              ("topk", {"k": 2}, "blosc-lz4"), ("topk", {"k": 4}, "blosc-lz4"), ("topk", {"k": 4}, "zstd"),
-              ("sampled", {"samples": 10, "tau": 1.0}, "blosc-lz4"), ("sampled", {"samples": 10, "tau": 4.0}, "blosc-lz4"),
-              ("quantized", {}, "blosc-lz4")]
-CONFIGS_100 = [("full", {}, "blosc-lz4"), ("topk", {"k": 1}, "blosc-lz4"), ("topk", {"k": 5}, "blosc-lz4"),
-               ("topk", {"k": 10}, "blosc-lz4"), ("topk", {"k": 20}, "blosc-lz4"), ("topk", {"k": 10}, "zstd"),
-               ("sampled", {"samples": 10, "tau": 1.0}, "blosc-lz4"),
-               ("sampled", {"samples": 50, "tau": 1.0}, "blosc-lz4"),
-               ("sampled", {"samples": 50, "tau": 4.0}, "blosc-lz4"), ("quantized", {}, "blosc-lz4")]
+CONFIGS_10 = [
+    ("full", {}, "blosc-lz4"),
+    ("full", {}, "zstd"),
+    ("topk", {"k": 1}, "blosc-lz4"),
+    ("topk", {"k": 2}, "blosc-lz4"),
+    ("topk", {"k": 4}, "blosc-lz4"),
+    ("topk", {"k": 4}, "zstd"),
+    ("sampled", {"samples": 10, "tau": 1.0}, "blosc-lz4"),
+    ("sampled", {"samples": 10, "tau": 4.0}, "blosc-lz4"),
+    ("quantized", {}, "blosc-lz4"),
+]
+CONFIGS_100 = [
+    ("full", {}, "blosc-lz4"),
+    ("topk", {"k": 1}, "blosc-lz4"),
+    ("topk", {"k": 5}, "blosc-lz4"),
+    ("topk", {"k": 10}, "blosc-lz4"),
+    ("topk", {"k": 20}, "blosc-lz4"),
+    ("topk", {"k": 10}, "zstd"),
+    ("sampled", {"samples": 10, "tau": 1.0}, "blosc-lz4"),
+    ("sampled", {"samples": 50, "tau": 1.0}, "blosc-lz4"),
+    ("sampled", {"samples": 50, "tau": 4.0}, "blosc-lz4"),
+    ("quantized", {}, "blosc-lz4"),
+]
 
 
 def label(enc: str, params: dict, codec: str) -> str:
@@ -50,12 +64,26 @@ def fidelity(name: str, ds, tf, teacher, configs, out: Path) -> str:
     for col in ("encoding", "B/view", "B/sample", "B/kept entry", "KL T=1", "KL T=4", "grad cos T=4", "top-1 agree"):
         table.add_column(col, justify="right")
     for enc, params, codec in configs:
-        cache = build_cache(teacher, ds, out / label(enc, params, codec).replace(" ", "_"), augment=tf, views=1,
-                            encoding=enc, codec=codec, overwrite=True, progress=False, **params)
+        cache = build_cache(
+            teacher,
+            ds,
+            out / label(enc, params, codec).replace(" ", "_"),
+            augment=tf,
+            views=1,
+            encoding=enc,
+            codec=codec,
+            overwrite=True,
+            progress=False,
+            **params,
+        )
         stored = sum(cache.group[n].nbytes_stored() for n in cache.field_names)
         targets = cache.read(0)
-        row = [label(enc, params, codec), f"{stored:,}", f"{stored / len(ds):.2f}",
-               f"{stored / (len(ds) * cache.encoder.entries()):.3f}"]
+        row = [
+            label(enc, params, codec),
+            f"{stored:,}",
+            f"{stored / len(ds):.2f}",
+            f"{stored / (len(ds) * cache.encoder.entries()):.3f}",
+        ]
         for t in (1.0, 4.0):
             if enc == "sampled":  # a single draw has zeros: KL(teacher || it) is infinite by construction
                 row.append("n/a")
@@ -77,28 +105,64 @@ def fidelity(name: str, ds, tf, teacher, configs, out: Path) -> str:
     return show(table)
 
 
-def students(name: str, dataset: str, augment: str, model: str, teacher_dir: str, configs, epochs: int, limit: int,
-             seeds: list[int], out: Path, test_limit: int | None) -> str:
+def students(
+    name: str,
+    dataset: str,
+    augment: str,
+    model: str,
+    teacher_dir: str,
+    configs,
+    epochs: int,
+    limit: int,
+    seeds: list[int],
+    out: Path,
+    test_limit: int | None,
+) -> str:
     ds = specs.resolve_dataset(dataset)
     ds = Head(ds, limit)
     tf, _ = specs.resolve_augment(augment, ds)
     teacher = specs.resolve_teacher(teacher_dir)
-    table = Table(title=f"{name}: cached-KD students, {model}, {epochs} epochs on {limit} images, T=4, "
-                        f"seeds {seeds} (mean accuracy)")
+    table = Table(
+        title=f"{name}: cached-KD students, {model}, {epochs} epochs on {limit} images, T=4, "
+        f"seeds {seeds} (mean accuracy)"
+    )
     for col in ("encoding", "test accuracy", "vs full (pp)", "per seed"):
         table.add_column(col, justify="right")
     results = {}
     for enc, params, codec in configs:
         key = label(enc, params, codec)
-        cache = build_cache(teacher, ds, out / ("kd-" + key.replace(" ", "_")), augment=tf, views=epochs,
-                            encoding=enc, codec=codec, overwrite=True, progress=False,
-                            specs={"augment": augment, "dataset": dataset}, **params)
+        cache = build_cache(
+            teacher,
+            ds,
+            out / ("kd-" + key.replace(" ", "_")),
+            augment=tf,
+            views=epochs,
+            encoding=enc,
+            codec=codec,
+            overwrite=True,
+            progress=False,
+            specs={"augment": augment, "dataset": dataset},
+            **params,
+        )
         accs = []
         for seed in seeds:
-            r = train(TrainConfig(out=str(out / f"student-{key.replace(' ', '_')}-{seed}"), dataset=dataset,
-                                  model=model, epochs=epochs, limit=limit, kd="cached", cache=str(cache.path),
-                                  temperature=4.0, seed=seed, lr=0.05, overwrite=True, progress=False,
-                                  test_limit=test_limit))
+            r = train(
+                TrainConfig(
+                    out=str(out / f"student-{key.replace(' ', '_')}-{seed}"),
+                    dataset=dataset,
+                    model=model,
+                    epochs=epochs,
+                    limit=limit,
+                    kd="cached",
+                    cache=str(cache.path),
+                    temperature=4.0,
+                    seed=seed,
+                    lr=0.05,
+                    overwrite=True,
+                    progress=False,
+                    test_limit=test_limit,
+                )
+            )
             accs.append(r.final_accuracy)
         results[key] = accs
         console.print(f"{name} {key}: {accs}")
@@ -131,27 +195,73 @@ def main() -> None:
     pairs_teacher = OUT / f"teacher-pairs-{'quick' if args.quick else 'full'}"
     if not (pairs_teacher / "model.safetensors").is_file():
         console.print("[dim]training the 100-class pairs teacher ...")
-        r = train(TrainConfig(out=str(pairs_teacher), dataset=PAIRS, augment=PAIRS_AUG, model="small-resnet8",
-                              epochs=1 if args.quick else 4, limit=2000 if args.quick else None, lr=0.05,
-                              overwrite=True, progress=False))
+        r = train(
+            TrainConfig(
+                out=str(pairs_teacher),
+                dataset=PAIRS,
+                augment=PAIRS_AUG,
+                model="small-resnet8",
+                epochs=1 if args.quick else 4,
+                limit=2000 if args.quick else None,
+                lr=0.05,
+                overwrite=True,
+                progress=False,
+            )
+        )
         console.print(f"pairs teacher test accuracy: {r.final_accuracy:.4f}")
     teacher_acc = load_metrics(pairs_teacher)[-1]["test_accuracy"]
     sections.append(f"100-class pairs teacher: small-resnet8, test accuracy {teacher_acc:.4f}")
     pds = Head(specs.resolve_dataset(PAIRS), args.samples)
     ptf, _ = specs.resolve_augment(PAIRS_AUG, pds)
-    sections.append(fidelity("Fashion-MNIST pairs", pds, ptf, specs.resolve_teacher(str(pairs_teacher)),
-                             CONFIGS_100, out / "pairs"))
+    sections.append(
+        fidelity("Fashion-MNIST pairs", pds, ptf, specs.resolve_teacher(str(pairs_teacher)), CONFIGS_100, out / "pairs")
+    )
 
     seeds = list(range(1, args.seeds + 1))
-    student_configs_10 = [("full", {}, "blosc-lz4"), ("topk", {"k": 1}, "blosc-lz4"), ("topk", {"k": 4}, "blosc-lz4"),
-                          ("sampled", {"samples": 10, "tau": 4.0}, "blosc-lz4"), ("quantized", {}, "blosc-lz4")]
-    sections.append(students("Fashion-MNIST", "fashion-mnist", "pad-crop-flip", "small-resnet8-w8", fm_teacher,
-                             student_configs_10, args.epochs, args.samples, seeds, out, 2000))
-    student_configs_100 = [("full", {}, "blosc-lz4"), ("topk", {"k": 1}, "blosc-lz4"),
-                           ("topk", {"k": 10}, "blosc-lz4"), ("sampled", {"samples": 50, "tau": 4.0}, "blosc-lz4"),
-                           ("quantized", {}, "blosc-lz4")]
-    sections.append(students("Fashion-MNIST pairs", PAIRS, PAIRS_AUG, "small-resnet8-w8", str(pairs_teacher),
-                             student_configs_100, args.epochs, args.samples, seeds, out, 2000))
+    student_configs_10 = [
+        ("full", {}, "blosc-lz4"),
+        ("topk", {"k": 1}, "blosc-lz4"),
+        ("topk", {"k": 4}, "blosc-lz4"),
+        ("sampled", {"samples": 10, "tau": 4.0}, "blosc-lz4"),
+        ("quantized", {}, "blosc-lz4"),
+    ]
+    sections.append(
+        students(
+            "Fashion-MNIST",
+            "fashion-mnist",
+            "pad-crop-flip",
+            "small-resnet8-w8",
+            fm_teacher,
+            student_configs_10,
+            args.epochs,
+            args.samples,
+            seeds,
+            out,
+            2000,
+        )
+    )
+    student_configs_100 = [
+        ("full", {}, "blosc-lz4"),
+        ("topk", {"k": 1}, "blosc-lz4"),
+        ("topk", {"k": 10}, "blosc-lz4"),
+        ("sampled", {"samples": 50, "tau": 4.0}, "blosc-lz4"),
+        ("quantized", {}, "blosc-lz4"),
+    ]
+    sections.append(
+        students(
+            "Fashion-MNIST pairs",
+            PAIRS,
+            PAIRS_AUG,
+            "small-resnet8-w8",
+            str(pairs_teacher),
+            student_configs_100,
+            args.epochs,
+            args.samples,
+            seeds,
+            out,
+            2000,
+        )
+    )
     record("Fidelity of encodings (bench_fidelity.py)", "\n".join(sections), args.quick)
 
 

@@ -19,7 +19,7 @@ from rich.table import Table
 from torch.utils.data import DataLoader
 
 from _common import OUT, fashion_mnist, interleaved, median, record, show, timed, trained_teacher
-from logitcache import CachedKDDataset, ReplayDataset, build_cache, open_cache, specs, to_probs
+from logitcache import CachedKDDataset, ReplayDataset, build_cache, specs, to_probs
 
 
 def disk_usage(path) -> tuple[int, int]:
@@ -50,12 +50,32 @@ def main() -> None:
 
     # (a) decode rates
     caches = {}
-    configs = [("full", "blosc-lz4"), ("full", "zstd"), ("full", "none"), ("topk", "blosc-lz4"), ("topk", "zstd"),
-               ("topk", "none"), ("sampled", "blosc-lz4"), ("quantized", "blosc-lz4"), ("quantized", "zstd")]
+    configs = [
+        ("full", "blosc-lz4"),
+        ("full", "zstd"),
+        ("full", "none"),
+        ("topk", "blosc-lz4"),
+        ("topk", "zstd"),
+        ("topk", "none"),
+        ("sampled", "blosc-lz4"),
+        ("quantized", "blosc-lz4"),
+        ("quantized", "zstd"),
+    ]
     for enc, codec in configs:
-        caches[(enc, codec)] = build_cache(teacher, ds, out / f"{enc}-{codec}", augment=tf, views=2, encoding=enc,
-                                           k=4, samples=20, codec=codec, overwrite=True, progress=False,
-                                           specs={"augment": "pad-crop-flip"})
+        caches[(enc, codec)] = build_cache(
+            teacher,
+            ds,
+            out / f"{enc}-{codec}",
+            augment=tf,
+            views=2,
+            encoding=enc,
+            k=4,
+            samples=20,
+            codec=codec,
+            overwrite=True,
+            progress=False,
+            specs={"augment": "pad-crop-flip"},
+        )
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     table = Table(title=f"(a) decode: whole views of {args.samples} samples, 1 torch thread, medians of {args.reps}")
@@ -63,8 +83,10 @@ def main() -> None:
         table.add_column(col, justify="right")
     for (enc, codec), cache in caches.items():
         read = [args.samples / timed(lambda: cache.read(1)) for _ in range(args.reps)]
-        dec = [args.samples / timed(lambda: to_probs(cache.read(1), 1.0 if enc != "sampled" else 1.0))
-               for _ in range(args.reps)]
+        dec = [
+            args.samples / timed(lambda: to_probs(cache.read(1), 1.0 if enc != "sampled" else 1.0))
+            for _ in range(args.reps)
+        ]
         stored = sum(cache.group[n].nbytes_stored() for n in cache.field_names) / (2 * args.samples)
         table.add_row(enc, codec, f"{stored:.1f}", f"{median(read):,.0f}", f"{median(dec):,.0f}")
     torch.set_num_threads(threads)
@@ -79,10 +101,13 @@ def main() -> None:
         loader = DataLoader(ds_, batch_size=256, shuffle=True, num_workers=args.workers)
         return args.samples / timed(lambda: [None for _ in loader])
 
-    rates = interleaved({
-        "replayed images only": lambda: epoch(lambda: ReplayDataset(ds, tf, seed=0, num_views=2)),
-        "CachedKDDataset (images + targets)": lambda: epoch(lambda: CachedKDDataset(ds, cache)),
-    }, args.reps)
+    rates = interleaved(
+        {
+            "replayed images only": lambda: epoch(lambda: ReplayDataset(ds, tf, seed=0, num_views=2)),
+            "CachedKDDataset (images + targets)": lambda: epoch(lambda: CachedKDDataset(ds, cache)),
+        },
+        args.reps,
+    )
     base = median(rates["replayed images only"])
     table = Table(title=f"(b) DataLoader: {args.workers} workers, batch 256, one epoch, medians of {args.reps}")
     for col in ("dataset", "samples/s", "ratio", "all runs"):
@@ -108,8 +133,9 @@ def main() -> None:
         ds_ = CachedKDDataset(ds, cache.path)  # fresh: cold chunk cache
         return args.samples / timed(lambda: [ds_.target(i, 1) for i in order])
 
-    rates = interleaved({"one torch.save file per sample": read_files, "Zarr store (whole chunks)": read_zarr},
-                        args.reps)
+    rates = interleaved(
+        {"one torch.save file per sample": read_files, "Zarr store (whole chunks)": read_zarr}, args.reps
+    )
     files_bytes = disk_usage(per_sample)
     zarr_bytes = tuple(b // 2 for b in disk_usage(cache.path))  # the store holds 2 views; compare one
     table = Table(title=f"(c) per-sample files vs Zarr: one view of {args.samples} top-4 targets, random order")
@@ -118,8 +144,10 @@ def main() -> None:
     for (name, xs), (app, alloc) in zip(rates.items(), (files_bytes, zarr_bytes)):
         table.add_row(name, f"{app:,}", f"{alloc:,}", f"{median(xs):,.0f}", ", ".join(f"{x:,.0f}" for x in xs))
     speed = median(rates["Zarr store (whole chunks)"]) / median(rates["one torch.save file per sample"])
-    sections.append(show(table) + f"\nZarr reads {speed:.1f}x faster, {files_bytes[1] / zarr_bytes[1]:.1f}x smaller "
-                                  "on disk (allocated); target >= 20x faster, smaller")
+    sections.append(
+        show(table) + f"\nZarr reads {speed:.1f}x faster, {files_bytes[1] / zarr_bytes[1]:.1f}x smaller "
+        "on disk (allocated); target >= 20x faster, smaller"
+    )
     record("Read path (bench_read.py)", "\n".join(sections), args.quick)
 
 

@@ -24,8 +24,17 @@ def main() -> None:
     args = ap.parse_args()
     sizes = [1000, 2000] if args.quick else [int(s) for s in args.sizes.split(",")]
     table = Table(title="scaling: one view, small-resnet8 teacher, Fashion-MNIST images")
-    for col in ("samples", "classes", "encoding", "build s", "build samples/s", "store bytes", "bytes/sample",
-                "read+decode s", "read samples/s"):
+    for col in (
+        "samples",
+        "classes",
+        "encoding",
+        "build s",
+        "build samples/s",
+        "store bytes",
+        "bytes/sample",
+        "read+decode s",
+        "read samples/s",
+    ):
         table.add_column(col, justify="right")
     for classes in (10, 100):
         torch.manual_seed(0)
@@ -35,14 +44,37 @@ def main() -> None:
             tf, _ = specs.resolve_augment("pad-crop-flip", ds)
             for enc in ("full", "topk"):
                 box = {}
-                secs = timed(lambda: box.setdefault("c", build_cache(
-                    teacher, ds, OUT / "scaling" / f"{classes}-{n}-{enc}", augment=tf, views=1, encoding=enc, k=10,
-                    workers=args.workers, overwrite=True, progress=False)))
+                secs = timed(
+                    lambda: box.setdefault(
+                        "c",
+                        build_cache(
+                            teacher,
+                            ds,
+                            OUT / "scaling" / f"{classes}-{n}-{enc}",
+                            augment=tf,
+                            views=1,
+                            encoding=enc,
+                            k=10,
+                            workers=args.workers,
+                            overwrite=True,
+                            progress=False,
+                        ),
+                    )
+                )
                 cache = box["c"]
                 size = sum(cache.group[f].nbytes_stored() for f in cache.field_names)
                 read = timed(lambda: to_probs(cache.read(0)))
-                table.add_row(f"{n:,}", str(classes), enc, f"{secs:.1f}", f"{n / secs:,.0f}", f"{size:,}",
-                              f"{size / n:.1f}", f"{read:.3f}", f"{n / read:,.0f}")
+                table.add_row(
+                    f"{n:,}",
+                    str(classes),
+                    enc,
+                    f"{secs:.1f}",
+                    f"{n / secs:,.0f}",
+                    f"{size:,}",
+                    f"{size / n:.1f}",
+                    f"{read:.3f}",
+                    f"{n / read:,.0f}",
+                )
     record("Scaling (bench_scaling.py)", show(table), args.quick)
 
 

@@ -32,8 +32,16 @@ def main() -> None:
     if args.quick:
         args.samples, args.epochs, args.sweep = 1000, 2, 1
     out = OUT / "sequence"
-    common = dict(dataset="fashion-mnist", model=args.model, epochs=args.epochs, limit=args.samples, lr=0.05,
-                  workers=args.workers, overwrite=True, progress=False)
+    common = dict(
+        dataset="fashion-mnist",
+        model=args.model,
+        epochs=args.epochs,
+        limit=args.samples,
+        lr=0.05,
+        workers=args.workers,
+        overwrite=True,
+        progress=False,
+    )
 
     console.print("[bold]run 1 (teacher) from scratch")
     run1 = train(TrainConfig(out=str(out / "run1"), seed=0, **common))
@@ -44,9 +52,18 @@ def main() -> None:
     caches, build_seconds = {}, {}
     for views in sorted({1, 2, args.epochs}):
         start = time.perf_counter()
-        caches[views] = build_cache(teacher, ds, out / f"cache-v{views}", augment=tf, views=views, encoding="full",
-                                    workers=args.workers, overwrite=True, progress=False,
-                                    specs={"augment": "pad-crop-flip", "dataset": "fashion-mnist"})
+        caches[views] = build_cache(
+            teacher,
+            ds,
+            out / f"cache-v{views}",
+            augment=tf,
+            views=views,
+            encoding="full",
+            workers=args.workers,
+            overwrite=True,
+            progress=False,
+            specs={"augment": "pad-crop-flip", "dataset": "fashion-mnist"},
+        )
         build_seconds[views] = time.perf_counter() - start
 
     full = str(caches[args.epochs].path)
@@ -57,25 +74,43 @@ def main() -> None:
         "cached KD, first 25%": dict(kd="cached", cache=full, kd_until=0.25),
         "cached KD, first 50%": dict(kd="cached", cache=full, kd_until=0.5),
     }
-    view_arms = {f"cached KD, {v} view{'s' if v > 1 else ''}": dict(kd="cached", cache=str(caches[v].path))
-                 for v in sorted(caches) if v != args.epochs}
+    view_arms = {
+        f"cached KD, {v} view{'s' if v > 1 else ''}": dict(kd="cached", cache=str(caches[v].path))
+        for v in sorted(caches)
+        if v != args.epochs
+    }
     results: dict[str, list] = {name: [] for name in [*arms, *view_arms]}
     seeds = list(range(1, args.sweep + 1))
     for seed in seeds:
         names = list(arms) + list(view_arms)
-        order = names[seed % len(names):] + names[:seed % len(names)]
+        order = names[seed % len(names) :] + names[: seed % len(names)]
         for name in order:
             kw = arms.get(name) or view_arms[name]
             console.print(f"seed {seed}: {name}")
-            results[name].append(train(TrainConfig(out=str(out / f"{name.replace(' ', '_')}-{seed}"), seed=seed,
-                                                   target_accuracy=reference, **common, **kw)))
+            results[name].append(
+                train(
+                    TrainConfig(
+                        out=str(out / f"{name.replace(' ', '_')}-{seed}"),
+                        seed=seed,
+                        target_accuracy=reference,
+                        **common,
+                        **kw,
+                    )
+                )
+            )
 
     def summarize(title: str, names: list[str]) -> str:
         table = Table(title=title)
-        for col in ("arm", "final acc (mean +- sd)", "reached target", "epochs to target", "s to target",
-                    "teacher fwd (train)", "sweep cost s (+build)"):
+        for col in (
+            "arm",
+            "final acc (mean +- sd)",
+            "reached target",
+            "epochs to target",
+            "s to target",
+            "teacher fwd (train)",
+            "sweep cost s (+build)",
+        ):
             table.add_column(col, justify="right")
-        scratch_epochs = None
         for name in names:
             runs = results[name]
             accs = [r.final_accuracy for r in runs]
@@ -85,26 +120,42 @@ def main() -> None:
             epochs_to = statistics.mean([r.target_epoch or args.epochs + 1 for r in runs])
             secs = statistics.mean([r.target_seconds for r in reached]) if reached else float("nan")
             cost = sum(r.metrics[-1]["wall_seconds"] for r in runs)
-            cache_views = args.epochs if "cached" in name and "view" not in name else \
-                int(name.split(", ")[1].split()[0]) if "view" in name else None
+            cache_views = (
+                args.epochs
+                if "cached" in name and "view" not in name
+                else int(name.split(", ")[1].split()[0])
+                if "view" in name
+                else None
+            )
             build = f" (+{build_seconds[cache_views]:.0f})" if cache_views else ""
-            table.add_row(name, f"{statistics.mean(accs):.4f} +- {sd:.4f}", f"{len(reached)}/{len(runs)}",
-                          f"{epochs_to:.2f}", f"{secs:.1f}", f"{sum(r.teacher_forwards for r in runs):,}",
-                          f"{cost:.0f}{build}")
+            table.add_row(
+                name,
+                f"{statistics.mean(accs):.4f} +- {sd:.4f}",
+                f"{len(reached)}/{len(runs)}",
+                f"{epochs_to:.2f}",
+                f"{secs:.1f}",
+                f"{sum(r.teacher_forwards for r in runs):,}",
+                f"{cost:.0f}{build}",
+            )
         return show(table)
 
-    text = [f"run 1 (teacher, seed 0): final test accuracy {reference:.4f} = the target; "
-            f"{args.samples} images, {args.epochs} epochs, {args.model}, lr 0.05, T=4, KD weight 0.9",
-            summarize(f"sweep of {len(seeds)} runs (seeds {seeds}), same budget", list(arms)),
-            summarize("number of stored views (cached KD, whole training)",
-                      [*view_arms, "cached KD"])]
+    text = [
+        f"run 1 (teacher, seed 0): final test accuracy {reference:.4f} = the target; "
+        f"{args.samples} images, {args.epochs} epochs, {args.model}, lr 0.05, T=4, KD weight 0.9",
+        summarize(f"sweep of {len(seeds)} runs (seeds {seeds}), same budget", list(arms)),
+        summarize("number of stored views (cached KD, whole training)", [*view_arms, "cached KD"]),
+    ]
     text.append("epochs to target: mean over the sweep; a run that never reaches it counts as epochs + 1")
     curves = {}
     for name in arms:
         runs = results[name]
-        curves[name] = [{"wall_seconds": statistics.mean(r.metrics[e]["wall_seconds"] for r in runs),
-                         "test_accuracy": statistics.mean(r.metrics[e]["test_accuracy"] for r in runs)}
-                        for e in range(args.epochs)]
+        curves[name] = [
+            {
+                "wall_seconds": statistics.mean(r.metrics[e]["wall_seconds"] for r in runs),
+                "test_accuracy": statistics.mean(r.metrics[e]["test_accuracy"] for r in runs),
+            }
+            for e in range(args.epochs)
+        ]
     plot = Path(__file__).parent / "sequence_accuracy_vs_time.png"
     if not args.quick and plot_runs(curves, plot, "Fashion-MNIST sweep: mean test accuracy vs wall time", reference):
         text.append(f"plot: benchmarks/{plot.name}")

@@ -33,10 +33,29 @@ def main() -> None:
     ds = fashion_mnist(args.samples)
     tf, _ = specs.resolve_augment("pad-crop-flip", ds)
     same, large = f"{HERE}/bench_models.py:resnet8_fmnist", f"{HERE}/bench_models.py:resnet20_fmnist"
-    cache = build_cache(specs.resolve_teacher(same), ds, out / "cache", augment=tf, views=2, encoding="full",
-                        overwrite=True, progress=False, specs={"augment": "pad-crop-flip"})
-    common = dict(dataset="fashion-mnist", model="small-resnet8", epochs=2, limit=args.samples, test_limit=256,
-                  workers=args.workers, batch_size=args.batch_size, overwrite=True, progress=False, seed=0)
+    cache = build_cache(
+        specs.resolve_teacher(same),
+        ds,
+        out / "cache",
+        augment=tf,
+        views=2,
+        encoding="full",
+        overwrite=True,
+        progress=False,
+        specs={"augment": "pad-crop-flip"},
+    )
+    common = dict(
+        dataset="fashion-mnist",
+        model="small-resnet8",
+        epochs=2,
+        limit=args.samples,
+        test_limit=256,
+        workers=args.workers,
+        batch_size=args.batch_size,
+        overwrite=True,
+        progress=False,
+        seed=0,
+    )
 
     def run(name: str, **kw) -> float:
         result = train(TrainConfig(out=str(out / name), **common, **kw))
@@ -50,8 +69,10 @@ def main() -> None:
     }
     rates = interleaved(variants, args.reps)
     base = median(rates["no KD"])
-    table = Table(title=f"step overhead: {args.samples} Fashion-MNIST images/epoch, small-resnet8 student, "
-                        f"batch {args.batch_size}, {args.workers} workers, {args.reps} reps (medians)")
+    table = Table(
+        title=f"step overhead: {args.samples} Fashion-MNIST images/epoch, small-resnet8 student, "
+        f"batch {args.batch_size}, {args.workers} workers, {args.reps} reps (medians)"
+    )
     for col in ("variant", "images/s", "time / no-KD time", "all runs (images/s)"):
         table.add_column(col, justify="right")
     for name, xs in rates.items():

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import sys
 from enum import Enum
 from pathlib import Path
 from typing import Callable, Optional
@@ -11,8 +10,12 @@ from typing import Callable, Optional
 import typer
 from rich.console import Console
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Cache a teacher's soft targets once (build), then distill from them at almost no cost (train).")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Cache a teacher's soft targets once (build), then distill from them at almost no cost (train).",
+)
 err = Console(stderr=True, soft_wrap=True)  # one error = one line, whatever the width
 out = Console()
 
@@ -53,27 +56,42 @@ def _setup() -> None:
 
 @app.command()
 def build(
-    teacher: str = typer.Option(..., help="Run directory from `logitcache train`, pkg.module:fn, path/file.py:fn "
-                                          "(fn() returns an nn.Module), or a torchvision model name."),
-    dataset: str = typer.Option(..., help="fashion-mnist, mnist, cifar10, cifar100, imagefolder:PATH, or "
-                                          "pkg.module:fn / file.py:fn (fn(train=True) returns (image, label) pairs)."),
-    out_path: str = typer.Option(..., "--out", help="Folder of the Zarr store to write, or an fsspec URL (s3://bucket/path, ...)."),
-    augment: str = typer.Option("pad-crop-flip", help="pad-crop-flip, rrc-flip, none, or pkg.module:fn / file.py:fn "
-                                                      "(fn() returns a transform from image to tensor)."),
+    teacher: str = typer.Option(
+        ...,
+        help="Run directory from `logitcache train`, pkg.module:fn, path/file.py:fn "
+        "(fn() returns an nn.Module), or a torchvision model name.",
+    ),
+    dataset: str = typer.Option(
+        ...,
+        help="fashion-mnist, mnist, cifar10, cifar100, imagefolder:PATH, or "
+        "pkg.module:fn / file.py:fn (fn(train=True) returns (image, label) pairs).",
+    ),
+    out_path: str = typer.Option(
+        ..., "--out", help="Folder of the Zarr store to write, or an fsspec URL (s3://bucket/path, ...)."
+    ),
+    augment: str = typer.Option(
+        "pad-crop-flip",
+        help="pad-crop-flip, rrc-flip, none, or pkg.module:fn / file.py:fn "
+        "(fn() returns a transform from image to tensor).",
+    ),
     views: int = typer.Option(4, min=1, help="Augmented views stored per image; epoch e trains on view e % views."),
     seed: int = typer.Option(0, help="Base seed: view v of sample i is replayed from hash(seed, v, i)."),
-    encoding: Encoding = typer.Option(Encoding.topk, help="full: all logits (float16). topk: k largest log-probs, "
-                                                          "their ids and the leftover mass. sampled: S draws from the "
-                                                          "teacher at temperature tau, as ids + counts (unbiased). "
-                                                          "quantized: all log-probs in 8 bits."),
+    encoding: Encoding = typer.Option(
+        Encoding.topk,
+        help="full: all logits (float16). topk: k largest log-probs, "
+        "their ids and the leftover mass. sampled: S draws from the "
+        "teacher at temperature tau, as ids + counts (unbiased). "
+        "quantized: all log-probs in 8 bits.",
+    ),
     k: int = typer.Option(10, min=1, help="Entries kept per sample for --encoding topk."),
     samples: int = typer.Option(50, min=1, help="Draws S per sample for --encoding sampled."),
     tau: float = typer.Option(1.0, help="Sampling temperature for --encoding sampled; training must use the same."),
     floor: float = typer.Option(20.0, help="Lowest log-probability kept by --encoding quantized."),
     codec: str = typer.Option("blosc-lz4", help="Compression: blosc-lz4, zstd or none (all add a crc32c checksum)."),
     teacher_weights: Optional[Path] = typer.Option(None, help="State dict (.safetensors or weights-only torch file)."),
-    batch_size: int = typer.Option(256, min=1, help="Teacher batch size (part of the cache identity: resume needs "
-                                                    "the same)."),
+    batch_size: int = typer.Option(
+        256, min=1, help="Teacher batch size (part of the cache identity: resume needs the same)."
+    ),
     chunk_rows: int = typer.Option(1024, min=1, help="Samples per stored chunk (the unit of work and of resume)."),
     workers: int = typer.Option(2, min=0, help="DataLoader worker processes for decoding and augmentation."),
     device: str = typer.Option("auto", help="auto (CUDA when present), cpu or cuda."),
@@ -95,14 +113,34 @@ def build(
             ds = Head(ds, limit)
         train_tf, _ = specs.resolve_augment(augment, ds)
         model = specs.resolve_teacher(teacher, teacher_weights)
-        cache = build_cache(model, ds, out_path, augment=train_tf, views=views, seed=seed, encoding=encoding.value,
-                            k=k, samples=samples, tau=tau, floor=floor, codec=codec, batch_size=batch_size, chunk_rows=chunk_rows, workers=workers,
-                            device=device, resume=resume, overwrite=overwrite, progress=not quiet,
-                            specs={"teacher": teacher, "dataset": dataset, "augment": augment})
+        cache = build_cache(
+            model,
+            ds,
+            out_path,
+            augment=train_tf,
+            views=views,
+            seed=seed,
+            encoding=encoding.value,
+            k=k,
+            samples=samples,
+            tau=tau,
+            floor=floor,
+            codec=codec,
+            batch_size=batch_size,
+            chunk_rows=chunk_rows,
+            workers=workers,
+            device=device,
+            resume=resume,
+            overwrite=overwrite,
+            progress=not quiet,
+            specs={"teacher": teacher, "dataset": dataset, "augment": augment},
+        )
         if distributed.rank() != 0:
             return
-        out.print(f"[green]done[/]: {cache.num_views} views x {cache.num_samples} samples, {cache.num_classes} classes, "
-                  f"encoding {cache.encoding} {cache.encoding_params or ''} -> {cache.path}")
+        out.print(
+            f"[green]done[/]: {cache.num_views} views x {cache.num_samples} samples, {cache.num_classes} classes, "
+            f"encoding {cache.encoding} {cache.encoding_params or ''} -> {cache.path}"
+        )
 
     _run(go)
 
@@ -117,20 +155,29 @@ class KD(str, Enum):
 def train(
     out_path: Path = typer.Option(..., "--out", help="Run directory to write (config, metrics, weights)."),
     dataset: str = typer.Option("fashion-mnist", help="Same dataset specs as `build`."),
-    model: str = typer.Option("small-resnet8", help="small-resnet8/14/20[-wW], a torchvision model name, or "
-                                                   "pkg.module:fn (fn(num_classes=, in_channels=) returns a module)."),
+    model: str = typer.Option(
+        "small-resnet8",
+        help="small-resnet8/14/20[-wW], a torchvision model name, or "
+        "pkg.module:fn (fn(num_classes=, in_channels=) returns a module).",
+    ),
     epochs: int = typer.Option(5, min=1),
-    kd: KD = typer.Option(KD.none, help="none: plain training. cached: targets from --cache. online: run --teacher "
-                                        "on every batch (the baseline the cache beats)."),
+    kd: KD = typer.Option(
+        KD.none,
+        help="none: plain training. cached: targets from --cache. online: run --teacher "
+        "on every batch (the baseline the cache beats).",
+    ),
     cache: Optional[str] = typer.Option(None, help="Cache written by `logitcache build` (for --kd cached)."),
     teacher: Optional[str] = typer.Option(None, help="Run directory or teacher spec (for --kd online)."),
     kd_weight: float = typer.Option(0.9, help="Loss = (1 - a) * CE + a * T^2 * KL."),
     temperature: float = typer.Option(4.0, help="Distillation temperature T."),
     kd_until: float = typer.Option(1.0, help="Apply KD for the first fraction F of training steps only."),
-    kd_tail: str = typer.Option("uniform", help="Top-k caches: uniform (spread the leftover mass over the other "
-                                                "classes) or bucket (one 'rest' class)."),
-    augment: Optional[str] = typer.Option(None, help="Training augmentation; default: the cache's for --kd cached, "
-                                                     "else pad-crop-flip."),
+    kd_tail: str = typer.Option(
+        "uniform",
+        help="Top-k caches: uniform (spread the leftover mass over the other classes) or bucket (one 'rest' class).",
+    ),
+    augment: Optional[str] = typer.Option(
+        None, help="Training augmentation; default: the cache's for --kd cached, else pad-crop-flip."
+    ),
     seed: int = typer.Option(0, help="Seeds initialisation, shuffling and (without a cache) augmentation."),
     lr: float = typer.Option(0.1, help="Peak learning rate (SGD, nesterov momentum 0.9, warm-up then cosine)."),
     weight_decay: float = typer.Option(5e-4),
@@ -140,8 +187,9 @@ def train(
     device: str = typer.Option("auto", help="auto (CUDA when present), cpu or cuda."),
     limit: Optional[int] = typer.Option(None, min=1, help="Train on the first N samples (must match the cache)."),
     test_limit: Optional[int] = typer.Option(None, min=1, help="Evaluate on the first N test samples only."),
-    target_accuracy: Optional[float] = typer.Option(None, help="Report the epoch and time the test accuracy first "
-                                                               "reaches X (0-1)."),
+    target_accuracy: Optional[float] = typer.Option(
+        None, help="Report the epoch and time the test accuracy first reaches X (0-1)."
+    ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run directory."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
@@ -152,12 +200,32 @@ def train(
         from logitcache import train as train_run
 
         distributed.init_from_env()
-        cfg = TrainConfig(out=str(out_path), dataset=dataset, model=model, epochs=epochs, kd=kd.value, cache=cache,
-                          teacher=teacher, kd_weight=kd_weight, temperature=temperature, kd_until=kd_until,
-                          kd_tail=kd_tail,
-                          augment=augment, seed=seed, lr=lr, weight_decay=weight_decay,
-                          label_smoothing=label_smoothing, batch_size=batch_size, workers=workers, device=device,
-                          limit=limit, test_limit=test_limit, target_accuracy=target_accuracy, overwrite=overwrite, progress=not quiet)
+        cfg = TrainConfig(
+            out=str(out_path),
+            dataset=dataset,
+            model=model,
+            epochs=epochs,
+            kd=kd.value,
+            cache=cache,
+            teacher=teacher,
+            kd_weight=kd_weight,
+            temperature=temperature,
+            kd_until=kd_until,
+            kd_tail=kd_tail,
+            augment=augment,
+            seed=seed,
+            lr=lr,
+            weight_decay=weight_decay,
+            label_smoothing=label_smoothing,
+            batch_size=batch_size,
+            workers=workers,
+            device=device,
+            limit=limit,
+            test_limit=test_limit,
+            target_accuracy=target_accuracy,
+            overwrite=overwrite,
+            progress=not quiet,
+        )
         result = train_run(cfg)
         if distributed.rank() != 0:
             return
@@ -167,13 +235,24 @@ def train(
         for col in ("epoch", "train loss", "test acc", "wall s", "samples/s", "teacher fwd"):
             table.add_column(col, justify="right")
         for m in result.metrics:
-            table.add_row(str(m["epoch"]), f"{m['train_loss']:.4f}", f"{m['test_accuracy']:.4f}",
-                          f"{m['wall_seconds']:.1f}", f"{m['samples_per_second']:.0f}", str(m["teacher_forwards"]))
+            table.add_row(
+                str(m["epoch"]),
+                f"{m['train_loss']:.4f}",
+                f"{m['test_accuracy']:.4f}",
+                f"{m['wall_seconds']:.1f}",
+                f"{m['samples_per_second']:.0f}",
+                str(m["teacher_forwards"]),
+            )
         out.print(table)
         if target_accuracy is not None:
-            out.print(f"target accuracy {target_accuracy}: " + (
-                f"reached at epoch {result.target_epoch} after {result.target_seconds:.1f} s"
-                if result.target_epoch else "not reached"))
+            out.print(
+                f"target accuracy {target_accuracy}: "
+                + (
+                    f"reached at epoch {result.target_epoch} after {result.target_seconds:.1f} s"
+                    if result.target_epoch
+                    else "not reached"
+                )
+            )
 
     _run(go)
 
@@ -206,16 +285,24 @@ def _render_inspect(info: dict) -> None:
     head = Table(show_header=False, title=f"cache {info['path']}")
     rows = [
         ("encoding", f"{info['encoding']} {info['encoding_params']}  ({info['values']} at T={info['temperature']})"),
-        ("views x samples", f"{info['num_views']} x {info['num_samples']:,}  ({info['num_classes']} classes, "
-                            f"chunks of {info['chunk_rows']})"),
+        (
+            "views x samples",
+            f"{info['num_views']} x {info['num_samples']:,}  ({info['num_classes']} classes, "
+            f"chunks of {info['chunk_rows']})",
+        ),
         ("complete", f"{info['complete']}  per view: {info['completion_per_view']}"),
         ("bytes on disk", f"{info['bytes_on_disk']:,}"),
-        ("per view / per sample / per kept entry", f"{info['bytes_per_view']:,.0f} / {info['bytes_per_sample_view']} "
-                                                   f"/ {info['bytes_per_kept_entry']}"),
+        (
+            "per view / per sample / per kept entry",
+            f"{info['bytes_per_view']:,.0f} / {info['bytes_per_sample_view']} / {info['bytes_per_kept_entry']}",
+        ),
         ("compression", f"{info['codec']}, ratio {info['compression_ratio']}"),
         ("teacher", f"{info['teacher']['spec']} ({info['teacher']['class']}) sha256 {info['teacher']['sha256'][:16]}"),
-        ("dataset", f"{info['dataset']['spec']}: {info['dataset']['length']:,} samples, labels sha256 "
-                    f"{info['dataset']['labels_sha256'][:16]}"),
+        (
+            "dataset",
+            f"{info['dataset']['spec']}: {info['dataset']['length']:,} samples, labels sha256 "
+            f"{info['dataset']['labels_sha256'][:16]}",
+        ),
         ("augment", f"{info['augment']['spec']}"),
         ("versions", ", ".join(f"{k} {v}" for k, v in info["versions"].items())),
     ]
@@ -226,15 +313,27 @@ def _render_inspect(info: dict) -> None:
     for col in ("array", "shape", "dtype", "chunks", "raw bytes", "stored bytes", "ratio"):
         arrays.add_column(col, justify="right")
     for name, a in info["arrays"].items():
-        arrays.add_row(name, str(a["shape"]), a["dtype"], str(a["chunks"]), f"{a['bytes']:,}", f"{a['stored_bytes']:,}",
-                       str(a["compression_ratio"]))
+        arrays.add_row(
+            name,
+            str(a["shape"]),
+            a["dtype"],
+            str(a["chunks"]),
+            f"{a['bytes']:,}",
+            f"{a['stored_bytes']:,}",
+            str(a["compression_ratio"]),
+        )
     out.print(arrays)
     views = Table(title="teacher per view")
     for col in ("view", "rows", "top-1 = label", "mean entropy (nats)", "mean tail mass"):
         views.add_column(col, justify="right")
     for v in info["views"]:
-        views.add_row(str(v["view"]), f"{v['rows']:,}", str(v["top1_agreement_with_labels"]),
-                      str(v["mean_entropy_nats"]), str(v["mean_tail_mass"] if v["mean_tail_mass"] is not None else "-"))
+        views.add_row(
+            str(v["view"]),
+            f"{v['rows']:,}",
+            str(v["top1_agreement_with_labels"]),
+            str(v["mean_entropy_nats"]),
+            str(v["mean_tail_mass"] if v["mean_tail_mass"] is not None else "-"),
+        )
     out.print(views)
 
 
@@ -246,11 +345,13 @@ def verify(
     augment: Optional[str] = typer.Option(None, help="Default: the augmentation recorded in the cache."),
     teacher_weights: Optional[Path] = typer.Option(None),
     limit: Optional[int] = typer.Option(None, min=1, help="The first N samples, as given to `build --limit`."),
-    samples: int = typer.Option(256, min=1, help="(view, index) pairs to re-run; at least one per chunk when "
-                                                 "N >= number of chunks."),
+    samples: int = typer.Option(
+        256, min=1, help="(view, index) pairs to re-run; at least one per chunk when N >= number of chunks."
+    ),
     atol: float = typer.Option(0.05, help="Largest allowed difference of a stored number."),
-    kl_tolerance: float = typer.Option(1e-3, help="Largest allowed KL(fresh || stored) beyond the encoding's own "
-                                                  "loss."),
+    kl_tolerance: float = typer.Option(
+        1e-3, help="Largest allowed KL(fresh || stored) beyond the encoding's own loss."
+    ),
     seed: int = typer.Option(0, help="Seed for choosing the pairs."),
     device: str = typer.Option("auto"),
 ) -> None:
@@ -269,13 +370,19 @@ def verify(
             ds = Head(ds, limit)
         tf = specs.resolve_augment(augment, ds)[0] if augment else None
         model = specs.resolve_teacher(teacher, teacher_weights)
-        report = verify_cache(path, model, ds, augment=tf, samples=samples, seed=seed, atol=atol,
-                              kl_tolerance=kl_tolerance, device=device)
+        report = verify_cache(
+            path, model, ds, augment=tf, samples=samples, seed=seed, atol=atol, kl_tolerance=kl_tolerance, device=device
+        )
         table = Table(title=f"verify {path}")
         for col in ("pairs", "top-1 agreement", "max abs diff", "mean excess KL", "max excess KL"):
             table.add_column(col, justify="right")
-        table.add_row(str(report.checked), f"{report.top1_agreement:.4f}", f"{report.max_abs_diff:.3g}",
-                      f"{report.mean_excess_kl:.2e}", f"{report.max_excess_kl:.2e}")
+        table.add_row(
+            str(report.checked),
+            f"{report.top1_agreement:.4f}",
+            f"{report.max_abs_diff:.3g}",
+            f"{report.mean_excess_kl:.2e}",
+            f"{report.max_excess_kl:.2e}",
+        )
         out.print(table)
         if report.ok:
             out.print("[green]ok[/]: the stored targets match the teacher on their replayed views")

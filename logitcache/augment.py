@@ -23,19 +23,40 @@ def plain(size: int | None = None) -> v2.Compose:
 
 def pad_crop_flip(size: int, padding: int = 4) -> v2.Compose:
     """The classic small-image recipe: pad, random crop back to ``size``, horizontal flip."""
-    return v2.Compose([v2.ToImage(), v2.RandomCrop(size, padding=padding), v2.RandomHorizontalFlip(),
-                       v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)])
+    return v2.Compose(
+        [
+            v2.ToImage(),
+            v2.RandomCrop(size, padding=padding),
+            v2.RandomHorizontalFlip(),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(MEAN, STD),
+        ]
+    )
 
 
 def rrc_flip(size: int = 224) -> v2.Compose:
     """ImageNet-style: random resized crop to ``size`` and horizontal flip."""
-    return v2.Compose([v2.ToImage(), v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip(),
-                       v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    return v2.Compose(
+        [
+            v2.ToImage(),
+            v2.RandomResizedCrop(size, antialias=True),
+            v2.RandomHorizontalFlip(),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )
 
 
 def center_crop(size: int = 224) -> v2.Compose:
-    return v2.Compose([v2.ToImage(), v2.Resize(int(size * 8 / 7), antialias=True), v2.CenterCrop(size),
-                       v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    return v2.Compose(
+        [
+            v2.ToImage(),
+            v2.Resize(int(size * 8 / 7), antialias=True),
+            v2.CenterCrop(size),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )
 
 
 # name -> (training pipeline, matching evaluation pipeline); each takes the image size.

@@ -61,7 +61,9 @@ class ReplayedViews(Dataset):
         return replay_view(self.transform, self.dataset[index][0], self.seed, view, index)
 
 
-def plan_batches(layout: store.Layout, units: list[tuple[int, int]], batch_size: int) -> list[tuple[tuple[int, int], list[int]]]:
+def plan_batches(
+    layout: store.Layout, units: list[tuple[int, int]], batch_size: int
+) -> list[tuple[tuple[int, int], list[int]]]:
     """``(unit, flat indices)`` per batch; batch boundaries restart at every unit so results are unit-local."""
     plan = []
     for view, chunk in units:
@@ -74,18 +76,25 @@ def plan_batches(layout: store.Layout, units: list[tuple[int, int]], batch_size:
 def _teacher_logits(teacher: nn.Module, x: torch.Tensor, device: torch.device) -> torch.Tensor:
     out = teacher(x.to(device, non_blocking=True))
     if not isinstance(out, torch.Tensor) or out.ndim != 2:
-        raise LogitcacheError(f"the teacher must return logits of shape [batch, classes]; it returned "
-                              f"{type(out).__name__}{tuple(out.shape) if isinstance(out, torch.Tensor) else ''}")
+        raise LogitcacheError(
+            f"the teacher must return logits of shape [batch, classes]; it returned "
+            f"{type(out).__name__}{tuple(out.shape) if isinstance(out, torch.Tensor) else ''}"
+        )
     return out.float().cpu()
 
 
 def _check_compatible(path: str, existing: dict, meta: dict) -> None:
     for key in _IDENTITY:
         if existing.get(key) != meta.get(key):
-            raise LogitcacheError(f"{path} was built with {key}={existing.get(key)!r}, this build has "
-                                  f"{meta.get(key)!r}; pass --overwrite to replace it")
-    checks = [("teacher", "sha256", "a different teacher"), ("dataset", "labels_sha256", "a different dataset"),
-              ("dataset", "samples_sha256", "a different dataset")]
+            raise LogitcacheError(
+                f"{path} was built with {key}={existing.get(key)!r}, this build has "
+                f"{meta.get(key)!r}; pass --overwrite to replace it"
+            )
+    checks = [
+        ("teacher", "sha256", "a different teacher"),
+        ("dataset", "labels_sha256", "a different dataset"),
+        ("dataset", "samples_sha256", "a different dataset"),
+    ]
     for section, key, what in checks:
         if existing[section].get(key) != meta[section].get(key):
             raise LogitcacheError(f"{path} was built with {what}; pass --overwrite to replace it")
@@ -95,8 +104,9 @@ def _check_compatible(path: str, existing: dict, meta: dict) -> None:
         raise LogitcacheError(f"{path} was built with a different augmentation ({bad}); pass --overwrite to rebuild")
 
 
-def _open_output(out: str, meta: dict, fields: dict, codec: str, labels: np.ndarray, resume: bool,
-                 overwrite: bool) -> zarr.Group:
+def _open_output(
+    out: str, meta: dict, fields: dict, codec: str, labels: np.ndarray, resume: bool, overwrite: bool
+) -> zarr.Group:
     if store.is_store(out):
         if overwrite:
             store.remove_store(out)
@@ -105,8 +115,10 @@ def _open_output(out: str, meta: dict, fields: dict, codec: str, labels: np.ndar
             return store.open_group(out, mode="r+")
         else:
             done = store.open_cache(out).completion()
-            raise LogitcacheError(f"{out} already holds a cache ({int(done.sum())}/{done.size} chunks complete); "
-                                  "pass --resume to finish it or --overwrite to replace it")
+            raise LogitcacheError(
+                f"{out} already holds a cache ({int(done.sum())}/{done.size} chunks complete); "
+                "pass --resume to finish it or --overwrite to replace it"
+            )
     elif not store.is_url(out):
         path = Path(out)
         if path.exists() and not (path.is_dir() and not any(path.iterdir())):
@@ -155,8 +167,12 @@ def build_cache(
     """
     out = str(out)
     specs = specs or {}
-    for name, value, low in (("views", views, 1), ("batch_size", batch_size, 1), ("chunk_rows", chunk_rows, 1),
-                             ("workers", workers, 0)):
+    for name, value, low in (
+        ("views", views, 1),
+        ("batch_size", batch_size, 1),
+        ("chunk_rows", chunk_rows, 1),
+        ("workers", workers, 0),
+    ):
         if value < low:
             raise LogitcacheError(f"{name} must be >= {low}, got {value}")
     if codec not in store.CODECS:
@@ -177,8 +193,10 @@ def build_cache(
         except LogitcacheError:
             raise
         except Exception as e:
-            raise LogitcacheError(f"the teacher failed on the first image (shape {tuple(probe.shape)}): "
-                                  f"{type(e).__name__}: {str(e).splitlines()[0]}") from None
+            raise LogitcacheError(
+                f"the teacher failed on the first image (shape {tuple(probe.shape)}): "
+                f"{type(e).__name__}: {str(e).splitlines()[0]}"
+            ) from None
     if labels.min() < 0 or labels.max() >= num_classes:
         bad = int(np.argmax((labels < 0) | (labels >= num_classes)))
         raise LogitcacheError(f"label {labels[bad]} of sample {bad} is outside the teacher's {num_classes} classes")
@@ -187,13 +205,22 @@ def build_cache(
 
     meta = {
         "format_version": store.FORMAT_VERSION,
-        "num_samples": n, "num_views": views, "num_classes": num_classes, "chunk_rows": chunk_rows,
-        "batch_size": batch_size, "seed": seed, "codec": codec,
+        "num_samples": n,
+        "num_views": views,
+        "num_classes": num_classes,
+        "chunk_rows": chunk_rows,
+        "batch_size": batch_size,
+        "seed": seed,
+        "codec": codec,
         "encoding": {"name": encoder.name, "params": encoder.params()},
-        "values": VALUES[encoder.name], "temperature": encoder.params().get("tau", 1.0),
+        "values": VALUES[encoder.name],
+        "temperature": encoder.params().get("tau", 1.0),
         "view_rule": "epoch e uses view e % num_views",
-        "augment": {"spec": specs.get("augment"), "repr": repr(augment),
-                    "fingerprint": replay_fingerprint(augment, dataset, seed, views)},
+        "augment": {
+            "spec": specs.get("augment"),
+            "repr": repr(augment),
+            "fingerprint": replay_fingerprint(augment, dataset, seed, views),
+        },
         "teacher": {"spec": specs.get("teacher"), "class": type(teacher).__name__, "sha256": teacher_sha256(teacher)},
         "dataset": {"spec": specs.get("dataset"), **dataset_fingerprint(dataset, labels)},
         "versions": versions(),
@@ -224,8 +251,12 @@ def build_cache(
                 planned.append(step)
                 yield step[1]
 
-    loader = DataLoader(ReplayedViews(dataset, augment, seed), batch_sampler=batches(), num_workers=workers,
-                        pin_memory=dev.type == "cuda")
+    loader = DataLoader(
+        ReplayedViews(dataset, augment, seed),
+        batch_sampler=batches(),
+        num_workers=workers,
+        pin_memory=dev.type == "cuda",
+    )
     field_names = sorted(fields)
     writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="logitcache-writer")
     in_flight: list[Future] = []
@@ -246,15 +277,20 @@ def build_cache(
             in_flight.pop(0).result()
 
     try:
-        with progress_bar("build", total_rows, enabled=progress and distributed.rank() == 0) as advance, torch.inference_mode():
+        with (
+            progress_bar("build", total_rows, enabled=progress and distributed.rank() == 0) as advance,
+            torch.inference_mode(),
+        ):
             for x in loader:
                 unit, idx = planned.popleft()  # the loader keeps the sampler's order
                 logits = _teacher_logits(teacher, x, dev)
                 finite = torch.isfinite(logits).all(dim=1)
                 if not finite.all():
                     bad = idx[int((~finite).nonzero()[0])]
-                    raise LogitcacheError(f"the teacher produced NaN/inf for view {bad // n}, sample {bad % n}; "
-                                          "nothing was written for its chunk")
+                    raise LogitcacheError(
+                        f"the teacher produced NaN/inf for view {bad // n}, sample {bad % n}; "
+                        "nothing was written for its chunk"
+                    )
                 buffer.append(logits)
                 start, stop = layout.rows(unit[1])
                 if idx[-1] == unit[0] * n + stop - 1:  # the unit's last batch

@@ -12,7 +12,6 @@ import warnings
 from collections import OrderedDict
 from typing import Any, Callable
 
-import numpy as np
 import torch
 from torch.utils.data import Dataset
 
@@ -29,8 +28,9 @@ class ReplayDataset(Dataset):
     With ``num_views`` set, epoch ``e`` uses view ``e % num_views``; without, every epoch gets a fresh view ``e``.
     """
 
-    def __init__(self, base: Dataset, augment: Callable[[Any], torch.Tensor], seed: int = 0,
-                 num_views: int | None = None):
+    def __init__(
+        self, base: Dataset, augment: Callable[[Any], torch.Tensor], seed: int = 0, num_views: int | None = None
+    ):
         self.base, self.augment, self.seed, self.num_views = base, augment, seed, num_views
         self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
 
@@ -64,8 +64,15 @@ class CachedKDDataset(ReplayDataset):
     Targets are read one whole chunk at a time and kept in an LRU of ``max_cache_mb`` per process.
     """
 
-    def __init__(self, base: Dataset, cache: Cache | str | os.PathLike, *, augment: Callable[[Any], torch.Tensor] | None = None,
-                 allow_mismatch: bool = False, max_cache_mb: float = 512):
+    def __init__(
+        self,
+        base: Dataset,
+        cache: Cache | str | os.PathLike,
+        *,
+        augment: Callable[[Any], torch.Tensor] | None = None,
+        allow_mismatch: bool = False,
+        max_cache_mb: float = 512,
+    ):
         cache = cache if isinstance(cache, Cache) else open_cache(cache)
         cache.require_complete()
         meta = cache.meta
@@ -82,22 +89,32 @@ class CachedKDDataset(ReplayDataset):
     def _check(self, base: Dataset, meta: dict, allow_mismatch: bool) -> None:
         recorded = meta["dataset"]
         if len(base) != recorded["length"]:
-            raise LogitcacheError(f"the dataset has {len(base)} samples but the cache was built on {recorded['length']}")
+            raise LogitcacheError(
+                f"the dataset has {len(base)} samples but the cache was built on {recorded['length']}"
+            )
         fresh = dataset_fingerprint(base, labels_of(base))
         if fresh["labels_sha256"] != recorded["labels_sha256"]:
-            raise LogitcacheError("the dataset's labels differ from the ones the cache was built on "
-                                  "(another dataset, split or order)")
+            raise LogitcacheError(
+                "the dataset's labels differ from the ones the cache was built on (another dataset, split or order)"
+            )
         if fresh["samples_sha256"] != recorded["samples_sha256"]:
-            raise LogitcacheError("the dataset's images differ from the ones the cache was built on "
-                                  "(another dataset, preprocessing or order)")
-        bad = fingerprint_mismatch(meta["augment"]["fingerprint"],
-                                   replay_fingerprint(self.augment, base, self.seed, self.num_views))
+            raise LogitcacheError(
+                "the dataset's images differ from the ones the cache was built on "
+                "(another dataset, preprocessing or order)"
+            )
+        bad = fingerprint_mismatch(
+            meta["augment"]["fingerprint"], replay_fingerprint(self.augment, base, self.seed, self.num_views)
+        )
         if bad:
-            msg = (f"the augmentation does not replay the views the teacher labelled ({bad}); "
-                   f"the cache was built with {meta['augment']['spec'] or meta['augment']['repr']}")
+            msg = (
+                f"the augmentation does not replay the views the teacher labelled ({bad}); "
+                f"the cache was built with {meta['augment']['spec'] or meta['augment']['repr']}"
+            )
             if not allow_mismatch:
                 raise LogitcacheError(msg)
-            warnings.warn(msg + " -- continuing because allow_mismatch=True: targets will not match the images")
+            warnings.warn(
+                msg + " -- continuing because allow_mismatch=True: targets will not match the images", stacklevel=3
+            )
 
     def target(self, index: int, view: int) -> dict[str, torch.Tensor]:
         if os.getpid() != self._pid:  # a forked DataLoader worker: open its own store handle, lazily
@@ -127,6 +144,8 @@ def _recorded_augment(meta: dict, base: Dataset) -> Callable[[Any], torch.Tensor
 
     spec = meta["augment"]["spec"]
     if spec is None:
-        raise LogitcacheError("the cache was built from Python with a transform object; pass the same transform as "
-                              f"augment= (recorded: {meta['augment']['repr']})")
+        raise LogitcacheError(
+            "the cache was built from Python with a transform object; pass the same transform as "
+            f"augment= (recorded: {meta['augment']['repr']})"
+        )
     return resolve_augment(spec, base)[0]

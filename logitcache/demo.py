@@ -29,8 +29,12 @@ def plot_runs(runs: dict[str, list[dict]], path: Path, title: str, reference: fl
         return False
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, metrics in runs.items():
-        ax.plot([0] + [m["wall_seconds"] for m in metrics], [0.1] + [m["test_accuracy"] for m in metrics],
-                marker="o", label=name)
+        ax.plot(
+            [0] + [m["wall_seconds"] for m in metrics],
+            [0.1] + [m["test_accuracy"] for m in metrics],
+            marker="o",
+            label=name,
+        )
     if reference is not None:
         ax.axhline(reference, color="gray", linestyle=":", label="run 1 accuracy")
     lows = [m["test_accuracy"] for ms in runs.values() for m in ms]
@@ -46,15 +50,17 @@ def plot_runs(runs: dict[str, list[dict]], path: Path, title: str, reference: fl
     return True
 
 
-def run_demo(out: str | Path = "demo-out", *, quick: bool = False, workers: int = 2,
-             console: Console | None = None) -> dict:
+def run_demo(
+    out: str | Path = "demo-out", *, quick: bool = False, workers: int = 2, console: Console | None = None
+) -> dict:
     console = console or Console()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     limit, epochs, model = (2000, 2, "small-resnet8-w8") if quick else (20000, 5, "small-resnet8")
     # lr 0.05: at 0.1 single runs are noisy enough mid-training to hide the arms' differences
-    common = dict(dataset="fashion-mnist", model=model, epochs=epochs, limit=limit, workers=workers, overwrite=True,
-                  lr=0.05)
+    common = dict(
+        dataset="fashion-mnist", model=model, epochs=epochs, limit=limit, workers=workers, overwrite=True, lr=0.05
+    )
 
     console.rule(f"[bold]1/3 run 1 from scratch: the teacher ({model}, {epochs} epochs, {limit} images)")
     teacher_run = train(TrainConfig(out=str(out / "run1-teacher"), seed=0, **common))
@@ -67,39 +73,78 @@ def run_demo(out: str | Path = "demo-out", *, quick: bool = False, workers: int 
     import time
 
     start = time.perf_counter()
-    cache = build_cache(specs.resolve_teacher(teacher_run.run_dir), dataset, out / "cache", augment=augment,
-                        views=epochs, encoding="full", workers=workers, overwrite=True,
-                        specs={"teacher": teacher_run.run_dir, "dataset": "fashion-mnist", "augment": "pad-crop-flip"})
+    cache = build_cache(
+        specs.resolve_teacher(teacher_run.run_dir),
+        dataset,
+        out / "cache",
+        augment=augment,
+        views=epochs,
+        encoding="full",
+        workers=workers,
+        overwrite=True,
+        specs={"teacher": teacher_run.run_dir, "dataset": "fashion-mnist", "augment": "pad-crop-flip"},
+    )
     build_seconds = time.perf_counter() - start
 
     console.rule("[bold]3/3 run 2 of the sweep (seed 1), three ways, same budget")
     arms: dict[str, RunResult] = {}
     for kd in ("none", "cached", "online"):
         console.print(f"[bold]run 2, --kd {kd}")
-        arms[kd] = train(TrainConfig(out=str(out / f"run2-kd-{kd}"), seed=1, kd=kd, cache=str(out / "cache"),
-                                     teacher=teacher_run.run_dir, target_accuracy=reference, **common))
+        arms[kd] = train(
+            TrainConfig(
+                out=str(out / f"run2-kd-{kd}"),
+                seed=1,
+                kd=kd,
+                cache=str(out / "cache"),
+                teacher=teacher_run.run_dir,
+                target_accuracy=reference,
+                **common,
+            )
+        )
 
-    table = Table(title=f"Fashion-MNIST, {limit} training images, {epochs} epochs, target = run 1's accuracy "
-                        f"{reference:.4f}")
+    table = Table(
+        title=f"Fashion-MNIST, {limit} training images, {epochs} epochs, target = run 1's accuracy {reference:.4f}"
+    )
     for col in ("run", "final acc", "epochs to target", "seconds to target", "train wall s", "teacher fwd passes"):
         table.add_column(col, justify="right")
     rows = [("run 1 (teacher)", teacher_run, 0)] + [(f"run 2, kd {k}", r, 0) for k, r in arms.items()]
-    summary = {"reference_accuracy": reference, "build_seconds": round(build_seconds, 2),
-               "build_teacher_forwards": cache.num_views * cache.num_samples, "runs": {}}
+    summary = {
+        "reference_accuracy": reference,
+        "build_seconds": round(build_seconds, 2),
+        "build_teacher_forwards": cache.num_views * cache.num_samples,
+        "runs": {},
+    }
     for name, r, _ in rows:
         total = r.metrics[-1]["wall_seconds"]
         fwd = r.teacher_forwards
         fwd_text = f"{fwd:,}" if "cached" not in name else f"0 (+{summary['build_teacher_forwards']:,} once, in build)"
-        table.add_row(name, f"{r.final_accuracy:.4f}", str(r.target_epoch or "-"),
-                      f"{r.target_seconds:.1f}" if r.target_seconds else "-", f"{total:.1f}", fwd_text)
-        summary["runs"][name] = {"final_accuracy": r.final_accuracy, "target_epoch": r.target_epoch,
-                                 "target_seconds": r.target_seconds, "wall_seconds": total, "teacher_forwards": fwd,
-                                 "run_dir": r.run_dir}
+        table.add_row(
+            name,
+            f"{r.final_accuracy:.4f}",
+            str(r.target_epoch or "-"),
+            f"{r.target_seconds:.1f}" if r.target_seconds else "-",
+            f"{total:.1f}",
+            fwd_text,
+        )
+        summary["runs"][name] = {
+            "final_accuracy": r.final_accuracy,
+            "target_epoch": r.target_epoch,
+            "target_seconds": r.target_seconds,
+            "wall_seconds": total,
+            "teacher_forwards": fwd,
+            "run_dir": r.run_dir,
+        }
     console.print(table)
-    console.print(f"build: {build_seconds:.1f} s for {summary['build_teacher_forwards']:,} teacher forward passes, "
-                  f"cache at {cache.path}")
-    plotted = plot_runs({name: r.metrics for name, r, _ in rows}, out / "accuracy_vs_time.png",
-                        "Fashion-MNIST: test accuracy vs training time", reference)
+    console.print(
+        f"build: {build_seconds:.1f} s for {summary['build_teacher_forwards']:,} teacher forward passes, "
+        f"cache at {cache.path}"
+    )
+    plotted = plot_runs(
+        {name: r.metrics for name, r, _ in rows},
+        out / "accuracy_vs_time.png",
+        "Fashion-MNIST: test accuracy vs training time",
+        reference,
+    )
     console.print(f"plot: {out / 'accuracy_vs_time.png'}" if plotted else "plot skipped: matplotlib not installed")
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary

@@ -7,7 +7,7 @@ takes the next unit instead of idling (dynamic balancing, whatever the units' co
 from __future__ import annotations
 
 import os
-from typing import Iterable, Iterator, TypeVar
+from typing import Iterator, TypeVar
 
 import torch
 import torch.distributed as dist

@@ -166,12 +166,17 @@ class SampledEncoding(Encoding):
 
     def fields(self) -> dict[str, Field]:
         count_dtype = np.dtype("uint8") if self.samples < 256 else np.dtype("int32")
-        return {"ids": Field((self.slots(),), id_dtype(self.num_classes)), "counts": Field((self.slots(),), count_dtype)}
+        return {
+            "ids": Field((self.slots(),), id_dtype(self.num_classes)),
+            "counts": Field((self.slots(),), count_dtype),
+        }
 
     def encode(self, logits: Tensor, generator: torch.Generator | None = None) -> dict[str, Tensor]:
         probs = torch.softmax(logits.float() / self.tau, dim=-1)
         draws = torch.multinomial(probs, self.samples, replacement=True, generator=generator)
-        counts = torch.zeros(probs.shape, dtype=torch.int32).scatter_add_(1, draws, torch.ones_like(draws, dtype=torch.int32))
+        counts = torch.zeros(probs.shape, dtype=torch.int32).scatter_add_(
+            1, draws, torch.ones_like(draws, dtype=torch.int32)
+        )
         top, ids = counts.topk(self.slots(), dim=-1)
         ids = torch.where(top > 0, ids, 0)  # unused slots: id 0, count 0 (compresses to nothing)
         count_dtype = torch.uint8 if self.samples < 256 else torch.int32
@@ -181,9 +186,11 @@ class SampledEncoding(Encoding):
     def check_temperature(targets: dict[str, Tensor], temperature: float) -> None:
         tau = float(targets["temperature"].reshape(-1)[0])
         if abs(tau - temperature) > 1e-6:
-            raise LogitcacheError(f"this cache holds samples drawn at temperature {tau:g}; a sampled target is only "
-                                  f"unbiased at that temperature, so it cannot be used at temperature {temperature:g} "
-                                  f"(train with --temperature {tau:g}, or rebuild)")
+            raise LogitcacheError(
+                f"this cache holds samples drawn at temperature {tau:g}; a sampled target is only "
+                f"unbiased at that temperature, so it cannot be used at temperature {temperature:g} "
+                f"(train with --temperature {tau:g}, or rebuild)"
+            )
 
     @staticmethod
     def probs(targets: dict[str, Tensor]) -> Tensor:
@@ -238,8 +245,12 @@ def _torch_id_dtype(num_classes: int) -> torch.dtype:
     return torch.int16 if id_dtype(num_classes) == np.int16 else torch.int32
 
 
-ENCODINGS: dict[str, type[Encoding]] = {"full": FullEncoding, "topk": TopKEncoding, "sampled": SampledEncoding,
-                                         "quantized": QuantizedEncoding}
+ENCODINGS: dict[str, type[Encoding]] = {
+    "full": FullEncoding,
+    "topk": TopKEncoding,
+    "sampled": SampledEncoding,
+    "quantized": QuantizedEncoding,
+}
 CONSTANT_KEYS = frozenset({"num_classes", "temperature"})
 
 

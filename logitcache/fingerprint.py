@@ -52,6 +52,12 @@ def versions() -> dict:
 
     from . import __version__
 
-    return {"logitcache": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
-            "zarr": zarr.__version__, "numcodecs": numcodecs.__version__, "numpy": np.__version__,
-            "python": platform.python_version()}
+    return {
+        "logitcache": __version__,
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "zarr": zarr.__version__,
+        "numcodecs": numcodecs.__version__,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+    }

@@ -22,8 +22,9 @@ def kd_loss_dense(student_logits: Tensor, teacher_logits: Tensor, temperature: f
     return temperature**2 * F.kl_div(log_q, log_p, log_target=True, reduction="batchmean")
 
 
-def _topk_kl(student_logits: Tensor, logprobs: Tensor, ids: Tensor, tail: Tensor, temperature: float,
-             tail_mode: str) -> Tensor:
+def _topk_kl(
+    student_logits: Tensor, logprobs: Tensor, ids: Tensor, tail: Tensor, temperature: float, tail_mode: str
+) -> Tensor:
     s = student_logits.float() / temperature
     log_z = torch.logsumexp(s, dim=1)
     rest = s.shape[1] - ids.shape[1]
@@ -56,8 +57,9 @@ def _sampled_kl(student_logits: Tensor, ids: Tensor, counts: Tensor, temperature
     return (torch.special.xlogy(p, p) - p * log_q).sum(1)
 
 
-def kd_loss(student_logits: Tensor, targets: dict[str, Tensor], temperature: float = 1.0,
-            tail: str = "uniform") -> Tensor:
+def kd_loss(
+    student_logits: Tensor, targets: dict[str, Tensor], temperature: float = 1.0, tail: str = "uniform"
+) -> Tensor:
     """Batch-mean KD loss against a collated batch of cached targets, for every encoding the store supports.
 
     ``tail`` (top-k only): ``uniform`` spreads the leftover mass over the unstored classes (default); ``bucket`` treats

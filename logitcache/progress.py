@@ -5,8 +5,15 @@ from __future__ import annotations
 import contextlib
 from typing import Callable, Iterator
 
-from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn,
-                           TimeRemainingColumn)
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.text import Text
 
 
@@ -21,11 +28,20 @@ class _Rate(ProgressColumn):
 
 
 @contextlib.contextmanager
-def progress_bar(label: str, total: int, enabled: bool = True, unit: str = "samples") -> Iterator[Callable[[int], None]]:
+def progress_bar(
+    label: str, total: int, enabled: bool = True, unit: str = "samples"
+) -> Iterator[Callable[[int], None]]:
     if not enabled:
         yield lambda n: None
         return
-    with Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), _Rate(unit), TimeElapsedColumn(),
-                  TextColumn("ETA"), TimeRemainingColumn()) as bar:
+    with Progress(
+        TextColumn(f"[bold]{label}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        _Rate(unit),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+    ) as bar:
         task = bar.add_task(label, total=total)
         yield lambda n: bar.advance(task, n)

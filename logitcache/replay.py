@@ -32,7 +32,7 @@ def sample_seed(base_seed: int, view: int, index: int) -> int:
 
 
 def replay(transform: Callable[[Any], Any], image: Any, seed: int) -> Any:
-    """Apply ``transform`` to ``image`` with torch's CPU generator, Python ``random`` and NumPy all seeded from ``seed``.
+    """Apply ``transform`` to ``image`` with torch's CPU generator, Python ``random`` and NumPy seeded from ``seed``.
 
     The caller's RNG states are restored afterwards, so replaying inside a ``num_workers=0`` loader does not disturb
     the training loop's randomness. torchvision v2 draws from torch's default CPU generator; user code may use the
@@ -75,7 +75,14 @@ def replay_fingerprint(transform: Callable[[Any], Any], dataset: Any, base_seed:
         index = (j * 7919) % n
         x = replay_view(transform, dataset[index][0], base_seed, view, index)
         thumb = torch.nn.functional.adaptive_avg_pool2d(torch.as_tensor(x).float().reshape(-1, *x.shape[-2:])[None], 4)
-        points.append({"view": view, "index": index, "shape": list(x.shape), "thumb": [round(v, 4) for v in thumb.flatten().tolist()]})
+        points.append(
+            {
+                "view": view,
+                "index": index,
+                "shape": list(x.shape),
+                "thumb": [round(v, 4) for v in thumb.flatten().tolist()],
+            }
+        )
     return points
 
 
@@ -93,11 +100,16 @@ class Mismatch(str):
 
 def fingerprint_mismatch(recorded: list[dict], fresh: list[dict], tolerance: float = 2e-2) -> Mismatch | None:
     """The first disagreement between two replay fingerprints, or None when they agree."""
+    if len(recorded) != len(fresh):
+        return Mismatch(-1, -1, "a different number of fingerprint points (another logitcache version?)")
     for r, f in zip(recorded, fresh):
         if r["shape"] != f["shape"]:
             return Mismatch(r["view"], r["index"], f"replayed shape {f['shape']} != recorded {r['shape']}")
         diff = max(abs(a - b) for a, b in zip(r["thumb"], f["thumb"]))
         if diff > tolerance:
-            return Mismatch(r["view"], r["index"],
-                            f"replayed image differs from the recorded one (max thumbnail difference {diff:.3g})")
+            return Mismatch(
+                r["view"],
+                r["index"],
+                f"replayed image differs from the recorded one (max thumbnail difference {diff:.3g})",
+            )
     return None

@@ -75,16 +75,22 @@ def resolve_dataset(spec: str, train: bool = True) -> Dataset:
         ds = _call(spec, load_callable(spec), train=train)
     else:
         raise LogitcacheError(
-            f"unknown dataset {spec!r}; use one of {', '.join(BUILTIN)}, imagefolder:PATH, or pkg.module:function")
+            f"unknown dataset {spec!r}; use one of {', '.join(BUILTIN)}, imagefolder:PATH, or pkg.module:function"
+        )
     if not hasattr(ds, "__getitem__") or not hasattr(ds, "__len__"):
         raise LogitcacheError(f"dataset {spec!r} returned {type(ds).__name__}, not a map-style dataset")
     if len(ds) == 0:
         raise LogitcacheError(f"dataset {spec!r} is empty")
     sample = ds[0]
     if not (isinstance(sample, (tuple, list)) and len(sample) == 2 and isinstance(sample[1], int)):
-        raise LogitcacheError(f"dataset {spec!r} must return (image, int label) pairs; sample 0 is {type(sample).__name__}"
-                              + (f" with label type {type(sample[1]).__name__}" if isinstance(sample, (tuple, list))
-                                 and len(sample) == 2 else ""))
+        raise LogitcacheError(
+            f"dataset {spec!r} must return (image, int label) pairs; sample 0 is {type(sample).__name__}"
+            + (
+                f" with label type {type(sample[1]).__name__}"
+                if isinstance(sample, (tuple, list)) and len(sample) == 2
+                else ""
+            )
+        )
     return ds
 
 
@@ -106,7 +112,9 @@ def resolve_augment(spec: str, dataset: Dataset) -> tuple[Callable[[Any], torch.
         train_fn, eval_fn = aug.PRESETS[spec]
         return train_fn(size), eval_fn(size)
     if ":" not in spec:
-        raise LogitcacheError(f"unknown augmentation {spec!r}; use one of {', '.join(aug.PRESETS)} or pkg.module:function")
+        raise LogitcacheError(
+            f"unknown augmentation {spec!r}; use one of {', '.join(aug.PRESETS)} or pkg.module:function"
+        )
     transform = _call(spec, load_callable(spec))
     evaluation = aug.plain(size)
     if isinstance(transform, tuple) and len(transform) == 2:
@@ -128,8 +136,10 @@ def build_model(spec: str, num_classes: int, in_channels: int) -> nn.Module:
         import torchvision.models as tvm
 
         if spec not in tvm.list_models():
-            raise LogitcacheError(f"unknown model {spec!r}; use small-resnet8/14/20[-wW], a torchvision model name, "
-                                  "or pkg.module:function")
+            raise LogitcacheError(
+                f"unknown model {spec!r}; use small-resnet8/14/20[-wW], a torchvision model name, "
+                "or pkg.module:function"
+            )
         model = tvm.get_model(spec, weights=None, num_classes=num_classes)
     if not isinstance(model, nn.Module):
         raise LogitcacheError(f"model {spec!r} returned {type(model).__name__}, not a torch.nn.Module")
@@ -178,8 +188,10 @@ def resolve_teacher(spec: str, weights: str | Path | None = None) -> nn.Module:
         import torchvision.models as tvm
 
         if spec not in tvm.list_models():
-            raise LogitcacheError(f"unknown teacher {spec!r}; use a run directory, pkg.module:function, "
-                                  "path/file.py:function or a torchvision model name")
+            raise LogitcacheError(
+                f"unknown teacher {spec!r}; use a run directory, pkg.module:function, "
+                "path/file.py:function or a torchvision model name"
+            )
         model = tvm.get_model(spec, weights=None)
     if not isinstance(model, nn.Module):
         raise LogitcacheError(f"teacher {spec!r} returned {type(model).__name__}, not a torch.nn.Module")

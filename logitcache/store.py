@@ -90,8 +90,9 @@ def remove_store(path: str | os.PathLike) -> None:
     shutil.rmtree(p)
 
 
-def create_store(path: str | os.PathLike, meta: dict[str, Any], fields: dict[str, Field], codec: str,
-                 labels: np.ndarray) -> zarr.Group:
+def create_store(
+    path: str | os.PathLike, meta: dict[str, Any], fields: dict[str, Field], codec: str, labels: np.ndarray
+) -> zarr.Group:
     layout = Layout(meta["num_views"], meta["num_samples"], meta["chunk_rows"])
     try:
         group = open_group(path, mode="w")
@@ -116,15 +117,21 @@ def create_store(path: str | os.PathLike, meta: dict[str, Any], fields: dict[str
         fill_value=0,
         dimension_names=("view", "chunk"),
     )
-    group.create_array(LABELS, data=labels.astype(id_dtype(meta["num_classes"])), chunks=(layout.chunk_rows,),
-                       compressors=_compressors(codec, 2), dimension_names=("sample",))
+    group.create_array(
+        LABELS,
+        data=labels.astype(id_dtype(meta["num_classes"])),
+        chunks=(layout.chunk_rows,),
+        compressors=_compressors(codec, 2),
+        dimension_names=("sample",),
+    )
     # Attributes last: a store without them is not a cache, so a crash during creation leaves nothing "valid".
     group.attrs[ATTR_KEY] = meta
     return group
 
 
-def write_unit(group: zarr.Group, field_names: list[str], view: int, chunk: int, rows: tuple[int, int],
-               data: dict[str, np.ndarray]) -> None:
+def write_unit(
+    group: zarr.Group, field_names: list[str], view: int, chunk: int, rows: tuple[int, int], data: dict[str, np.ndarray]
+) -> None:
     start, stop = rows
     for name in field_names:
         group[name][view, start:stop] = data[name]
@@ -139,8 +146,9 @@ class Cache:
         self.group = group
         self.meta: dict[str, Any] = dict(group.attrs[ATTR_KEY])
         self.layout = Layout(self.meta["num_views"], self.meta["num_samples"], self.meta["chunk_rows"])
-        self.encoder = make_encoding(self.meta["encoding"]["name"], self.meta["num_classes"],
-                                     self.meta["encoding"]["params"])
+        self.encoder = make_encoding(
+            self.meta["encoding"]["name"], self.meta["num_classes"], self.meta["encoding"]["params"]
+        )
         self.field_names = sorted(self.encoder.fields())
         members = set(group.array_keys())
         missing = [n for n in (*self.field_names, COMPLETE, LABELS) if n not in members]
@@ -168,16 +176,21 @@ class Cache:
         if not done.all():
             raise LogitcacheError(
                 f"cache {self.path} is incomplete ({int(done.sum())}/{done.size} chunks); "
-                "finish it with `logitcache build ... --resume`")
+                "finish it with `logitcache build ... --resume`"
+            )
 
     def read(self, view: int, start: int = 0, stop: int | None = None) -> dict[str, torch.Tensor]:
         """Targets of samples ``[start, stop)`` of ``view``; aligned ranges read whole chunks only."""
         if not 0 <= view < self.num_views:
             raise LogitcacheError(f"view {view} out of range: the cache holds {self.num_views} views")
         stop = self.num_samples if stop is None else stop
-        out = {name: torch.from_numpy(np.ascontiguousarray(arr[view, start:stop])) for name, arr in self._arrays.items()}
+        out = {
+            name: torch.from_numpy(np.ascontiguousarray(arr[view, start:stop])) for name, arr in self._arrays.items()
+        }
         for name, value in self.encoder.constants().items():
-            out[name] = torch.full((stop - start,), value, dtype=torch.int64 if isinstance(value, int) else torch.float32)
+            out[name] = torch.full(
+                (stop - start,), value, dtype=torch.int64 if isinstance(value, int) else torch.float32
+            )
         return out
 
     def labels(self) -> torch.Tensor:
@@ -199,8 +212,10 @@ class Cache:
         return Cache(self.path, open_group(self.path, mode="r"))
 
     def __repr__(self) -> str:
-        return (f"Cache({self.path!r}, encoding={self.encoding}{self.encoding_params}, views={self.num_views}, "
-                f"samples={self.num_samples}, classes={self.num_classes})")
+        return (
+            f"Cache({self.path!r}, encoding={self.encoding}{self.encoding_params}, views={self.num_views}, "
+            f"samples={self.num_samples}, classes={self.num_classes})"
+        )
 
 
 def open_cache(path: str | os.PathLike) -> Cache:
@@ -210,8 +225,10 @@ def open_cache(path: str | os.PathLike) -> Cache:
     try:
         group = open_group(path, mode="r")
     except Exception as e:
-        raise LogitcacheError(f"{path} is not a Zarr group, so not a logitcache store "
-                              f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+        raise LogitcacheError(
+            f"{path} is not a Zarr group, so not a logitcache store "
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+        ) from None
     if ATTR_KEY not in group.attrs:
         raise LogitcacheError(f"{path} is a Zarr group without logitcache metadata (an unfinished or foreign store)")
     version = group.attrs[ATTR_KEY].get("format_version")

@@ -14,24 +14,35 @@ from .store import COMPLETE, LABELS, Cache, open_cache
 def inspect_cache(cache: Cache | str | os.PathLike, stats_rows: int = 20000) -> dict:
     """A JSON-ready summary. Teacher statistics use the first ``stats_rows`` samples of each view (whole chunks)."""
     cache = cache if isinstance(cache, Cache) else open_cache(cache)
-    meta, layout = cache.meta, cache.layout
+    meta = cache.meta
     done = cache.completion()
     arrays = {}
     for name in [*cache.field_names, LABELS, COMPLETE]:
         arr = cache.group[name]
         stored = arr.nbytes_stored()
-        arrays[name] = {"shape": list(arr.shape), "dtype": str(arr.dtype), "chunks": list(arr.chunks),
-                        "bytes": int(arr.nbytes), "stored_bytes": int(stored),
-                        "compression_ratio": round(arr.nbytes / stored, 3) if stored else None}
+        arrays[name] = {
+            "shape": list(arr.shape),
+            "dtype": str(arr.dtype),
+            "chunks": list(arr.chunks),
+            "bytes": int(arr.nbytes),
+            "stored_bytes": int(stored),
+            "compression_ratio": round(arr.nbytes / stored, 3) if stored else None,
+        }
     field_stored = sum(arrays[n]["stored_bytes"] for n in cache.field_names)
     field_raw = sum(arrays[n]["bytes"] for n in cache.field_names)
     entries = cache.encoder.entries()
     summary = {
         "path": cache.path,
-        "encoding": cache.encoding, "encoding_params": cache.encoding_params,
-        "codec": meta["codec"], "values": meta["values"], "temperature": meta["temperature"],
-        "num_views": cache.num_views, "num_samples": cache.num_samples, "num_classes": cache.num_classes,
-        "chunk_rows": cache.chunk_rows, "seed": meta["seed"],
+        "encoding": cache.encoding,
+        "encoding_params": cache.encoding_params,
+        "codec": meta["codec"],
+        "values": meta["values"],
+        "temperature": meta["temperature"],
+        "num_views": cache.num_views,
+        "num_samples": cache.num_samples,
+        "num_classes": cache.num_classes,
+        "chunk_rows": cache.chunk_rows,
+        "seed": meta["seed"],
         "complete": bool(done.all()),
         "completion_per_view": [round(float(row.mean()), 4) for row in done],
         "bytes_on_disk": sum(a["stored_bytes"] for a in arrays.values()),
@@ -40,9 +51,11 @@ def inspect_cache(cache: Cache | str | os.PathLike, stats_rows: int = 20000) -> 
         "bytes_per_kept_entry": round(field_stored / (cache.num_views * cache.num_samples * entries), 4),
         "compression_ratio": round(field_raw / field_stored, 3) if field_stored else None,
         "arrays": arrays,
-        "teacher": meta["teacher"], "dataset": meta["dataset"],
+        "teacher": meta["teacher"],
+        "dataset": meta["dataset"],
         "augment": {k: v for k, v in meta["augment"].items() if k != "fingerprint"},
-        "versions": meta["versions"], "created": meta["created"],
+        "versions": meta["versions"],
+        "created": meta["created"],
         "views": _teacher_stats(cache, done, stats_rows),
     }
     return summary
@@ -68,8 +81,13 @@ def _teacher_stats(cache: Cache, done: np.ndarray, stats_rows: int) -> list[dict
             if "tail" in targets:
                 tail += float(targets["tail"].double().exp().sum())
             rows += stop - start
-        out.append({"view": view, "rows": rows,
-                    "top1_agreement_with_labels": round(agree / rows, 4) if rows else None,
-                    "mean_entropy_nats": round(entropy / rows, 4) if rows else None,
-                    "mean_tail_mass": round(tail / rows, 5) if rows and cache.encoding == "topk" else None})
+        out.append(
+            {
+                "view": view,
+                "rows": rows,
+                "top1_agreement_with_labels": round(agree / rows, 4) if rows else None,
+                "mean_entropy_nats": round(entropy / rows, 4) if rows else None,
+                "mean_tail_mass": round(tail / rows, 5) if rows and cache.encoding == "topk" else None,
+            }
+        )
     return out

@@ -114,15 +114,25 @@ def _save_weights(model: torch.nn.Module, run_dir: Path) -> None:
     os.replace(tmp, run_dir / specs.MODEL_FILE)
 
 
-def _write_run_header(run_dir: Path, cfg: TrainConfig, num_classes: int, in_channels: int, augment_spec: str,
-                      device: torch.device, cache) -> None:
+def _write_run_header(
+    run_dir: Path, cfg: TrainConfig, num_classes: int, in_channels: int, augment_spec: str, device: torch.device, cache
+) -> None:
     _prepare_run_dir(run_dir, cfg.overwrite)
-    (run_dir / specs.MODEL_SPEC_FILE).write_text(json.dumps(
-        {"model": cfg.model, "num_classes": num_classes, "in_channels": in_channels}, indent=2))
-    config = {**asdict(cfg), "augment": augment_spec, "versions": versions(), "device": str(device),
-              "world_size": distributed.world_size(),
-              "cache_fingerprint": ({"path": cache.path, "teacher_sha256": cache.meta["teacher"]["sha256"],
-                                     "created": cache.meta["created"]} if cache else None)}
+    (run_dir / specs.MODEL_SPEC_FILE).write_text(
+        json.dumps({"model": cfg.model, "num_classes": num_classes, "in_channels": in_channels}, indent=2)
+    )
+    config = {
+        **asdict(cfg),
+        "augment": augment_spec,
+        "versions": versions(),
+        "device": str(device),
+        "world_size": distributed.world_size(),
+        "cache_fingerprint": (
+            {"path": cache.path, "teacher_sha256": cache.meta["teacher"]["sha256"], "created": cache.meta["created"]}
+            if cache
+            else None
+        ),
+    }
     (run_dir / "config.json").write_text(json.dumps(config, indent=2))
 
 
@@ -159,9 +169,11 @@ def train(cfg: TrainConfig) -> RunResult:
 
     cache = open_cache(cfg.cache) if cfg.kd == "cached" else None
     if cache is not None and cache.encoding == "sampled" and abs(cache.encoding_params["tau"] - cfg.temperature) > 1e-6:
-        raise LogitcacheError(f"the cache holds samples drawn at temperature {cache.encoding_params['tau']:g}; "
-                              f"train with --temperature {cache.encoding_params['tau']:g} (sampled targets are only "
-                              "unbiased at their build temperature)")
+        raise LogitcacheError(
+            f"the cache holds samples drawn at temperature {cache.encoding_params['tau']:g}; "
+            f"train with --temperature {cache.encoding_params['tau']:g} (sampled targets are only "
+            "unbiased at their build temperature)"
+        )
     augment_spec = cfg.augment or (cache.meta["augment"]["spec"] if cache else None) or "pad-crop-flip"
     train_tf, eval_tf = specs.resolve_augment(augment_spec, base)
     if cache is not None:
@@ -172,8 +184,11 @@ def train(cfg: TrainConfig) -> RunResult:
 
     sample = train_ds.image(0, 0)[0]
     labels = getattr(base, "targets", None)
-    num_classes = cache.num_classes if cache else int(max(labels) + 1 if labels is not None
-                                                       else max(base[i][1] for i in range(len(base))) + 1)
+    num_classes = (
+        cache.num_classes
+        if cache
+        else int(max(labels) + 1 if labels is not None else max(base[i][1] for i in range(len(base))) + 1)
+    )
     model = specs.build_model(cfg.model, num_classes, in_channels=sample.shape[0]).to(device)
     teacher = specs.resolve_teacher(cfg.teacher).to(device) if cfg.kd == "online" else None
 
@@ -191,24 +206,34 @@ def train(cfg: TrainConfig) -> RunResult:
         raise LogitcacheError("rank 0 could not prepare the run directory (see its error)")
     trained = model
     if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
-                                                          else None)
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
 
     per_rank_batch = max(1, cfg.batch_size // world)  # the global batch stays --batch-size
     persistent = cfg.workers > 0
     if world > 1:
-        sampler = DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed,
-                                     drop_last=True)
+        sampler = DistributedSampler(
+            train_ds, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed, drop_last=True
+        )
     else:
         sampler = RandomSampler(train_ds, generator=torch.Generator().manual_seed(cfg.seed))
-    loader = DataLoader(train_ds, batch_size=per_rank_batch, sampler=sampler, num_workers=cfg.workers,
-                        persistent_workers=persistent, drop_last=True, pin_memory=device.type == "cuda")
+    loader = DataLoader(
+        train_ds,
+        batch_size=per_rank_batch,
+        sampler=sampler,
+        num_workers=cfg.workers,
+        persistent_workers=persistent,
+        drop_last=True,
+        pin_memory=device.type == "cuda",
+    )
     test_loader = DataLoader(test_ds, batch_size=512, num_workers=cfg.workers, persistent_workers=persistent)
     if len(loader) == 0:
         raise LogitcacheError(f"--batch-size {cfg.batch_size} is larger than the training set ({len(train_ds)})")
 
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0,
-                          weight_decay=cfg.weight_decay)
+    opt = torch.optim.SGD(
+        model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0, weight_decay=cfg.weight_decay
+    )
     total_steps = cfg.epochs * len(loader)
     kd_steps = int(round(cfg.kd_until * total_steps)) if cfg.kd != "none" else 0
     result = RunResult(str(run_dir), 0.0)
@@ -221,8 +246,9 @@ def train(cfg: TrainConfig) -> RunResult:
                 sampler.set_epoch(epoch)
             model.train()
             start, loss_sum, seen = time.perf_counter(), 0.0, 0
-            with progress_bar(f"epoch {epoch + 1}/{cfg.epochs}", len(loader) * per_rank_batch * world,
-                              cfg.progress and lead) as advance:
+            with progress_bar(
+                f"epoch {epoch + 1}/{cfg.epochs}", len(loader) * per_rank_batch * world, cfg.progress and lead
+            ) as advance:
                 for batch in loader:
                     x, y = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
                     for group in opt.param_groups:
@@ -240,8 +266,9 @@ def train(cfg: TrainConfig) -> RunResult:
                             kd = kd_loss(logits, targets, cfg.temperature, tail=cfg.kd_tail)
                         loss = (1 - cfg.kd_weight) * loss + cfg.kd_weight * kd
                     if not torch.isfinite(loss):
-                        raise LogitcacheError(f"the loss became {loss.item()} at epoch {epoch + 1}, step {step}; "
-                                              "lower --lr")
+                        raise LogitcacheError(
+                            f"the loss became {loss.item()} at epoch {epoch + 1}, step {step}; lower --lr"
+                        )
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()
@@ -255,9 +282,14 @@ def train(cfg: TrainConfig) -> RunResult:
             accuracy = evaluate(trained, test_loader, device) if lead else 0.0
             (accuracy,) = distributed.all_sum(accuracy)  # rank 0 evaluates, every rank learns the result
             wall += time.perf_counter() - start - train_seconds
-            row = {"epoch": epoch + 1, "train_loss": loss_sum / seen, "test_accuracy": accuracy,
-                   "wall_seconds": round(wall, 3), "samples_per_second": round(seen / train_seconds, 1),
-                   "teacher_forwards": int(forwards)}
+            row = {
+                "epoch": epoch + 1,
+                "train_loss": loss_sum / seen,
+                "test_accuracy": accuracy,
+                "wall_seconds": round(wall, 3),
+                "samples_per_second": round(seen / train_seconds, 1),
+                "teacher_forwards": int(forwards),
+            }
             if lead:
                 metrics_file.write(json.dumps(row) + "\n")
                 metrics_file.flush()

@@ -61,10 +61,19 @@ def _pick_pairs(cache: Cache, samples: int, seed: int) -> list[tuple[int, int]]:
     return sorted(pairs)
 
 
-def verify_cache(cache: Cache | str | os.PathLike, teacher: nn.Module, dataset: Dataset, *,
-                 augment: Callable[[Any], torch.Tensor] | None = None, samples: int = 256, seed: int = 0,
-                 atol: float = 0.05, kl_tolerance: float = 1e-3, device: str = "auto",
-                 batch_size: int = 64) -> VerifyReport:
+def verify_cache(
+    cache: Cache | str | os.PathLike,
+    teacher: nn.Module,
+    dataset: Dataset,
+    *,
+    augment: Callable[[Any], torch.Tensor] | None = None,
+    samples: int = 256,
+    seed: int = 0,
+    atol: float = 0.05,
+    kl_tolerance: float = 1e-3,
+    device: str = "auto",
+    batch_size: int = 64,
+) -> VerifyReport:
     """Compare stored targets with a fresh teacher pass. ``atol`` bounds the stored numbers' difference,
     ``kl_tolerance`` the extra KL(fresh || stored reconstruction) beyond what the encoding itself loses."""
     cache = cache if isinstance(cache, Cache) else open_cache(cache)
@@ -76,8 +85,9 @@ def verify_cache(cache: Cache | str | os.PathLike, teacher: nn.Module, dataset: 
         if fresh_fp[key] != meta["dataset"][key]:
             report.problems.append(f"dataset {key.split('_')[0]} hash differs from the one recorded at build time")
     augment = augment if augment is not None else _recorded_augment(meta, dataset)
-    bad_replay = fingerprint_mismatch(meta["augment"]["fingerprint"],
-                                      replay_fingerprint(augment, dataset, meta["seed"], cache.num_views))
+    bad_replay = fingerprint_mismatch(
+        meta["augment"]["fingerprint"], replay_fingerprint(augment, dataset, meta["seed"], cache.num_views)
+    )
     if bad_replay:
         report.problems.append(f"augmentation replay differs from the recorded fingerprint: {bad_replay}")
         report.first_bad = (bad_replay.view, bad_replay.index)
@@ -96,7 +106,7 @@ def verify_cache(cache: Cache | str | os.PathLike, teacher: nn.Module, dataset: 
     pairs = [p for p in _pick_pairs(cache, samples, seed) if (p[0], p[1] // cache.chunk_rows) not in bad_units]
     agree, excess = 0, []
     for b in range(0, len(pairs), batch_size):
-        batch = pairs[b:b + batch_size]
+        batch = pairs[b : b + batch_size]
         images = torch.stack([replay_view(augment, dataset[i][0], meta["seed"], v, i) for v, i in batch])
         with torch.inference_mode():
             logits = teacher(images.to(dev)).float().cpu()
@@ -110,8 +120,14 @@ def verify_cache(cache: Cache | str | os.PathLike, teacher: nn.Module, dataset: 
         kl_stored, kl_fresh = _kl(fresh_log_p, stored_log_p), _kl(fresh_log_p, fresh_rec)
         for j, (v, i) in enumerate(batch):
             agree += int(fresh_log_p[j].argmax() == stored_log_p[j].argmax())
-            why = _compare_row(cache.encoding, {k: t[j] for k, t in stored.items()},
-                               {k: t[j] for k, t in fresh.items()}, fresh_log_p[j], atol, report)
+            why = _compare_row(
+                cache.encoding,
+                {k: t[j] for k, t in stored.items()},
+                {k: t[j] for k, t in fresh.items()},
+                fresh_log_p[j],
+                atol,
+                report,
+            )
             extra = float(kl_stored[j] - kl_fresh[j]) if cache.encoding != "sampled" else 0.0
             excess.append(extra)
             if why is None and extra > kl_tolerance:
@@ -153,8 +169,9 @@ def _gather(cache: Cache, pairs: list[tuple[int, int]]) -> dict[str, torch.Tenso
     return {name: torch.stack(ts) for name, ts in out.items()}
 
 
-def _compare_row(encoding: str, stored: dict, fresh: dict, fresh_log_p: torch.Tensor, atol: float,
-                 report: VerifyReport) -> str | None:
+def _compare_row(
+    encoding: str, stored: dict, fresh: dict, fresh_log_p: torch.Tensor, atol: float, report: VerifyReport
+) -> str | None:
     if encoding == "sampled":
         used = stored["counts"] > 0
         worst = float(fresh_log_p[stored["ids"][used].long()].min())
@@ -162,8 +179,11 @@ def _compare_row(encoding: str, stored: dict, fresh: dict, fresh_log_p: torch.Te
         return f"a stored draw has fresh probability e^{worst:.1f}" if worst < -14 else None
     if "ids" in stored and not torch.equal(stored["ids"], fresh["ids"]):
         return f"stored top-k ids {stored['ids'].tolist()} != fresh {fresh['ids'].tolist()}"
-    diff = max(float((stored[k].float() - fresh[k].float()).abs().max()) for k in stored
-               if stored[k].is_floating_point() and k not in ("temperature",))
+    diff = max(
+        float((stored[k].float() - fresh[k].float()).abs().max())
+        for k in stored
+        if stored[k].is_floating_point() and k not in ("temperature",)
+    )
     if encoding == "quantized":
         diff = float((stored["q"].float() * stored["scale"] - fresh["q"].float() * fresh["scale"]).abs().max())
     report.max_abs_diff = max(report.max_abs_diff, diff)

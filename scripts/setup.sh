@@ -17,10 +17,11 @@ command -v "$PY" >/dev/null || PY=python3
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 
 stamp=.venv/.logitcache-installed
-want=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)
+want=$(cat pyproject.toml scripts/setup.sh scripts/constraints.txt | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-  # exact pins only here (the package itself declares ranges); pip on Python 3.11 takes these from local wheels
-  .venv/bin/pip install -q --disable-pip-version-check torch==2.14.1 torchvision==0.29.1
-  .venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
+  # Exact pins only here (the package itself declares ranges): constraints.txt is a known-good set, so the resolver
+  # never backtracks into incompatible s3fs/botocore pairs. pip on Python 3.11 takes torch from local wheels.
+  .venv/bin/pip install -q --disable-pip-version-check -c scripts/constraints.txt torch==2.14.1 torchvision==0.29.1
+  .venv/bin/pip install -q --disable-pip-version-check -c scripts/constraints.txt -e '.[test]'
   echo "$want" > "$stamp"
 fi

@@ -24,7 +24,18 @@ def tiny():
 def built_cache(tmp_path_factory, tiny):
     """A complete top-k cache of the tiny dataset: 3 views, chunks of 64 rows (4 chunks per view)."""
     out = tmp_path_factory.mktemp("cache") / "c"
-    lc.build_cache(helpers.tiny_teacher(), tiny, out, augment=helpers.heavy_augment(), views=3, seed=7, k=3,
-                   batch_size=32, chunk_rows=64, workers=0, progress=False,
-                   specs={"augment": f"{HELPERS}:heavy_augment", "dataset": f"{HELPERS}:tiny_dataset"})
+    lc.build_cache(
+        helpers.tiny_teacher(),
+        tiny,
+        out,
+        augment=helpers.heavy_augment(),
+        views=3,
+        seed=7,
+        k=3,
+        batch_size=32,
+        chunk_rows=64,
+        workers=0,
+        progress=False,
+        specs={"augment": f"{HELPERS}:heavy_augment", "dataset": f"{HELPERS}:tiny_dataset"},
+    )
     return out

@@ -26,7 +26,7 @@ class TinyImages(torch.utils.data.Dataset):
         for label in self.targets:
             img = g.integers(0, 60, (size, size)).astype(np.uint8)
             row = int(label) * (size - 2) // (NUM_CLASSES - 1)
-            img[row:row + 2] = 220
+            img[row : row + 2] = 220
             self.images.append(img)
 
     def __len__(self) -> int:
@@ -72,10 +72,17 @@ class _PythonAndNumpyNoise:
 
 def heavy_augment() -> v2.Compose:
     """Every kind of randomness a user pipeline may have: crops, flips, colour jitter, erasing, Python, NumPy."""
-    return v2.Compose([
-        v2.ToImage(), v2.RandomCrop(16, padding=3), v2.RandomHorizontalFlip(), v2.ColorJitter(0.4, 0.4),
-        v2.ToDtype(torch.float32, scale=True), v2.RandomErasing(p=0.5), _PythonAndNumpyNoise(),
-    ])
+    return v2.Compose(
+        [
+            v2.ToImage(),
+            v2.RandomCrop(16, padding=3),
+            v2.RandomHorizontalFlip(),
+            v2.ColorJitter(0.4, 0.4),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.RandomErasing(p=0.5),
+            _PythonAndNumpyNoise(),
+        ]
+    )
 
 
 def other_augment() -> v2.Compose:

@@ -5,7 +5,6 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import zarr
@@ -14,14 +13,31 @@ import logitcache as lc
 from conftest import HELPERS
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-BUILD = ["build", "--dataset", f"{HELPERS}:tiny_dataset", "--augment", f"{HELPERS}:heavy_augment", "--views", "2",
-         "--k", "3", "--batch-size", "16", "--chunk-rows", "16", "--workers", "1", "-q"]
+BUILD = [
+    "build",
+    "--dataset",
+    f"{HELPERS}:tiny_dataset",
+    "--augment",
+    f"{HELPERS}:heavy_augment",
+    "--views",
+    "2",
+    "--k",
+    "3",
+    "--batch-size",
+    "16",
+    "--chunk-rows",
+    "16",
+    "--workers",
+    "1",
+    "-q",
+]
 FIELDS = ("ids", "logprobs", "tail", "complete", "labels")
 
 
 def _run(args, nproc=None, env=None, check=True):
-    cmd = (TORCHRUN + [f"--nproc-per-node={nproc}", "-m", "logitcache"] if nproc else
-           [sys.executable, "-m", "logitcache"]) + args
+    cmd = (
+        TORCHRUN + [f"--nproc-per-node={nproc}", "-m", "logitcache"] if nproc else [sys.executable, "-m", "logitcache"]
+    ) + args
     r = subprocess.run(cmd, env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=300)
     if check:
         assert r.returncode == 0, r.stderr[-3000:]
@@ -50,21 +66,48 @@ def test_two_rank_build_equals_single_process_bitwise(single, tmp_path):
 
 def test_three_rank_build_killed_on_one_rank_resumes_to_the_same_bytes(single, tmp_path):
     out = tmp_path / "three"
-    r = _run(BUILD + ["--teacher", f"{HELPERS}:dying_teacher", "--out", str(out)], nproc=3,
-             env={"DIE_AFTER": "3", "DIE_RANK": "1"}, check=False)
+    r = _run(
+        BUILD + ["--teacher", f"{HELPERS}:dying_teacher", "--out", str(out)],
+        nproc=3,
+        env={"DIE_AFTER": "3", "DIE_RANK": "1"},
+        check=False,
+    )
     assert r.returncode != 0
     done = lc.open_cache(out).completion()
     assert 0 < done.sum() < done.size, done
-    _run(BUILD + ["--teacher", f"{HELPERS}:dying_teacher", "--out", str(out), "--resume"], nproc=2,
-         env={"DIE_AFTER": "1000000"})
+    _run(
+        BUILD + ["--teacher", f"{HELPERS}:dying_teacher", "--out", str(out), "--resume"],
+        nproc=2,
+        env={"DIE_AFTER": "1000000"},
+    )
     _same_bytes(single, out)
 
 
 def test_two_rank_ddp_training_from_the_cache(single, tmp_path):
     out = tmp_path / "run"
-    r = _run(["train", "--out", str(out), "--dataset", f"{HELPERS}:tiny_dataset", "--model", "small-resnet8-w4",
-              "--epochs", "2", "--batch-size", "32", "--workers", "1", "--kd", "cached", "--cache", str(single), "-q"],
-             nproc=2)
+    r = _run(
+        [
+            "train",
+            "--out",
+            str(out),
+            "--dataset",
+            f"{HELPERS}:tiny_dataset",
+            "--model",
+            "small-resnet8-w4",
+            "--epochs",
+            "2",
+            "--batch-size",
+            "32",
+            "--workers",
+            "1",
+            "--kd",
+            "cached",
+            "--cache",
+            str(single),
+            "-q",
+        ],
+        nproc=2,
+    )
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 2  # written once, by rank 0
     assert r.stdout.count("train loss") == 1  # one summary table
@@ -84,15 +127,27 @@ def s3_env():
     pytest.importorskip("s3fs")
     pytest.importorskip("moto.server")
     port = _free_port()
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-           "FSSPEC_S3_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    env = {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "FSSPEC_S3_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+    }
     try:
         import boto3
 
-        client = boto3.client("s3", endpoint_url=env["FSSPEC_S3_ENDPOINT_URL"], aws_access_key_id="testing",
-                              aws_secret_access_key="testing", region_name="us-east-1")
+        client = boto3.client(
+            "s3",
+            endpoint_url=env["FSSPEC_S3_ENDPOINT_URL"],
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+            region_name="us-east-1",
+        )
         for _ in range(100):
             try:
                 client.create_bucket(Bucket="logitcache-test")
@@ -111,11 +166,34 @@ def test_build_to_and_train_from_s3(s3_env, single, tmp_path):
     r = _run(["inspect", url, "--json"], env=s3_env)
     assert '"complete": true' in r.stdout
     run = tmp_path / "from-s3"
-    _run(["train", "--out", str(run), "--dataset", f"{HELPERS}:tiny_dataset", "--model", "small-resnet8-w4",
-          "--epochs", "1", "--batch-size", "32", "--workers", "2", "--kd", "cached", "--cache", url, "-q"], env=s3_env)
+    _run(
+        [
+            "train",
+            "--out",
+            str(run),
+            "--dataset",
+            f"{HELPERS}:tiny_dataset",
+            "--model",
+            "small-resnet8-w4",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "32",
+            "--workers",
+            "2",
+            "--kd",
+            "cached",
+            "--cache",
+            url,
+            "-q",
+        ],
+        env=s3_env,
+    )
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 1
     # the remote store holds the same bytes as a local single-process build
-    code = ("import sys, zarr; a = zarr.open_group(sys.argv[1], mode='r'); b = zarr.open_group(sys.argv[2], mode='r');"
-            f"sys.exit(0 if all(a[n][...].tobytes() == b[n][...].tobytes() for n in {FIELDS!r}) else 1)")
+    code = (
+        "import sys, zarr; a = zarr.open_group(sys.argv[1], mode='r'); b = zarr.open_group(sys.argv[2], mode='r');"
+        f"sys.exit(0 if all(a[n][...].tobytes() == b[n][...].tobytes() for n in {FIELDS!r}) else 1)"
+    )
     r = subprocess.run([sys.executable, "-c", code, url, str(single)], env={**os.environ, **s3_env})
     assert r.returncode == 0

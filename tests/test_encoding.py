@@ -2,7 +2,15 @@ import numpy as np
 import pytest
 import torch
 
-from logitcache.encoding import FullEncoding, TopKEncoding, dense_log_probs, id_dtype, to_probs
+from logitcache.encoding import (
+    FullEncoding,
+    QuantizedEncoding,
+    SampledEncoding,
+    TopKEncoding,
+    dense_log_probs,
+    id_dtype,
+    to_probs,
+)
 from logitcache.errors import LogitcacheError
 from logitcache.losses import kd_loss, kd_loss_dense
 
@@ -43,8 +51,10 @@ def test_topk_keeps_top_entries_and_tail_mass(logits):
     kl_tail = _kl(true, p).mean().item()
     renorm = torch.zeros_like(true).scatter(1, ids, top_true / top_true.sum(1, keepdim=True))
     kl_renorm_rev = _kl(renorm, true).mean().item()
-    print(f"KL(teacher || top-10 + uniform tail) = {kl_tail:.4f} nats; KL(renormalised top-10 || teacher) = "
-          f"{kl_renorm_rev:.4f}")
+    print(
+        f"KL(teacher || top-10 + uniform tail) = {kl_tail:.4f} nats; KL(renormalised top-10 || teacher) = "
+        f"{kl_renorm_rev:.4f}"
+    )
     assert kl_tail < 0.25
     assert np.isfinite(kl_tail)
 
@@ -90,9 +100,6 @@ def test_kd_loss_full_and_gradient(logits):
 
 def test_id_dtype():
     assert id_dtype(10) == np.int16 and id_dtype(32768) == np.int16 and id_dtype(40000) == np.int32
-
-
-from logitcache.encoding import QuantizedEncoding, SampledEncoding
 
 
 def _sampled(logits, samples=20, tau=1.0, seed=0):

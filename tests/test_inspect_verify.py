@@ -12,7 +12,6 @@ import helpers
 import logitcache as lc
 from cli.main import app
 from conftest import HELPERS
-from logitcache.summary import inspect_cache
 from logitcache.verify import verify_cache
 
 runner = CliRunner()
@@ -39,8 +38,11 @@ def test_inspect_json_matches_the_arrays(built_cache):
         assert a["bytes"] == g[name].nbytes and a["shape"] == list(g[name].shape)
         on_disk += files
     assert info["bytes_on_disk"] == on_disk
-    fields = info["arrays"]["logprobs"]["stored_bytes"] + info["arrays"]["ids"]["stored_bytes"] + \
-        info["arrays"]["tail"]["stored_bytes"]
+    fields = (
+        info["arrays"]["logprobs"]["stored_bytes"]
+        + info["arrays"]["ids"]["stored_bytes"]
+        + info["arrays"]["tail"]["stored_bytes"]
+    )
     assert info["bytes_per_view"] == pytest.approx(fields / 3, abs=0.1)
     assert info["bytes_per_kept_entry"] == pytest.approx(fields / (3 * 240 * 3), abs=1e-4)
     labels = np.asarray(helpers.tiny_dataset().targets)
@@ -59,8 +61,10 @@ def test_inspect_human_output_and_missing_cache(built_cache, tmp_path):
 
 
 def _verify(path, *extra, teacher=f"{HELPERS}:tiny_teacher"):
-    return runner.invoke(app, ["verify", str(path), "--teacher", teacher, "--dataset", f"{HELPERS}:tiny_dataset",
-                               "--samples", "64", *extra])
+    return runner.invoke(
+        app,
+        ["verify", str(path), "--teacher", teacher, "--dataset", f"{HELPERS}:tiny_dataset", "--samples", "64", *extra],
+    )
 
 
 def test_verify_passes_on_a_good_cache(built_cache):
@@ -72,8 +76,19 @@ def test_verify_passes_on_a_good_cache(built_cache):
 @pytest.mark.parametrize("encoding", ["full", "sampled", "quantized"])
 def test_verify_passes_for_every_encoding(tmp_path, tiny, encoding):
     out = tmp_path / encoding
-    lc.build_cache(helpers.tiny_teacher(), tiny, out, augment=helpers.heavy_augment(), views=2, encoding=encoding,
-                   samples=20, tau=2.0, chunk_rows=64, workers=0, progress=False)
+    lc.build_cache(
+        helpers.tiny_teacher(),
+        tiny,
+        out,
+        augment=helpers.heavy_augment(),
+        views=2,
+        encoding=encoding,
+        samples=20,
+        tau=2.0,
+        chunk_rows=64,
+        workers=0,
+        progress=False,
+    )
     report = verify_cache(out, helpers.tiny_teacher(), tiny, augment=helpers.heavy_augment(), samples=32)
     assert report.ok, report.problems
     other = helpers.tiny_teacher()
@@ -87,7 +102,8 @@ def test_verify_passes_for_every_encoding(tmp_path, tiny, encoding):
 def test_verify_catches_a_different_teacher(built_cache, tmp_path):
     (tmp_path / "t.py").write_text(
         "import torch\nfrom logitcache.models import SmallResNet\n"
-        "def teacher():\n    torch.manual_seed(1)\n    return SmallResNet(8, 4, 1, 10).eval()\n")
+        "def teacher():\n    torch.manual_seed(1)\n    return SmallResNet(8, 4, 1, 10).eval()\n"
+    )
     result = _verify(built_cache, teacher=f"{tmp_path / 't.py'}:teacher")
     assert result.exit_code == 1
     assert "first bad: view" in result.output

@@ -116,17 +116,36 @@ def test_half_written_chunk_is_recomputed(tmp_path, tiny):
 
 def test_kill_9_then_resume_via_cli(tmp_path):
     ref, out = tmp_path / "ref", tmp_path / "killed"
-    common = ["build", "--dataset", f"{HELPERS}:tiny_dataset", "--augment", f"{HELPERS}:heavy_augment",
-              "--views", "2", "--k", "3", "--batch-size", "16", "--chunk-rows", "32", "--workers", "2", "-q"]
+    common = [
+        "build",
+        "--dataset",
+        f"{HELPERS}:tiny_dataset",
+        "--augment",
+        f"{HELPERS}:heavy_augment",
+        "--views",
+        "2",
+        "--k",
+        "3",
+        "--batch-size",
+        "16",
+        "--chunk-rows",
+        "32",
+        "--workers",
+        "2",
+        "-q",
+    ]
     env = {**os.environ, "DIE_AFTER": "9"}
     cmd = [sys.executable, "-m", "logitcache"]
-    killed = subprocess.run(cmd + common + ["--teacher", f"{HELPERS}:dying_teacher", "--out", str(out)],
-                            env=env, capture_output=True)
+    killed = subprocess.run(
+        cmd + common + ["--teacher", f"{HELPERS}:dying_teacher", "--out", str(out)], env=env, capture_output=True
+    )
     assert killed.returncode == -9
     assert not lc.open_cache(out).is_complete
     env["DIE_AFTER"] = "100000"
-    for args in (["--teacher", f"{HELPERS}:dying_teacher", "--out", str(out), "--resume"],
-                 ["--teacher", f"{HELPERS}:tiny_teacher", "--out", str(ref)]):
+    for args in (
+        ["--teacher", f"{HELPERS}:dying_teacher", "--out", str(out), "--resume"],
+        ["--teacher", f"{HELPERS}:tiny_teacher", "--out", str(ref)],
+    ):
         r = subprocess.run(cmd + common + args, env=env, capture_output=True, text=True)
         assert r.returncode == 0, r.stderr
     _assert_bitwise_equal(_arrays(ref), _arrays(out))
@@ -143,11 +162,24 @@ def test_existing_cache_with_other_inputs_is_refused(tmp_path, tiny):
     with pytest.raises(LogitcacheError, match="different augmentation"):
         lc.build_cache(helpers.tiny_teacher(), tiny, out, augment=helpers.other_augment(), resume=True, **BUILD)
     with pytest.raises(LogitcacheError, match="encoding"):
-        lc.build_cache(helpers.tiny_teacher(), tiny, out, augment=helpers.heavy_augment(), resume=True,
-                       encoding="full", **{k: v for k, v in BUILD.items() if k != "k"})
+        lc.build_cache(
+            helpers.tiny_teacher(),
+            tiny,
+            out,
+            augment=helpers.heavy_augment(),
+            resume=True,
+            encoding="full",
+            **{k: v for k, v in BUILD.items() if k != "k"},
+        )
     with pytest.raises(LogitcacheError, match="different dataset"):
-        lc.build_cache(helpers.tiny_teacher(), helpers.TinyImages(240, seed=9), out, augment=helpers.heavy_augment(),
-                       resume=True, **BUILD)
+        lc.build_cache(
+            helpers.tiny_teacher(),
+            helpers.TinyImages(240, seed=9),
+            out,
+            augment=helpers.heavy_augment(),
+            resume=True,
+            **BUILD,
+        )
     cache = lc.build_cache(other_teacher, tiny, out, augment=helpers.heavy_augment(), overwrite=True, **BUILD)
     assert cache.is_complete
 
@@ -165,29 +197,47 @@ runner = CliRunner()
 
 
 def _cli_build(tmp_path, *extra, teacher=f"{HELPERS}:tiny_teacher", dataset=f"{HELPERS}:tiny_dataset"):
-    args = ["build", "--teacher", teacher, "--dataset", dataset, "--out", str(tmp_path / "out"),
-            "--augment", f"{HELPERS}:heavy_augment", "--views", "1", "--workers", "0", "-q", *extra]
+    args = [
+        "build",
+        "--teacher",
+        teacher,
+        "--dataset",
+        dataset,
+        "--out",
+        str(tmp_path / "out"),
+        "--augment",
+        f"{HELPERS}:heavy_augment",
+        "--views",
+        "1",
+        "--workers",
+        "0",
+        "-q",
+        *extra,
+    ]
     return runner.invoke(app, args)
 
 
-@pytest.mark.parametrize("case, kwargs, extra, message", [
-    ("missing path", {"dataset": "imagefolder:/nonexistent/folder"}, [], "does not exist"),
-    ("unknown dataset", {"dataset": "imagenet-42"}, [], "unknown dataset"),
-    ("unknown teacher", {"teacher": "resnet9000"}, [], "unknown teacher"),
-    ("missing module", {"teacher": "no_such_pkg.mod:fn"}, [], "cannot import"),
-    ("missing file", {"teacher": "nowhere/teacher.py:fn"}, [], "does not exist"),
-    ("wrong return type", {"teacher": f"{HELPERS}:not_a_module"}, [], "not a torch.nn.Module"),
-    ("k too large", {}, ["--k", "11"], "k must be between 1"),
-    ("k below 1", {}, ["--k", "0"], "greater than or equal to 1"),
-    ("labels outside classes", {"teacher": "helpers_small:five_class_teacher"}, [], "outside the teacher"),
-    ("NaN teacher", {"teacher": f"{HELPERS}:nan_teacher"}, [], "NaN"),
-    ("missing weights", {}, ["--teacher-weights", "/nonexistent.safetensors"], "does not exist"),
-])
+@pytest.mark.parametrize(
+    "case, kwargs, extra, message",
+    [
+        ("missing path", {"dataset": "imagefolder:/nonexistent/folder"}, [], "does not exist"),
+        ("unknown dataset", {"dataset": "imagenet-42"}, [], "unknown dataset"),
+        ("unknown teacher", {"teacher": "resnet9000"}, [], "unknown teacher"),
+        ("missing module", {"teacher": "no_such_pkg.mod:fn"}, [], "cannot import"),
+        ("missing file", {"teacher": "nowhere/teacher.py:fn"}, [], "does not exist"),
+        ("wrong return type", {"teacher": f"{HELPERS}:not_a_module"}, [], "not a torch.nn.Module"),
+        ("k too large", {}, ["--k", "11"], "k must be between 1"),
+        ("k below 1", {}, ["--k", "0"], "greater than or equal to 1"),
+        ("labels outside classes", {"teacher": "helpers_small:five_class_teacher"}, [], "outside the teacher"),
+        ("NaN teacher", {"teacher": f"{HELPERS}:nan_teacher"}, [], "NaN"),
+        ("missing weights", {}, ["--teacher-weights", "/nonexistent.safetensors"], "does not exist"),
+    ],
+)
 def test_bad_input_gives_one_clear_line(tmp_path, monkeypatch, case, kwargs, extra, message):
     monkeypatch.syspath_prepend(str(tmp_path))
     (tmp_path / "helpers_small.py").write_text(
-        "from logitcache.models import SmallResNet\n"
-        "def five_class_teacher():\n    return SmallResNet(8, 4, 1, 5)\n")
+        "from logitcache.models import SmallResNet\ndef five_class_teacher():\n    return SmallResNet(8, 4, 1, 5)\n"
+    )
     result = _cli_build(tmp_path, *extra, **kwargs)
     assert result.exit_code == 2, (case, result.output)
     assert message in result.output, (case, result.output)
@@ -199,7 +249,21 @@ def test_bad_input_gives_one_clear_line(tmp_path, monkeypatch, case, kwargs, ext
 def test_unwritable_output_is_a_clear_error(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    result = runner.invoke(app, ["build", "--teacher", f"{HELPERS}:tiny_teacher", "--dataset",
-                                 f"{HELPERS}:tiny_dataset", "--out", str(blocker / "sub"), "--augment", "none", "-q",
-                                 "--workers", "0"])
+    result = runner.invoke(
+        app,
+        [
+            "build",
+            "--teacher",
+            f"{HELPERS}:tiny_teacher",
+            "--dataset",
+            f"{HELPERS}:tiny_dataset",
+            "--out",
+            str(blocker / "sub"),
+            "--augment",
+            "none",
+            "-q",
+            "--workers",
+            "0",
+        ],
+    )
     assert result.exit_code == 2 and "cannot create" in result.output, result.output

@@ -13,8 +13,7 @@ from logitcache import specs
 from logitcache.errors import LogitcacheError
 
 DATASET = f"{HELPERS}:tiny_dataset"
-COMMON = dict(dataset=DATASET, model="small-resnet8-w4", epochs=3, batch_size=32, workers=0, progress=False,
-              lr=0.05)
+COMMON = dict(dataset=DATASET, model="small-resnet8-w4", epochs=3, batch_size=32, workers=0, progress=False, lr=0.05)
 
 
 @pytest.fixture(scope="module")
@@ -28,9 +27,19 @@ def teacher_cache(tmp_path_factory, teacher_run):
     out = tmp_path_factory.mktemp("cache") / "c"
     ds = helpers.tiny_dataset()
     tf, _ = specs.resolve_augment(f"{HELPERS}:light_augment", ds)
-    lc.build_cache(specs.resolve_teacher(teacher_run.run_dir), ds, out, augment=tf, views=2, k=3, batch_size=64,
-                   chunk_rows=64, workers=0, progress=False,
-                   specs={"augment": f"{HELPERS}:light_augment", "teacher": teacher_run.run_dir})
+    lc.build_cache(
+        specs.resolve_teacher(teacher_run.run_dir),
+        ds,
+        out,
+        augment=tf,
+        views=2,
+        k=3,
+        batch_size=64,
+        chunk_rows=64,
+        workers=0,
+        progress=False,
+        specs={"augment": f"{HELPERS}:light_augment", "teacher": teacher_run.run_dir},
+    )
     return out
 
 
@@ -53,8 +62,9 @@ def test_plain_training_learns_and_writes_a_run_dir(teacher_run):
 
 
 def test_cached_kd_training(tmp_path, teacher_cache):
-    run = lc.train(lc.TrainConfig(out=str(tmp_path / "cached"), kd="cached", cache=str(teacher_cache), seed=1,
-                                  **COMMON))
+    run = lc.train(
+        lc.TrainConfig(out=str(tmp_path / "cached"), kd="cached", cache=str(teacher_cache), seed=1, **COMMON)
+    )
     _check_run_dir(run, 3)
     assert run.teacher_forwards == 0
     config = json.loads((tmp_path / "cached" / "config.json").read_text())
@@ -63,43 +73,88 @@ def test_cached_kd_training(tmp_path, teacher_cache):
 
 
 def test_online_kd_training_and_the_run_dir_teaches_build(tmp_path, teacher_run):
-    run = lc.train(lc.TrainConfig(out=str(tmp_path / "online"), kd="online", teacher=teacher_run.run_dir, seed=1,
-                                  kd_until=0.5, **COMMON))
+    run = lc.train(
+        lc.TrainConfig(
+            out=str(tmp_path / "online"), kd="online", teacher=teacher_run.run_dir, seed=1, kd_until=0.5, **COMMON
+        )
+    )
     _check_run_dir(run, 3)
     steps_per_epoch = 240 // 32
     assert run.teacher_forwards == round(0.5 * 3 * steps_per_epoch) * 32
     # a run directory is a valid teacher for the next build
-    result = CliRunner().invoke(app, ["build", "--teacher", run.run_dir, "--dataset", DATASET, "--out",
-                                      str(tmp_path / "next-cache"), "--views", "1", "--workers", "0", "-q",
-                                      "--augment", "none"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "build",
+            "--teacher",
+            run.run_dir,
+            "--dataset",
+            DATASET,
+            "--out",
+            str(tmp_path / "next-cache"),
+            "--views",
+            "1",
+            "--workers",
+            "0",
+            "-q",
+            "--augment",
+            "none",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert lc.open_cache(tmp_path / "next-cache").is_complete
 
 
 def test_cached_kd_refuses_an_augmentation_that_does_not_match(tmp_path, teacher_cache):
     with pytest.raises(LogitcacheError, match="does not replay"):
-        lc.train(lc.TrainConfig(out=str(tmp_path / "bad"), kd="cached", cache=str(teacher_cache),
-                                augment="pad-crop-flip", **COMMON))
+        lc.train(
+            lc.TrainConfig(
+                out=str(tmp_path / "bad"), kd="cached", cache=str(teacher_cache), augment="pad-crop-flip", **COMMON
+            )
+        )
 
 
 def test_train_cli_reports_target_accuracy(tmp_path):
-    result = CliRunner().invoke(app, ["train", "--out", str(tmp_path / "r"), "--dataset", DATASET, "--model",
-                                      "small-resnet8-w4", "--epochs", "1", "--batch-size", "32", "--workers", "0",
-                                      "--target-accuracy", "0.0", "-q"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "train",
+            "--out",
+            str(tmp_path / "r"),
+            "--dataset",
+            DATASET,
+            "--model",
+            "small-resnet8-w4",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "32",
+            "--workers",
+            "0",
+            "--target-accuracy",
+            "0.0",
+            "-q",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "reached at epoch 1" in result.output
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--kd", "cached"], "needs --cache"),
-    (["--kd", "online"], "needs --teacher"),
-    (["--kd", "cached", "--cache", "/nonexistent"], "does not exist"),
-    (["--kd-until", "1.5"], "--kd-until"),
-    (["--model", "resnet9000"], "unknown model"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--kd", "cached"], "needs --cache"),
+        (["--kd", "online"], "needs --teacher"),
+        (["--kd", "cached", "--cache", "/nonexistent"], "does not exist"),
+        (["--kd-until", "1.5"], "--kd-until"),
+        (["--model", "resnet9000"], "unknown model"),
+    ],
+)
 def test_train_bad_input(tmp_path, args, message):
-    result = CliRunner().invoke(app, ["train", "--out", str(tmp_path / "r"), "--dataset", DATASET, "--epochs", "1",
-                                      "--workers", "0", "-q", *args])
+    result = CliRunner().invoke(
+        app,
+        ["train", "--out", str(tmp_path / "r"), "--dataset", DATASET, "--epochs", "1", "--workers", "0", "-q", *args],
+    )
     assert result.exit_code == 2 and message in result.output, result.output
 
 
@@ -108,11 +163,28 @@ def test_cached_kd_trains_like_online_kd(tmp_path, teacher_run):
     ds = helpers.tiny_dataset()
     tf, _ = specs.resolve_augment(f"{HELPERS}:light_augment", ds)
     cache = tmp_path / "full"
-    lc.build_cache(specs.resolve_teacher(teacher_run.run_dir), ds, cache, augment=tf, views=3, seed=4,
-                   encoding="full", workers=0, progress=False, specs={"augment": f"{HELPERS}:light_augment"})
+    lc.build_cache(
+        specs.resolve_teacher(teacher_run.run_dir),
+        ds,
+        cache,
+        augment=tf,
+        views=3,
+        seed=4,
+        encoding="full",
+        workers=0,
+        progress=False,
+        specs={"augment": f"{HELPERS}:light_augment"},
+    )
     common = {**COMMON, "lr": 0.01, "seed": 4}
-    online = lc.train(lc.TrainConfig(out=str(tmp_path / "on"), kd="online", teacher=teacher_run.run_dir,
-                                     augment=f"{HELPERS}:light_augment", **common))
+    online = lc.train(
+        lc.TrainConfig(
+            out=str(tmp_path / "on"),
+            kd="online",
+            teacher=teacher_run.run_dir,
+            augment=f"{HELPERS}:light_augment",
+            **common,
+        )
+    )
     cached = lc.train(lc.TrainConfig(out=str(tmp_path / "ca"), kd="cached", cache=str(cache), **common))
     plain = lc.train(lc.TrainConfig(out=str(tmp_path / "no"), augment=f"{HELPERS}:light_augment", **common))
     for a, b, c in zip(online.metrics, cached.metrics, plain.metrics):
