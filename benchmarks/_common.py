@@ -19,7 +19,6 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from logitcache import specs  # noqa: E402
-from logitcache.datasets import Head  # noqa: E402
 from logitcache.fingerprint import versions  # noqa: E402
 
 RESULTS = Path(__file__).parent / "RESULTS.md"
@@ -30,8 +29,7 @@ torch.set_num_threads(os.cpu_count() or 1)
 
 
 def fashion_mnist(limit: int | None = None, train: bool = True):
-    ds = specs.resolve_dataset("fashion-mnist", train=train)
-    return Head(ds, limit) if limit else ds
+    return specs.resolve_dataset("fashion-mnist", train=train, limit=limit)
 
 
 def interleaved(variants: dict[str, Callable[[], float]], reps: int) -> dict[str, list[float]]:

@@ -20,7 +20,6 @@ from torch.utils.data import DataLoader
 from _common import OUT, console, record, show, trained_teacher
 from logitcache import TrainConfig, build_cache, specs, to_probs, train
 from logitcache.build import ReplayedViews
-from logitcache.datasets import Head
 from logitcache.train import load_metrics
 
 HERE = Path(__file__).resolve().parent
@@ -118,8 +117,7 @@ def students(
     out: Path,
     test_limit: int | None,
 ) -> str:
-    ds = specs.resolve_dataset(dataset)
-    ds = Head(ds, limit)
+    ds = specs.resolve_dataset(dataset, limit=limit)
     tf, _ = specs.resolve_augment(augment, ds)
     teacher = specs.resolve_teacher(teacher_dir)
     table = Table(
@@ -187,7 +185,7 @@ def main() -> None:
 
     # 10 classes
     fm_teacher = trained_teacher()
-    ds = Head(specs.resolve_dataset("fashion-mnist"), args.samples)
+    ds = specs.resolve_dataset("fashion-mnist", limit=args.samples)
     tf, _ = specs.resolve_augment("pad-crop-flip", ds)
     sections.append(fidelity("Fashion-MNIST", ds, tf, specs.resolve_teacher(fm_teacher), CONFIGS_10, out / "fm"))
 
@@ -211,7 +209,7 @@ def main() -> None:
         console.print(f"pairs teacher test accuracy: {r.final_accuracy:.4f}")
     teacher_acc = load_metrics(pairs_teacher)[-1]["test_accuracy"]
     sections.append(f"100-class pairs teacher: small-resnet8, test accuracy {teacher_acc:.4f}")
-    pds = Head(specs.resolve_dataset(PAIRS), args.samples)
+    pds = specs.resolve_dataset(PAIRS, limit=args.samples)
     ptf, _ = specs.resolve_augment(PAIRS_AUG, pds)
     sections.append(
         fidelity("Fashion-MNIST pairs", pds, ptf, specs.resolve_teacher(str(pairs_teacher)), CONFIGS_100, out / "pairs")

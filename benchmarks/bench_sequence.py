@@ -16,7 +16,6 @@ from rich.table import Table
 
 from _common import OUT, console, record, show
 from logitcache import TrainConfig, build_cache, specs, train
-from logitcache.datasets import Head
 from logitcache.demo import plot_runs
 
 
@@ -46,7 +45,7 @@ def main() -> None:
     console.print("[bold]run 1 (teacher) from scratch")
     run1 = train(TrainConfig(out=str(out / "run1"), seed=0, **common))
     reference = run1.final_accuracy
-    ds = Head(specs.resolve_dataset("fashion-mnist"), args.samples)
+    ds = specs.resolve_dataset("fashion-mnist", limit=args.samples)
     tf, _ = specs.resolve_augment("pad-crop-flip", ds)
     teacher = specs.resolve_teacher(run1.run_dir)
     caches, build_seconds = {}, {}

@@ -106,11 +106,7 @@ def build(
         from logitcache import build_cache, distributed, specs
 
         distributed.init_from_env()  # under torchrun: join the process group
-        ds = specs.resolve_dataset(dataset, train=True)
-        if limit:
-            from logitcache.datasets import Head
-
-            ds = Head(ds, limit)
+        ds = specs.resolve_dataset(dataset, train=True, limit=limit)
         train_tf, _ = specs.resolve_augment(augment, ds)
         model = specs.resolve_teacher(teacher, teacher_weights)
         cache = build_cache(
@@ -363,11 +359,7 @@ def verify(
         from logitcache import specs
         from logitcache.verify import verify_cache
 
-        ds = specs.resolve_dataset(dataset, train=True)
-        if limit:
-            from logitcache.datasets import Head
-
-            ds = Head(ds, limit)
+        ds = specs.resolve_dataset(dataset, train=True, limit=limit)
         tf = specs.resolve_augment(augment, ds)[0] if augment else None
         model = specs.resolve_teacher(teacher, teacher_weights)
         report = verify_cache(

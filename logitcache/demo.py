@@ -14,7 +14,6 @@ from rich.table import Table
 
 from . import specs
 from .build import build_cache
-from .datasets import Head
 from .train import RunResult, TrainConfig, train
 
 
@@ -68,7 +67,7 @@ def run_demo(
 
     # 10 classes: all logits (20 B/sample) cost what top-4 would; see benchmarks/ for top-k on many classes
     console.rule(f"[bold]2/3 build: run 1 labels {epochs} augmented views of every image, once")
-    dataset = Head(specs.resolve_dataset("fashion-mnist"), limit)
+    dataset = specs.resolve_dataset("fashion-mnist", limit=limit)
     augment, _ = specs.resolve_augment("pad-crop-flip", dataset)
     import time
 

@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from . import augment as aug
-from .datasets import BUILTIN, image_folder
+from .datasets import BUILTIN, Head, image_folder
 from .errors import LogitcacheError
 from .models import small_resnet
 
@@ -65,8 +65,8 @@ def _call(spec: str, fn: Callable[..., Any], **kwargs: Any) -> Any:
         raise LogitcacheError(f"{spec}: calling it failed: {type(e).__name__}: {e}") from None
 
 
-def resolve_dataset(spec: str, train: bool = True) -> Dataset:
-    """A map-style dataset of ``(image, int label)`` without random transforms."""
+def resolve_dataset(spec: str, train: bool = True, limit: int | None = None) -> Dataset:
+    """A map-style dataset of ``(image, int label)`` without random transforms; its first ``limit`` samples if set."""
     if spec in BUILTIN:
         ds = BUILTIN[spec](train=train)
     elif spec.startswith("imagefolder:"):
@@ -91,7 +91,7 @@ def resolve_dataset(spec: str, train: bool = True) -> Dataset:
                 else ""
             )
         )
-    return ds
+    return Head(ds, limit) if limit else ds
 
 
 def image_size(dataset: Dataset) -> int:

@@ -23,7 +23,6 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 from . import distributed, specs
 from .build import resolve_device
 from .data import CachedKDDataset, ReplayDataset
-from .datasets import Head
 from .errors import LogitcacheError
 from .fingerprint import versions
 from .losses import kd_loss, kd_loss_dense
@@ -160,12 +159,8 @@ def train(cfg: TrainConfig) -> RunResult:
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
 
-    base = specs.resolve_dataset(cfg.dataset, train=True)
-    test_base = specs.resolve_dataset(cfg.dataset, train=False)
-    if cfg.limit:
-        base = Head(base, cfg.limit)
-    if cfg.test_limit:
-        test_base = Head(test_base, cfg.test_limit)
+    base = specs.resolve_dataset(cfg.dataset, train=True, limit=cfg.limit)
+    test_base = specs.resolve_dataset(cfg.dataset, train=False, limit=cfg.test_limit)
 
     cache = open_cache(cfg.cache) if cfg.kd == "cached" else None
     if cache is not None and cache.encoding == "sampled" and abs(cache.encoding_params["tau"] - cfg.temperature) > 1e-6:
