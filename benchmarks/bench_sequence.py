@@ -25,6 +25,9 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--sweep", type=int, default=4, help="runs in the sweep (seeds 1..N)")
     ap.add_argument("--model", default="small-resnet8-w8")
+    ap.add_argument("--teacher-epochs", type=int, default=None, help="run 1's budget (default: --epochs)")
+    ap.add_argument("--kd-weight", type=float, default=0.9)
+    ap.add_argument("--temperature", type=float, default=4.0)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="~1 minute smoke run, not recorded")
     args = ap.parse_args()
@@ -43,7 +46,9 @@ def main() -> None:
     )
 
     console.print("[bold]run 1 (teacher) from scratch")
-    run1 = train(TrainConfig(out=str(out / "run1"), seed=0, **common))
+    teacher_epochs = args.teacher_epochs or args.epochs
+    run1 = train(TrainConfig(out=str(out / "run1"), seed=0, **{**common, "epochs": teacher_epochs}))
+    kd_options = {"kd_weight": args.kd_weight, "temperature": args.temperature}
     reference = run1.final_accuracy
     ds = specs.resolve_dataset("fashion-mnist", limit=args.samples)
     tf, _ = specs.resolve_augment("pad-crop-flip", ds)
@@ -68,13 +73,13 @@ def main() -> None:
     full = str(caches[args.epochs].path)
     arms = {
         "scratch": dict(kd="none"),
-        "online KD": dict(kd="online", teacher=run1.run_dir),
-        "cached KD": dict(kd="cached", cache=full),
-        "cached KD, first 25%": dict(kd="cached", cache=full, kd_until=0.25),
-        "cached KD, first 50%": dict(kd="cached", cache=full, kd_until=0.5),
+        "online KD": dict(kd="online", teacher=run1.run_dir, **kd_options),
+        "cached KD": dict(kd="cached", cache=full, **kd_options),
+        "cached KD, first 25%": dict(kd="cached", cache=full, kd_until=0.25, **kd_options),
+        "cached KD, first 50%": dict(kd="cached", cache=full, kd_until=0.5, **kd_options),
     }
     view_arms = {
-        f"cached KD, {v} view{'s' if v > 1 else ''}": dict(kd="cached", cache=str(caches[v].path))
+        f"cached KD, {v} view{'s' if v > 1 else ''}": dict(kd="cached", cache=str(caches[v].path), **kd_options)
         for v in sorted(caches)
         if v != args.epochs
     }
@@ -139,8 +144,9 @@ def main() -> None:
         return show(table)
 
     text = [
-        f"run 1 (teacher, seed 0): final test accuracy {reference:.4f} = the target; "
-        f"{args.samples} images, {args.epochs} epochs, {args.model}, lr 0.05, T=4, KD weight 0.9",
+        f"run 1 (teacher, seed 0, {teacher_epochs} epochs): final test accuracy {reference:.4f} = the target; sweep: "
+        f"{args.samples} images, {args.epochs} epochs, {args.model}, lr 0.05, T={args.temperature:g}, "
+        f"KD weight {args.kd_weight:g}",
         summarize(f"sweep of {len(seeds)} runs (seeds {seeds}), same budget", list(arms)),
         summarize("number of stored views (cached KD, whole training)", [*view_arms, "cached KD"]),
     ]

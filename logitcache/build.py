@@ -132,6 +132,34 @@ def _open_output(
     return store.create_store(out, meta, fields, codec, labels)
 
 
+def _metadata(encoder, dataset: Dataset, labels: np.ndarray, augment, teacher: nn.Module, specs: dict, *, views: int,
+              seed: int, codec: str, batch_size: int, chunk_rows: int) -> dict:
+    """The group attributes (FORMAT.md): identity, fingerprints and versions, all plain JSON."""
+    return {
+        "format_version": store.FORMAT_VERSION,
+        "num_samples": len(dataset),
+        "num_views": views,
+        "num_classes": encoder.num_classes,
+        "chunk_rows": chunk_rows,
+        "batch_size": batch_size,
+        "seed": seed,
+        "codec": codec,
+        "encoding": {"name": encoder.name, "params": encoder.params()},
+        "values": VALUES[encoder.name],
+        "temperature": encoder.params().get("tau", 1.0),
+        "view_rule": "epoch e uses view e % num_views",
+        "augment": {
+            "spec": specs.get("augment"),
+            "repr": repr(augment),
+            "fingerprint": replay_fingerprint(augment, dataset, seed, views),
+        },
+        "teacher": {"spec": specs.get("teacher"), "class": type(teacher).__name__, "sha256": teacher_sha256(teacher)},
+        "dataset": {"spec": specs.get("dataset"), **dataset_fingerprint(dataset, labels)},
+        "versions": versions(),
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
 def build_cache(
     teacher: nn.Module,
     dataset: Dataset,
@@ -203,29 +231,8 @@ def build_cache(
     params = {"topk": {"k": k}, "sampled": {"samples": samples, "tau": tau}, "quantized": {"floor": floor}}
     encoder = make_encoding(encoding, num_classes, params.get(encoding, {}))
 
-    meta = {
-        "format_version": store.FORMAT_VERSION,
-        "num_samples": n,
-        "num_views": views,
-        "num_classes": num_classes,
-        "chunk_rows": chunk_rows,
-        "batch_size": batch_size,
-        "seed": seed,
-        "codec": codec,
-        "encoding": {"name": encoder.name, "params": encoder.params()},
-        "values": VALUES[encoder.name],
-        "temperature": encoder.params().get("tau", 1.0),
-        "view_rule": "epoch e uses view e % num_views",
-        "augment": {
-            "spec": specs.get("augment"),
-            "repr": repr(augment),
-            "fingerprint": replay_fingerprint(augment, dataset, seed, views),
-        },
-        "teacher": {"spec": specs.get("teacher"), "class": type(teacher).__name__, "sha256": teacher_sha256(teacher)},
-        "dataset": {"spec": specs.get("dataset"), **dataset_fingerprint(dataset, labels)},
-        "versions": versions(),
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
+    meta = _metadata(encoder, dataset, labels, augment, teacher, specs, views=views, seed=seed, codec=codec,
+                     batch_size=batch_size, chunk_rows=chunk_rows)
     fields = encoder.fields()
     group = None
     if distributed.rank() == 0:

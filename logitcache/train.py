@@ -240,7 +240,7 @@ def train(cfg: TrainConfig) -> RunResult:
             if world > 1:
                 sampler.set_epoch(epoch)
             model.train()
-            start, loss_sum, seen = time.perf_counter(), 0.0, 0
+            start, loss_sum, seen = time.perf_counter(), torch.zeros((), device=device), 0
             with progress_bar(
                 f"epoch {epoch + 1}/{cfg.epochs}", len(loader) * per_rank_batch * world, cfg.progress and lead
             ) as advance:
@@ -260,20 +260,18 @@ def train(cfg: TrainConfig) -> RunResult:
                             targets = {k: v.to(device, non_blocking=True) for k, v in batch[2].items()}
                             kd = kd_loss(logits, targets, cfg.temperature, tail=cfg.kd_tail)
                         loss = (1 - cfg.kd_weight) * loss + cfg.kd_weight * kd
-                    if not torch.isfinite(loss):
-                        raise LogitcacheError(
-                            f"the loss became {loss.item()} at epoch {epoch + 1}, step {step}; lower --lr"
-                        )
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()
                     step += 1
-                    loss_sum += loss.item() * len(x)
+                    loss_sum += loss.detach() * len(x)  # no .item(): a host sync per step stalls a GPU
                     seen += len(x)
                     advance(len(x) * world)
             train_seconds = time.perf_counter() - start
             wall += train_seconds
-            loss_sum, seen, forwards = distributed.all_sum(loss_sum, seen, teacher_forwards)
+            loss_sum, seen, forwards = distributed.all_sum(loss_sum.item(), seen, teacher_forwards)
+            if not math.isfinite(loss_sum):
+                raise LogitcacheError(f"the training loss became {loss_sum} in epoch {epoch + 1}; lower --lr")
             accuracy = evaluate(trained, test_loader, device) if lead else 0.0
             (accuracy,) = distributed.all_sum(accuracy)  # rank 0 evaluates, every rank learns the result
             wall += time.perf_counter() - start - train_seconds

@@ -196,7 +196,13 @@ def test_demo_quick_runs_end_to_end_on_fashion_mnist(tmp_path):
     result = CliRunner().invoke(app, ["demo", "--quick", "--out", str(tmp_path / "demo"), "--workers", "0"])
     assert result.exit_code == 0, result.output
     summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
-    assert set(summary["runs"]) == {"run 1 (teacher)", "run 2, kd none", "run 2, kd cached", "run 2, kd online"}
+    assert set(summary["runs"]) == {
+        "run 1 (teacher)",
+        "run 2, kd none",
+        "run 2, kd cached",
+        "run 2, kd cached, first 50%",
+        "run 2, kd online",
+    }
     assert summary["runs"]["run 2, kd cached"]["teacher_forwards"] == 0
     assert summary["runs"]["run 2, kd online"]["teacher_forwards"] > 0
     assert (tmp_path / "demo" / "accuracy_vs_time.png").stat().st_size > 10_000
