@@ -132,8 +132,20 @@ def _open_output(
     return store.create_store(out, meta, fields, codec, labels)
 
 
-def _metadata(encoder, dataset: Dataset, labels: np.ndarray, augment, teacher: nn.Module, specs: dict, *, views: int,
-              seed: int, codec: str, batch_size: int, chunk_rows: int) -> dict:
+def _metadata(
+    encoder,
+    dataset: Dataset,
+    labels: np.ndarray,
+    augment,
+    teacher: nn.Module,
+    specs: dict,
+    *,
+    views: int,
+    seed: int,
+    codec: str,
+    batch_size: int,
+    chunk_rows: int,
+) -> dict:
     """The group attributes (FORMAT.md): identity, fingerprints and versions, all plain JSON."""
     return {
         "format_version": store.FORMAT_VERSION,
@@ -231,8 +243,19 @@ def build_cache(
     params = {"topk": {"k": k}, "sampled": {"samples": samples, "tau": tau}, "quantized": {"floor": floor}}
     encoder = make_encoding(encoding, num_classes, params.get(encoding, {}))
 
-    meta = _metadata(encoder, dataset, labels, augment, teacher, specs, views=views, seed=seed, codec=codec,
-                     batch_size=batch_size, chunk_rows=chunk_rows)
+    meta = _metadata(
+        encoder,
+        dataset,
+        labels,
+        augment,
+        teacher,
+        specs,
+        views=views,
+        seed=seed,
+        codec=codec,
+        batch_size=batch_size,
+        chunk_rows=chunk_rows,
+    )
     fields = encoder.fields()
     group = None
     if distributed.rank() == 0:

@@ -10,13 +10,20 @@ import pytest
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
-@pytest.mark.parametrize("script", sorted(p.name for p in BENCH.glob("bench_*.py") if p.name not in
-                                          ("bench_models.py", "bench_data.py")))
+@pytest.mark.parametrize(
+    "script", sorted(p.name for p in BENCH.glob("bench_*.py") if p.name not in ("bench_models.py", "bench_data.py"))
+)
 def test_benchmark_quick_mode(script, tmp_path):
     results = (BENCH / "RESULTS.md").read_text()
     env = {**os.environ, "LOGITCACHE_BENCH_OUT": str(tmp_path)}
-    r = subprocess.run([sys.executable, str(BENCH / script), "--quick"], env=env, capture_output=True, text=True,
-                       timeout=600, cwd=tmp_path)
+    r = subprocess.run(
+        [sys.executable, str(BENCH / script), "--quick"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+    )
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     assert "not recorded" in r.stdout
     assert (BENCH / "RESULTS.md").read_text() == results  # quick runs never touch the recorded results
