@@ -15,6 +15,28 @@ import logitcache as lc  # noqa: E402
 HELPERS = str(Path(__file__).parent / "helpers.py")
 
 
+def cli_build_args(chunk_rows: int, workers: int) -> list[str]:
+    """`logitcache build` options for the tiny dataset and heavy augmentation; tests add --teacher and --out."""
+    return [
+        "build",
+        "--dataset",
+        f"{HELPERS}:tiny_dataset",
+        "--augment",
+        f"{HELPERS}:heavy_augment",
+        "--views",
+        "2",
+        "--k",
+        "3",
+        "--batch-size",
+        "16",
+        "--chunk-rows",
+        str(chunk_rows),
+        "--workers",
+        str(workers),
+        "-q",
+    ]
+
+
 @pytest.fixture(scope="session")
 def tiny():
     return helpers.tiny_dataset()

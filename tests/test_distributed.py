@@ -10,27 +10,10 @@ import pytest
 import zarr
 
 import logitcache as lc
-from conftest import HELPERS
+from conftest import HELPERS, cli_build_args
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-BUILD = [
-    "build",
-    "--dataset",
-    f"{HELPERS}:tiny_dataset",
-    "--augment",
-    f"{HELPERS}:heavy_augment",
-    "--views",
-    "2",
-    "--k",
-    "3",
-    "--batch-size",
-    "16",
-    "--chunk-rows",
-    "16",
-    "--workers",
-    "1",
-    "-q",
-]
+BUILD = cli_build_args(chunk_rows=16, workers=1)
 FIELDS = ("ids", "logprobs", "tail", "complete", "labels")
 
 

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 import helpers
 import logitcache as lc
 from cli.main import app
-from conftest import HELPERS
+from conftest import HELPERS, cli_build_args
 from logitcache.errors import LogitcacheError
 
 BUILD = dict(views=2, seed=5, k=3, batch_size=16, chunk_rows=32, workers=0, progress=False)
@@ -116,24 +116,7 @@ def test_half_written_chunk_is_recomputed(tmp_path, tiny):
 
 def test_kill_9_then_resume_via_cli(tmp_path):
     ref, out = tmp_path / "ref", tmp_path / "killed"
-    common = [
-        "build",
-        "--dataset",
-        f"{HELPERS}:tiny_dataset",
-        "--augment",
-        f"{HELPERS}:heavy_augment",
-        "--views",
-        "2",
-        "--k",
-        "3",
-        "--batch-size",
-        "16",
-        "--chunk-rows",
-        "32",
-        "--workers",
-        "2",
-        "-q",
-    ]
+    common = cli_build_args(chunk_rows=32, workers=2)
     env = {**os.environ, "DIE_AFTER": "9"}
     cmd = [sys.executable, "-m", "logitcache"]
     killed = subprocess.run(

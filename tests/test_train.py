@@ -205,4 +205,5 @@ def test_demo_quick_runs_end_to_end_on_fashion_mnist(tmp_path):
     }
     assert summary["runs"]["run 2, kd cached"]["teacher_forwards"] == 0
     assert summary["runs"]["run 2, kd online"]["teacher_forwards"] > 0
-    assert (tmp_path / "demo" / "accuracy_vs_time.png").stat().st_size > 10_000
+    plot = tmp_path / "demo" / "accuracy_vs_time.png"
+    assert plot.stat().st_size > 10_000  # a real figure, not an empty file
