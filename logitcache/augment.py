@@ -12,50 +12,32 @@ MEAN, STD = (0.5,), (0.5,)  # broadcast over any number of channels
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
-def _to_float(mean=MEAN, std=STD) -> list:
-    return [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
+def _pipeline(*geometry: v2.Transform, mean=MEAN, std=STD) -> v2.Compose:
+    """Image -> uint8 tensor -> ``geometry`` -> normalised float: the frame every preset shares."""
+    return v2.Compose([v2.ToImage(), *geometry, v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
 
 
 def plain(size: int | None = None) -> v2.Compose:
     """No randomness: tensor conversion and normalisation only."""
-    return v2.Compose(_to_float())
+    return _pipeline()
 
 
 def pad_crop_flip(size: int, padding: int = 4) -> v2.Compose:
     """The classic small-image recipe: pad, random crop back to ``size``, horizontal flip."""
-    return v2.Compose(
-        [
-            v2.ToImage(),
-            v2.RandomCrop(size, padding=padding),
-            v2.RandomHorizontalFlip(),
-            v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(MEAN, STD),
-        ]
-    )
+    return _pipeline(v2.RandomCrop(size, padding=padding), v2.RandomHorizontalFlip())
 
 
 def rrc_flip(size: int = 224) -> v2.Compose:
     """ImageNet-style: random resized crop to ``size`` and horizontal flip."""
-    return v2.Compose(
-        [
-            v2.ToImage(),
-            v2.RandomResizedCrop(size, antialias=True),
-            v2.RandomHorizontalFlip(),
-            v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-        ]
+    return _pipeline(
+        v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip(), mean=IMAGENET_MEAN, std=IMAGENET_STD
     )
 
 
 def center_crop(size: int = 224) -> v2.Compose:
-    return v2.Compose(
-        [
-            v2.ToImage(),
-            v2.Resize(int(size * 8 / 7), antialias=True),
-            v2.CenterCrop(size),
-            v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-        ]
+    """The evaluation pipeline matching ``rrc_flip``: resize to 8/7 of ``size``, centre crop."""
+    return _pipeline(
+        v2.Resize(int(size * 8 / 7), antialias=True), v2.CenterCrop(size), mean=IMAGENET_MEAN, std=IMAGENET_STD
     )
 
 
