@@ -37,14 +37,19 @@ _IDENTITY = ("num_samples", "num_views", "num_classes", "chunk_rows", "batch_siz
 
 
 def resolve_device(device: str) -> torch.device:
+    """``auto`` -> CUDA when present. A bare ``cuda`` gets the current device's index (under torchrun: LOCAL_RANK),
+    so that DDP and pinned copies name one device explicitly."""
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise LogitcacheError("--device cuda was asked for but CUDA is not available on this machine")
     try:
-        return torch.device(device)
+        dev = torch.device(device)
     except RuntimeError:
         raise LogitcacheError(f"unknown device {device!r}; use auto, cpu or cuda") from None
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    return dev
 
 
 class ReplayedViews(Dataset):

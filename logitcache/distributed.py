@@ -21,10 +21,26 @@ def init_from_env() -> bool:
         return is_distributed()
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl")
-    else:
-        dist.init_process_group("gloo")
+    dist.init_process_group(default_backend(torch.cuda.is_available()))
     return True
+
+
+def default_backend(cuda: bool) -> str:
+    # NCCL only takes CUDA tensors; the small control messages below (flags, counters, metric sums) live on the CPU,
+    # so on GPU machines they travel over a gloo leg of the same group while DDP's gradients use NCCL.
+    return "cpu:gloo,cuda:nccl" if cuda else "gloo"
+
+
+def control_device(backend: str) -> torch.device:
+    """Where a control tensor must live for ``backend`` (as `dist.get_backend()` spells it): the CPU when the group
+    has a CPU leg, else the current CUDA device (a user's own ``init_process_group("nccl")``)."""
+    if "gloo" in backend or "mpi" in backend:
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def _control_tensor(values: list[float] | list[int], dtype: torch.dtype) -> torch.Tensor:
+    return torch.tensor(values, dtype=dtype, device=control_device(str(dist.get_backend())))
 
 
 def is_distributed() -> bool:
@@ -48,7 +64,7 @@ def agree(ok: bool) -> bool:
     """True on every rank if ``ok`` is True on rank 0 (rank 0 decides; no pickling of Python objects)."""
     if not is_distributed():
         return ok
-    flag = torch.tensor([1 if ok else 0], dtype=torch.int64)
+    flag = _control_tensor([1 if ok else 0], torch.int64)
     dist.broadcast(flag, src=0)
     return bool(flag.item())
 
@@ -56,7 +72,7 @@ def agree(ok: bool) -> bool:
 def all_sum(*values: float) -> list[float]:
     if not is_distributed():
         return list(values)
-    t = torch.tensor(values, dtype=torch.float64)
+    t = _control_tensor(list(values), torch.float64)
     dist.all_reduce(t)
     return t.tolist()
 
@@ -67,7 +83,7 @@ def claim(items: list[T], name: str) -> Iterator[T]:
     if not is_distributed():
         yield from items
         return
-    key = torch.randint(0, 2**62, (1,), dtype=torch.int64)  # fresh key per call, shared from rank 0
+    key = _control_tensor([int(torch.randint(0, 2**62, ()))], torch.int64)  # fresh key per call, shared from rank 0
     dist.broadcast(key, src=0)
     store = dist.distributed_c10d._get_default_store()
     counter = f"logitcache/{name}/{int(key.item())}"

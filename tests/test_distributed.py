@@ -7,6 +7,7 @@ import sys
 import time
 
 import pytest
+import torch
 import zarr
 
 import logitcache as lc
@@ -180,3 +181,16 @@ def test_build_to_and_train_from_s3(s3_env, single, tmp_path):
     )
     r = subprocess.run([sys.executable, "-c", code, url, str(single)], env={**os.environ, **s3_env})
     assert r.returncode == 0
+
+
+def test_control_messages_stay_off_nccl():
+    # NCCL rejects CPU tensors: on GPU machines logitcache's own group gets a gloo leg for its CPU control messages,
+    # and a user's NCCL-only group gets them on the current CUDA device instead.
+    from logitcache import distributed
+
+    assert distributed.default_backend(cuda=False) == "gloo"
+    assert distributed.default_backend(cuda=True) == "cpu:gloo,cuda:nccl"
+    for backend in ("gloo", "cpu:gloo,cuda:nccl", "mpi"):
+        assert distributed.control_device(backend).type == "cpu"
+    if torch.cuda.is_available():
+        assert distributed.control_device("nccl").type == "cuda"
