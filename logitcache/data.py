@@ -117,10 +117,40 @@ class CachedKDDataset(ReplayDataset):
             )
 
     def target(self, index: int, view: int) -> dict[str, torch.Tensor]:
+        """The cached target of sample ``index`` in ``view`` (a dict of tensors without a batch dimension)."""
+        self._own_handle()
+        chunk = index // self.cache.chunk_rows
+        offset = index - chunk * self.cache.chunk_rows
+        return {name: t[offset] for name, t in self._chunk(view, chunk).items()}  # views: collate copies them
+
+    def targets(self, indices: list[int], view: int) -> dict[str, torch.Tensor]:
+        """The cached targets of ``indices`` in ``view``, batched: one gather per chunk and field, not per sample."""
+        self._own_handle()
+        rows_per_chunk = self.cache.chunk_rows
+        idx = torch.as_tensor(indices, dtype=torch.int64)
+        chunk_of = idx // rows_per_chunk
+        chunks = chunk_of.unique().tolist()
+        if len(chunks) == 1:
+            rows = self._chunk(view, chunks[0])
+            offsets = idx - chunks[0] * rows_per_chunk
+            return {name: t[offsets] for name, t in rows.items()}
+        out: dict[str, torch.Tensor] = {}
+        for chunk in chunks:
+            rows = self._chunk(view, chunk)
+            where = (chunk_of == chunk).nonzero().squeeze(1)
+            offsets = idx[where] - chunk * rows_per_chunk
+            for name, t in rows.items():
+                if name not in out:
+                    out[name] = t.new_empty((len(indices), *t.shape[1:]))
+                out[name][where] = t[offsets]
+        return out
+
+    def _own_handle(self) -> None:
         if os.getpid() != self._pid:  # a forked DataLoader worker: open its own store handle, lazily
             self.cache, self._pid = self.cache.reopened(), os.getpid()
             self._chunks.clear()
-        chunk = index // self.cache.chunk_rows
+
+    def _chunk(self, view: int, chunk: int) -> dict[str, torch.Tensor]:
         key = (view, chunk)
         rows = self._chunks.get(key)
         if rows is None:
@@ -130,13 +160,21 @@ class CachedKDDataset(ReplayDataset):
                 self._chunks.popitem(last=False)
         else:
             self._chunks.move_to_end(key)
-        offset = index - chunk * self.cache.chunk_rows
-        return {name: t[offset] for name, t in rows.items()}  # views: collate copies them into the batch
+        return rows
 
     def __getitem__(self, index: int):
         view = self.view_of(self.epoch)
         image, label = self.image(index, view)
         return image, label, self.target(index, view)
+
+    def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor, int, dict[str, torch.Tensor]]]:
+        # The DataLoader's batched fetch: targets are gathered for the whole batch at once, then handed to collate
+        # as per-sample views (``unbind`` makes them in one call), so the default collate still applies.
+        view = self.view_of(self.epoch)
+        batch = self.targets(indices, view)
+        names = list(batch)
+        per_sample = zip(*(batch[name].unbind(0) for name in names))
+        return [(*self.image(i, view), dict(zip(names, row))) for i, row in zip(indices, per_sample)]
 
 
 def _recorded_augment(meta: dict, base: Dataset) -> Callable[[Any], torch.Tensor]:

@@ -86,3 +86,24 @@ def test_chunks_are_read_whole(built_cache, tiny, monkeypatch):
     for i in range(240):
         ds.target(i, 1)
     assert reads == [(1, 0, 64), (1, 64, 128), (1, 128, 192), (1, 192, 240)]
+
+
+def test_batched_fetch_equals_per_sample_fetch(built_cache, tiny):
+    # The DataLoader calls __getitems__ with a whole batch; it must give exactly what __getitem__ gives per sample,
+    # for batches inside one chunk and across all four.
+    ds = lc.CachedKDDataset(tiny, built_cache)
+    ds.set_epoch(4)
+    order = torch.randperm(240, generator=torch.Generator().manual_seed(0)).tolist()
+    for batch in (order[:50], list(range(70, 90)), [239, 0, 64, 63, 128, 0], [5]):
+        fetched = ds.__getitems__(batch)
+        assert len(fetched) == len(batch)
+        for index, (image, label, target) in zip(batch, fetched):
+            ref_image, ref_label, ref_target = ds[index]
+            assert torch.equal(image, ref_image) and label == ref_label
+            assert target.keys() == ref_target.keys()
+            for name in target:
+                assert torch.equal(target[name], ref_target[name]), (index, name)
+    loader = DataLoader(ds, batch_size=32, sampler=order, num_workers=0)
+    images, labels, targets = next(iter(loader))
+    assert torch.equal(images, torch.stack([_expected_image(tiny, 4, i) for i in order[:32]]))
+    assert torch.equal(targets["ids"], lc.open_cache(built_cache).read(4 % 3)["ids"][order[:32]])
