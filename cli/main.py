@@ -39,7 +39,10 @@ def _run(fn: Callable[[], None]) -> None:
         err.print(f"[bold red]error:[/] {e}", highlight=False)
         raise typer.Exit(2)
     except KeyboardInterrupt:
-        err.print("[yellow]interrupted[/]: finished chunks are kept; rerun the same command with --resume to continue")
+        err.print(
+            "[yellow]interrupted[/]: finished chunks (build) and epochs (train) are kept; "
+            "rerun the same command with --resume to continue"
+        )
         raise typer.Exit(130)
     finally:
         distributed.shutdown()
@@ -187,6 +190,9 @@ def train(
         None, help="Report the epoch and time the test accuracy first reaches X (0-1)."
     ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run directory."),
+    resume: bool = typer.Option(
+        False, "--resume", help="Continue an interrupted run after its last finished epoch (same settings)."
+    ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
     """Train a model, optionally distilling from a cache or an online teacher; the run directory can teach the next."""
@@ -220,6 +226,7 @@ def train(
             test_limit=test_limit,
             target_accuracy=target_accuracy,
             overwrite=overwrite,
+            resume=resume,
             progress=not quiet,
         )
         result = train_run(cfg)

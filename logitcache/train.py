@@ -1,7 +1,9 @@
 """The training loop: plain, online-KD or cached-KD training, writing a run directory that can teach the next run.
 
-A run directory holds ``config.json``, ``metrics.jsonl`` (one line per epoch, flushed as it goes), ``model.json`` and
-``model.safetensors`` (rewritten atomically after every epoch, so an interrupted run still leaves a usable teacher).
+A run directory holds ``config.json``, ``metrics.jsonl`` (one line per epoch, flushed as it goes), ``model.json``,
+``model.safetensors`` (rewritten atomically after every epoch, so an interrupted run still leaves a usable teacher)
+and ``checkpoint.safetensors`` (weights, optimizer and RNG state: ``resume=True`` continues after the last finished
+epoch, to the same weights an uninterrupted run reaches).
 """
 
 from __future__ import annotations
@@ -18,10 +20,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
-from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
+from torch.utils.data import DataLoader, DistributedSampler
 
 from . import distributed, specs
 from .build import resolve_device
+from .checkpoint import Progress, load_checkpoint, save_checkpoint
 from .data import CachedKDDataset, ReplayDataset
 from .errors import LogitcacheError
 from .fingerprint import versions
@@ -59,7 +62,12 @@ class TrainConfig:
     test_limit: int | None = None  # evaluate on the first `test_limit` test samples only
     target_accuracy: float | None = None
     overwrite: bool = False
+    resume: bool = False  # continue an interrupted run after its last finished epoch
     progress: bool = True
+
+
+# Options that do not change what a run computes: a resumed run may differ in these.
+_RESUMABLE_CHANGES = ("out", "overwrite", "resume", "progress", "workers", "device", "target_accuracy")
 
 
 @dataclass
@@ -91,6 +99,8 @@ def _validate(cfg: TrainConfig) -> None:
         raise LogitcacheError(f"--temperature must be > 0, got {cfg.temperature}")
     if cfg.batch_size < 1 or cfg.lr <= 0:
         raise LogitcacheError("--batch-size must be >= 1 and --lr > 0")
+    if cfg.resume and cfg.overwrite:
+        raise LogitcacheError("--resume continues a run and --overwrite replaces it: pass one of them")
 
 
 def _prepare_run_dir(path: Path, overwrite: bool) -> None:
@@ -116,11 +126,34 @@ def _save_weights(model: torch.nn.Module, run_dir: Path) -> None:
 def _write_run_header(
     run_dir: Path, cfg: TrainConfig, num_classes: int, in_channels: int, augment_spec: str, device: torch.device, cache
 ) -> None:
+    config = _run_config(cfg, augment_spec, device, cache)
+    if cfg.resume and (run_dir / "config.json").is_file():
+        _check_resumable(run_dir, config)
+        return
     _prepare_run_dir(run_dir, cfg.overwrite)
     (run_dir / specs.MODEL_SPEC_FILE).write_text(
         json.dumps({"model": cfg.model, "num_classes": num_classes, "in_channels": in_channels}, indent=2)
     )
-    config = {
+    (run_dir / "config.json").write_text(json.dumps(config, indent=2))
+
+
+def _check_resumable(run_dir: Path, config: dict[str, Any]) -> None:
+    try:
+        saved = json.loads((run_dir / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise LogitcacheError(f"cannot read {run_dir / 'config.json'} to resume: {e}") from None
+    ignored = {*_RESUMABLE_CHANGES, "versions", "world_size"}
+    changed = sorted(k for k in config if k not in ignored and saved.get(k) != config[k])
+    if changed:
+        detail = ", ".join(f"{k}: {saved.get(k)!r} -> {config[k]!r}" for k in changed)
+        raise LogitcacheError(
+            f"cannot resume {run_dir}: these settings differ from the interrupted run ({detail}); "
+            "rerun with the same settings, or pass --overwrite to start again"
+        )
+
+
+def _run_config(cfg: TrainConfig, augment_spec: str, device: torch.device, cache) -> dict[str, Any]:
+    return {
         **asdict(cfg),
         "augment": augment_spec,
         "versions": versions(),
@@ -132,7 +165,6 @@ def _write_run_header(
             else None
         ),
     }
-    (run_dir / "config.json").write_text(json.dumps(config, indent=2))
 
 
 def _lr_at(step: int, total: int, base: float, warmup: float) -> float:
@@ -207,12 +239,8 @@ def train(cfg: TrainConfig) -> RunResult:
 
     per_rank_batch = max(1, cfg.batch_size // world)  # the global batch stays --batch-size
     persistent = cfg.workers > 0
-    if world > 1:
-        sampler = DistributedSampler(
-            train_ds, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed, drop_last=True
-        )
-    else:
-        sampler = RandomSampler(train_ds, generator=torch.Generator().manual_seed(cfg.seed))
+    # Each epoch's order is a function of (seed, epoch) alone, so a resumed run shuffles as the uninterrupted one did.
+    sampler = DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed, drop_last=True)
     loader = DataLoader(
         train_ds,
         batch_size=per_rank_batch,
@@ -231,14 +259,21 @@ def train(cfg: TrainConfig) -> RunResult:
     )
     total_steps = cfg.epochs * len(loader)
     kd_steps = int(round(cfg.kd_until * total_steps)) if cfg.kd != "none" else 0
+    done = load_checkpoint(run_dir, trained, opt, device) if cfg.resume else Progress()
     result = RunResult(str(run_dir), 0.0)
-    step, wall, teacher_forwards = 0, 0.0, 0
-    metrics_file = open(run_dir / "metrics.jsonl", "w") if lead else None
+    step, wall = done.step, done.wall
+    teacher_forwards = done.teacher_forwards if lead else 0  # summed over ranks each epoch
+    for row in done.metrics:
+        _add_row(result, row, cfg)
+    metrics_file = None
+    if lead:  # rewritten from the checkpoint: rows of an epoch that did not finish saving are dropped
+        metrics_file = open(run_dir / "metrics.jsonl", "w")
+        metrics_file.writelines(json.dumps(row) + "\n" for row in done.metrics)
+        metrics_file.flush()
     try:
-        for epoch in range(cfg.epochs):
+        for epoch in range(done.epoch, cfg.epochs):
             train_ds.set_epoch(epoch)
-            if world > 1:
-                sampler.set_epoch(epoch)
+            sampler.set_epoch(epoch)
             model.train()
             start, loss_sum, seen = time.perf_counter(), torch.zeros((), device=device), 0
             with progress_bar(
@@ -283,19 +318,25 @@ def train(cfg: TrainConfig) -> RunResult:
                 "samples_per_second": round(seen / train_seconds, 1),
                 "teacher_forwards": int(forwards),
             }
+            _add_row(result, row, cfg)
             if lead:
+                _save_weights(trained, run_dir)
+                save_checkpoint(run_dir, trained, opt, Progress(epoch + 1, step, wall, int(forwards), result.metrics))
                 metrics_file.write(json.dumps(row) + "\n")
                 metrics_file.flush()
-                _save_weights(trained, run_dir)
-            result.metrics.append(row)
-            if cfg.target_accuracy is not None and result.target_epoch is None and accuracy >= cfg.target_accuracy:
-                result.target_epoch, result.target_seconds = epoch + 1, wall
     finally:
         if metrics_file is not None:
             metrics_file.close()
     result.final_accuracy = result.metrics[-1]["test_accuracy"]
     result.teacher_forwards = result.metrics[-1]["teacher_forwards"]
     return result
+
+
+def _add_row(result: RunResult, row: dict[str, Any], cfg: TrainConfig) -> None:
+    result.metrics.append(row)
+    reached = cfg.target_accuracy is not None and row["test_accuracy"] >= cfg.target_accuracy
+    if reached and result.target_epoch is None:
+        result.target_epoch, result.target_seconds = row["epoch"], row["wall_seconds"]
 
 
 def load_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:

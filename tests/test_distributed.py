@@ -95,7 +95,8 @@ def test_two_rank_ddp_training_from_the_cache(single, tmp_path):
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 2  # written once, by rank 0
     assert r.stdout.count("train loss") == 1  # one summary table
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "metrics.jsonl", "model.json", "model.safetensors"]
+    names = ["checkpoint.safetensors", "config.json", "metrics.jsonl", "model.json", "model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == names
     assert '"world_size": 2' in (out / "config.json").read_text()
 
 

@@ -11,6 +11,7 @@ from cli.main import app
 from conftest import HELPERS
 from logitcache import specs
 from logitcache.errors import LogitcacheError
+from logitcache.train import load_metrics as load_metrics
 
 DATASET = f"{HELPERS}:tiny_dataset"
 COMMON = dict(dataset=DATASET, model="small-resnet8-w4", epochs=3, batch_size=32, workers=0, progress=False, lr=0.05)
@@ -207,3 +208,63 @@ def test_demo_quick_runs_end_to_end_on_fashion_mnist(tmp_path):
     assert summary["runs"]["run 2, kd online"]["teacher_forwards"] > 0
     plot = tmp_path / "demo" / "accuracy_vs_time.png"
     assert plot.stat().st_size > 10_000  # a real figure, not an empty file
+
+
+def _weights(run_dir):
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(run_dir) / "model.safetensors"))
+
+
+def test_interrupted_run_resumes_to_the_same_weights(tmp_path, teacher_cache, monkeypatch):
+    import sys
+
+    cfg = dict(kd="cached", cache=str(teacher_cache), seed=3, **COMMON)
+    straight = lc.train(lc.TrainConfig(out=str(tmp_path / "straight"), **cfg))
+
+    module = sys.modules["logitcache.train"]
+    calls = {"n": 0}
+    real_kd_loss = module.kd_loss
+
+    def dies_in_epoch_3(*args, **kwargs):  # 7 steps per epoch: call 17 is in the middle of epoch 3
+        calls["n"] += 1
+        if calls["n"] == 17:
+            raise KeyboardInterrupt
+        return real_kd_loss(*args, **kwargs)
+
+    monkeypatch.setattr(module, "kd_loss", dies_in_epoch_3)
+    out = tmp_path / "resumed"
+    with pytest.raises(KeyboardInterrupt):
+        lc.train(lc.TrainConfig(out=str(out), **cfg))
+    assert len(load_metrics(out)) == 2  # epochs 1 and 2 finished and saved
+    monkeypatch.setattr(module, "kd_loss", real_kd_loss)
+
+    # resumed through the CLI, with a different worker count (it does not change what the run computes)
+    r = CliRunner().invoke(
+        app,
+        ["train", "--out", str(out), "--dataset", DATASET, "--model", "small-resnet8-w4", "--epochs", "3"]
+        + ["--batch-size", "32", "--lr", "0.05", "--seed", "3", "--kd", "cached", "--cache", str(teacher_cache)]
+        + ["--workers", "2", "--resume", "-q"],
+    )
+    assert r.exit_code == 0, r.output
+    a, b = _weights(straight.run_dir), _weights(out)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    resumed = load_metrics(out)
+    assert [m["epoch"] for m in resumed] == [1, 2, 3]
+    for x, y in zip(straight.metrics, resumed):
+        assert (x["train_loss"], x["test_accuracy"]) == (y["train_loss"], y["test_accuracy"])
+
+    # resuming a finished run trains nothing and reports its metrics
+    again = lc.train(lc.TrainConfig(out=str(out), resume=True, **cfg))
+    assert [m["train_loss"] for m in again.metrics] == [m["train_loss"] for m in resumed]
+
+
+def test_resume_refuses_changed_settings(tmp_path, teacher_cache):
+    out = tmp_path / "run"
+    lc.train(lc.TrainConfig(out=str(out), **{**COMMON, "epochs": 1}))
+    with pytest.raises(LogitcacheError, match=r"settings differ .*lr: 0\.05 -> 0\.2"):
+        lc.train(lc.TrainConfig(out=str(out), resume=True, **{**COMMON, "epochs": 1, "lr": 0.2}))
+    with pytest.raises(LogitcacheError, match="pass one of them"):
+        lc.train(lc.TrainConfig(out=str(out), resume=True, overwrite=True, **COMMON))
+    fresh = lc.train(lc.TrainConfig(out=str(tmp_path / "new"), resume=True, **{**COMMON, "epochs": 1}))
+    assert len(fresh.metrics) == 1  # nothing to resume: a fresh run
