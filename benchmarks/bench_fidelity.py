@@ -41,6 +41,7 @@ CONFIGS_100 = [
     ("topk", {"k": 1}, "blosc-lz4"),
     ("topk", {"k": 5}, "blosc-lz4"),
     ("topk", {"k": 10}, "blosc-lz4"),
+    ("topk", {"k": 10, "soft_tail": False}, "blosc-lz4"),
     ("topk", {"k": 20}, "blosc-lz4"),
     ("topk", {"k": 10}, "zstd"),
     ("sampled", {"samples": 10, "tau": 1.0}, "blosc-lz4"),
@@ -51,7 +52,11 @@ CONFIGS_100 = [
 
 
 def label(enc: str, params: dict, codec: str) -> str:
-    p = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
+    # soft_tail=False is the flat tail of format version 1 (no stored softened tail masses)
+    p = ", ".join(
+        "flat tail" if k == "soft_tail" else f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+        for k, v in params.items()
+    )
     return f"{enc}({p}) {codec}" if p else f"{enc} {codec}"
 
 
@@ -242,6 +247,7 @@ def main() -> None:
         ("full", {}, "blosc-lz4"),
         ("topk", {"k": 1}, "blosc-lz4"),
         ("topk", {"k": 10}, "blosc-lz4"),
+        ("topk", {"k": 10, "soft_tail": False}, "blosc-lz4"),
         ("sampled", {"samples": 50, "tau": 4.0}, "blosc-lz4"),
         ("quantized", {}, "blosc-lz4"),
     ]

@@ -187,6 +187,7 @@ def build_cache(
     seed: int = 0,
     encoding: str = "topk",
     k: int = 10,
+    soft_tail: bool = True,
     samples: int = 50,
     tau: float = 1.0,
     floor: float = 20.0,
@@ -202,6 +203,7 @@ def build_cache(
 ) -> store.Cache:
     """Run ``teacher`` over ``views`` replayed augmentations of every sample of ``dataset`` and store soft targets.
 
+    ``soft_tail=False`` (top-k) omits the tail's softened masses (format version 1's flat tail; for comparisons).
     ``specs`` records how the teacher/dataset/augmentation were named (CLI specs), so that tools can re-create them.
     Returns the opened cache. Interrupting it (Ctrl-C, kill) loses at most the units in flight: ``resume=True``
     finishes the job and the result is bitwise identical to an uninterrupted build on the same machine.
@@ -245,7 +247,11 @@ def build_cache(
     if labels.min() < 0 or labels.max() >= num_classes:
         bad = int(np.argmax((labels < 0) | (labels >= num_classes)))
         raise LogitcacheError(f"label {labels[bad]} of sample {bad} is outside the teacher's {num_classes} classes")
-    params = {"topk": {"k": k}, "sampled": {"samples": samples, "tau": tau}, "quantized": {"floor": floor}}
+    params = {
+        "topk": {"k": k, "soft_tail": soft_tail},
+        "sampled": {"samples": samples, "tau": tau},
+        "quantized": {"floor": floor},
+    }
     encoder = make_encoding(encoding, num_classes, params.get(encoding, {}))
 
     meta = _metadata(

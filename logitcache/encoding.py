@@ -42,6 +42,7 @@ class Encoding:
 
     name = ""
     field_names: frozenset[str] = frozenset()
+    optional_field_names: frozenset[str] = frozenset()  # fields a newer store adds; older stores lack them
 
     def __init__(self, num_classes: int):
         self.num_classes = num_classes
@@ -85,52 +86,89 @@ class FullEncoding(Encoding):
         return torch.log_softmax(targets["logits"].float() / temperature, dim=-1)
 
 
+# Inverse temperatures at which the tail's softened mass is stored (``tail_soft``): T = 8, 4 and 2. With the exact
+# ends (beta = 1: ``tail``; beta = 0: log of the number of unstored classes) any training temperature interpolates.
+SOFT_TAIL_BETAS = (0.125, 0.25, 0.5)
+
+
 class TopKEncoding(Encoding):
     """The k largest log-probabilities, their class ids, and the log of the leftover probability mass ("tail").
 
-    The tail keeps the target honest: nothing is renormalised. Decoding spreads the tail mass uniformly over the
-    C - k classes not stored, which restores the teacher's distribution exactly on the kept classes and in total
-    mass at temperature 1. At another temperature the spread tail is an approximation (the true tail is not uniform).
+    The tail keeps the target honest: nothing is renormalised. Softening by a temperature T changes the tail's share
+    in a way its total mass alone cannot tell (a flat tail softens to far more mass than a peaked one), so the store
+    also keeps ``tail_soft``: ``log sum_j p_j^(1/T)`` over the unstored classes at T = 2, 4, 8. Decoding at T
+    interpolates it (exact at T = 1, 2, 4, 8 and as T -> inf) and spreads it equally over the C - k unstored classes.
+    Caches written before ``tail_soft`` existed (``soft_tail: false``) use the flat spread of ``tail`` at every T.
     """
 
     name = "topk"
     field_names = frozenset({"logprobs", "ids", "tail"})
+    optional_field_names = frozenset({"tail_soft"})
 
-    def __init__(self, num_classes: int, k: int):
+    def __init__(self, num_classes: int, k: int, soft_tail: bool = False):
         super().__init__(num_classes)
         if not 1 <= k <= num_classes:
             raise LogitcacheError(f"k must be between 1 and the number of classes ({num_classes}), got {k}")
-        self.k = k
+        self.k, self.soft_tail = k, soft_tail
 
     def params(self) -> dict:
-        return {"k": self.k}
+        return {"k": self.k, "soft_tail": self.soft_tail}
 
     def entries(self) -> int:
         return self.k
 
     def fields(self) -> dict[str, Field]:
-        return {
+        fields = {
             "logprobs": Field((self.k,), np.dtype("float16")),
             "ids": Field((self.k,), id_dtype(self.num_classes)),
             "tail": Field((), np.dtype("float32")),
         }
+        if self.soft_tail:
+            fields["tail_soft"] = Field((len(SOFT_TAIL_BETAS),), np.dtype("float16"))  # T = 8, 4, 2
+        return fields
 
     def encode(self, logits: Tensor, generator: torch.Generator | None = None) -> dict[str, Tensor]:
         logp = torch.log_softmax(logits.float(), dim=-1)
         top, ids = logp.topk(self.k, dim=-1)
         # log(1 - sum(top)) computed from the dropped entries directly: no cancellation for confident teachers.
-        tail = torch.logsumexp(logp.scatter(-1, ids, float("-inf")), dim=-1)
-        return {"logprobs": top.to(torch.float16), "ids": ids.to(_torch_id_dtype(self.num_classes)), "tail": tail}
+        dropped = logp.scatter(-1, ids, float("-inf"))
+        out = {
+            "logprobs": top.to(torch.float16),
+            "ids": ids.to(_torch_id_dtype(self.num_classes)),
+            "tail": torch.logsumexp(dropped, dim=-1),
+        }
+        if self.soft_tail:
+            soft = [torch.logsumexp(beta * dropped, dim=-1) for beta in SOFT_TAIL_BETAS]
+            out["tail_soft"] = torch.stack(soft, dim=-1).clamp(min=MIN_TAIL).to(torch.float16)
+        return out
+
+    @staticmethod
+    def softened_tail(targets: dict[str, Tensor], rest: int, temperature: float) -> Tensor:
+        """``log sum_j p_j^(1/T)`` over the ``rest`` unstored classes, per sample: the tail's weight next to the
+        stored ``logprobs / T`` before normalisation."""
+        tail = targets["tail"].float().clamp(min=MIN_TAIL)
+        if "tail_soft" not in targets:  # older cache: assume a flat tail (exact at T = 1, too much mass above)
+            return tail / temperature + math.log(rest) * (1 - 1 / temperature)
+        betas = (0.0, *SOFT_TAIL_BETAS, 1.0)
+        points = [torch.full_like(tail, math.log(rest)), *targets["tail_soft"].float().unbind(-1), tail]
+        beta = 1.0 / temperature
+        # log sum p^beta is convex in beta: the chord between stored points is a close upper bound; beyond
+        # beta = 1 (T < 1) the last chord is extended.
+        i = len(betas) - 2 if beta >= 1 else max(j for j in range(len(betas) - 1) if betas[j] <= beta)
+        w = (beta - betas[i]) / (betas[i + 1] - betas[i])
+        return ((1 - w) * points[i] + w * points[i + 1]).clamp(min=MIN_TAIL)
 
     @staticmethod
     def log_probs(targets: dict[str, Tensor], temperature: float) -> Tensor:
         logp, ids = targets["logprobs"].float(), targets["ids"].long()
-        tail = targets["tail"].float().clamp(min=MIN_TAIL)
         num_classes = int(targets["num_classes"].reshape(-1)[0])
         rest = num_classes - ids.shape[-1]
-        fill = tail - math.log(rest) if rest > 0 else torch.full_like(tail, float("-inf"))
-        dense = fill[..., None].expand(*ids.shape[:-1], num_classes).clone().scatter_(-1, ids, logp)
-        return torch.log_softmax(dense / temperature, dim=-1)
+        if rest == 0:
+            fill = torch.full_like(logp[..., 0], float("-inf"))
+        else:
+            fill = TopKEncoding.softened_tail(targets, rest, temperature) - math.log(rest)
+        dense = fill[..., None].expand(*ids.shape[:-1], num_classes).clone().scatter_(-1, ids, logp / temperature)
+        return torch.log_softmax(dense, dim=-1)
 
 
 class SampledEncoding(Encoding):
@@ -264,7 +302,7 @@ def encoding_of(targets: dict[str, Tensor]) -> type[Encoding]:
     """The encoding class that produced a target dict, recognised by its field names."""
     keys = set(targets) - CONSTANT_KEYS
     for cls in ENCODINGS.values():
-        if keys == cls.field_names:
+        if cls.field_names <= keys <= cls.field_names | cls.optional_field_names:
             return cls
     raise LogitcacheError(f"not a logitcache target dict (fields: {sorted(keys)})")
 

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .encoding import MIN_TAIL, SampledEncoding, TopKEncoding, encoding_of
+from .encoding import SampledEncoding, TopKEncoding, encoding_of
 
 
 def kd_loss_dense(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0) -> Tensor:
@@ -22,9 +22,8 @@ def kd_loss_dense(student_logits: Tensor, teacher_logits: Tensor, temperature: f
     return temperature**2 * F.kl_div(log_q, log_p, log_target=True, reduction="batchmean")
 
 
-def _topk_kl(
-    student_logits: Tensor, logprobs: Tensor, ids: Tensor, tail: Tensor, temperature: float, tail_mode: str
-) -> Tensor:
+def _topk_kl(student_logits: Tensor, targets: dict[str, Tensor], temperature: float, tail_mode: str) -> Tensor:
+    logprobs, ids = targets["logprobs"], targets["ids"]
     s = student_logits.float() / temperature
     log_z = torch.logsumexp(s, dim=1)
     rest = s.shape[1] - ids.shape[1]
@@ -33,8 +32,8 @@ def _topk_kl(
     if rest == 0:
         lp_top = torch.log_softmax(t_top, dim=1)
         return (lp_top.exp() * (lp_top - s_top)).sum(1) + log_z
-    # Each of the `rest` unstored classes gets an equal share of the leftover mass (see TopKEncoding).
-    t_rest = (tail.float().clamp(min=MIN_TAIL) - math.log(rest)) / temperature
+    # Each of the `rest` unstored classes gets an equal share of the softened leftover mass (see TopKEncoding).
+    t_rest = TopKEncoding.softened_tail(targets, rest, temperature) - math.log(rest)
     log_norm = torch.logsumexp(torch.cat([t_top, (t_rest + math.log(rest))[:, None]], dim=1), dim=1)
     lp_top, lp_rest = t_top - log_norm[:, None], t_rest - log_norm
     if tail_mode == "bucket":
@@ -69,7 +68,7 @@ def kd_loss(
     if tail not in ("uniform", "bucket"):
         raise ValueError(f"tail must be 'uniform' or 'bucket', got {tail!r}")
     if enc is TopKEncoding:
-        kl = _topk_kl(student_logits, targets["logprobs"], targets["ids"], targets["tail"], temperature, tail)
+        kl = _topk_kl(student_logits, targets, temperature, tail)
     elif enc is SampledEncoding:
         SampledEncoding.check_temperature(targets, temperature)
         kl = _sampled_kl(student_logits, targets["ids"], targets["counts"], temperature)

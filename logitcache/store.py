@@ -22,7 +22,8 @@ from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec, ZstdCodec
 from .encoding import Field, id_dtype, make_encoding
 from .errors import LogitcacheError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: top-k stores tail_soft; version 1 stores (without it) are still read
+READABLE_VERSIONS = (1, 2)
 ATTR_KEY = "logitcache"
 COMPLETE = "complete"
 LABELS = "labels"
@@ -232,6 +233,9 @@ def open_cache(path: str | os.PathLike) -> Cache:
     if ATTR_KEY not in group.attrs:
         raise LogitcacheError(f"{path} is a Zarr group without logitcache metadata (an unfinished or foreign store)")
     version = group.attrs[ATTR_KEY].get("format_version")
-    if version != FORMAT_VERSION:
-        raise LogitcacheError(f"{path} has format version {version}; this logitcache reads version {FORMAT_VERSION}")
+    if version not in READABLE_VERSIONS:
+        raise LogitcacheError(
+            f"{path} has format version {version}; this logitcache reads versions "
+            + ", ".join(map(str, READABLE_VERSIONS))
+        )
     return Cache(path, group)

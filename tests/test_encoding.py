@@ -77,10 +77,11 @@ def test_topk_rejects_bad_k(k):
         TopKEncoding(100, k)
 
 
-@pytest.mark.parametrize("temperature", [1.0, 4.0])
+@pytest.mark.parametrize("soft_tail", [True, False])
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 3.0, 4.0, 20.0])
 @pytest.mark.parametrize("k", [5, 100])
-def test_sparse_kd_loss_equals_dense_kl_by_hand(logits, temperature, k):
-    targets = _batch(TopKEncoding(100, k), logits)
+def test_sparse_kd_loss_equals_dense_kl_by_hand(logits, temperature, k, soft_tail):
+    targets = _batch(TopKEncoding(100, k, soft_tail=soft_tail), logits)
     student = torch.randn(64, 100, generator=torch.Generator().manual_seed(1))
     log_p = dense_log_probs(targets, temperature)
     log_q = torch.log_softmax(student / temperature, 1)
@@ -169,9 +170,10 @@ def test_quantized_round_trip(logits):
     assert kl < 1e-3 and shift.numel() > 0
 
 
-def test_topk_bucket_tail_equals_by_hand(logits):
+@pytest.mark.parametrize("soft_tail", [True, False])
+def test_topk_bucket_tail_equals_by_hand(logits, soft_tail):
     k, temperature = 5, 2.0
-    targets = _batch(TopKEncoding(100, k), logits)
+    targets = _batch(TopKEncoding(100, k, soft_tail=soft_tail), logits)
     student = torch.randn(64, 100, generator=torch.Generator().manual_seed(4))
     log_p = dense_log_probs(targets, temperature)
     ids = targets["ids"].long()
@@ -184,3 +186,43 @@ def test_topk_bucket_tail_equals_by_hand(logits):
     loss = kd_loss(student, targets, temperature, tail="bucket")
     assert torch.allclose(loss, temperature**2 * by_hand.mean(), rtol=1e-4)
     assert not torch.allclose(loss, kd_loss(student, targets, temperature))
+
+
+def _true_soft_tail(logits, k, temperature):
+    """log sum_j p_j^(1/T) over the classes outside the top k, from the full teacher distribution."""
+    logp = torch.log_softmax(logits, 1)
+    ids = logp.topk(k, 1).indices
+    return torch.logsumexp(logp.scatter(1, ids, float("-inf")) / temperature, 1)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0, 4.0, 8.0])
+def test_soft_tail_is_exact_at_its_stored_temperatures(logits, temperature):
+    targets = _batch(TopKEncoding(100, 10, soft_tail=True), logits)
+    got = TopKEncoding.softened_tail(targets, 90, temperature)
+    assert torch.allclose(got, _true_soft_tail(logits, 10, temperature), atol=2e-2)  # float16 storage
+
+
+@pytest.mark.parametrize("temperature", [1.5, 3.0, 6.0, 16.0, 100.0])
+def test_soft_tail_between_stored_temperatures_is_close_and_above(logits, temperature):
+    targets = _batch(TopKEncoding(100, 10, soft_tail=True), logits)
+    got = TopKEncoding.softened_tail(targets, 90, temperature)
+    true = _true_soft_tail(logits, 10, temperature)
+    flat = TopKEncoding.softened_tail({"tail": targets["tail"]}, 90, temperature)
+    assert (got >= true - 2e-2).all()  # the chord of a convex function lies above it
+    assert (got <= flat + 1e-4).all()  # and never above the flat tail, the largest possible softened mass
+    assert (got - true).abs().max() < 0.25 * (flat - true).abs().max()
+
+
+def test_soft_tail_restores_the_top_k_probabilities_at_high_temperature():
+    # 100 classes, T = 4: the flat tail gives the 90 unstored classes far too much softened mass, which shrinks the
+    # stored classes' probabilities; with the stored soft tail the top k get their true softened probabilities.
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(256, 100, generator=g) * 4
+    true = torch.softmax(logits / 4, 1)
+    ids = true.topk(10, 1).indices
+    err = {}
+    for soft_tail in (False, True):
+        decoded = to_probs(_batch(TopKEncoding(100, 10, soft_tail=soft_tail), logits), 4.0)
+        err[soft_tail] = (decoded.gather(1, ids) - true.gather(1, ids)).abs().max().item()
+    print(f"top-10 probabilities at T=4, max abs error: flat tail {err[False]:.4f}, soft tail {err[True]:.4f}")
+    assert err[True] < 0.05 * err[False]

@@ -38,11 +38,7 @@ def test_inspect_json_matches_the_arrays(built_cache):
         assert a["bytes"] == g[name].nbytes and a["shape"] == list(g[name].shape)
         on_disk += files
     assert info["bytes_on_disk"] == on_disk
-    fields = (
-        info["arrays"]["logprobs"]["stored_bytes"]
-        + info["arrays"]["ids"]["stored_bytes"]
-        + info["arrays"]["tail"]["stored_bytes"]
-    )
+    fields = sum(info["arrays"][name]["stored_bytes"] for name in ("logprobs", "ids", "tail", "tail_soft"))
     assert info["bytes_per_view"] == pytest.approx(fields / 3, abs=0.1)
     assert info["bytes_per_kept_entry"] == pytest.approx(fields / (3 * 240 * 3), abs=1e-4)
     labels = np.asarray(helpers.tiny_dataset().targets)

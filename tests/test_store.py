@@ -34,12 +34,13 @@ def test_store_is_plain_zarr_v3(built_cache):
     assert g.metadata.zarr_format == 3
     meta = g.attrs["logitcache"]
     json.dumps(meta)  # plain JSON, no pickle
-    assert meta["encoding"] == {"name": "topk", "params": {"k": 3}}
+    assert meta["encoding"] == {"name": "topk", "params": {"k": 3, "soft_tail": True}}
+    assert meta["format_version"] == 2
     assert meta["num_views"] == 3 and meta["num_samples"] == 240 and meta["num_classes"] == 10
     for key in ("teacher", "dataset", "augment", "versions", "seed", "values", "temperature"):
         assert key in meta
     assert g["logprobs"].shape == (3, 240, 3) and g["logprobs"].chunks == (1, 64, 3)
-    assert g["ids"].dtype == np.int16 and g["tail"].shape == (3, 240)
+    assert g["ids"].dtype == np.int16 and g["tail"].shape == (3, 240) and g["tail_soft"].shape == (3, 240, 3)
     codecs = [c["name"] for c in g["ids"].metadata.to_dict()["codecs"]]
     assert "crc32c" in codecs
     assert g["complete"][...].all()
@@ -250,3 +251,24 @@ def test_unwritable_output_is_a_clear_error(tmp_path):
         ],
     )
     assert result.exit_code == 2 and "cannot create" in result.output, result.output
+
+
+def test_format_version_1_stores_are_still_read(tmp_path, tiny):
+    # A version-1 top-k store has no tail_soft array and {"k": k} as its parameters; it decodes with a flat tail.
+    out = tmp_path / "v1"
+    lc.build_cache(helpers.tiny_teacher(), tiny, out, augment=helpers.heavy_augment(), soft_tail=False, **BUILD)
+    g = zarr.open_group(str(out), mode="r+")
+    meta = dict(g.attrs["logitcache"])
+    assert "tail_soft" not in set(g.array_keys())
+    meta["format_version"], meta["encoding"] = 1, {"name": "topk", "params": {"k": 3}}
+    g.attrs["logitcache"] = meta
+    cache = lc.open_cache(out)
+    targets = cache.read(0)
+    assert "tail_soft" not in targets
+    assert torch.allclose(lc.to_probs(targets, 4.0).sum(1), torch.ones(240), atol=1e-4)
+    ds = lc.CachedKDDataset(tiny, cache, augment=helpers.heavy_augment())
+    assert set(ds[0][2]) == {"logprobs", "ids", "tail", "num_classes"}
+    meta["format_version"] = 3
+    g.attrs["logitcache"] = meta
+    with pytest.raises(LogitcacheError, match="format version 3"):
+        lc.open_cache(out)
