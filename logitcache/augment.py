@@ -17,31 +17,32 @@ def _pipeline(*geometry: v2.Transform, mean=MEAN, std=STD) -> v2.Compose:
     return v2.Compose([v2.ToImage(), *geometry, v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
 
 
-def plain(size: int | None = None) -> v2.Compose:
+def _imagenet_stats(channels: int) -> dict:
+    # ImageNet statistics are per RGB channel; a 1-channel image keeps its one channel (mean/std 0.5).
+    return {"mean": IMAGENET_MEAN, "std": IMAGENET_STD} if channels == 3 else {}
+
+
+def plain(size: int | None = None, channels: int = 3) -> v2.Compose:
     """No randomness: tensor conversion and normalisation only."""
     return _pipeline()
 
 
-def pad_crop_flip(size: int, padding: int = 4) -> v2.Compose:
+def pad_crop_flip(size: int, channels: int = 3, padding: int = 4) -> v2.Compose:
     """The classic small-image recipe: pad, random crop back to ``size``, horizontal flip."""
     return _pipeline(v2.RandomCrop(size, padding=padding), v2.RandomHorizontalFlip())
 
 
-def rrc_flip(size: int = 224) -> v2.Compose:
+def rrc_flip(size: int = 224, channels: int = 3) -> v2.Compose:
     """ImageNet-style: random resized crop to ``size`` and horizontal flip."""
-    return _pipeline(
-        v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip(), mean=IMAGENET_MEAN, std=IMAGENET_STD
-    )
+    return _pipeline(v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip(), **_imagenet_stats(channels))
 
 
-def center_crop(size: int = 224) -> v2.Compose:
+def center_crop(size: int = 224, channels: int = 3) -> v2.Compose:
     """The evaluation pipeline matching ``rrc_flip``: resize to 8/7 of ``size``, centre crop."""
-    return _pipeline(
-        v2.Resize(int(size * 8 / 7), antialias=True), v2.CenterCrop(size), mean=IMAGENET_MEAN, std=IMAGENET_STD
-    )
+    return _pipeline(v2.Resize(int(size * 8 / 7), antialias=True), v2.CenterCrop(size), **_imagenet_stats(channels))
 
 
-# name -> (training pipeline, matching evaluation pipeline); each takes the image size.
+# name -> (training pipeline, matching evaluation pipeline); each takes the image size and channel count.
 PRESETS: dict[str, tuple[Callable[[int], v2.Compose], Callable[[int], v2.Compose]]] = {
     "pad-crop-flip": (pad_crop_flip, plain),
     "rrc-flip": (rrc_flip, center_crop),

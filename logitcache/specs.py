@@ -95,10 +95,17 @@ def resolve_dataset(spec: str, train: bool = True, limit: int | None = None) -> 
 
 
 def image_size(dataset: Dataset) -> int:
-    image = dataset[0][0]
-    if hasattr(image, "size") and not callable(image.size):  # PIL: (width, height)
-        return min(image.size)
-    return min(torch.as_tensor(image).shape[-2:])
+    return min(_image_tensor(dataset).shape[-2:])
+
+
+def image_channels(dataset: Dataset) -> int:
+    return int(_image_tensor(dataset).shape[0])
+
+
+def _image_tensor(dataset: Dataset) -> torch.Tensor:
+    from torchvision.transforms import v2
+
+    return v2.ToImage()(dataset[0][0])  # PIL, NumPy HWC or CHW tensor -> CHW
 
 
 def resolve_augment(spec: str, dataset: Dataset) -> tuple[Callable[[Any], torch.Tensor], Callable[[Any], torch.Tensor]]:
@@ -110,13 +117,14 @@ def resolve_augment(spec: str, dataset: Dataset) -> tuple[Callable[[Any], torch.
     size = image_size(dataset)
     if spec in aug.PRESETS:
         train_fn, eval_fn = aug.PRESETS[spec]
-        return train_fn(size), eval_fn(size)
+        channels = image_channels(dataset)
+        return train_fn(size, channels), eval_fn(size, channels)
     if ":" not in spec:
         raise LogitcacheError(
             f"unknown augmentation {spec!r}; use one of {', '.join(aug.PRESETS)} or pkg.module:function"
         )
     transform = _call(spec, load_callable(spec))
-    evaluation = aug.plain(size)
+    evaluation = aug.plain()
     if isinstance(transform, tuple) and len(transform) == 2:
         transform, evaluation = transform
     if not callable(transform) or not callable(evaluation):

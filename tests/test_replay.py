@@ -57,3 +57,19 @@ def test_fingerprint_detects_another_augmentation(tiny):
     assert fingerprint_mismatch(rec, replay_fingerprint(helpers.heavy_augment(), tiny, 0, 2)) is None
     assert fingerprint_mismatch(rec, replay_fingerprint(helpers.other_augment(), tiny, 0, 2)) is not None
     assert fingerprint_mismatch(rec, replay_fingerprint(helpers.heavy_augment(), tiny, 1, 2)) is not None
+
+
+def test_presets_keep_the_channel_count_and_size():
+    from PIL import Image
+
+    from logitcache import specs
+
+    gray = helpers.tiny_dataset()  # 1-channel 16x16
+    rgb = [(Image.fromarray(np.full((20, 24, 3), 100, np.uint8)), 0)]
+    for spec in ("pad-crop-flip", "rrc-flip", "none"):
+        for ds, channels, size in ((gray, 1, 16), (rgb, 3, 20)):
+            train, evaluation = specs.resolve_augment(spec, ds)
+            for tf in (train, evaluation):
+                out = replay_view(tf, ds[0][0], 0, 0, 0)
+                assert out.shape[0] == channels, (spec, channels)
+                assert out.dtype == torch.float32 and min(out.shape[-2:]) == size
