@@ -20,7 +20,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from . import distributed, specs
 from .build import resolve_device
@@ -175,14 +175,15 @@ def _lr_at(step: int, total: int, base: float, warmup: float) -> float:
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, loader: DataLoader, device: torch.device) -> float:
+def evaluate(model: torch.nn.Module, loader: DataLoader, device: torch.device) -> tuple[int, int]:
+    """``(correct, total)`` over ``loader``: counts, so that ranks' shards add up exactly."""
     model.eval()
     correct = total = 0
     for x, y in loader:
         pred = model(x.to(device)).argmax(1).cpu()
         correct += int((pred == y).sum())
         total += len(y)
-    return correct / total
+    return correct, total
 
 
 def train(cfg: TrainConfig) -> RunResult:
@@ -250,7 +251,9 @@ def train(cfg: TrainConfig) -> RunResult:
         drop_last=True,
         pin_memory=device.type == "cuda",
     )
-    test_loader = DataLoader(test_ds, batch_size=512, num_workers=cfg.workers, persistent_workers=persistent)
+    # Each rank evaluates every world-th test sample (no padding, no duplicates); the counts are summed.
+    test_shard = Subset(test_ds, range(rank, len(test_ds), world)) if world > 1 else test_ds
+    test_loader = DataLoader(test_shard, batch_size=512, num_workers=cfg.workers, persistent_workers=persistent)
     if len(loader) == 0:
         raise LogitcacheError(f"--batch-size {cfg.batch_size} is larger than the training set ({len(train_ds)})")
 
@@ -307,8 +310,8 @@ def train(cfg: TrainConfig) -> RunResult:
             loss_sum, seen, forwards = distributed.all_sum(loss_sum.item(), seen, teacher_forwards)
             if not math.isfinite(loss_sum):
                 raise LogitcacheError(f"the training loss became {loss_sum} in epoch {epoch + 1}; lower --lr")
-            accuracy = evaluate(trained, test_loader, device) if lead else 0.0
-            (accuracy,) = distributed.all_sum(accuracy)  # rank 0 evaluates, every rank learns the result
+            correct, total = distributed.all_sum(*evaluate(trained, test_loader, device))
+            accuracy = correct / total
             wall += time.perf_counter() - start - train_seconds
             row = {
                 "epoch": epoch + 1,

@@ -1,5 +1,6 @@
 """torchrun builds and DDP training (gloo on CPU), and stores on a real S3-compatible server (moto) on loopback."""
 
+import json
 import os
 import socket
 import subprocess
@@ -98,6 +99,18 @@ def test_two_rank_ddp_training_from_the_cache(single, tmp_path):
     names = ["checkpoint.safetensors", "config.json", "metrics.jsonl", "model.json", "model.safetensors"]
     assert sorted(p.name for p in out.iterdir()) == names
     assert '"world_size": 2' in (out / "config.json").read_text()
+    # the ranks' test shards add up to the whole test set: the accuracy is the saved model's, computed in one process
+    from torch.utils.data import DataLoader
+
+    from logitcache import specs
+    from logitcache.train import evaluate
+
+    test = specs.resolve_dataset(f"{HELPERS}:tiny_dataset", train=False)
+    _, eval_tf = specs.resolve_augment(f"{HELPERS}:heavy_augment", test)
+    loader = DataLoader(lc.ReplayDataset(test, eval_tf), batch_size=64)
+    correct, total = evaluate(specs.resolve_teacher(str(out)), loader, torch.device("cpu"))
+    assert total == len(test) == 100
+    assert json.loads(lines[-1])["test_accuracy"] == correct / total
 
 
 def _free_port() -> int:
