@@ -48,9 +48,17 @@ def _run(fn: Callable[[], None]) -> None:
         distributed.shutdown()
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    err.print(f"[yellow]warning:[/] {message}", highlight=False)
+
+
 @app.callback()
 def _setup() -> None:
+    import warnings
+
     import torch
+
+    warnings.showwarning = _show_warning  # one readable line, not a source location
 
     # All cores, shared fairly between the processes torchrun starts on this machine (OMP_NUM_THREADS wins).
     local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))

@@ -312,6 +312,12 @@ def dense_log_probs(targets: dict[str, Tensor], temperature: float = 1.0) -> Ten
     return encoding_of(targets).log_probs(targets, temperature)
 
 
+def topk_kept_mass(targets: dict[str, Tensor], temperature: float) -> float:
+    """Mean share of the softened teacher distribution held by a top-k batch's stored entries (the rest is tail)."""
+    ids = targets["ids"].long()
+    return float(TopKEncoding.log_probs(targets, temperature).exp().gather(-1, ids).sum(-1).mean())
+
+
 def to_probs(targets: dict[str, Tensor], temperature: float = 1.0) -> Tensor:
     """Dense teacher probabilities ``[B, C]`` for a (collated) batch of cached targets."""
     return dense_log_probs(targets, temperature).exp()

@@ -13,6 +13,7 @@ import math
 import os
 import shutil
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from . import distributed, specs
 from .build import resolve_device
 from .checkpoint import Progress, load_checkpoint, save_checkpoint
 from .data import CachedKDDataset, ReplayDataset
+from .encoding import topk_kept_mass
 from .errors import LogitcacheError
 from .fingerprint import versions
 from .losses import kd_loss, kd_loss_dense
@@ -202,6 +204,8 @@ def train(cfg: TrainConfig) -> RunResult:
             f"train with --temperature {cache.encoding_params['tau']:g} (sampled targets are only "
             "unbiased at their build temperature)"
         )
+    if cache is not None and cache.encoding == "topk":
+        _warn_if_tail_dominates(cache, cfg.temperature)
     augment_spec = cfg.augment or (cache.meta["augment"]["spec"] if cache else None) or "pad-crop-flip"
     train_tf, eval_tf = specs.resolve_augment(augment_spec, base)
     if cache is not None:
@@ -333,6 +337,19 @@ def train(cfg: TrainConfig) -> RunResult:
     result.final_accuracy = result.metrics[-1]["test_accuracy"]
     result.teacher_forwards = result.metrics[-1]["teacher_forwards"]
     return result
+
+
+def _warn_if_tail_dominates(cache, temperature: float) -> None:
+    # Top-k keeps the tail's mass but not its shape: when the tail holds most of the softened target, the student
+    # learns little of what the teacher knows. Measured on the first chunk, which is cheap and representative.
+    kept = topk_kept_mass(cache.read_chunk(0, 0), temperature)
+    if kept < 0.5:
+        warnings.warn(
+            f"at --temperature {temperature:g} the cache's top-{cache.encoding_params['k']} entries hold only "
+            f"{kept:.0%} of the teacher's softened probability; the rest is spread flat over the other classes. "
+            "Consider a lower temperature, a larger --k, or --encoding quantized / sampled",
+            stacklevel=3,
+        )
 
 
 def _add_row(result: RunResult, row: dict[str, Any], cfg: TrainConfig) -> None:

@@ -268,3 +268,35 @@ def test_resume_refuses_changed_settings(tmp_path, teacher_cache):
         lc.train(lc.TrainConfig(out=str(out), resume=True, overwrite=True, **COMMON))
     fresh = lc.train(lc.TrainConfig(out=str(tmp_path / "new"), resume=True, **{**COMMON, "epochs": 1}))
     assert len(fresh.metrics) == 1  # nothing to resume: a fresh run
+
+
+def test_cached_topk_warns_when_the_tail_holds_most_of_the_target(tmp_path, teacher_cache):
+    # k=3 of 10 classes: at a very high temperature the softened target is nearly flat and the tail holds ~70% of it
+    with pytest.warns(UserWarning, match="hold only"):
+        lc.train(
+            lc.TrainConfig(
+                out=str(tmp_path / "hot"),
+                kd="cached",
+                cache=str(teacher_cache),
+                temperature=50.0,
+                **{**COMMON, "epochs": 1},
+            )
+        )
+    r = CliRunner().invoke(
+        app,
+        ["train", "--out", str(tmp_path / "cli"), "--dataset", DATASET, "--model", "small-resnet8-w4", "--epochs", "1"]
+        + ["--batch-size", "32", "--workers", "0", "--kd", "cached", "--cache", str(teacher_cache)]
+        + ["--temperature", "50", "-q"],
+    )
+    assert r.exit_code == 0 and "warning: at --temperature 50" in r.output
+
+
+def test_topk_kept_mass():
+    from logitcache.encoding import TopKEncoding, topk_kept_mass
+
+    logits = torch.tensor([[5.0, 4.0, 0.0, 0.0, 0.0, 0.0]])
+    targets = TopKEncoding(6, 2, soft_tail=True).encode(logits)
+    targets["num_classes"] = torch.tensor([6])
+    for t in (1.0, 4.0):
+        true = torch.softmax(logits / t, 1)[0, :2].sum().item()
+        assert topk_kept_mass(targets, t) == pytest.approx(true, abs=1e-3)
