@@ -107,3 +107,21 @@ def test_batched_fetch_equals_per_sample_fetch(built_cache, tiny):
     images, labels, targets = next(iter(loader))
     assert torch.equal(images, torch.stack([_expected_image(tiny, 4, i) for i in order[:32]]))
     assert torch.equal(targets["ids"], lc.open_cache(built_cache).read(4 % 3)["ids"][order[:32]])
+
+
+def test_target_rows_collate_whole_batches_and_any_mix(built_cache, tiny):
+    from torch.utils.data import default_collate
+
+    ds = lc.CachedKDDataset(tiny, built_cache)
+    ds.set_epoch(2)
+    first, second = ds.__getitems__([3, 70, 200, 9]), ds.__getitems__([100, 5])
+    stored = lc.open_cache(built_cache).read(2)
+    cases = [(first, [3, 70, 200, 9]), (first[::-1], [9, 200, 70, 3]), (first[1:3], [70, 200])]
+    cases.append((first[:2] + second, [3, 70, 100, 5]))
+    for samples, indices in cases:
+        images, labels, targets = default_collate(samples)
+        assert labels.tolist() == [int(tiny.targets[i]) for i in indices]
+        assert set(targets) == {"ids", "logprobs", "tail", "tail_soft", "num_classes"}
+        for name, value in targets.items():
+            assert torch.equal(value, stored[name][indices]), name
+        assert dict(samples[0][2]).keys() == targets.keys()  # a row reads like a dict
