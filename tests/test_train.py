@@ -234,18 +234,15 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path, teacher_cache, mo
 
     monkeypatch.setattr(module, "kd_loss", dies_in_epoch_3)
     out = tmp_path / "resumed"
-    with pytest.raises(KeyboardInterrupt):
-        lc.train(lc.TrainConfig(out=str(out), **cfg))
+    args = ["train", "--out", str(out), "--dataset", DATASET, "--model", "small-resnet8-w4", "--epochs", "3"]
+    args += ["--batch-size", "32", "--lr", "0.05", "--seed", "3", "--kd", "cached", "--cache", str(teacher_cache)]
+    r = CliRunner().invoke(app, args + ["--workers", "0", "-q"])  # Ctrl-C in epoch 3
+    assert r.exit_code == 130 and "--resume" in r.output, r.output
     assert len(load_metrics(out)) == 2  # epochs 1 and 2 finished and saved
     monkeypatch.setattr(module, "kd_loss", real_kd_loss)
 
-    # resumed through the CLI, with a different worker count (it does not change what the run computes)
-    r = CliRunner().invoke(
-        app,
-        ["train", "--out", str(out), "--dataset", DATASET, "--model", "small-resnet8-w4", "--epochs", "3"]
-        + ["--batch-size", "32", "--lr", "0.05", "--seed", "3", "--kd", "cached", "--cache", str(teacher_cache)]
-        + ["--workers", "2", "--resume", "-q"],
-    )
+    # resumed with a different worker count (it does not change what the run computes)
+    r = CliRunner().invoke(app, args + ["--workers", "2", "--resume", "-q"])
     assert r.exit_code == 0, r.output
     a, b = _weights(straight.run_dir), _weights(out)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
