@@ -335,7 +335,7 @@ def _render_inspect(info: dict) -> None:
         )
     out.print(arrays)
     views = Table(title="teacher per view")
-    for col in ("view", "rows", "top-1 = label", "mean entropy (nats)", "mean tail mass"):
+    for col in ("view", "rows", "top-1 = label", "mean entropy (nats)", "mean tail mass", "at T=4"):
         views.add_column(col, justify="right")
     for v in info["views"]:
         views.add_row(
@@ -344,6 +344,7 @@ def _render_inspect(info: dict) -> None:
             str(v["top1_agreement_with_labels"]),
             str(v["mean_entropy_nats"]),
             str(v["mean_tail_mass"] if v["mean_tail_mass"] is not None else "-"),
+            str(v["mean_tail_mass_t4"] if v["mean_tail_mass_t4"] is not None else "-"),
         )
     out.print(views)
 

@@ -7,7 +7,7 @@ import os
 import numpy as np
 import torch
 
-from .encoding import dense_log_probs
+from .encoding import dense_log_probs, topk_kept_mass
 from .store import COMPLETE, LABELS, Cache, open_cache
 
 
@@ -67,7 +67,7 @@ def _teacher_stats(cache: Cache, done: np.ndarray, stats_rows: int) -> list[dict
     out = []
     for view in range(cache.num_views):
         chunks = [c for c in range(cache.layout.num_chunks) if done[view, c]]
-        agree = entropy = tail = 0.0
+        agree = entropy = tail = tail_t4 = 0.0
         rows = 0
         for c in chunks:
             if rows >= stats_rows:
@@ -80,6 +80,8 @@ def _teacher_stats(cache: Cache, done: np.ndarray, stats_rows: int) -> list[dict
             entropy += float(-torch.special.xlogy(p, p).sum())
             if "tail" in targets:
                 tail += float(targets["tail"].double().exp().sum())
+                # the tail's share of the target at the default training temperature: where top-k loses most
+                tail_t4 += (1 - topk_kept_mass(targets, 4.0)) * (stop - start)
             rows += stop - start
         out.append(
             {
@@ -88,6 +90,7 @@ def _teacher_stats(cache: Cache, done: np.ndarray, stats_rows: int) -> list[dict
                 "top1_agreement_with_labels": round(agree / rows, 4) if rows else None,
                 "mean_entropy_nats": round(entropy / rows, 4) if rows else None,
                 "mean_tail_mass": round(tail / rows, 5) if rows and cache.encoding == "topk" else None,
+                "mean_tail_mass_t4": round(tail_t4 / rows, 5) if rows and cache.encoding == "topk" else None,
             }
         )
     return out

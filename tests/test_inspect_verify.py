@@ -45,6 +45,10 @@ def test_inspect_json_matches_the_arrays(built_cache):
     for v, stats in enumerate(info["views"]):
         assert stats["rows"] == 240
         assert stats["mean_tail_mass"] == pytest.approx(float(np.exp(g["tail"][v].astype(np.float64)).mean()), abs=1e-5)
+        # T=4 is a stored point of tail_soft (betas 1/8, 1/4, 1/2): the tail's share straight from the raw arrays
+        top = np.exp(g["logprobs"][v].astype(np.float64) / 4).sum(1)
+        soft_tail = np.exp(g["tail_soft"][v][:, 1].astype(np.float64))
+        assert stats["mean_tail_mass_t4"] == pytest.approx(float((soft_tail / (top + soft_tail)).mean()), abs=1e-4)
         top1 = g["ids"][v][:, 0]
         assert stats["top1_agreement_with_labels"] == pytest.approx(float((top1 == labels).mean()), abs=1e-4)
 
