@@ -95,6 +95,12 @@ def build(
         "quantized: all log-probs in 8 bits.",
     ),
     k: int = typer.Option(10, min=1, help="Entries kept per sample for --encoding topk."),
+    soft_tail: bool = typer.Option(
+        True,
+        "--soft-tail/--flat-tail",
+        help="topk: also store the tail's mass at T = 2, 4, 8 (6 B/sample), so training at any temperature weights "
+        "the unstored classes right; --flat-tail saves the bytes, exact only at T = 1.",
+    ),
     samples: int = typer.Option(50, min=1, help="Draws S per sample for --encoding sampled."),
     tau: float = typer.Option(1.0, help="Sampling temperature for --encoding sampled; training must use the same."),
     floor: float = typer.Option(20.0, help="Lowest log-probability kept by --encoding quantized."),
@@ -129,6 +135,7 @@ def build(
             seed=seed,
             encoding=encoding.value,
             k=k,
+            soft_tail=soft_tail,
             samples=samples,
             tau=tau,
             floor=floor,

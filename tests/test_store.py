@@ -272,3 +272,12 @@ def test_format_version_1_stores_are_still_read(tmp_path, tiny):
     g.attrs["logitcache"] = meta
     with pytest.raises(LogitcacheError, match="format version 3"):
         lc.open_cache(out)
+
+
+def test_cli_flat_tail_builds_without_tail_soft(tmp_path):
+    out = tmp_path / "flat"
+    args = cli_build_args(chunk_rows=64, workers=0) + ["--teacher", f"{HELPERS}:tiny_teacher", "--out", str(out)]
+    r = CliRunner().invoke(app, args + ["--flat-tail"])
+    assert r.exit_code == 0, r.output
+    cache = lc.open_cache(out)
+    assert cache.encoding_params == {"k": 3, "soft_tail": False} and "tail_soft" not in cache.field_names
