@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -23,7 +24,22 @@ def _run(args, nproc=None, env=None, check=True):
     cmd = (
         TORCHRUN + [f"--nproc-per-node={nproc}", "-m", "logitcache"] if nproc else [sys.executable, "-m", "logitcache"]
     ) + args
-    r = subprocess.run(cmd, env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=300)
+    # A session of its own, so that a hung run is killed with every rank and DataLoader worker, not just torchrun.
+    proc = subprocess.Popen(
+        cmd,
+        env={**os.environ, **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        stdout, stderr = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        raise AssertionError(f"{' '.join(args[:1])} timed out after 300 s:\n{stderr[-3000:]}") from None
+    r = subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
     if check:
         assert r.returncode == 0, r.stderr[-3000:]
     return r
@@ -83,8 +99,10 @@ def test_two_rank_ddp_training_from_the_cache(single, tmp_path):
             "2",
             "--batch-size",
             "32",
+            # No DataLoader workers: once in ~10 runs a worker forked inside a gloo rank hung before starting
+            # (CPython 3.11, in _PyThreadState_DeleteExcept after fork); see the closing note of session 2.
             "--workers",
-            "1",
+            "0",
             "--kd",
             "cached",
             "--cache",
