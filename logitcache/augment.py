@@ -43,7 +43,7 @@ def center_crop(size: int = 224, channels: int = 3) -> v2.Compose:
 
 
 # name -> (training pipeline, matching evaluation pipeline); each takes the image size and channel count.
-PRESETS: dict[str, tuple[Callable[[int], v2.Compose], Callable[[int], v2.Compose]]] = {
+PRESETS: dict[str, tuple[Callable[[int, int], v2.Compose], Callable[[int, int], v2.Compose]]] = {
     "pad-crop-flip": (pad_crop_flip, plain),
     "rrc-flip": (rrc_flip, center_crop),
     "none": (plain, plain),

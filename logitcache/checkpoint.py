@@ -59,9 +59,7 @@ def save_checkpoint(
     os.replace(tmp, run_dir / CHECKPOINT_FILE)
 
 
-def load_checkpoint(
-    run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, device: torch.device
-) -> Progress:
+def load_checkpoint(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> Progress:
     """Restore model, optimizer and RNG from ``run_dir``; a fresh ``Progress`` if the run never finished an epoch."""
     path = run_dir / CHECKPOINT_FILE
     if not path.is_file():
@@ -77,7 +75,8 @@ def load_checkpoint(
     for name, value in tensors.items():
         if name.startswith("optim/"):
             _, index, key = name.split("/", 2)
-            state.setdefault(int(index), {})[key] = value.to(device)
+            state.setdefault(int(index), {})[key] = value
+    # load_state_dict moves each state tensor to its parameter's device
     optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
     torch.set_rng_state(tensors["rng/torch"])
     return Progress(

@@ -132,13 +132,8 @@ class CachedKDDataset(ReplayDataset):
         rows_per_chunk = self.cache.chunk_rows
         idx = torch.as_tensor(indices, dtype=torch.int64)
         chunk_of = idx // rows_per_chunk
-        chunks = chunk_of.unique().tolist()
-        if len(chunks) == 1:
-            rows = self._chunk(view, chunks[0])
-            offsets = idx - chunks[0] * rows_per_chunk
-            return {name: t[offsets] for name, t in rows.items()}
         out: dict[str, torch.Tensor] = {}
-        for chunk in chunks:
+        for chunk in chunk_of.unique().tolist():
             rows = self._chunk(view, chunk)
             where = (chunk_of == chunk).nonzero().squeeze(1)
             offsets = idx[where] - chunk * rows_per_chunk

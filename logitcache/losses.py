@@ -32,15 +32,15 @@ def _topk_kl(student_logits: Tensor, targets: dict[str, Tensor], temperature: fl
     if rest == 0:
         lp_top = torch.log_softmax(t_top, dim=1)
         return (lp_top.exp() * (lp_top - s_top)).sum(1) + log_z
+    t_tail = TopKEncoding.softened_tail(targets, rest, temperature)
+    log_norm = torch.logsumexp(torch.cat([t_top, t_tail[:, None]], dim=1), dim=1)
+    lp_top, lp_bucket = t_top - log_norm[:, None], t_tail - log_norm
     # Each of the `rest` unstored classes gets an equal share of the softened leftover mass (see TopKEncoding).
-    t_rest = TopKEncoding.softened_tail(targets, rest, temperature) - math.log(rest)
-    log_norm = torch.logsumexp(torch.cat([t_top, (t_rest + math.log(rest))[:, None]], dim=1), dim=1)
-    lp_top, lp_rest = t_top - log_norm[:, None], t_rest - log_norm
+    lp_rest = lp_bucket - math.log(rest)
     if tail_mode == "bucket":
         # One "rest" category on both sides: only the student's total mass outside the teacher's top k is matched.
         log_q_top = s_top - log_z[:, None]
         log_q_bucket = torch.log1p(-log_q_top.exp().sum(1).clamp(max=1 - 1e-7))
-        lp_bucket = lp_rest + math.log(rest)
         return (lp_top.exp() * (lp_top - log_q_top)).sum(1) + lp_bucket.exp() * (lp_bucket - log_q_bucket)
     p_rest = lp_rest.exp()
     s_rest_sum = s.sum(1) - s_top.sum(1)

@@ -94,18 +94,12 @@ def resolve_dataset(spec: str, train: bool = True, limit: int | None = None) -> 
     return Head(ds, limit) if limit else ds
 
 
-def image_size(dataset: Dataset) -> int:
-    return min(_image_tensor(dataset).shape[-2:])
-
-
-def image_channels(dataset: Dataset) -> int:
-    return int(_image_tensor(dataset).shape[0])
-
-
-def _image_tensor(dataset: Dataset) -> torch.Tensor:
+def image_shape(dataset: Dataset) -> tuple[int, int]:
+    """``(channels, smaller side)`` of the dataset's first image (PIL, NumPy HWC or CHW tensor)."""
     from torchvision.transforms import v2
 
-    return v2.ToImage()(dataset[0][0])  # PIL, NumPy HWC or CHW tensor -> CHW
+    image = v2.ToImage()(dataset[0][0])
+    return int(image.shape[0]), min(image.shape[-2:])
 
 
 def resolve_augment(spec: str, dataset: Dataset) -> tuple[Callable[[Any], torch.Tensor], Callable[[Any], torch.Tensor]]:
@@ -114,10 +108,9 @@ def resolve_augment(spec: str, dataset: Dataset) -> tuple[Callable[[Any], torch.
     A user callable ``fn()`` returns either the training transform (evaluation then uses the ``none`` preset) or a
     ``(training, evaluation)`` pair.
     """
-    size = image_size(dataset)
     if spec in aug.PRESETS:
         train_fn, eval_fn = aug.PRESETS[spec]
-        channels = image_channels(dataset)
+        channels, size = image_shape(dataset)
         return train_fn(size, channels), eval_fn(size, channels)
     if ":" not in spec:
         raise LogitcacheError(

@@ -266,7 +266,7 @@ def train(cfg: TrainConfig) -> RunResult:
     )
     total_steps = cfg.epochs * len(loader)
     kd_steps = int(round(cfg.kd_until * total_steps)) if cfg.kd != "none" else 0
-    done = load_checkpoint(run_dir, trained, opt, device) if cfg.resume else Progress()
+    done = load_checkpoint(run_dir, trained, opt) if cfg.resume else Progress()
     result = RunResult(str(run_dir), 0.0)
     step, wall = done.step, done.wall
     teacher_forwards = done.teacher_forwards if lead else 0  # summed over ranks each epoch
