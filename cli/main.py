@@ -29,14 +29,14 @@ class Encoding(str, Enum):
 
 def _run(fn: Callable[[], None]) -> None:
     """User mistakes (LogitcacheError) become one red line and exit code 2; Ctrl-C says how to resume."""
-    from logitcache.errors import LogitcacheError
+    from logitcache.errors import LogitcacheError, user_message
 
     from logitcache import distributed
 
     try:
         fn()
     except LogitcacheError as e:
-        err.print(f"[bold red]error:[/] {e}", highlight=False)
+        err.print(f"[bold red]error:[/] {user_message(e)}", highlight=False)
         raise typer.Exit(2)
     except KeyboardInterrupt:
         err.print(
@@ -69,7 +69,8 @@ def _setup() -> None:
 def build(
     teacher: str = typer.Option(
         ...,
-        help="Run directory from `logitcache train`, pkg.module:fn, path/file.py:fn "
+        help="Run directory from `logitcache train`, several run directories separated by commas (an ensemble of "
+        "earlier runs: the mean of their probabilities), pkg.module:fn, path/file.py:fn "
         "(fn() returns an nn.Module), or a torchvision model name.",
     ),
     dataset: str = typer.Option(
@@ -114,6 +115,12 @@ def build(
     device: str = typer.Option("auto", help="auto (CUDA when present), cpu or cuda."),
     limit: Optional[int] = typer.Option(None, min=1, help="Use the first N samples of the dataset only."),
     resume: bool = typer.Option(False, "--resume", help="Finish an interrupted build; complete chunks are kept."),
+    repair: bool = typer.Option(
+        False,
+        "--repair",
+        help="With --resume: first check every stored chunk (checksums, missing files, digests) and recompute the "
+        "damaged ones too; the result equals an undamaged build, byte for byte.",
+    ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing cache at --out."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
@@ -146,6 +153,7 @@ def build(
             device=device,
             resume=resume,
             overwrite=overwrite,
+            repair=repair,
             progress=not quiet,
             specs={"teacher": teacher, "dataset": dataset, "augment": augment},
         )
@@ -159,6 +167,16 @@ def build(
     _run(go)
 
 
+def _train_defaults():
+    # The train command's defaults are TrainConfig's: one place decides them (and says why, in its docstring).
+    from logitcache.train import TrainConfig
+
+    return TrainConfig(out="")
+
+
+TRAIN = _train_defaults()
+
+
 class KD(str, Enum):
     none = "none"
     cached = "cached"
@@ -168,13 +186,13 @@ class KD(str, Enum):
 @app.command()
 def train(
     out_path: Path = typer.Option(..., "--out", help="Run directory to write (config, metrics, weights)."),
-    dataset: str = typer.Option("fashion-mnist", help="Same dataset specs as `build`."),
+    dataset: str = typer.Option(TRAIN.dataset, help="Same dataset specs as `build`."),
     model: str = typer.Option(
-        "small-resnet8",
+        TRAIN.model,
         help="small-resnet8/14/20[-wW], a torchvision model name, or "
         "pkg.module:fn (fn(num_classes=, in_channels=) returns a module).",
     ),
-    epochs: int = typer.Option(5, min=1),
+    epochs: int = typer.Option(TRAIN.epochs, min=1, help="Training epochs (a complete warm-up + cosine schedule)."),
     kd: KD = typer.Option(
         KD.none,
         help="none: plain training. cached: targets from --cache. online: run --teacher "
@@ -182,25 +200,30 @@ def train(
     ),
     cache: Optional[str] = typer.Option(None, help="Cache written by `logitcache build` (for --kd cached)."),
     teacher: Optional[str] = typer.Option(None, help="Run directory or teacher spec (for --kd online)."),
-    kd_weight: float = typer.Option(0.9, help="Loss = (1 - a) * CE + a * T^2 * KL."),
-    temperature: float = typer.Option(4.0, help="Distillation temperature T."),
-    kd_until: float = typer.Option(1.0, help="Apply KD for the first fraction F of training steps only."),
+    kd_weight: float = typer.Option(TRAIN.kd_weight, help="Loss = (1 - a) * CE + a * T^2 * KL."),
+    temperature: float = typer.Option(TRAIN.temperature, help="Distillation temperature T."),
+    kd_until: float = typer.Option(TRAIN.kd_until, help="Apply KD for the first fraction F of training steps only."),
     kd_tail: str = typer.Option(
-        "uniform",
+        TRAIN.kd_tail,
         help="Top-k caches: uniform (spread the leftover mass over the other classes) or bucket (one 'rest' class).",
     ),
     augment: Optional[str] = typer.Option(
         None, help="Training augmentation; default: the cache's for --kd cached, else pad-crop-flip."
     ),
-    seed: int = typer.Option(0, help="Seeds initialisation, shuffling and (without a cache) augmentation."),
-    lr: float = typer.Option(0.1, help="Peak learning rate (SGD, nesterov momentum 0.9, warm-up then cosine)."),
-    weight_decay: float = typer.Option(5e-4),
-    label_smoothing: float = typer.Option(0.0),
-    batch_size: int = typer.Option(128, min=1),
-    workers: int = typer.Option(2, min=0, help="DataLoader worker processes."),
+    seed: int = typer.Option(TRAIN.seed, help="Seeds initialisation, shuffling and (without a cache) augmentation."),
+    lr: float = typer.Option(TRAIN.lr, help="Peak learning rate (SGD, nesterov momentum 0.9, warm-up then cosine)."),
+    weight_decay: float = typer.Option(TRAIN.weight_decay),
+    label_smoothing: float = typer.Option(TRAIN.label_smoothing),
+    batch_size: int = typer.Option(TRAIN.batch_size, min=1),
+    workers: int = typer.Option(TRAIN.workers, min=0, help="DataLoader worker processes."),
     device: str = typer.Option("auto", help="auto (CUDA when present), cpu or cuda."),
     limit: Optional[int] = typer.Option(None, min=1, help="Train on the first N samples (must match the cache)."),
     test_limit: Optional[int] = typer.Option(None, min=1, help="Evaluate on the first N test samples only."),
+    eval_every: int = typer.Option(
+        TRAIN.eval_every,
+        min=1,
+        help="Evaluate after every N-th epoch and the last (evaluation can cost more than a short epoch).",
+    ),
     target_accuracy: Optional[float] = typer.Option(
         None, help="Report the epoch and time the test accuracy first reaches X (0-1)."
     ),
@@ -239,6 +262,7 @@ def train(
             device=device,
             limit=limit,
             test_limit=test_limit,
+            eval_every=eval_every,
             target_accuracy=target_accuracy,
             overwrite=overwrite,
             resume=resume,
@@ -256,7 +280,7 @@ def train(
             table.add_row(
                 str(m["epoch"]),
                 f"{m['train_loss']:.4f}",
-                f"{m['test_accuracy']:.4f}",
+                f"{m['test_accuracy']:.4f}" if m["test_accuracy"] is not None else "-",
                 f"{m['wall_seconds']:.1f}",
                 f"{m['samples_per_second']:.0f}",
                 str(m["teacher_forwards"]),
@@ -359,8 +383,18 @@ def _render_inspect(info: dict) -> None:
 @app.command()
 def verify(
     path: str = typer.Argument(..., help="A cache written by `logitcache build`."),
-    teacher: str = typer.Option(..., help="The teacher the cache should hold (same specs as `build`)."),
-    dataset: str = typer.Option(..., help="The dataset the cache was built on."),
+    teacher: Optional[str] = typer.Option(
+        None, help="The teacher the cache should hold (same specs as `build`); not needed with --storage-only."
+    ),
+    dataset: Optional[str] = typer.Option(
+        None, help="The dataset the cache was built on; not needed with --storage-only."
+    ),
+    storage_only: bool = typer.Option(
+        False,
+        "--storage-only",
+        help="Only read and check every chunk (checksums, missing files, recorded digests) and report incomplete and "
+        "damaged chunks; no teacher, fast. Repair what it finds with `build ... --resume --repair`.",
+    ),
     augment: Optional[str] = typer.Option(None, help="Default: the augmentation recorded in the cache."),
     teacher_weights: Optional[Path] = typer.Option(None),
     limit: Optional[int] = typer.Option(None, min=1, help="The first N samples, as given to `build --limit`."),
@@ -374,14 +408,23 @@ def verify(
     seed: int = typer.Option(0, help="Seed for choosing the pairs."),
     device: str = typer.Option("auto"),
 ) -> None:
-    """Re-run the teacher on replayed views and compare with the stored targets; exit 1 when they disagree."""
+    """Check a cache: every chunk's storage, then the teacher re-run on replayed views; exit 1 on any problem."""
 
     def go() -> None:
         from rich.table import Table
 
         from logitcache import specs
-        from logitcache.verify import verify_cache
+        from logitcache.errors import LogitcacheError
+        from logitcache.verify import verify_cache, verify_storage
 
+        if storage_only:
+            report = verify_storage(path)
+            if report.ok:
+                out.print(f"[green]ok[/]: all {report.checked} chunks are complete and intact")
+                return
+            _fail(report)
+        if not teacher or not dataset:
+            raise LogitcacheError("verify needs --teacher and --dataset (or --storage-only to check the chunks alone)")
         ds = specs.resolve_dataset(dataset, train=True, limit=limit)
         tf = specs.resolve_augment(augment, ds)[0] if augment else None
         model = specs.resolve_teacher(teacher, teacher_weights)
@@ -402,15 +445,19 @@ def verify(
         if report.ok:
             out.print("[green]ok[/]: the stored targets match the teacher on their replayed views")
             return
-        first = f"first bad: view {report.first_bad[0]}, sample {report.first_bad[1]}" if report.first_bad else ""
-        for line in report.problems[:10]:
-            err.print(f"  {line}", highlight=False)
-        if len(report.problems) > 10:
-            err.print(f"  ... and {len(report.problems) - 10} more")
-        err.print(f"[bold red]FAILED[/]: {len(report.problems)} problem(s); {first}", highlight=False)
-        raise typer.Exit(1)
+        _fail(report)
 
     _run(go)
+
+
+def _fail(report) -> None:
+    first = f"first bad: view {report.first_bad[0]}, sample {report.first_bad[1]}" if report.first_bad else ""
+    for line in report.problems[:10]:
+        err.print(f"  {line}", highlight=False)
+    if len(report.problems) > 10:
+        err.print(f"  ... and {len(report.problems) - 10} more")
+    err.print(f"[bold red]FAILED[/]: {len(report.problems)} problem(s); {first}", highlight=False)
+    raise typer.Exit(1)
 
 
 @app.command()

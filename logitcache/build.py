@@ -8,7 +8,10 @@ straddle a unit, so a unit's bytes do not depend on which run, resume or rank co
 from __future__ import annotations
 
 import datetime
+import math
 import os
+import shutil
+import warnings
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -110,13 +113,17 @@ def _check_compatible(path: str, existing: dict, meta: dict) -> None:
 
 
 def _open_output(
-    out: str, meta: dict, fields: dict, codec: str, labels: np.ndarray, resume: bool, overwrite: bool
+    out: str, meta: dict, fields: dict, codec: str, labels: np.ndarray, resume: bool, overwrite: bool, repair: bool
 ) -> zarr.Group:
+    if repair and not resume:
+        raise LogitcacheError("--repair works on an existing cache: pass it together with --resume")
     if store.is_store(out):
         if overwrite:
             store.remove_store(out)
         elif resume:
             _check_compatible(out, dict(store.open_group(out, mode="r").attrs[store.ATTR_KEY]), meta)
+            if repair:
+                _mark_damaged_units(out, labels)
             return store.open_group(out, mode="r+")
         else:
             done = store.open_cache(out).completion()
@@ -135,6 +142,74 @@ def _open_output(
         if not os.access(path, os.W_OK):
             raise LogitcacheError(f"{out} is not writable")
     return store.create_store(out, meta, fields, codec, labels)
+
+
+def _mark_damaged_units(out: str, labels: np.ndarray) -> None:
+    """``--repair``: every complete unit whose chunks fail their checks is marked unfinished, so that the resume that
+    follows recomputes exactly those (to the same bytes); damaged labels are rewritten from the dataset."""
+    cache = store.open_cache(out)
+    if cache.meta["format_version"] < 3:
+        raise LogitcacheError(
+            f"{out} has format version {cache.meta['format_version']}, which records no digests, so damage cannot be "
+            "told from data; rebuild it with --overwrite"
+        )
+    damaged = [(v, c, why) for v, c, why in cache.scan() if not why.startswith("incomplete")]
+    group = store.open_group(out, mode="r+")
+    for v, c, _ in damaged:
+        group[store.COMPLETE][v, c] = 0
+    try:
+        labels_ok = np.array_equal(cache.labels().numpy(), labels)
+    except LogitcacheError:
+        labels_ok = False
+    if not labels_ok:
+        group[store.LABELS][...] = labels.astype(group[store.LABELS].dtype)
+    if damaged or not labels_ok:
+        listed = "; ".join(f"view {v}, chunk {c}: {why}" for v, c, why in damaged[:5])
+        more = f" and {len(damaged) - 5} more" if len(damaged) > 5 else ""
+        warnings.warn(
+            f"repair: recomputing {len(damaged)} damaged chunk(s)"
+            + (f" ({listed}{more})" if damaged else "")
+            + ("; labels rewritten" if not labels_ok else ""),
+            stacklevel=3,
+        )
+    else:
+        warnings.warn("repair: every complete chunk passed its checks; nothing to recompute", stacklevel=3)
+
+
+def _size_text(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return ""
+
+
+def raw_bytes(fields: dict, views: int, samples: int) -> int:
+    """The targets' size before compression: an upper bound on what the store needs (compression only shrinks it)."""
+    return views * samples * sum(f.dtype.itemsize * math.prod(f.shape) for f in fields.values())
+
+
+def _out_of_space(out: str, error: OSError, group: zarr.Group, fields: dict, layout: store.Layout) -> LogitcacheError:
+    """One line for a full disk, a quota or a read-only filesystem: what failed, what is kept, how much is needed."""
+    done = int(store.Cache(out, group).completion().sum())
+    total = layout.num_views * layout.num_chunks
+    raw = raw_bytes(fields, layout.num_views, layout.num_samples)
+    need = f"up to {_size_text(raw)} (before compression)"
+    try:
+        stored = sum(group[name].nbytes_stored() for name in fields)
+        if done:
+            estimate = _size_text(stored / done * total)
+            need = f"about {estimate} (from the {done} chunks written), at most {_size_text(raw)}"
+    except Exception:
+        pass
+    free = ""
+    if not store.is_url(out):
+        free = f"; {_size_text(shutil.disk_usage(out).free)} free there now"
+    return LogitcacheError(
+        f"writing the cache to {out} failed: {error.strerror or error}. {done}/{total} chunks are complete and kept. "
+        f"The whole cache needs {need}{free}. Free space (or choose another --out), then rerun the same command "
+        "with --resume"
+    )
 
 
 def _metadata(
@@ -198,6 +273,7 @@ def build_cache(
     device: str = "auto",
     resume: bool = False,
     overwrite: bool = False,
+    repair: bool = False,
     progress: bool = True,
     specs: dict[str, str | None] | None = None,
 ) -> store.Cache:
@@ -207,6 +283,7 @@ def build_cache(
     ``specs`` records how the teacher/dataset/augmentation were named (CLI specs), so that tools can re-create them.
     Returns the opened cache. Interrupting it (Ctrl-C, kill) loses at most the units in flight: ``resume=True``
     finishes the job and the result is bitwise identical to an uninterrupted build on the same machine.
+    ``repair=True`` (with ``resume``) first checks every stored chunk and recomputes the damaged ones as well.
 
     Under ``torchrun`` (an initialised process group) every rank calls this with the same arguments: rank 0 alone
     creates or validates the store and its metadata; ranks then claim units one at a time from a shared counter and
@@ -271,7 +348,7 @@ def build_cache(
     group = None
     if distributed.rank() == 0:
         try:
-            group = _open_output(out, meta, fields, codec, labels, resume, overwrite)
+            group = _open_output(out, meta, fields, codec, labels, resume, overwrite, repair)
         except BaseException:
             distributed.agree(False)
             raise
@@ -280,7 +357,7 @@ def build_cache(
     if group is None:
         group = store.open_group(out, mode="r+")
     layout = store.Layout(views, n, chunk_rows)
-    done = group[store.COMPLETE][...].astype(bool)
+    done = store.Cache(out, group).completion()
     units = [(v, c) for v in range(views) for c in range(layout.num_chunks) if not done[v, c]]
     total_rows = sum(layout.rows(c)[1] - layout.rows(c)[0] for _, c in units) // distributed.world_size()
     planned: deque[tuple[tuple[int, int], list[int]]] = deque()
@@ -317,30 +394,47 @@ def build_cache(
         while len(in_flight) > 4 or (in_flight and in_flight[0].done()):  # bounded: back-pressure on slow disks
             in_flight.pop(0).result()
 
+    if not store.is_url(out) and distributed.rank() == 0 and not done.any():
+        need, free = raw_bytes(fields, views, n), shutil.disk_usage(out).free
+        if need > free:
+            warnings.warn(
+                f"the cache may need up to {_size_text(need)} before compression and {out} has {_size_text(free)} "
+                "free; if the disk fills, free space and rerun with --resume",
+                stacklevel=2,
+            )
     try:
-        with (
-            progress_bar("build", total_rows, enabled=progress and distributed.rank() == 0) as advance,
-            torch.inference_mode(),
-        ):
-            for x in loader:
-                unit, idx = planned.popleft()  # the loader keeps the sampler's order
-                logits = _teacher_logits(teacher, x, dev)
-                finite = torch.isfinite(logits).all(dim=1)
-                if not finite.all():
-                    bad = idx[int((~finite).nonzero()[0])]
-                    raise LogitcacheError(
-                        f"the teacher produced NaN/inf for view {bad // n}, sample {bad % n}; "
-                        "nothing was written for its chunk"
-                    )
-                buffer.append(logits)
-                start, stop = layout.rows(unit[1])
-                if idx[-1] == unit[0] * n + stop - 1:  # the unit's last batch
-                    submit(unit)
-                advance(len(idx))
+        _run_units(loader, planned, teacher, dev, n, layout, buffer, submit, progress, total_rows)
+        for f in in_flight:
+            f.result()
+    except OSError as e:
+        if e.errno not in store.OUT_OF_SPACE:
+            raise
+        raise _out_of_space(out, e, group, fields, layout) from None
     finally:
         # Units already handed to the writer are complete: let them land, so an interrupt loses only the current one.
         writer.shutdown(wait=True)
-    for f in in_flight:
-        f.result()
     distributed.barrier()
     return store.open_cache(out)
+
+
+def _run_units(loader, planned, teacher, dev, n, layout, buffer, submit, progress, total_rows) -> None:
+    """The teacher over the planned batches; a unit's logits go to the writer when its last batch is done."""
+    with (
+        progress_bar("build", total_rows, enabled=progress and distributed.rank() == 0) as advance,
+        torch.inference_mode(),
+    ):
+        for x in loader:
+            unit, idx = planned.popleft()  # the loader keeps the sampler's order
+            logits = _teacher_logits(teacher, x, dev)
+            finite = torch.isfinite(logits).all(dim=1)
+            if not finite.all():
+                bad = idx[int((~finite).nonzero()[0])]
+                raise LogitcacheError(
+                    f"the teacher produced NaN/inf for view {bad // n}, sample {bad % n}; "
+                    "nothing was written for its chunk"
+                )
+            buffer.append(logits)
+            start, stop = layout.rows(unit[1])
+            if idx[-1] == unit[0] * n + stop - 1:  # the unit's last batch
+                submit(unit)
+            advance(len(idx))

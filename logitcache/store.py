@@ -1,15 +1,23 @@
 """The on-disk cache: a Zarr v3 group. The format is specified in FORMAT.md; this module is its only writer and reader.
 
-Work is done in *units*: one chunk of rows of one view. A unit's arrays are written first and then its flag in the
-``complete`` array is set; both are whole-chunk writes, which LocalStore makes atomic (temp file + rename). So a unit
-is either marked complete with all its data present, or it is recomputed on resume, and several processes can fill
-disjoint units of one store without coordination.
+Work is done in *units*: one chunk of rows of one view. A unit's arrays are written first, then its digest (a crc32
+of the decoded rows), then its flag in the ``complete`` array; all are whole-chunk writes, which LocalStore makes
+atomic (temp file + rename). So a unit is either marked complete with all its data present, or it is recomputed on
+resume, and several processes can fill disjoint units of one store without coordination.
+
+Zarr reads a chunk that is not there as fill values. The digest is what makes a complete unit's contents provable:
+every read of a unit compares the decoded rows with it, so a deleted, emptied, truncated or swapped chunk file is an
+error naming the unit, never zeros passed off as targets.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
+import json
 import os
 import shutil
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,11 +30,15 @@ from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec, ZstdCodec
 from .encoding import Field, id_dtype, make_encoding
 from .errors import LogitcacheError
 
-FORMAT_VERSION = 2  # 2: top-k stores tail_soft; version 1 stores (without it) are still read
-READABLE_VERSIONS = (1, 2)
+# 2: top-k stores tail_soft. 3: per-unit digests, chunks always written, a digest of the metadata.
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 ATTR_KEY = "logitcache"
 COMPLETE = "complete"
+DIGESTS = "digests"
 LABELS = "labels"
+META_DIGEST = "metadata_sha256"
+OUT_OF_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG)
 CODECS = ("blosc-lz4", "zstd", "none")
 
 
@@ -108,7 +120,18 @@ def create_store(
             compressors=_compressors(codec, field.dtype.itemsize),
             fill_value=0,
             dimension_names=("view", "sample", *[f"dim{i}" for i in range(len(field.shape))]),
+            config={"write_empty_chunks": True},  # every unit's chunk exists, zeros included
         )
+    group.create_array(
+        DIGESTS,
+        shape=(layout.num_views, layout.num_chunks),
+        chunks=(1, 1),
+        dtype="uint32",
+        compressors=[Crc32cCodec()],
+        fill_value=0,
+        dimension_names=("view", "chunk"),
+        config={"write_empty_chunks": True},
+    )
     group.create_array(
         COMPLETE,
         shape=(layout.num_views, layout.num_chunks),
@@ -126,8 +149,22 @@ def create_store(
         dimension_names=("sample",),
     )
     # Attributes last: a store without them is not a cache, so a crash during creation leaves nothing "valid".
-    group.attrs[ATTR_KEY] = meta
+    group.attrs[ATTR_KEY] = {**meta, META_DIGEST: metadata_digest(meta)}
     return group
+
+
+def metadata_digest(meta: dict[str, Any]) -> str:
+    """sha256 of the metadata as canonical JSON (without the digest itself): an edited attribute is detected."""
+    body = {k: v for k, v in meta.items() if k != META_DIGEST}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def unit_digest(rows: dict[str, np.ndarray]) -> int:
+    """crc32 of a unit's decoded rows, field by field in name order (what `write_unit` records and reads check)."""
+    crc = 0
+    for name in sorted(rows):
+        crc = zlib.crc32(np.ascontiguousarray(rows[name]).view(np.uint8).reshape(-1), crc)
+    return crc
 
 
 def write_unit(
@@ -136,11 +173,29 @@ def write_unit(
     start, stop = rows
     for name in field_names:
         group[name][view, start:stop] = data[name]
+    if DIGESTS in group:
+        rows_as_stored = {name: np.asarray(data[name], dtype=group[name].dtype) for name in field_names}
+        group[DIGESTS][view, chunk] = unit_digest(rows_as_stored)
     group[COMPLETE][view, chunk] = 1
 
 
+class DamagedCache(LogitcacheError):
+    """A complete unit whose stored bytes are not what the build wrote: never trained on."""
+
+
+def repair_hint(path: str) -> str:
+    return (
+        f"repair it with the same `logitcache build` command plus --resume --repair (recomputes only the damaged "
+        f"chunks), or list every damaged chunk with `logitcache verify {path} --storage-only`"
+    )
+
+
 class Cache:
-    """A read handle on a logitcache store. Reads whole chunks; decode with ``logitcache.to_probs``/``kd_loss``."""
+    """A read handle on a logitcache store. Reads whole chunks; decode with ``logitcache.to_probs``/``kd_loss``.
+
+    Every read of a unit is checked: a checksum failure, a missing chunk file or contents that differ from the
+    digest recorded at build time raise ``DamagedCache`` naming the array, view, chunk and samples.
+    """
 
     def __init__(self, path: str | os.PathLike, group: zarr.Group):
         self.path = str(path)
@@ -156,6 +211,40 @@ class Cache:
         if missing:
             raise LogitcacheError(f"{path} is damaged or from another version: missing array(s) {', '.join(missing)}")
         self._arrays = {name: group[name] for name in self.field_names}
+        self.has_digests = DIGESTS in members
+        self._digests: dict[int, np.ndarray] = {}
+        self._validate(members)
+
+    def _validate(self, members: set[str]) -> None:
+        """The attributes must describe these arrays: an edited attribute or a mixed-up store is refused here."""
+        if META_DIGEST in self.meta and self.meta[META_DIGEST] != metadata_digest(self.meta):
+            raise LogitcacheError(
+                f"{self.path}: the cache's metadata (Zarr attributes) were edited after the build, so nothing in it "
+                "can be trusted; rebuild it with `logitcache build ... --overwrite`"
+            )
+        if self.meta.get("format_version", 0) >= 3 and not self.has_digests:
+            raise LogitcacheError(f"{self.path} is damaged: the '{DIGESTS}' array is missing; rebuild with --overwrite")
+        fields = self.encoder.fields()
+        v, n, rows, chunks = self.num_views, self.num_samples, self.chunk_rows, self.layout.num_chunks
+        expected = {name: ((v, n, *f.shape), (1, rows, *f.shape), f.dtype) for name, f in fields.items()}
+        expected[COMPLETE] = ((v, chunks), (1, 1), np.dtype("uint8"))
+        expected[LABELS] = ((n,), (rows,), None)
+        if self.has_digests:
+            expected[DIGESTS] = ((v, chunks), (1, 1), np.dtype("uint32"))
+        for name, (shape, chunk_shape, dtype) in expected.items():
+            arr = self.group[name]
+            problems = []
+            if tuple(arr.shape) != shape:
+                problems.append(f"shape {tuple(arr.shape)}, expected {shape}")
+            if tuple(arr.chunks) != chunk_shape:
+                problems.append(f"chunks {tuple(arr.chunks)}, expected {chunk_shape}")
+            if dtype is not None and arr.dtype != dtype:
+                problems.append(f"dtype {arr.dtype}, expected {dtype}")
+            if problems:
+                raise LogitcacheError(
+                    f"{self.path}: array '{name}' does not match the cache's metadata ({'; '.join(problems)}): "
+                    "the attributes or the arrays were changed after the build; rebuild with --overwrite"
+                )
 
     num_samples = property(lambda self: self.layout.num_samples)
     num_views = property(lambda self: self.layout.num_views)
@@ -165,8 +254,18 @@ class Cache:
     encoding_params = property(lambda self: dict(self.meta["encoding"]["params"]))
 
     def completion(self) -> np.ndarray:
-        """``[views, chunks]`` booleans: which units are complete."""
-        return self.group[COMPLETE][...].astype(bool)
+        """``[views, chunks]`` booleans: which units are complete (a flag that cannot be read counts as not)."""
+        flags = self.group[COMPLETE]
+        try:
+            return flags[...].astype(bool)
+        except Exception:  # one damaged flag chunk: find it unit by unit, and treat it as unfinished work
+            done = np.zeros(flags.shape, dtype=bool)
+            for v, c in np.ndindex(*flags.shape):
+                try:
+                    done[v, c] = bool(flags[v, c])
+                except Exception:
+                    pass
+            return done
 
     @property
     def is_complete(self) -> bool:
@@ -175,31 +274,111 @@ class Cache:
     def require_complete(self) -> None:
         done = self.completion()
         if not done.all():
+            v, c = (int(i) for i in np.argwhere(~done)[0])
             raise LogitcacheError(
-                f"cache {self.path} is incomplete ({int(done.sum())}/{done.size} chunks); "
-                "finish it with `logitcache build ... --resume`"
+                f"cache {self.path} is incomplete ({int(done.sum())}/{done.size} chunks; first missing: view {v}, "
+                f"chunk {c}); finish it with `logitcache build ... --resume`"
             )
 
-    def read(self, view: int, start: int = 0, stop: int | None = None) -> dict[str, torch.Tensor]:
-        """Targets of samples ``[start, stop)`` of ``view``; aligned ranges read whole chunks only."""
+    def read_chunk(self, view: int, chunk: int) -> dict[str, torch.Tensor]:
+        """The targets of one unit, checked against its digest: the one way targets are read from the store."""
         if not 0 <= view < self.num_views:
             raise LogitcacheError(f"view {view} out of range: the cache holds {self.num_views} views")
-        stop = self.num_samples if stop is None else stop
-        out = {
-            name: torch.from_numpy(np.ascontiguousarray(arr[view, start:stop])) for name, arr in self._arrays.items()
-        }
+        start, stop = self.layout.rows(chunk)
+        rows: dict[str, np.ndarray] = {}
+        for name, arr in self._arrays.items():
+            try:
+                rows[name] = np.ascontiguousarray(arr[view, start:stop])
+            except Exception as e:  # zarr raises plain ValueErrors for crc32c or decompression failures
+                raise self._damaged(name, view, chunk, f"it cannot be decoded ({_first_line(e)})") from None
+        if self.has_digests:
+            recorded = self._unit_digest(view, chunk)
+            if recorded is not None and unit_digest(rows) != recorded:
+                name = self._missing_chunk(view, chunk)
+                why = (
+                    f"array '{name}': its chunk file is missing (Zarr would read it as zeros)"
+                    if name
+                    else "its contents differ from the digest recorded at build time (a replaced or rewritten chunk)"
+                )
+                raise self._damaged(name, view, chunk, why)
+        out = {name: torch.from_numpy(a) for name, a in rows.items()}
         for name, value in self.encoder.constants().items():
             out[name] = torch.full(
                 (stop - start,), value, dtype=torch.int64 if isinstance(value, int) else torch.float32
             )
         return out
 
+    def read(self, view: int, start: int = 0, stop: int | None = None) -> dict[str, torch.Tensor]:
+        """Targets of samples ``[start, stop)`` of ``view``: the whole chunks that hold them, each checked."""
+        stop = self.num_samples if stop is None else stop
+        first, last = start // self.chunk_rows, max(start, stop - 1) // self.chunk_rows
+        parts = [self.read_chunk(view, c) for c in range(first, last + 1)]
+        offset = first * self.chunk_rows
+        return {
+            name: torch.cat([p[name] for p in parts])[start - offset : stop - offset]
+            if len(parts) > 1
+            else parts[0][name][start - offset : stop - offset]
+            for name in parts[0]
+        }
+
+    def _unit_digest(self, view: int, chunk: int) -> int | None:
+        if view not in self._digests:
+            try:
+                self._digests[view] = self.group[DIGESTS][view, :]
+            except Exception:
+                self._digests[view] = None  # a damaged digest chunk: find which, unit by unit
+        row = self._digests[view]
+        if row is not None:
+            return int(row[chunk])
+        try:
+            return int(self.group[DIGESTS][view, chunk])
+        except Exception as e:
+            raise self._damaged(DIGESTS, view, chunk, f"its digest cannot be read ({_first_line(e)})") from None
+
+    def _missing_chunk(self, view: int, chunk: int) -> str | None:
+        """The first array (fields, then the digest) whose chunk file for this unit is absent; asked only after a
+        digest mismatch, so the common path costs no extra request."""
+        from zarr.core.sync import sync
+
+        for name, arr in [*self._arrays.items(), (DIGESTS, self.group[DIGESTS])]:
+            key = arr.metadata.encode_chunk_key((view, chunk, *([0] * (arr.ndim - 2))))
+            if not sync(arr.store_path.store.exists(f"{arr.store_path.path}/{key}")):
+                return name
+        return None
+
+    def _damaged(self, name: str | None, view: int, chunk: int, why: str) -> DamagedCache:
+        start, stop = self.layout.rows(chunk)
+        where = f"view {view}, chunk {chunk} (samples {start}-{stop - 1})"
+        if name and not why.startswith("array"):
+            why = f"array '{name}': {why}"
+        return DamagedCache(f"cache {self.path} is damaged at {where}: {why}; {repair_hint(self.path)}")
+
+    def scan(self) -> list[tuple[int, int, str]]:
+        """``(view, chunk, why)`` for every unit that is not complete or whose stored data fail their checks.
+
+        Reads every chunk once (no teacher): what ``verify --storage-only`` reports and ``build --repair`` redoes.
+        """
+        bad = []
+        done = self.completion()
+        for v, c in np.ndindex(*done.shape):
+            if not done[v, c]:
+                bad.append((v, c, "incomplete (not marked complete)"))
+                continue
+            try:
+                self.read_chunk(v, c)
+            except DamagedCache as e:
+                bad.append((v, c, str(e).split(": ", 1)[1].rsplit("; repair it", 1)[0]))
+        return bad
+
     def labels(self) -> torch.Tensor:
         """The dataset labels recorded at build time (``[N]``)."""
-        return torch.from_numpy(self.group[LABELS][...].astype(np.int64))
-
-    def read_chunk(self, view: int, chunk: int) -> dict[str, torch.Tensor]:
-        return self.read(view, *self.layout.rows(chunk))
+        try:
+            return torch.from_numpy(self.group[LABELS][...].astype(np.int64))
+        except Exception as e:
+            raise DamagedCache(
+                f"cache {self.path} is damaged: array '{LABELS}' cannot be read ({_first_line(e)}); "
+                f"{repair_hint(self.path)}"
+            ) from None
 
     def __getstate__(self) -> dict:
         # Travels as its path: each process (DataLoader workers under spawn) opens its own handle, because
@@ -217,6 +396,11 @@ class Cache:
             f"Cache({self.path!r}, encoding={self.encoding}{self.encoding_params}, views={self.num_views}, "
             f"samples={self.num_samples}, classes={self.num_classes})"
         )
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:160]}" if text else type(e).__name__
 
 
 def open_cache(path: str | os.PathLike) -> Cache:

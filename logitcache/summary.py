@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from .encoding import dense_log_probs, topk_kept_mass
-from .store import COMPLETE, LABELS, Cache, open_cache
+from .store import COMPLETE, DIGESTS, LABELS, Cache, open_cache
 
 
 def inspect_cache(cache: Cache | str | os.PathLike, stats_rows: int = 20000) -> dict:
@@ -17,7 +17,7 @@ def inspect_cache(cache: Cache | str | os.PathLike, stats_rows: int = 20000) -> 
     meta = cache.meta
     done = cache.completion()
     arrays = {}
-    for name in [*cache.field_names, LABELS, COMPLETE]:
+    for name in [*cache.field_names, LABELS, *([DIGESTS] if cache.has_digests else []), COMPLETE]:
         arr = cache.group[name]
         stored = arr.nbytes_stored()
         arrays[name] = {
@@ -33,6 +33,8 @@ def inspect_cache(cache: Cache | str | os.PathLike, stats_rows: int = 20000) -> 
     entries = cache.encoder.entries()
     summary = {
         "path": cache.path,
+        "format_version": meta["format_version"],
+        "chunk_digests": cache.has_digests,  # version 3: damage to any chunk is detected on read
         "encoding": cache.encoding,
         "encoding_params": cache.encoding_params,
         "codec": meta["codec"],
@@ -80,7 +82,7 @@ def _teacher_stats(cache: Cache, done: np.ndarray, stats_rows: int) -> list[dict
             entropy += float(-torch.special.xlogy(p, p).sum())
             if "tail" in targets:
                 tail += float(targets["tail"].double().exp().sum())
-                # the tail's share of the target at the default training temperature: where top-k loses most
+                # the tail's share of the target at T = 4, where top-k loses most
                 tail_t4 += (1 - topk_kept_mass(targets, 4.0)) * (stop - start)
             rows += stop - start
         out.append(

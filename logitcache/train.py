@@ -28,7 +28,7 @@ from .build import resolve_device
 from .checkpoint import Progress, load_checkpoint, save_checkpoint
 from .data import CachedKDDataset, ReplayDataset
 from .encoding import topk_kept_mass
-from .errors import LogitcacheError
+from .errors import LogitcacheError, user_message
 from .fingerprint import versions
 from .losses import kd_loss, kd_loss_dense
 from .progress import progress_bar
@@ -62,6 +62,7 @@ class TrainConfig:
     device: str = "auto"
     limit: int | None = None  # train on the first `limit` samples only (must match the cache)
     test_limit: int | None = None  # evaluate on the first `test_limit` test samples only
+    eval_every: int = 1  # evaluate after every N-th epoch (and always after the last)
     target_accuracy: float | None = None
     overwrite: bool = False
     resume: bool = False  # continue an interrupted run after its last finished epoch
@@ -69,7 +70,7 @@ class TrainConfig:
 
 
 # Options that do not change what a run computes: a resumed run may differ in these.
-_RESUMABLE_CHANGES = ("out", "overwrite", "resume", "progress", "workers", "device", "target_accuracy")
+_RESUMABLE_CHANGES = ("out", "overwrite", "resume", "progress", "workers", "device", "target_accuracy", "eval_every")
 
 
 @dataclass
@@ -99,6 +100,8 @@ def _validate(cfg: TrainConfig) -> None:
         raise LogitcacheError(f"--kd-tail must be uniform or bucket, got {cfg.kd_tail!r}")
     if cfg.temperature <= 0:
         raise LogitcacheError(f"--temperature must be > 0, got {cfg.temperature}")
+    if cfg.eval_every < 1:
+        raise LogitcacheError(f"--eval-every must be >= 1, got {cfg.eval_every}")
     if cfg.batch_size < 1 or cfg.lr <= 0:
         raise LogitcacheError("--batch-size must be >= 1 and --lr > 0")
     if cfg.resume and cfg.overwrite:
@@ -283,8 +286,10 @@ def train(cfg: TrainConfig) -> RunResult:
             sampler.set_epoch(epoch)
             model.train()
             start, loss_sum, seen = time.perf_counter(), torch.zeros((), device=device), 0
+            scored = [m["test_accuracy"] for m in result.metrics if m["test_accuracy"] is not None]
+            last = f" | test acc {scored[-1]:.4f}" if scored else ""
             with progress_bar(
-                f"epoch {epoch + 1}/{cfg.epochs}", len(loader) * per_rank_batch * world, cfg.progress and lead
+                f"epoch {epoch + 1}/{cfg.epochs}{last}", len(loader) * per_rank_batch * world, cfg.progress and lead
             ) as advance:
                 for batch in loader:
                     x, y = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
@@ -314,8 +319,10 @@ def train(cfg: TrainConfig) -> RunResult:
             loss_sum, seen, forwards = distributed.all_sum(loss_sum.item(), seen, teacher_forwards)
             if not math.isfinite(loss_sum):
                 raise LogitcacheError(f"the training loss became {loss_sum} in epoch {epoch + 1}; lower --lr")
-            correct, total = distributed.all_sum(*evaluate(trained, test_loader, device))
-            accuracy = correct / total
+            accuracy = None
+            if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
+                correct, total = distributed.all_sum(*evaluate(trained, test_loader, device))
+                accuracy = correct / total
             wall += time.perf_counter() - start - train_seconds
             row = {
                 "epoch": epoch + 1,
@@ -327,16 +334,42 @@ def train(cfg: TrainConfig) -> RunResult:
             }
             _add_row(result, row, cfg)
             if lead:
-                _save_weights(trained, run_dir)
-                save_checkpoint(run_dir, trained, opt, Progress(epoch + 1, step, wall, int(forwards), result.metrics))
+                _save_epoch(run_dir, trained, opt, Progress(epoch + 1, step, wall, int(forwards), result.metrics))
                 metrics_file.write(json.dumps(row) + "\n")
                 metrics_file.flush()
+    except LogitcacheError as e:  # from a DataLoader worker it arrives wrapped in the worker's traceback text
+        raise type(e)(user_message(e)) from None
     finally:
         if metrics_file is not None:
             metrics_file.close()
     result.final_accuracy = result.metrics[-1]["test_accuracy"]
     result.teacher_forwards = result.metrics[-1]["teacher_forwards"]
     return result
+
+
+def _save_epoch(run_dir: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, progress: Progress) -> None:
+    try:
+        _save_weights(model, run_dir)
+        save_checkpoint(run_dir, model, opt, progress)
+    except OSError as e:
+        for partial in run_dir.glob("*.partial"):
+            partial.unlink(missing_ok=True)
+        kept = f"epochs 1-{progress.epoch - 1} are saved" if progress.epoch > 1 else "no epoch was saved yet"
+        raise LogitcacheError(
+            f"cannot save epoch {progress.epoch} to {run_dir}: {e.strerror or e} ({kept}; a checkpoint needs about "
+            f"{_checkpoint_bytes(model, opt) / 1e6:.1f} MB). Free space, then rerun the same command with --resume"
+        ) from None
+
+
+def _checkpoint_bytes(model: torch.nn.Module, opt: torch.optim.Optimizer) -> int:
+    weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    state = sum(
+        v.numel() * v.element_size()
+        for s in opt.state_dict()["state"].values()
+        for v in s.values()
+        if torch.is_tensor(v)
+    )
+    return 2 * weights + state  # model.safetensors plus the checkpoint's copy and the optimizer state
 
 
 def _warn_if_tail_dominates(cache, temperature: float) -> None:
@@ -354,7 +387,8 @@ def _warn_if_tail_dominates(cache, temperature: float) -> None:
 
 def _add_row(result: RunResult, row: dict[str, Any], cfg: TrainConfig) -> None:
     result.metrics.append(row)
-    reached = cfg.target_accuracy is not None and row["test_accuracy"] >= cfg.target_accuracy
+    accuracy = row["test_accuracy"]
+    reached = cfg.target_accuracy is not None and accuracy is not None and accuracy >= cfg.target_accuracy
     if reached and result.target_epoch is None:
         result.target_epoch, result.target_seconds = row["epoch"], row["wall_seconds"]
 

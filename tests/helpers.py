@@ -113,3 +113,20 @@ def light_augment():
     """A (training, evaluation) pair: flips keep the class (a horizontal band), so tiny models learn it fast."""
     evaluation = v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize([0.5], [0.5])])
     return v2.Compose([v2.RandomHorizontalFlip(), evaluation]), evaluation
+
+
+class _NaNOnRank1(nn.Module):
+    """The tiny teacher, except that under torchrun rank 1 returns NaN from its third batch on."""
+
+    def __init__(self):
+        super().__init__()
+        self.net, self.calls = tiny_teacher(), 0
+
+    def forward(self, x):
+        self.calls += 1
+        out = self.net(x)
+        return out * float("nan") if os.environ.get("RANK") == "1" and self.calls > 2 else out
+
+
+def nan_on_rank1_teacher() -> nn.Module:
+    return _NaNOnRank1()

@@ -81,11 +81,11 @@ def test_mismatched_augmentation_is_refused(built_cache, tiny):
 def test_chunks_are_read_whole(built_cache, tiny, monkeypatch):
     ds = lc.CachedKDDataset(tiny, built_cache, augment=helpers.heavy_augment())
     reads = []
-    original = ds.cache.read
-    monkeypatch.setattr(ds.cache, "read", lambda v, s=0, e=None: reads.append((v, s, e)) or original(v, s, e))
+    original = ds.cache.read_chunk  # the one primitive every target read goes through (and checks)
+    monkeypatch.setattr(ds.cache, "read_chunk", lambda v, c: reads.append((v, c)) or original(v, c))
     for i in range(240):
         ds.target(i, 1)
-    assert reads == [(1, 0, 64), (1, 64, 128), (1, 128, 192), (1, 192, 240)]
+    assert reads == [(1, 0), (1, 1), (1, 2), (1, 3)]  # each chunk once, whole
 
 
 def test_batched_fetch_equals_per_sample_fetch(built_cache, tiny):

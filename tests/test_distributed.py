@@ -84,6 +84,16 @@ def test_three_rank_build_killed_on_one_rank_resumes_to_the_same_bytes(single, t
     _same_bytes(single, out)
 
 
+def test_an_error_on_one_rank_ends_every_rank_with_its_message(tmp_path):
+    # Rank 1's teacher returns NaN: rank 1 stops with its one-line error and torchrun stops rank 0 too (the 300 s
+    # limit of _run turns a hang into a failure).
+    out = tmp_path / "c"
+    r = _run(BUILD + ["--teacher", f"{HELPERS}:nan_on_rank1_teacher", "--out", str(out)], nproc=2, check=False)
+    assert r.returncode != 0
+    assert "error: the teacher produced NaN/inf for view" in r.stderr and "nothing was written for its chunk" in r.stderr
+    assert not lc.open_cache(out).is_complete  # what was written is kept, marked for --resume
+
+
 def test_two_rank_ddp_training_from_the_cache(single, tmp_path):
     out = tmp_path / "run"
     r = _run(

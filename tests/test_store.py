@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -35,8 +36,9 @@ def test_store_is_plain_zarr_v3(built_cache):
     meta = g.attrs["logitcache"]
     json.dumps(meta)  # plain JSON, no pickle
     assert meta["encoding"] == {"name": "topk", "params": {"k": 3, "soft_tail": True}}
-    assert meta["format_version"] == 2
+    assert meta["format_version"] == 3
     assert meta["num_views"] == 3 and meta["num_samples"] == 240 and meta["num_classes"] == 10
+    assert g["digests"].shape == g["complete"].shape == (3, 4) and g["digests"].dtype == np.uint32
     for key in ("teacher", "dataset", "augment", "versions", "seed", "values", "temperature"):
         assert key in meta
     assert g["logprobs"].shape == (3, 240, 3) and g["logprobs"].chunks == (1, 64, 3)
@@ -115,10 +117,11 @@ def test_half_written_chunk_is_recomputed(tmp_path, tiny):
     _assert_bitwise_equal(_arrays(ref), _arrays(out))
 
 
-def test_kill_9_then_resume_via_cli(tmp_path):
+@pytest.mark.parametrize("die_after", [3, 20])  # 16 teacher batches a view: dies in view 0, and in view 1
+def test_kill_9_then_resume_via_cli(tmp_path, die_after):
     ref, out = tmp_path / "ref", tmp_path / "killed"
     common = cli_build_args(chunk_rows=32, workers=2)
-    env = {**os.environ, "DIE_AFTER": "9"}
+    env = {**os.environ, "DIE_AFTER": str(die_after)}
     cmd = [sys.executable, "-m", "logitcache"]
     killed = subprocess.run(
         cmd + common + ["--teacher", f"{HELPERS}:dying_teacher", "--out", str(out)], env=env, capture_output=True
@@ -257,10 +260,10 @@ def test_format_version_1_stores_are_still_read(tmp_path, tiny):
     # A version-1 top-k store has no tail_soft array and {"k": k} as its parameters; it decodes with a flat tail.
     out = tmp_path / "v1"
     lc.build_cache(helpers.tiny_teacher(), tiny, out, augment=helpers.heavy_augment(), soft_tail=False, **BUILD)
-    g = zarr.open_group(str(out), mode="r+")
+    g = _as_old_version(out, 1)
     meta = dict(g.attrs["logitcache"])
     assert "tail_soft" not in set(g.array_keys())
-    meta["format_version"], meta["encoding"] = 1, {"name": "topk", "params": {"k": 3}}
+    meta["encoding"] = {"name": "topk", "params": {"k": 3}}
     g.attrs["logitcache"] = meta
     cache = lc.open_cache(out)
     targets = cache.read(0)
@@ -268,10 +271,33 @@ def test_format_version_1_stores_are_still_read(tmp_path, tiny):
     assert torch.allclose(lc.to_probs(targets, 4.0).sum(1), torch.ones(240), atol=1e-4)
     ds = lc.CachedKDDataset(tiny, cache, augment=helpers.heavy_augment())
     assert set(ds[0][2]) == {"logprobs", "ids", "tail", "num_classes"}
-    meta["format_version"] = 3
+    meta["format_version"] = 4
     g.attrs["logitcache"] = meta
-    with pytest.raises(LogitcacheError, match="format version 3"):
+    with pytest.raises(LogitcacheError, match="format version 4"):
         lc.open_cache(out)
+
+
+def _as_old_version(out, version):
+    """What a store of an older format looks like: no digests array, no metadata digest."""
+    shutil.rmtree(Path(out) / "digests")
+    g = zarr.open_group(str(out), mode="r+")
+    meta = dict(g.attrs["logitcache"])
+    del meta["metadata_sha256"]
+    meta["format_version"] = version
+    g.attrs["logitcache"] = meta
+    return g
+
+
+def test_format_version_2_stores_are_read_and_said_to_lack_digests(tmp_path, tiny):
+    out = tmp_path / "v2"
+    lc.build_cache(helpers.tiny_teacher(), tiny, out, augment=helpers.heavy_augment(), **BUILD)
+    reference = lc.open_cache(out).read(1)
+    _as_old_version(out, 2)
+    cache = lc.open_cache(out)
+    assert not cache.has_digests
+    assert all(torch.equal(reference[k], v) for k, v in cache.read(1).items())
+    r = CliRunner().invoke(app, ["verify", str(out), "--storage-only"])
+    assert r.exit_code == 1 and "records no per-chunk digests" in r.output
 
 
 def test_cli_flat_tail_builds_without_tail_soft(tmp_path):
