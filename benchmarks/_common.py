@@ -109,3 +109,37 @@ def trained_teacher(limit: int = 10000, epochs: int = 2, model: str = "small-res
             )
         )
     return str(run_dir)
+
+
+# Settings that do not change what a run computes (a run with other values of these is the same run).
+_NOT_IDENTITY = ("out", "overwrite", "progress", "workers", "resume", "device", "target_accuracy")
+
+
+def run_once(cfg, tag: str = ""):
+    """Train ``cfg`` under ``OUT/runs/<hash of its settings>``, or reuse that run if it finished earlier.
+
+    Benchmarks share runs this way (run 1 of the recipe study is run 1 of the sequence benchmark), and an interrupted
+    study continues where it stopped instead of starting over.
+    """
+    import dataclasses
+    import hashlib
+    import json
+
+    from logitcache import train
+    from logitcache.train import RunResult, load_metrics
+
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _NOT_IDENTITY}
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+    out = OUT / "runs" / (f"{tag}-{key}" if tag else key)
+    try:
+        rows = load_metrics(out)
+        if len(rows) == cfg.epochs:
+            result = RunResult(str(out), rows[-1]["test_accuracy"], rows, teacher_forwards=rows[-1]["teacher_forwards"])
+            for row in rows:
+                if cfg.target_accuracy is not None and (row["test_accuracy"] or 0) >= cfg.target_accuracy:
+                    result.target_epoch, result.target_seconds = row["epoch"], row["wall_seconds"]
+                    break
+            return result
+    except (OSError, ValueError):
+        pass
+    return train(dataclasses.replace(cfg, out=str(out), overwrite=True))

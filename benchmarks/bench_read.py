@@ -3,7 +3,8 @@
 (a) decode rate per encoding and codec: whole views read from Zarr and decoded to dense probabilities;
 (b) the wrapper's DataLoader throughput versus the same replayed augmentation without targets;
 (c) the same targets stored as one `torch.save` file per sample (as per-sample caches do): bytes and read rate
-    versus the Zarr store, reading every sample of a view in random order.
+    versus the Zarr store, reading every sample of a view in random order;
+(d) what checking every unit against its recorded digest (format 3, damage detection) costs a whole-view read.
 Targets come from a real (trained) Fashion-MNIST teacher.
 """
 
@@ -159,6 +160,29 @@ def main() -> None:
         f"{files_bytes[1] / zarr_bytes[1]:.1f}x smaller "
         "on disk (allocated); target >= 20x faster, smaller"
     )
+
+    # (d) the digest check on every unit read, on and off, same stores, interleaved
+    torch.set_num_threads(1)
+    table = Table(
+        title=f"(d) digest check: whole views of {args.samples} samples, 1 torch thread, medians of {args.reps}"
+    )
+    for col in ("encoding", "checked samples/s", "unchecked samples/s", "checked / unchecked"):
+        table.add_column(col, justify="right")
+    for enc in ("full", "topk", "quantized"):
+        cache = caches[(enc, "blosc-lz4")]
+
+        def read_view(check: bool, cache=cache) -> float:
+            cache.has_digests = check
+            try:
+                return args.samples / timed(lambda: cache.read(1))
+            finally:
+                cache.has_digests = True
+
+        rates = interleaved({"checked": lambda: read_view(True), "unchecked": lambda: read_view(False)}, args.reps)
+        on, off = median(rates["checked"]), median(rates["unchecked"])
+        table.add_row(enc, f"{on:,.0f}", f"{off:,.0f}", f"{on / off:.3f}x")
+    torch.set_num_threads(threads)
+    sections.append(show(table) + "\ntarget: the check costs <= 5% of a read (ratio >= 0.95x)")
     record("Read path (bench_read.py)", "\n".join(sections), args.quick)
 
 

@@ -1,8 +1,14 @@
-"""Benchmark 4, the sequence of runs (the paper's claim), on real Fashion-MNIST.
+"""Benchmark 4, the sequence of runs (the product's claim), on real Fashion-MNIST, measured as the literature does.
 
-Run 1 trains from scratch and is the teacher. Then a sweep of runs (different seeds) is trained in several arms with
-the same budget: from scratch, online KD from run 1, cached KD from run 1, and cached KD only for the first 25% / 50%
-of training. A second table varies the number of stored views. Arms are interleaved seed by seed.
+Every arm trains *complete* schedules (warm-up + cosine) at reduced budgets; its time to accuracy is the smallest
+budget whose final accuracy, averaged over seeds, reaches the target (`logitcache.budgets`).
+
+Part A, the budget curve: run 1 (seed 0, full budget, the teacher); run 2 from scratch at several budgets; run 2 with
+cached KD (the library's default recipe) at reduced budgets; online KD at one budget. Targets: run 1's accuracy, and
+scratch's mean at the full budget.
+Part B, a sweep of learning rates (run 1's and three more): each member from scratch at the full budget, and with
+cached KD from run 1's one cache at the budget part A found; the sweep's total cost with and without KD, the one
+build included.
 """
 
 from __future__ import annotations
@@ -14,157 +20,156 @@ from pathlib import Path
 
 from rich.table import Table
 
-from _common import OUT, console, record, show
-from logitcache import TrainConfig, build_cache, specs, train
-from logitcache.demo import plot_runs
+from _common import OUT, console, record, run_once, show
+from logitcache import TrainConfig, build_cache, specs
+from logitcache.budgets import Arm, budget_epochs, plot_budgets
+
+
+def floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x]
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--samples", type=int, default=10000)
-    ap.add_argument("--epochs", type=int, default=4)
-    ap.add_argument("--sweep", type=int, default=4, help="runs in the sweep (seeds 1..N)")
-    ap.add_argument("--model", default="small-resnet8-w8")
-    ap.add_argument("--teacher-epochs", type=int, default=None, help="run 1's budget (default: --epochs)")
-    ap.add_argument("--kd-weight", type=float, default=0.9)
-    ap.add_argument("--temperature", type=float, default=4.0)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--samples", type=int, default=2000)
+    ap.add_argument("--model", default="small-resnet8")
+    ap.add_argument("--epochs", type=int, default=30, help="the full budget (run 1's)")
+    ap.add_argument("--lr", type=float, default=0.05, help="run 1's learning rate")
+    ap.add_argument("--scratch-budgets", type=floats, default=floats("0.5,0.75,1.0"))
+    ap.add_argument("--kd-budgets", type=floats, default=floats("0.3,0.4,0.5,0.6,0.75"))
+    ap.add_argument("--online-budget", type=float, default=0.5)
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--sweep-lrs", type=floats, default=floats("0.025,0.1,0.2"), help="the sweep's other members")
+    ap.add_argument("--eval-every", type=int, default=5)
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--quick", action="store_true", help="~1 minute smoke run, not recorded")
+    ap.add_argument("--quick", action="store_true", help="~2 minute smoke run, not recorded")
     args = ap.parse_args()
     if args.quick:
-        args.samples, args.epochs, args.sweep = 1000, 2, 1
-    out = OUT / "sequence"
+        args.samples, args.epochs, args.seeds, args.model = 500, 4, 1, "small-resnet8-w8"
+        args.scratch_budgets, args.kd_budgets, args.sweep_lrs = [1.0], [0.5], [0.1]
+    seeds = list(range(1, args.seeds + 1))
     common = dict(
         dataset="fashion-mnist",
         model=args.model,
-        epochs=args.epochs,
         limit=args.samples,
-        lr=0.05,
+        workers=args.workers,
+        progress=False,
+        eval_every=args.eval_every,
+        test_limit=1000 if args.quick else None,
+    )
+
+    def trained(arm: Arm, fraction: float, seed: int, lr: float, **kw) -> None:
+        epochs = budget_epochs(args.epochs, fraction)
+        console.print(f"[dim]{arm.name}: {epochs} epochs, seed {seed}")
+        r = run_once(TrainConfig(out="", seed=seed, epochs=epochs, lr=lr, **common, **kw))
+        arm.add(epochs, r.final_accuracy, r.metrics[-1]["wall_seconds"], r.teacher_forwards)
+
+    console.print("[bold]run 1 (the teacher) from scratch at the full budget")
+    run1 = run_once(TrainConfig(out="", seed=0, epochs=args.epochs, lr=args.lr, **common), tag="run1")
+    target = run1.final_accuracy
+    views = budget_epochs(args.epochs, max(args.kd_budgets + [args.online_budget]))
+    ds = specs.resolve_dataset("fashion-mnist", limit=args.samples)
+    tf, _ = specs.resolve_augment("pad-crop-flip", ds)
+    start = time.perf_counter()
+    cache = build_cache(
+        specs.resolve_teacher(run1.run_dir),
+        ds,
+        OUT / "sequence-cache",
+        augment=tf,
+        views=views,
+        encoding="full",
         workers=args.workers,
         overwrite=True,
         progress=False,
+        specs={"teacher": run1.run_dir, "augment": "pad-crop-flip", "dataset": "fashion-mnist"},
     )
+    build_seconds = time.perf_counter() - start
+    kd = dict(kd="cached", cache=str(cache.path))  # the library's default recipe (TrainConfig)
 
-    console.print("[bold]run 1 (teacher) from scratch")
-    teacher_epochs = args.teacher_epochs or args.epochs
-    run1 = train(TrainConfig(out=str(out / "run1"), seed=0, **{**common, "epochs": teacher_epochs}))
-    kd_options = {"kd_weight": args.kd_weight, "temperature": args.temperature}
-    reference = run1.final_accuracy
-    ds = specs.resolve_dataset("fashion-mnist", limit=args.samples)
-    tf, _ = specs.resolve_augment("pad-crop-flip", ds)
-    teacher = specs.resolve_teacher(run1.run_dir)
-    caches, build_seconds = {}, {}
-    for views in sorted({1, 2, args.epochs}):
-        start = time.perf_counter()
-        caches[views] = build_cache(
-            teacher,
-            ds,
-            out / f"cache-v{views}",
-            augment=tf,
-            views=views,
-            encoding="full",
-            workers=args.workers,
-            overwrite=True,
-            progress=False,
-            specs={"augment": "pad-crop-flip", "dataset": "fashion-mnist"},
-        )
-        build_seconds[views] = time.perf_counter() - start
-
-    full = str(caches[args.epochs].path)
-    arms = {
-        "scratch": dict(kd="none"),
-        "online KD": dict(kd="online", teacher=run1.run_dir, **kd_options),
-        "cached KD": dict(kd="cached", cache=full, **kd_options),
-        "cached KD, first 25%": dict(kd="cached", cache=full, kd_until=0.25, **kd_options),
-        "cached KD, first 50%": dict(kd="cached", cache=full, kd_until=0.5, **kd_options),
-    }
-    view_arms = {
-        f"cached KD, {v} view{'s' if v > 1 else ''}": dict(kd="cached", cache=str(caches[v].path), **kd_options)
-        for v in sorted(caches)
-        if v != args.epochs
-    }
-    results: dict[str, list] = {name: [] for name in [*arms, *view_arms]}
-    seeds = list(range(1, args.sweep + 1))
+    # Part A: the budget curve at run 1's settings
+    scratch, cached, online = Arm("scratch"), Arm("cached KD"), Arm("online KD")
     for seed in seeds:
-        names = list(arms) + list(view_arms)
-        order = names[seed % len(names) :] + names[: seed % len(names)]
-        for name in order:
-            kw = arms.get(name) or view_arms[name]
-            console.print(f"seed {seed}: {name}")
-            results[name].append(
-                train(
-                    TrainConfig(
-                        out=str(out / f"{name.replace(' ', '_')}-{seed}"),
-                        seed=seed,
-                        target_accuracy=reference,
-                        **common,
-                        **kw,
-                    )
+        for f in args.scratch_budgets:
+            trained(scratch, f, seed, args.lr)
+        for f in args.kd_budgets:
+            trained(cached, f, seed, args.lr, **kd)
+        trained(online, args.online_budget, seed, args.lr, kd="online", teacher=run1.run_dir)
+    full_mean = scratch.mean(args.epochs) if args.epochs in scratch.finals else target
+
+    table = Table(title=f"A. budget curve: final test accuracy, mean +- sd over seeds {seeds}")
+    for col in ("arm", "budget", "epochs", "final acc", "vs run 1 (pp)", "vs scratch full (pp)", "teacher fwd/run"):
+        table.add_column(col, justify="right")
+    for arm in (scratch, cached, online):
+        for e in sorted(arm.finals):
+            table.add_row(
+                arm.name,
+                f"{e / args.epochs:.2f}",
+                str(e),
+                f"{arm.mean(e):.4f} +- {arm.sd(e):.4f}",
+                f"{(arm.mean(e) - target) * 100:+.2f}",
+                f"{(arm.mean(e) - full_mean) * 100:+.2f}",
+                f"{statistics.mean(arm.forwards[e]):,.0f}",
+            )
+    lines = [
+        f"Fashion-MNIST, {args.samples} images, {args.model}, lr {args.lr:g}, full budget {args.epochs} epochs; run 1 "
+        f"(seed 0) = {target:.4f} = target 1; scratch at the full budget = {full_mean:.4f} = target 2; cached KD with "
+        f"the default recipe (T={TrainConfig.temperature:g}, weight {TrainConfig.kd_weight:g}, KD for the first "
+        f"{TrainConfig.kd_until:g} of steps) from a full-encoding cache of {views} views; build {build_seconds:.1f} s, "
+        f"{cache.num_views * cache.num_samples:,} teacher forward passes",
+        show(table),
+    ]
+    for name, goal in (("run 1's accuracy", target), ("scratch's full-budget accuracy", full_mean)):
+        for arm in (scratch, cached):
+            e = arm.epochs_to(goal)
+            lines.append(
+                f"{arm.name} reaches {name} ({goal:.4f}) at "
+                + (
+                    f"{e / args.epochs:.2f}x the budget ({e} epochs): {args.epochs / e:.2f}x sooner"
+                    if e
+                    else "no budget tried"
                 )
             )
+    plot = Path(__file__).parent / "sequence_accuracy_vs_budget.png"
+    if not args.quick and plot_budgets(
+        [scratch, cached, online], plot, "Fashion-MNIST: final accuracy vs budget", target, args.epochs
+    ):
+        lines.append(f"plot: benchmarks/{plot.name}")
 
-    def summarize(title: str, names: list[str]) -> str:
-        table = Table(title=title)
-        for col in (
-            "arm",
-            "final acc (mean +- sd)",
-            "reached target",
-            "epochs to target",
-            "s to target",
-            "teacher fwd (train)",
-            "sweep cost s (+build)",
-        ):
-            table.add_column(col, justify="right")
-        for name in names:
-            runs = results[name]
-            accs = [r.final_accuracy for r in runs]
-            sd = statistics.stdev(accs) if len(accs) > 1 else 0.0
-            reached = [r for r in runs if r.target_epoch]
-            # a run that never reaches the target counts as epochs + 1 (a lower bound on what it would need)
-            epochs_to = statistics.mean([r.target_epoch or args.epochs + 1 for r in runs])
-            secs = statistics.mean([r.target_seconds for r in reached]) if reached else float("nan")
-            cost = sum(r.metrics[-1]["wall_seconds"] for r in runs)
-            cache_views = (
-                args.epochs
-                if "cached" in name and "view" not in name
-                else int(name.split(", ")[1].split()[0])
-                if "view" in name
-                else None
-            )
-            build = f" (+{build_seconds[cache_views]:.0f})" if cache_views else ""
-            table.add_row(
-                name,
-                f"{statistics.mean(accs):.4f} +- {sd:.4f}",
-                f"{len(reached)}/{len(runs)}",
-                f"{epochs_to:.2f}",
-                f"{secs:.1f}",
-                f"{sum(r.teacher_forwards for r in runs):,}",
-                f"{cost:.0f}{build}",
-            )
-        return show(table)
-
-    text = [
-        f"run 1 (teacher, seed 0, {teacher_epochs} epochs): final test accuracy {reference:.4f} = the target; sweep: "
-        f"{args.samples} images, {args.epochs} epochs, {args.model}, lr 0.05, T={args.temperature:g}, "
-        f"KD weight {args.kd_weight:g}",
-        summarize(f"sweep of {len(seeds)} runs (seeds {seeds}), same budget", list(arms)),
-        summarize("number of stored views (cached KD, whole training)", [*view_arms, "cached KD"]),
+    # Part B: the sweep. Each member's target is its own from-scratch accuracy at the full budget.
+    kd_epochs = cached.epochs_to(min(target, full_mean)) or budget_epochs(args.epochs, max(args.kd_budgets))
+    sweep = Table(
+        title=f"B. sweep of {1 + len(args.sweep_lrs)} learning rates: scratch at {args.epochs} epochs vs "
+        f"cached KD from run 1's cache at {kd_epochs} epochs ({kd_epochs / args.epochs:.2f}x)"
+    )
+    for col in ("lr", "scratch full budget", "cached KD", "KD - scratch (pp)", "reaches", "scratch s", "KD s"):
+        sweep.add_column(col, justify="right")
+    cost_scratch = cost_kd = 0.0
+    for i, lr in enumerate([args.lr, *args.sweep_lrs]):
+        s_arm, k_arm = Arm("scratch"), Arm("cached KD")
+        for seed in seeds:
+            trained(s_arm, 1.0, seed, lr)
+            trained(k_arm, kd_epochs / args.epochs, seed, lr, **kd)
+        s, k = s_arm.mean(args.epochs), k_arm.mean(kd_epochs)
+        s_sec, k_sec = statistics.mean(s_arm.seconds[args.epochs]), statistics.mean(k_arm.seconds[kd_epochs])
+        cost_scratch += s_sec
+        cost_kd += s_sec if i == 0 else k_sec  # member 1 is run 1 itself: trained once, in full, as the teacher
+        sweep.add_row(
+            f"{lr:g}" + (" (run 1's)" if i == 0 else ""),
+            f"{s:.4f} +- {s_arm.sd(args.epochs):.4f}",
+            f"{k:.4f} +- {k_arm.sd(kd_epochs):.4f}",
+            f"{(k - s) * 100:+.2f}",
+            "yes" if k >= s else "no",
+            f"{s_sec:.0f}",
+            f"{k_sec:.0f}",
+        )
+    cost_kd += build_seconds
+    lines += [
+        show(sweep),
+        f"sweep cost (mean wall s per member, summed): scratch {cost_scratch:.0f} s; with KD {cost_kd:.0f} s "
+        f"(run 1 in full + one build {build_seconds:.0f} s + {len(args.sweep_lrs)} members at "
+        f"{kd_epochs / args.epochs:.2f}x) = {cost_kd / cost_scratch:.2f}x (target <= 0.70x)",
     ]
-    text.append("epochs to target: mean over the sweep; a run that never reaches it counts as epochs + 1")
-    curves = {}
-    for name in arms:
-        runs = results[name]
-        curves[name] = [
-            {
-                "wall_seconds": statistics.mean(r.metrics[e]["wall_seconds"] for r in runs),
-                "test_accuracy": statistics.mean(r.metrics[e]["test_accuracy"] for r in runs),
-            }
-            for e in range(args.epochs)
-        ]
-    plot = Path(__file__).parent / "sequence_accuracy_vs_time.png"
-    if not args.quick and plot_runs(curves, plot, "Fashion-MNIST sweep: mean test accuracy vs wall time", reference):
-        text.append(f"plot: benchmarks/{plot.name}")
-    record("Sequence of runs (bench_sequence.py)", "\n".join(text), args.quick)
+    record("Sequence of runs, budget methodology (bench_sequence.py)", "\n".join(lines), args.quick)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 import torch
@@ -55,3 +56,18 @@ def small_resnet(name: str, num_classes: int, in_channels: int) -> SmallResNet |
     if not m:
         return None
     return SmallResNet(int(m.group(1)), int(m.group(2) or 16), in_channels, num_classes)
+
+
+class Ensemble(nn.Module):
+    """Several teachers as one: the log of their mean probability (a sequence of runs provides the members for free).
+
+    Averaging probabilities rather than logits keeps the ensemble's confidence honest when members disagree.
+    """
+
+    def __init__(self, members: list[nn.Module]):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        log_probs = torch.stack([torch.log_softmax(m(x).float(), dim=-1) for m in self.members])
+        return torch.logsumexp(log_probs, dim=0) - math.log(len(self.members))

@@ -20,7 +20,7 @@ from torch.utils.data import Dataset
 from . import augment as aug
 from .datasets import BUILTIN, Head, image_folder
 from .errors import LogitcacheError
-from .models import small_resnet
+from .models import Ensemble, small_resnet
 
 MODEL_FILE, MODEL_SPEC_FILE = "model.safetensors", "model.json"
 
@@ -176,7 +176,19 @@ def is_run_dir(spec: str) -> bool:
 
 
 def resolve_teacher(spec: str, weights: str | Path | None = None) -> nn.Module:
-    """A teacher in eval mode: a run directory, ``fn()`` returning a module, or a torchvision model name."""
+    """A teacher in eval mode: a run directory, ``fn()`` returning a module, or a torchvision model name.
+
+    Several run directories separated by commas (``runs/a,runs/b``) make an ensemble of earlier runs.
+    """
+    if "," in spec:
+        members = [s for s in spec.split(",") if s]
+        not_runs = [s for s in members if not is_run_dir(s)]
+        if not_runs or weights is not None:
+            raise LogitcacheError(
+                f"an ensemble teacher is a comma-separated list of run directories; not run directories: "
+                f"{', '.join(not_runs) or '(none)'}" + ("; --teacher-weights does not apply to it" if weights else "")
+            )
+        return Ensemble([resolve_teacher(s) for s in members]).eval()
     if is_run_dir(spec):
         info = json.loads((Path(spec) / MODEL_SPEC_FILE).read_text())
         model = build_model(info["model"], info["num_classes"], info["in_channels"])

@@ -197,16 +197,14 @@ def test_demo_quick_runs_end_to_end_on_fashion_mnist(tmp_path):
     result = CliRunner().invoke(app, ["demo", "--quick", "--out", str(tmp_path / "demo"), "--workers", "0"])
     assert result.exit_code == 0, result.output
     summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
-    assert set(summary["runs"]) == {
-        "run 1 (teacher)",
-        "run 2, kd none",
-        "run 2, kd cached",
-        "run 2, kd cached, first 50%",
-        "run 2, kd online",
-    }
-    assert summary["runs"]["run 2, kd cached"]["teacher_forwards"] == 0
-    assert summary["runs"]["run 2, kd online"]["teacher_forwards"] > 0
-    plot = tmp_path / "demo" / "accuracy_vs_time.png"
+    assert set(summary["arms"]) == {"run 2 from scratch", "run 2, cached KD", "run 2, online KD"}
+    full, half = str(summary["full_epochs"]), str(summary["full_epochs"] // 2)
+    assert set(summary["arms"]["run 2 from scratch"]) == {full}  # scratch at the full budget only
+    cached, online = summary["arms"]["run 2, cached KD"][half], summary["arms"]["run 2, online KD"][half]
+    assert cached["teacher_forwards"] == 0 and online["teacher_forwards"] > 0
+    assert 0.0 < summary["target"] <= 1.0 and len(cached["finals"]) == 1
+    assert "cached KD" in result.output and "the teacher ran once, in build" in result.output
+    plot = tmp_path / "demo" / "accuracy_vs_budget.png"
     assert plot.stat().st_size > 10_000  # a real figure, not an empty file
 
 
@@ -297,3 +295,35 @@ def test_topk_kept_mass():
     for t in (1.0, 4.0):
         true = torch.softmax(logits / t, 1)[0, :2].sum().item()
         assert topk_kept_mass(targets, t) == pytest.approx(true, abs=1e-3)
+
+
+def test_eval_every_scores_every_nth_epoch_and_the_last(tmp_path, monkeypatch):
+    labels = []
+    real = lc.train.__globals__["progress_bar"]
+
+    def recording(label, total, enabled=True, unit="samples"):
+        labels.append(label)
+        return real(label, total, enabled=False, unit=unit)
+
+    monkeypatch.setitem(lc.train.__globals__, "progress_bar", recording)
+    run = lc.train(lc.TrainConfig(out=str(tmp_path / "r"), eval_every=2, **{**COMMON, "epochs": 3}))
+    accs = [m["test_accuracy"] for m in run.metrics]
+    assert accs[0] is None and accs[1] is not None and accs[2] is not None
+    assert run.final_accuracy == accs[2]
+    # the progress line of each epoch shows the latest test accuracy (none before the first evaluation)
+    assert labels[0] == "epoch 1/3" and labels[1] == "epoch 2/3"
+    assert labels[2] == f"epoch 3/3 | test acc {accs[1]:.4f}"
+    r = CliRunner().invoke(app, ["train", "--out", str(tmp_path / "r"), "--resume", "--eval-every", "0"])
+    assert r.exit_code == 2
+
+
+def test_an_ensemble_of_run_directories_is_a_teacher(teacher_run, tmp_path):
+    other = lc.train(lc.TrainConfig(out=str(tmp_path / "other"), seed=5, **{**COMMON, "epochs": 1}))
+    ensemble = specs.resolve_teacher(f"{teacher_run.run_dir},{other.run_dir}")
+    members = [specs.resolve_teacher(teacher_run.run_dir), specs.resolve_teacher(other.run_dir)]
+    x = torch.randn(5, 1, 16, 16)
+    with torch.no_grad():
+        mean_probs = sum(torch.softmax(m(x), 1) for m in members) / 2
+        assert torch.allclose(ensemble(x).exp(), mean_probs, atol=1e-5)
+    with pytest.raises(LogitcacheError, match="not run directories: nope"):
+        specs.resolve_teacher(f"{teacher_run.run_dir},nope")

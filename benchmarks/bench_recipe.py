@@ -1,0 +1,179 @@
+"""Recipe study (issue 10): which KD settings make the next run of a sequence cheaper, on real Fashion-MNIST.
+
+Method (Blakeney et al., Composer): every arm trains a *complete* schedule (warm-up + cosine) at a reduced budget, and
+its final test accuracy (mean over seeds) is compared with training from scratch at the same budget and with the
+target, run 1's accuracy at the full budget. Run 1 (seed 0, the full budget) is the teacher, as in a sweep.
+
+Stages, each recorded as it finishes:
+  1. screen:   temperature x KD weight x KD window at one budget, cache of run 1 (full encoding, one view per epoch);
+  2. teachers: the best screened recipe with other teachers (run 1 trained twice as long; an ensemble of run 1 and
+               another full-budget run of the sweep) and other numbers of stored views (1 vs one per epoch);
+  3. checks:   the best recipe and the old default against scratch on configurations it was not chosen on
+               (another subset size, a deeper network, no augmentation).
+Finished runs are reused (`run_once`: same settings, same run), so an interrupted study continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import statistics
+from pathlib import Path
+
+from rich.table import Table
+
+from _common import OUT, console, record, run_once, show
+from logitcache import TrainConfig, build_cache, specs
+from logitcache.train import RunResult
+
+
+def cache_for(teacher: str, dataset: str, augment: str, limit: int, views: int, out: Path) -> str:
+    if (out / "zarr.json").is_file():
+        from logitcache import open_cache
+
+        c = open_cache(out)
+        if c.is_complete and c.meta["teacher"]["spec"] == teacher and c.num_views == views:
+            return str(out)
+    ds = specs.resolve_dataset(dataset, limit=limit)
+    tf, _ = specs.resolve_augment(augment, ds)
+    build_cache(
+        specs.resolve_teacher(teacher),
+        ds,
+        out,
+        augment=tf,
+        views=views,
+        encoding="full",
+        overwrite=True,
+        progress=False,
+        specs={"teacher": teacher, "dataset": dataset, "augment": augment},
+    )
+    return str(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--samples", type=int, default=10000)
+    ap.add_argument("--model", default="small-resnet8-w8")
+    ap.add_argument("--epochs", type=int, default=8, help="the full budget (run 1's and scratch's)")
+    ap.add_argument("--budget", type=float, default=0.5, help="fraction of the full budget the arms train for")
+    ap.add_argument("--seeds", type=int, default=2)
+    ap.add_argument("--lr", type=float, default=0.05)
+    ap.add_argument("--stages", default="screen,teachers,checks")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--quick", action="store_true", help="~2 minute smoke run, not recorded")
+    args = ap.parse_args()
+    if args.quick:
+        args.samples, args.epochs, args.seeds, args.model = 500, 2, 1, "small-resnet8-w8"
+    budget_epochs = max(1, round(args.budget * args.epochs))
+    out = OUT / "recipe"
+    seeds = list(range(1, args.seeds + 1))
+    # Only final accuracies matter here: evaluate at the end of each run (evaluation costs more than a short epoch).
+    base = dict(dataset="fashion-mnist", lr=args.lr, workers=args.workers, progress=False, eval_every=10**6)
+    if args.quick:
+        base["test_limit"] = 1000
+
+    def config_of(model: str, limit: int, augment: str) -> dict:
+        return dict(base, model=model, limit=limit, augment=augment)
+
+    def teacher_run(name: str, conf: dict, epochs: int, seed: int = 0) -> RunResult:
+        return run_once(TrainConfig(out="", seed=seed, epochs=epochs, **conf), tag=name.replace("/", "-"))
+
+    def arms_table(title: str, conf: dict, tag: str, arms: dict[str, dict], target: float) -> tuple[str, dict]:
+        """Train every arm for every seed (interleaved) at the reduced budget; a table against scratch."""
+        finals: dict[str, list[float]] = {name: [] for name in arms}
+        for seed in seeds:
+            for name, kw in arms.items():
+                cfg = TrainConfig(out="", seed=seed, epochs=budget_epochs, **conf, **kw)
+                console.print(f"[dim]{tag}: {name}, seed {seed}")
+                finals[name].append(run_once(cfg).final_accuracy)
+        table = Table(title=title)
+        for col in ("arm", "final acc (mean +- sd)", "vs scratch (paired, pp)", "vs target (pp)", "seeds"):
+            table.add_column(col, justify="right")
+        scratch = finals.get("scratch")
+        for name, accs in finals.items():
+            mean = statistics.mean(accs)
+            sd = statistics.stdev(accs) if len(accs) > 1 else 0.0
+            diff = statistics.mean(a - s for a, s in zip(accs, scratch)) * 100 if scratch else float("nan")
+            table.add_row(
+                name, f"{mean:.4f} +- {sd:.4f}", f"{diff:+.2f}", f"{(mean - target) * 100:+.2f}", str(len(accs))
+            )
+        return show(table), finals
+
+    stages = set(args.stages.split(","))
+    main_conf = config_of(args.model, args.samples, "pad-crop-flip")
+    console.print(f"[bold]run 1 (the teacher): {args.model}, {args.samples} images, {args.epochs} epochs")
+    run1 = teacher_run("run1", main_conf, args.epochs)
+    target = run1.final_accuracy
+    cache1 = cache_for(run1.run_dir, "fashion-mnist", "pad-crop-flip", args.samples, budget_epochs, out / "cache-run1")
+    head = (
+        f"Fashion-MNIST, {args.samples} images, {args.model}, lr {args.lr:g}; full budget {args.epochs} epochs; arms "
+        f"train complete schedules of {budget_epochs} epochs ({budget_epochs / args.epochs:.2f}x); {len(seeds)} seeds "
+        f"{seeds}; target = run 1's final accuracy {target:.4f}; cached KD from a full-encoding cache"
+    )
+
+    recipes = {"scratch": {"kd": "none"}}
+    for t, w, until in itertools.product((1.0, 2.0, 4.0), (0.5, 0.9), (0.5, 1.0)):
+        recipes[f"T={t:g} w={w:g} until={until:g}"] = dict(
+            kd="cached", cache=cache1, temperature=t, kd_weight=w, kd_until=until
+        )
+    if args.quick:  # a smoke run: two recipes are enough to exercise every stage
+        recipes = {k: recipes[k] for k in ("scratch", "T=1 w=0.5 until=1", "T=4 w=0.9 until=0.5")}
+    best_name = None
+    if stages & {"screen", "teachers", "checks"}:
+        text, finals = arms_table(f"screen: {head}", main_conf, "screen", recipes, target)
+        ranked = sorted((n for n in finals if n != "scratch"), key=lambda n: -statistics.mean(finals[n]))
+        best_name = ranked[0]
+        text += f"\nbest screened recipe: {best_name}; runner-up: {ranked[1] if len(ranked) > 1 else '-'}"
+        if "screen" in stages:
+            record("Recipe study, stage 1: screen (bench_recipe.py)", text, args.quick)
+    best = {k: v for k, v in recipes[best_name].items() if k != "cache"}
+
+    if "teachers" in stages:
+        longer = teacher_run("run1-longer", main_conf, 2 * args.epochs)
+        other = teacher_run("run1-seed100", main_conf, args.epochs, seed=100)
+        ensemble = f"{run1.run_dir},{other.run_dir}"
+        views1 = cache_for(run1.run_dir, "fashion-mnist", "pad-crop-flip", args.samples, 1, out / "cache-run1-v1")
+        c_long = cache_for(
+            longer.run_dir, "fashion-mnist", "pad-crop-flip", args.samples, budget_epochs, out / "cache-longer"
+        )
+        c_ens = cache_for(ensemble, "fashion-mnist", "pad-crop-flip", args.samples, budget_epochs, out / "cache-ens")
+        arms = {
+            "scratch": {"kd": "none"},
+            f"run 1, {budget_epochs} views": dict(best, cache=cache1),
+            "run 1, 1 view": dict(best, cache=views1),
+            f"run 1 trained {2 * args.epochs} epochs ({longer.final_accuracy:.4f})": dict(best, cache=c_long),
+            f"ensemble run 1 + seed 100 run ({other.final_accuracy:.4f})": dict(best, cache=c_ens),
+        }
+        text, _ = arms_table(f"teachers and views, recipe {best_name}: {head}", main_conf, "teachers", arms, target)
+        record("Recipe study, stage 2: teachers and views (bench_recipe.py)", text, args.quick)
+
+    if "checks" in stages:
+        old_default = dict(kd="cached", temperature=4.0, kd_weight=0.9, kd_until=1.0)
+        checks = {
+            f"{args.samples // 2} images": config_of(args.model, args.samples // 2, "pad-crop-flip"),
+            "no augmentation": config_of(args.model, args.samples, "none"),
+        }
+        if args.quick:
+            checks = dict(list(checks.items())[:1])
+        texts = []
+        for label, conf in checks.items():
+            tag = "check-" + label.replace(" ", "_")
+            t_run = teacher_run(f"{tag}/run1", conf, args.epochs)
+            c = cache_for(
+                t_run.run_dir, "fashion-mnist", conf["augment"], conf["limit"], budget_epochs, out / tag / "cache"
+            )
+            arms = {
+                "scratch": {"kd": "none"},
+                f"best: {best_name}": dict(best, cache=c),
+                "old default: T=4 w=0.9 until=1": dict(old_default, cache=c),
+            }
+            title = (
+                f"check on {label}: {conf['model']}, {conf['limit']} images, augment {conf['augment']}; "
+                f"{budget_epochs}/{args.epochs} epochs; target = its run 1 {t_run.final_accuracy:.4f}"
+            )
+            texts.append(arms_table(title, conf, tag, arms, t_run.final_accuracy)[0])
+        record("Recipe study, stage 3: checks on other configurations (bench_recipe.py)", "\n".join(texts), args.quick)
+
+
+if __name__ == "__main__":
+    main()
