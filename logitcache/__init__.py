@@ -1,6 +1,6 @@
 """logitcache: run the teacher once, store its soft targets in Zarr, make knowledge distillation nearly free."""
 
-__version__ = "0.1.0"
+from .version import __version__  # noqa: F401  (the package version, re-exported)
 
 from .build import build_cache
 from .encoding import to_probs

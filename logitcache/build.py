@@ -24,6 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from . import distributed, store
+from .specs import resolve_device
 from .datasets import labels_of
 from .encoding import make_encoding
 from .errors import LogitcacheError
@@ -37,22 +38,6 @@ VALUES = {"full": "logits", "topk": "log-probs", "sampled": "sample counts", "qu
 
 # Settings whose change makes an existing cache a different cache (resume is refused, --overwrite needed).
 _IDENTITY = ("num_samples", "num_views", "num_classes", "chunk_rows", "batch_size", "seed", "encoding", "codec")
-
-
-def resolve_device(device: str) -> torch.device:
-    """``auto`` -> CUDA when present. A bare ``cuda`` gets the current device's index (under torchrun: LOCAL_RANK),
-    so that DDP and pinned copies name one device explicitly."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise LogitcacheError("--device cuda was asked for but CUDA is not available on this machine")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise LogitcacheError(f"unknown device {device!r}; use auto, cpu or cuda") from None
-    if dev.type == "cuda" and dev.index is None:
-        dev = torch.device("cuda", torch.cuda.current_device())
-    return dev
 
 
 class ReplayedViews(Dataset):

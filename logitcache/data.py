@@ -21,6 +21,7 @@ from .datasets import labels_of
 from .errors import LogitcacheError
 from .fingerprint import dataset_fingerprint
 from .replay import fingerprint_mismatch, replay_fingerprint, replay_view
+from .specs import recorded_augment
 from .store import Cache, open_cache
 
 
@@ -80,7 +81,7 @@ class CachedKDDataset(ReplayDataset):
         cache.require_complete()
         meta = cache.meta
         if augment is None:
-            augment = _recorded_augment(meta, base)
+            augment = recorded_augment(meta, base)
         super().__init__(base, augment, meta["seed"], cache.num_views)
         self.cache = cache
         self._pid = os.getpid()
@@ -207,15 +208,3 @@ def collate_target_rows(rows: list[TargetRow], *, collate_fn_map: dict | None = 
 
 # torch's documented extension point for custom element types (see torch.utils.data.default_collate).
 default_collate_fn_map[TargetRow] = collate_target_rows
-
-
-def _recorded_augment(meta: dict, base: Dataset) -> Callable[[Any], torch.Tensor]:
-    from .specs import resolve_augment
-
-    spec = meta["augment"]["spec"]
-    if spec is None:
-        raise LogitcacheError(
-            "the cache was built from Python with a transform object; pass the same transform as "
-            f"augment= (recorded: {meta['augment']['repr']})"
-        )
-    return resolve_augment(spec, base)[0]

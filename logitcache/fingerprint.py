@@ -11,6 +11,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from .datasets import labels_of
+from .version import __version__
 
 SAMPLE_POINTS = 8
 
@@ -49,8 +50,6 @@ def versions() -> dict:
     import numcodecs
     import torchvision
     import zarr
-
-    from . import __version__
 
     return {
         "logitcache": __version__,

@@ -211,3 +211,30 @@ def resolve_teacher(spec: str, weights: str | Path | None = None) -> nn.Module:
     if weights is not None:
         load_weights(model, weights)
     return model.eval()
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` -> CUDA when present. A bare ``cuda`` gets the current device's index (under torchrun: LOCAL_RANK),
+    so that DDP and pinned copies name one device explicitly."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise LogitcacheError("--device cuda was asked for but CUDA is not available on this machine")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise LogitcacheError(f"unknown device {device!r}; use auto, cpu or cuda") from None
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    return dev
+
+
+def recorded_augment(meta: dict, base: Dataset) -> Callable[[Any], torch.Tensor]:
+    """The training transform a cache was built with, from the spec its metadata records."""
+    spec = meta["augment"]["spec"]
+    if spec is None:
+        raise LogitcacheError(
+            "the cache was built from Python with a transform object; pass the same transform as "
+            f"augment= (recorded: {meta['augment']['repr']})"
+        )
+    return resolve_augment(spec, base)[0]

@@ -24,7 +24,6 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from . import distributed, specs
-from .build import resolve_device
 from .checkpoint import Progress, load_checkpoint, save_checkpoint
 from .data import CachedKDDataset, ReplayDataset
 from .encoding import topk_kept_mass
@@ -194,7 +193,7 @@ def evaluate(model: torch.nn.Module, loader: DataLoader, device: torch.device) -
 def train(cfg: TrainConfig) -> RunResult:
     """Train one run as configured and write its run directory; returns the metrics and the target-accuracy time."""
     _validate(cfg)
-    device = resolve_device(cfg.device)
+    device = specs.resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
 
     base = specs.resolve_dataset(cfg.dataset, train=True, limit=cfg.limit)

@@ -16,12 +16,11 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from .build import resolve_device
-from .data import _recorded_augment
 from .encoding import dense_log_probs
 from .errors import LogitcacheError
 from .fingerprint import dataset_fingerprint
 from .replay import fingerprint_mismatch, replay_fingerprint, replay_view
+from .specs import recorded_augment, resolve_device
 from .store import Cache, open_cache
 
 
@@ -84,7 +83,7 @@ def verify_cache(
     for key in ("labels_sha256", "samples_sha256"):
         if fresh_fp[key] != meta["dataset"][key]:
             report.problems.append(f"dataset {key.split('_')[0]} hash differs from the one recorded at build time")
-    augment = augment if augment is not None else _recorded_augment(meta, dataset)
+    augment = augment if augment is not None else recorded_augment(meta, dataset)
     bad_replay = fingerprint_mismatch(
         meta["augment"]["fingerprint"], replay_fingerprint(augment, dataset, meta["seed"], cache.num_views)
     )
