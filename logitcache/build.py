@@ -342,7 +342,8 @@ def build_cache(
     if group is None:
         group = store.open_group(out, mode="r+")
     layout = store.Layout(views, n, chunk_rows)
-    done = store.Cache(out, group).completion()
+    opened = store.Cache(out, group)
+    done, has_digests = opened.completion(), opened.has_digests
     units = [(v, c) for v in range(views) for c in range(layout.num_chunks) if not done[v, c]]
     total_rows = sum(layout.rows(c)[1] - layout.rows(c)[0] for _, c in units) // distributed.world_size()
     planned: deque[tuple[tuple[int, int], list[int]]] = deque()
@@ -370,7 +371,7 @@ def build_cache(
         # unit, so a unit's bytes stay a function of its inputs.
         rng = torch.Generator().manual_seed(sample_seed(seed ^ _ENCODE_SALT, unit[0], unit[1]))
         encoded = {name: t.numpy() for name, t in encoder.encode(logits, rng).items()}
-        store.write_unit(group, field_names, unit[0], unit[1], layout.rows(unit[1]), encoded)
+        store.write_unit(group, field_names, unit[0], unit[1], layout.rows(unit[1]), encoded, has_digests)
 
     def submit(unit: tuple[int, int]) -> None:
         logits = torch.cat(buffer)

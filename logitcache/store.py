@@ -168,12 +168,20 @@ def unit_digest(rows: dict[str, np.ndarray]) -> int:
 
 
 def write_unit(
-    group: zarr.Group, field_names: list[str], view: int, chunk: int, rows: tuple[int, int], data: dict[str, np.ndarray]
+    group: zarr.Group,
+    field_names: list[str],
+    view: int,
+    chunk: int,
+    rows: tuple[int, int],
+    data: dict[str, np.ndarray],
+    digests: bool = True,
 ) -> None:
+    """One unit: its rows in every field array, then its digest (``digests``: false only when resuming a store of
+    version 2 or older, which has none), then its completion flag."""
     start, stop = rows
     for name in field_names:
         group[name][view, start:stop] = data[name]
-    if DIGESTS in group:
+    if digests:
         rows_as_stored = {name: np.asarray(data[name], dtype=group[name].dtype) for name in field_names}
         group[DIGESTS][view, chunk] = unit_digest(rows_as_stored)
     group[COMPLETE][view, chunk] = 1
@@ -201,6 +209,7 @@ class Cache:
         self.path = str(path)
         self.group = group
         self.meta: dict[str, Any] = dict(group.attrs[ATTR_KEY])
+        self._check_metadata_digest()  # before anything is read from the metadata
         self.layout = Layout(self.meta["num_views"], self.meta["num_samples"], self.meta["chunk_rows"])
         self.encoder = make_encoding(
             self.meta["encoding"]["name"], self.meta["num_classes"], self.meta["encoding"]["params"]
@@ -215,13 +224,19 @@ class Cache:
         self._digests: dict[int, np.ndarray] = {}
         self._validate(members)
 
-    def _validate(self, members: set[str]) -> None:
-        """The attributes must describe these arrays: an edited attribute or a mixed-up store is refused here."""
-        if META_DIGEST in self.meta and self.meta[META_DIGEST] != metadata_digest(self.meta):
+    def _check_metadata_digest(self) -> None:
+        version = self.meta.get("format_version", 0)
+        recorded = self.meta.get(META_DIGEST)
+        if (isinstance(version, int) and version >= 3 or recorded is not None) and recorded != metadata_digest(
+            self.meta
+        ):
             raise LogitcacheError(
                 f"{self.path}: the cache's metadata (Zarr attributes) were edited after the build, so nothing in it "
                 "can be trusted; rebuild it with `logitcache build ... --overwrite`"
             )
+
+    def _validate(self, members: set[str]) -> None:
+        """The attributes must describe these arrays: an edited attribute or a mixed-up store is refused here."""
         if self.meta.get("format_version", 0) >= 3 and not self.has_digests:
             raise LogitcacheError(f"{self.path} is damaged: the '{DIGESTS}' array is missing; rebuild with --overwrite")
         fields = self.encoder.fields()

@@ -184,6 +184,15 @@ def test_edited_metadata_is_refused_by_every_reader(store, tmp_path):
         assert r.returncode == 2 and "were edited after the build" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_a_deleted_metadata_digest_is_refused(store):
+    meta_file = Path(store) / "zarr.json"
+    doc = json.loads(meta_file.read_text())
+    del doc["attributes"]["logitcache"]["metadata_sha256"]
+    meta_file.write_text(json.dumps(doc))
+    with pytest.raises(LogitcacheError, match="were edited after the build"):
+        lc.open_cache(store)
+
+
 def test_attributes_that_contradict_the_arrays_are_refused(store):
     # Even with a matching metadata digest (a deliberate rewrite), arrays must fit the attributes.
     from logitcache.store import META_DIGEST, metadata_digest
