@@ -31,16 +31,17 @@ def floats(text: str) -> list[float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--samples", type=int, default=2000)
-    ap.add_argument("--model", default="small-resnet8")
-    ap.add_argument("--epochs", type=int, default=30, help="the full budget (run 1's)")
+    ap.add_argument("--samples", type=int, default=10000)
+    ap.add_argument("--model", default="small-resnet8-w8")
+    ap.add_argument("--epochs", type=int, default=8, help="the full budget (run 1's)")
     ap.add_argument("--lr", type=float, default=0.05, help="run 1's learning rate")
     ap.add_argument("--scratch-budgets", type=floats, default=floats("0.5,0.75,1.0"))
-    ap.add_argument("--kd-budgets", type=floats, default=floats("0.3,0.4,0.5,0.6,0.75"))
+    ap.add_argument("--kd-budgets", type=floats, default=floats("0.5,0.625,0.75,0.875"))
     ap.add_argument("--online-budget", type=float, default=0.5)
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--sweep-lrs", type=floats, default=floats("0.025,0.1,0.2"), help="the sweep's other members")
-    ap.add_argument("--eval-every", type=int, default=5)
+    ap.add_argument("--sweep-seeds", type=int, default=2, help="seeds per sweep member (part B)")
+    ap.add_argument("--eval-every", type=int, default=10**6, help="default: only the final accuracy")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="~2 minute smoke run, not recorded")
     args = ap.parse_args()
@@ -146,7 +147,7 @@ def main() -> None:
     cost_scratch = cost_kd = 0.0
     for i, lr in enumerate([args.lr, *args.sweep_lrs]):
         s_arm, k_arm = Arm("scratch"), Arm("cached KD")
-        for seed in seeds:
+        for seed in seeds[: args.sweep_seeds] if i else seeds:  # run 1's member reuses part A's runs
             trained(s_arm, 1.0, seed, lr)
             trained(k_arm, kd_epochs / args.epochs, seed, lr, **kd)
         s, k = s_arm.mean(args.epochs), k_arm.mean(kd_epochs)
