@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import os
 import platform
@@ -18,7 +19,7 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from logitcache import specs  # noqa: E402
+from logitcache import TrainConfig, specs  # noqa: E402
 from logitcache.fingerprint import versions  # noqa: E402
 
 RESULTS = Path(__file__).parent / "RESULTS.md"
@@ -113,6 +114,21 @@ def trained_teacher(limit: int = 10000, epochs: int = 2, model: str = "small-res
 
 # Settings that do not change what a run computes (a run with other values of these is the same run).
 _NOT_IDENTITY = ("out", "overwrite", "progress", "workers", "resume", "device", "target_accuracy")
+_TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
+
+
+# KD settings do not change a run without KD (so changing their defaults does not orphan the scratch runs).
+_KD_ONLY = ("kd_weight", "temperature", "kd_until", "kd_tail", "cache", "teacher")
+
+
+def run_key(config: dict) -> str:
+    """The identity of a run: a hash of the settings that change what it computes."""
+    import hashlib
+    import json
+
+    ignored = _NOT_IDENTITY + (_KD_ONLY if config.get("kd") == "none" else ())
+    settings = {k: v for k, v in config.items() if k not in ignored and k in _TRAIN_FIELDS}
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def run_once(cfg, tag: str = ""):
@@ -121,15 +137,10 @@ def run_once(cfg, tag: str = ""):
     Benchmarks share runs this way (run 1 of the recipe study is run 1 of the sequence benchmark), and an interrupted
     study continues where it stopped instead of starting over.
     """
-    import dataclasses
-    import hashlib
-    import json
-
     from logitcache import train
     from logitcache.train import RunResult, load_metrics
 
-    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _NOT_IDENTITY}
-    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+    key = run_key(dataclasses.asdict(cfg))
     out = OUT / "runs" / (f"{tag}-{key}" if tag else key)
     try:
         rows = load_metrics(out)

@@ -51,6 +51,7 @@ def main() -> None:
     seeds = list(range(1, args.seeds + 1))
     common = dict(
         dataset="fashion-mnist",
+        augment="pad-crop-flip",  # named as bench_recipe.py names it: identical runs are shared (run_once)
         model=args.model,
         limit=args.samples,
         workers=args.workers,

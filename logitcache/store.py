@@ -296,45 +296,49 @@ class Cache:
             )
 
     def read_chunk(self, view: int, chunk: int) -> dict[str, torch.Tensor]:
-        """The targets of one unit, checked against its digest: the one way targets are read from the store."""
+        """The targets of one unit, checked against its digest."""
+        return self.read(view, *self.layout.rows(chunk))
+
+    def read(self, view: int, start: int = 0, stop: int | None = None) -> dict[str, torch.Tensor]:
+        """Targets of samples ``[start, stop)`` of ``view``: the whole chunks that hold them are read (one Zarr call
+        per field, which fetches chunks concurrently) and each is checked against its digest. The one way targets
+        are read from the store."""
         if not 0 <= view < self.num_views:
             raise LogitcacheError(f"view {view} out of range: the cache holds {self.num_views} views")
-        start, stop = self.layout.rows(chunk)
+        stop = self.num_samples if stop is None else stop
+        first, last = start // self.chunk_rows, max(start, stop - 1) // self.chunk_rows
+        lo, hi = self.layout.rows(first)[0], self.layout.rows(last)[1]
         rows: dict[str, np.ndarray] = {}
         for name, arr in self._arrays.items():
             try:
-                rows[name] = np.ascontiguousarray(arr[view, start:stop])
+                rows[name] = np.ascontiguousarray(arr[view, lo:hi])
             except Exception as e:  # zarr raises plain ValueErrors for crc32c or decompression failures
-                raise self._damaged(name, view, chunk, f"it cannot be decoded ({_first_line(e)})") from None
+                if first == last:
+                    raise self._damaged(name, view, first, f"it cannot be decoded ({_first_line(e)})") from None
+                for c in range(first, last + 1):  # find and name the damaged unit
+                    self.read_chunk(view, c)
+                raise
         if self.has_digests:
-            recorded = self._unit_digest(view, chunk)
-            if recorded is not None and unit_digest(rows) != recorded:
-                name = self._missing_chunk(view, chunk)
-                why = (
-                    f"array '{name}': its chunk file is missing (Zarr would read it as zeros)"
-                    if name
-                    else "its contents differ from the digest recorded at build time (a replaced or rewritten chunk)"
-                )
-                raise self._damaged(name, view, chunk, why)
-        out = {name: torch.from_numpy(a) for name, a in rows.items()}
+            for c in range(first, last + 1):
+                a, b = (r - lo for r in self.layout.rows(c))
+                self._check_digest(view, c, {name: x[a:b] for name, x in rows.items()})
+        out = {name: torch.from_numpy(x[start - lo : stop - lo]) for name, x in rows.items()}
         for name, value in self.encoder.constants().items():
             out[name] = torch.full(
                 (stop - start,), value, dtype=torch.int64 if isinstance(value, int) else torch.float32
             )
         return out
 
-    def read(self, view: int, start: int = 0, stop: int | None = None) -> dict[str, torch.Tensor]:
-        """Targets of samples ``[start, stop)`` of ``view``: the whole chunks that hold them, each checked."""
-        stop = self.num_samples if stop is None else stop
-        first, last = start // self.chunk_rows, max(start, stop - 1) // self.chunk_rows
-        parts = [self.read_chunk(view, c) for c in range(first, last + 1)]
-        offset = first * self.chunk_rows
-        return {
-            name: torch.cat([p[name] for p in parts])[start - offset : stop - offset]
-            if len(parts) > 1
-            else parts[0][name][start - offset : stop - offset]
-            for name in parts[0]
-        }
+    def _check_digest(self, view: int, chunk: int, rows: dict[str, np.ndarray]) -> None:
+        recorded = self._unit_digest(view, chunk)
+        if recorded is not None and unit_digest(rows) != recorded:
+            name = self._missing_chunk(view, chunk)
+            why = (
+                f"array '{name}': its chunk file is missing (Zarr would read it as zeros)"
+                if name
+                else "its contents differ from the digest recorded at build time (a replaced or rewritten chunk)"
+            )
+            raise self._damaged(name, view, chunk, why)
 
     def _unit_digest(self, view: int, chunk: int) -> int | None:
         if view not in self._digests:
