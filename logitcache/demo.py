@@ -204,7 +204,15 @@ def _report(
         if epochs_sweep
         else f"; from-scratch run 2 averages {sweep_target:.4f} at the full budget"
     )
-    console.print(f"[bold green]{headline}[/]{sweep}.", highlight=False)
+    saved = bool(epochs and epochs < plan.full_epochs)
+    colour = "bold green" if saved else "bold yellow"  # green only for a real saving
+    console.print(f"[{colour}]{headline}[/]{sweep}.", highlight=False)
+    if plan.full_epochs in cached.finals:
+        gain = (cached.mean(plan.full_epochs) - sweep_target) * 100
+        console.print(
+            f"at the same full budget, cached KD averages {cached.mean(plan.full_epochs):.4f} against "
+            f"{sweep_target:.4f} from scratch ({gain:+.2f} pp), for no teacher forward pass during training"
+        )
     console.print(
         f"* the teacher ran once, in build: {summary['build_teacher_forwards']:,} forward passes in "
         f"{build_seconds:.1f} s, shared by every later run of the sweep (cache at {cache.path}); online KD runs it "
