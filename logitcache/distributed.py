@@ -77,6 +77,16 @@ def all_sum(*values: float) -> list[float]:
     return t.tolist()
 
 
+def broadcast_buffers(module: torch.nn.Module) -> None:
+    """Rank 0's buffers (BatchNorm running statistics) on every rank. DDP broadcasts them at the start of each forward
+    and each rank then updates them with its own batch, so after training they differ slightly between ranks; the
+    model every rank evaluates must be the one rank 0 saves."""
+    if not is_distributed():
+        return
+    for buffer in module.buffers():
+        dist.broadcast(buffer.data, src=0)
+
+
 def claim(items: list[T], name: str) -> Iterator[T]:
     """Yield the items this rank should process. Single process: all of them in order. Distributed: each item goes
     to exactly one rank, claimed through an atomic counter in the process group's store when it is needed."""

@@ -322,6 +322,7 @@ def train(cfg: TrainConfig) -> RunResult:
             if not math.isfinite(loss_sum):
                 raise LogitcacheError(f"the training loss became {loss_sum} in epoch {epoch + 1}; lower --lr")
             accuracy = None
+            distributed.broadcast_buffers(trained)  # every rank scores (and rank 0 saves) the same model
             if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
                 correct, total = distributed.all_sum(*evaluate(trained, test_loader, device))
                 accuracy = correct / total

@@ -128,16 +128,30 @@ def test_two_rank_ddp_training_from_the_cache(single, tmp_path):
     names = ["checkpoint.safetensors", "config.json", "metrics.jsonl", "model.json", "model.safetensors"]
     assert sorted(p.name for p in out.iterdir()) == names
     assert '"world_size": 2' in (out / "config.json").read_text()
-    # the ranks' test shards add up to the whole test set: the accuracy is the saved model's, computed in one process
-    from torch.utils.data import DataLoader
+    # the ranks' test shards add up to the whole test set: the recorded accuracy is the saved model's on every test
+    # image once. Re-evaluated here shard by shard exactly as the ranks did (every 2nd image, batch 512, one thread
+    # each): a single pass with other batches or threads may flip a near-tie prediction by float rounding alone.
+    from torch.utils.data import DataLoader, Subset
 
     from logitcache import specs
     from logitcache.train import evaluate
 
     test = specs.resolve_dataset(f"{HELPERS}:tiny_dataset", train=False)
     _, eval_tf = specs.resolve_augment(f"{HELPERS}:heavy_augment", test)
-    loader = DataLoader(lc.ReplayDataset(test, eval_tf), batch_size=64)
-    correct, total = evaluate(specs.resolve_teacher(str(out)), loader, torch.device("cpu"))
+    model, threads = specs.resolve_teacher(str(out)), torch.get_num_threads()
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // 2))  # what the CLI gives each of 2 local ranks
+    try:
+        counts = [
+            evaluate(
+                model,
+                DataLoader(Subset(lc.ReplayDataset(test, eval_tf), range(rank, 100, 2)), batch_size=512),
+                torch.device("cpu"),
+            )
+            for rank in (0, 1)
+        ]
+    finally:
+        torch.set_num_threads(threads)
+    correct, total = sum(c for c, _ in counts), sum(t for _, t in counts)
     assert total == len(test) == 100
     assert json.loads(lines[-1])["test_accuracy"] == correct / total
 
