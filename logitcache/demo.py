@@ -36,7 +36,7 @@ class DemoPlan:
 
 
 # The regime of benchmarks/bench_sequence.py and bench_recipe.py (10,000 images, 8 epochs), so that the demo shows
-# a small, honest slice of what RESULTS.md measures with more seeds. About 11 minutes on 2 CPU cores.
+# a small, honest slice of what RESULTS.md measures. About 12 minutes on 2 CPU cores.
 FULL = DemoPlan(10000, "small-resnet8-w8", 8, (0.5, 0.75, 1.0), 0.5, (1, 2), 2)
 QUICK = DemoPlan(500, "small-resnet8-w8", 4, (0.5,), 0.5, (1,), 2)
 
