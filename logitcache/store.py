@@ -188,7 +188,12 @@ def write_unit(
 
 
 class DamagedCache(LogitcacheError):
-    """A complete unit whose stored bytes are not what the build wrote: never trained on."""
+    """A complete unit whose stored bytes are not what the build wrote: never trained on. ``why`` is the reason
+    alone (the message adds where and what to run); constructible from the message only, as DataLoader re-raises it."""
+
+    def __init__(self, message: str, why: str = ""):
+        super().__init__(message)
+        self.why = why or message
 
 
 def repair_hint(path: str) -> str:
@@ -370,7 +375,7 @@ class Cache:
         where = f"view {view}, chunk {chunk} (samples {start}-{stop - 1})"
         if name and not why.startswith("array"):
             why = f"array '{name}': {why}"
-        return DamagedCache(f"cache {self.path} is damaged at {where}: {why}; {repair_hint(self.path)}")
+        return DamagedCache(f"cache {self.path} is damaged at {where}: {why}; {repair_hint(self.path)}", why=why)
 
     def scan(self) -> list[tuple[int, int, str]]:
         """``(view, chunk, why)`` for every unit that is not complete or whose stored data fail their checks.
@@ -386,7 +391,7 @@ class Cache:
             try:
                 self.read_chunk(v, c)
             except DamagedCache as e:
-                bad.append((v, c, str(e).split(": ", 1)[1].rsplit("; repair it", 1)[0]))
+                bad.append((v, c, e.why))
         return bad
 
     def labels(self) -> torch.Tensor:
