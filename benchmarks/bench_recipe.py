@@ -9,7 +9,7 @@ Stages, each recorded as it finishes:
   2. teachers: the best screened recipe with other teachers (run 1 trained twice as long; an ensemble of run 1 and
                another full-budget run of the sweep) and other numbers of stored views (1 vs one per epoch);
   3. checks:   the best recipe and the old default against scratch on configurations it was not chosen on
-               (another subset size, a deeper network, no augmentation).
+               (half the images, a deeper network, no augmentation), each recorded as it finishes.
 Finished runs are reused (`run_once`: same settings, same run), so an interrupted study continues where it stopped.
 """
 
@@ -59,6 +59,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--lr", type=float, default=0.05)
     ap.add_argument("--stages", default="screen,teachers,checks")
+    ap.add_argument("--checks", default="subset,deeper,noaug", help="stage 3's configurations (subset,deeper,noaug)")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="~2 minute smoke run, not recorded")
     args = ap.parse_args()
@@ -149,15 +150,16 @@ def main() -> None:
 
     if "checks" in stages:
         old_default = dict(kd="cached", temperature=4.0, kd_weight=0.9, kd_until=1.0)
+        deeper = args.model.replace("resnet8", "resnet14")
         checks = {
-            f"{args.samples // 2} images": config_of(args.model, args.samples // 2, "pad-crop-flip"),
-            "no augmentation": config_of(args.model, args.samples, "none"),
+            "subset": (f"{args.samples // 2} images", config_of(args.model, args.samples // 2, "pad-crop-flip")),
+            "deeper": (f"a deeper network ({deeper})", config_of(deeper, args.samples, "pad-crop-flip")),
+            "noaug": ("no augmentation", config_of(args.model, args.samples, "none")),
         }
-        if args.quick:
-            checks = dict(list(checks.items())[:1])
-        texts = []
+        chosen = ["subset"] if args.quick else args.checks.split(",")
+        checks = dict(checks[name] for name in chosen)
         for label, conf in checks.items():
-            tag = "check-" + label.replace(" ", "_")
+            tag = "check-" + "".join(ch if ch.isalnum() or ch in "-." else "_" for ch in label)  # a path: no commas
             t_run = teacher_run(f"{tag}/run1", conf, args.epochs)
             c = cache_for(
                 t_run.run_dir, "fashion-mnist", conf["augment"], conf["limit"], budget_epochs, out / tag / "cache"
@@ -171,8 +173,8 @@ def main() -> None:
                 f"check on {label}: {conf['model']}, {conf['limit']} images, augment {conf['augment']}; "
                 f"{budget_epochs}/{args.epochs} epochs; target = its run 1 {t_run.final_accuracy:.4f}"
             )
-            texts.append(arms_table(title, conf, tag, arms, t_run.final_accuracy)[0])
-        record("Recipe study, stage 3: checks on other configurations (bench_recipe.py)", "\n".join(texts), args.quick)
+            text = arms_table(title, conf, tag, arms, t_run.final_accuracy)[0]
+            record(f"Recipe study, stage 3: check on {label} (bench_recipe.py)", text, args.quick)  # each as it ends
 
 
 if __name__ == "__main__":
