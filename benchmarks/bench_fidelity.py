@@ -86,7 +86,7 @@ def fidelity(name: str, ds, tf, teacher, configs, out: Path) -> str:
             label(enc, params, codec),
             f"{stored:,}",
             f"{stored / len(ds):.2f}",
-            f"{stored / (len(ds) * cache.encoder.entries()):.3f}",
+            f"{stored / (len(ds) * cache.encoding.entries()):.3f}",
         ]
         for t in (1.0, 4.0):
             if enc == "sampled":  # a single draw has zeros: KL(teacher || it) is infinite by construction

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+from inspect import signature
 import os
-from enum import Enum
 from pathlib import Path
 from typing import Callable, Optional
 
 import typer
 from rich.console import Console
+
+from cli.options import choices, config_parameters, encoding_parameters, flag_of, plain, with_parameters
+from logitcache.encoding import ENCODINGS
+from logitcache.store import CODECS
+from logitcache.train import TrainConfig
 
 app = typer.Typer(
     add_completion=False,
@@ -18,13 +23,6 @@ app = typer.Typer(
 )
 err = Console(stderr=True, soft_wrap=True)  # one error = one line, whatever the width
 out = Console()
-
-
-class Encoding(str, Enum):
-    full = "full"
-    topk = "topk"
-    sampled = "sampled"
-    quantized = "quantized"
 
 
 def _run(fn: Callable[[], None]) -> None:
@@ -65,8 +63,7 @@ def _setup() -> None:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 0)) or max(1, (os.cpu_count() or 1) // local))
 
 
-@app.command()
-def build(
+def _build_options(
     teacher: str = typer.Option(
         ...,
         help="Run directory from `logitcache train`, several run directories separated by commas (an ensemble of "
@@ -88,24 +85,13 @@ def build(
     ),
     views: int = typer.Option(4, min=1, help="Augmented views stored per image; epoch e trains on view e % views."),
     seed: int = typer.Option(0, help="Base seed: view v of sample i is replayed from hash(seed, v, i)."),
-    encoding: Encoding = typer.Option(
-        Encoding.topk,
-        help="full: all logits (float16). topk: k largest log-probs, "
-        "their ids and the leftover mass. sampled: S draws from the "
-        "teacher at temperature tau, as ids + counts (unbiased). "
-        "quantized: all log-probs in 8 bits.",
+    encoding: choices("Encoding", ENCODINGS) = typer.Option(  # type: ignore[valid-type]
+        "topk",
+        help=" ".join(f"{name}: {cls.summary}." for name, cls in ENCODINGS.items()),
     ),
-    k: int = typer.Option(10, min=1, help="Entries kept per sample for --encoding topk."),
-    soft_tail: bool = typer.Option(
-        True,
-        "--soft-tail/--flat-tail",
-        help="topk: also store the tail's mass at T = 2, 4, 8 (6 B/sample), so training at any temperature weights "
-        "the unstored classes right; --flat-tail saves the bytes, exact only at T = 1.",
+    codec: choices("Codec", CODECS) = typer.Option(  # type: ignore[valid-type]
+        "blosc-lz4", help="Compression (every codec adds a crc32c checksum)."
     ),
-    samples: int = typer.Option(50, min=1, help="Draws S per sample for --encoding sampled."),
-    tau: float = typer.Option(1.0, help="Sampling temperature for --encoding sampled; training must use the same."),
-    floor: float = typer.Option(20.0, help="Lowest log-probability kept by --encoding quantized."),
-    codec: str = typer.Option("blosc-lz4", help="Compression: blosc-lz4, zstd or none (all add a crc32c checksum)."),
     teacher_weights: Optional[Path] = typer.Option(None, help="State dict (.safetensors or weights-only torch file)."),
     batch_size: int = typer.Option(
         256, min=1, help="Teacher batch size (part of the cache identity: resume needs the same)."
@@ -124,185 +110,119 @@ def build(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing cache at --out."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
-    """Run the teacher once over every image x view and store its soft targets in a Zarr v3 store."""
+    """The options of `build` that are not an encoding's own (those come from the encodings, see below)."""
+
+
+def _build(**opts) -> None:
+    opts = plain(opts)
+    encoding = opts["encoding"]
+    own = ENCODINGS[encoding].options
+    given = {key: opts.pop(key) for key in ENCODING_OPTIONS}
+    given = {key: value for key, value in given.items() if value is not None}
 
     def go() -> None:
         from logitcache import build_cache, distributed, specs
+        from logitcache.errors import LogitcacheError
 
+        foreign = [key for key in given if key not in own]
+        if foreign:
+            owners = {key: [n for n, c in ENCODINGS.items() if key in c.options] for key in foreign}
+            raise LogitcacheError(
+                "; ".join(f"{flag_of(k)} is an option of --encoding {' / '.join(owners[k])}" for k in foreign)
+                + f", not of {encoding}"
+            )
         distributed.init_from_env()  # under torchrun: join the process group
-        ds = specs.resolve_dataset(dataset, train=True, limit=limit)
-        train_tf, _ = specs.resolve_augment(augment, ds)
-        model = specs.resolve_teacher(teacher, teacher_weights)
+        ds = specs.resolve_dataset(opts["dataset"], train=True, limit=opts["limit"])
+        train_tf, _ = specs.resolve_augment(opts["augment"], ds)
+        model = specs.resolve_teacher(opts["teacher"], opts["teacher_weights"])
         cache = build_cache(
             model,
             ds,
-            out_path,
+            opts["out_path"],
             augment=train_tf,
-            views=views,
-            seed=seed,
-            encoding=encoding.value,
-            k=k,
-            soft_tail=soft_tail,
-            samples=samples,
-            tau=tau,
-            floor=floor,
-            codec=codec,
-            batch_size=batch_size,
-            chunk_rows=chunk_rows,
-            workers=workers,
-            device=device,
-            resume=resume,
-            overwrite=overwrite,
-            repair=repair,
-            progress=not quiet,
-            specs={"teacher": teacher, "dataset": dataset, "augment": augment},
+            views=opts["views"],
+            seed=opts["seed"],
+            encoding=encoding,
+            codec=opts["codec"],
+            batch_size=opts["batch_size"],
+            chunk_rows=opts["chunk_rows"],
+            workers=opts["workers"],
+            device=opts["device"],
+            resume=opts["resume"],
+            overwrite=opts["overwrite"],
+            repair=opts["repair"],
+            progress=not opts["quiet"],
+            specs={"teacher": opts["teacher"], "dataset": opts["dataset"], "augment": opts["augment"]},
+            **given,
         )
         if distributed.rank() != 0:
             return
         out.print(
             f"[green]done[/]: {cache.num_views} views x {cache.num_samples} samples, {cache.num_classes} classes, "
-            f"encoding {cache.encoding} {cache.encoding_params or ''} -> {cache.path}"
+            f"encoding {cache.encoding.name} {cache.encoding.params() or ''} -> {cache.path}"
         )
 
     _run(go)
 
 
-def _train_defaults():
-    # The train command's defaults are TrainConfig's: one place decides them (and says why, in its docstring).
-    from logitcache.train import TrainConfig
-
-    return TrainConfig(out="")
-
-
-TRAIN = _train_defaults()
+_ENCODING_PARAMS = encoding_parameters(ENCODINGS)
+ENCODING_OPTIONS = [p.name for p in _ENCODING_PARAMS]
+app.command(
+    name="build",
+    help="Run the teacher once over every image x view and store its soft targets in a Zarr v3 store.",
+)(with_parameters(_build, [*signature(_build_options).parameters.values(), *_ENCODING_PARAMS]))
 
 
-class KD(str, Enum):
-    none = "none"
-    cached = "cached"
-    online = "online"
-
-
-@app.command()
-def train(
-    out_path: Path = typer.Option(..., "--out", help="Run directory to write (config, metrics, weights)."),
-    dataset: str = typer.Option(TRAIN.dataset, help="Same dataset specs as `build`."),
-    model: str = typer.Option(
-        TRAIN.model,
-        help="small-resnet8/14/20[-wW], a torchvision model name, or "
-        "pkg.module:fn (fn(num_classes=, in_channels=) returns a module).",
-    ),
-    epochs: int = typer.Option(TRAIN.epochs, min=1, help="Training epochs (a complete warm-up + cosine schedule)."),
-    kd: KD = typer.Option(
-        KD.none,
-        help="none: plain training. cached: targets from --cache. online: run --teacher "
-        "on every batch (the baseline the cache beats).",
-    ),
-    cache: Optional[str] = typer.Option(None, help="Cache written by `logitcache build` (for --kd cached)."),
-    teacher: Optional[str] = typer.Option(None, help="Run directory or teacher spec (for --kd online)."),
-    kd_weight: float = typer.Option(
-        TRAIN.kd_weight,
-        help="a in loss = (1 - a) * CE + a * T^2 * KL. The defaults (T 2, a 0.5) finished best in the recipe study "
-        "(benchmarks/RESULTS.md); high T with a high a fell below training without KD.",
-    ),
-    temperature: float = typer.Option(TRAIN.temperature, help="Distillation temperature T."),
-    kd_until: float = typer.Option(
-        TRAIN.kd_until, help="Apply KD for the first fraction F of training steps only (0.5 did as well as 1)."
-    ),
-    kd_tail: str = typer.Option(
-        TRAIN.kd_tail,
-        help="Top-k caches: uniform (spread the leftover mass over the other classes) or bucket (one 'rest' class).",
-    ),
-    augment: Optional[str] = typer.Option(
-        None, help="Training augmentation; default: the cache's for --kd cached, else pad-crop-flip."
-    ),
-    seed: int = typer.Option(TRAIN.seed, help="Seeds initialisation, shuffling and (without a cache) augmentation."),
-    lr: float = typer.Option(TRAIN.lr, help="Peak learning rate (SGD, nesterov momentum 0.9, warm-up then cosine)."),
-    weight_decay: float = typer.Option(TRAIN.weight_decay),
-    label_smoothing: float = typer.Option(TRAIN.label_smoothing),
-    batch_size: int = typer.Option(TRAIN.batch_size, min=1),
-    workers: int = typer.Option(TRAIN.workers, min=0, help="DataLoader worker processes."),
-    device: str = typer.Option("auto", help="auto (CUDA when present), cpu or cuda."),
-    limit: Optional[int] = typer.Option(None, min=1, help="Train on the first N samples (must match the cache)."),
-    test_limit: Optional[int] = typer.Option(None, min=1, help="Evaluate on the first N test samples only."),
-    eval_every: int = typer.Option(
-        TRAIN.eval_every,
-        min=1,
-        help="Evaluate after every N-th epoch and the last (evaluation can cost more than a short epoch).",
-    ),
-    target_accuracy: Optional[float] = typer.Option(
-        None, help="Report the epoch and time the test accuracy first reaches X (0-1)."
-    ),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run directory."),
-    resume: bool = typer.Option(
-        False, "--resume", help="Continue an interrupted run after its last finished epoch (same settings)."
-    ),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
-) -> None:
-    """Train a model, optionally distilling from a cache or an online teacher; the run directory can teach the next."""
+def _train(**opts) -> None:
+    opts = plain(opts)
+    opts["progress"] = not opts.pop("quiet")
 
     def go() -> None:
         from logitcache import TrainConfig, distributed
         from logitcache import train as train_run
 
         distributed.init_from_env()
-        cfg = TrainConfig(
-            out=str(out_path),
-            dataset=dataset,
-            model=model,
-            epochs=epochs,
-            kd=kd.value,
-            cache=cache,
-            teacher=teacher,
-            kd_weight=kd_weight,
-            temperature=temperature,
-            kd_until=kd_until,
-            kd_tail=kd_tail,
-            augment=augment,
-            seed=seed,
-            lr=lr,
-            weight_decay=weight_decay,
-            label_smoothing=label_smoothing,
-            batch_size=batch_size,
-            workers=workers,
-            device=device,
-            limit=limit,
-            test_limit=test_limit,
-            eval_every=eval_every,
-            target_accuracy=target_accuracy,
-            overwrite=overwrite,
-            resume=resume,
-            progress=not quiet,
-        )
+        cfg = TrainConfig(**opts)
         result = train_run(cfg)
         if distributed.rank() != 0:
             return
-        from rich.table import Table
-
-        table = Table(title=f"run {result.run_dir} (--kd {kd.value})")
-        for col in ("epoch", "train loss", "test acc", "wall s", "samples/s", "teacher fwd"):
-            table.add_column(col, justify="right")
-        for m in result.metrics:
-            table.add_row(
-                str(m["epoch"]),
-                f"{m['train_loss']:.4f}",
-                f"{m['test_accuracy']:.4f}" if m["test_accuracy"] is not None else "-",
-                f"{m['wall_seconds']:.1f}",
-                f"{m['samples_per_second']:.0f}",
-                str(m["teacher_forwards"]),
-            )
-        out.print(table)
-        if target_accuracy is not None:
-            out.print(
-                f"target accuracy {target_accuracy}: "
-                + (
-                    f"reached at epoch {result.target_epoch} after {result.target_seconds:.1f} s"
-                    if result.target_epoch
-                    else "not reached"
-                )
-            )
+        _render_run(result, cfg)
 
     _run(go)
+
+
+app.command(
+    name="train",
+    help="Train a model, optionally distilling from a cache or an online teacher; the run directory can teach the "
+    "next. Every option is a field of logitcache.TrainConfig, whose defaults these are.",
+)(with_parameters(_train, config_parameters(TrainConfig, required=("out",))))
+
+
+def _render_run(result, cfg) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"run {result.run_dir} (--kd {cfg.kd})")
+    for col in ("epoch", "train loss", "test acc", "wall s", "samples/s", "teacher fwd"):
+        table.add_column(col, justify="right")
+    for m in result.metrics:
+        table.add_row(
+            str(m["epoch"]),
+            f"{m['train_loss']:.4f}",
+            f"{m['test_accuracy']:.4f}" if m["test_accuracy"] is not None else "-",
+            f"{m['wall_seconds']:.1f}",
+            f"{m['samples_per_second']:.0f}",
+            str(m["teacher_forwards"]),
+        )
+    out.print(table)
+    if cfg.target_accuracy is not None:
+        out.print(
+            f"target accuracy {cfg.target_accuracy}: "
+            + (
+                f"reached at epoch {result.target_epoch} after {result.target_seconds:.1f} s"
+                if result.target_epoch
+                else "not reached"
+            )
+        )
 
 
 @app.command()
@@ -316,7 +236,7 @@ def inspect(
     def go() -> None:
         import json
 
-        from logitcache.summary import inspect_cache
+        from logitcache.inspection import inspect_cache
 
         info = inspect_cache(path, stats_rows=stats_rows)
         if as_json:

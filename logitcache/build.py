@@ -1,8 +1,10 @@
 """The precompute stage: teacher over dataset x views -> a cache.
 
-DataLoader workers decode and augment (replayed from seeds); the main process runs the teacher; a writer thread
-compresses and writes each finished unit (one chunk of one view) while the next batches are computed. Batches never
-straddle a unit, so a unit's bytes do not depend on which run, resume or rank computed it.
+Read top to bottom: ``build_cache`` checks its arguments, probes the teacher on one image, opens (or validates) the
+store, plans the units still to do and runs the teacher over them. DataLoader workers decode and augment (replayed
+from seeds); the main process runs the teacher; a ``UnitWriter`` thread compresses and writes each finished unit (one
+chunk of one view) while the next batches are computed. Batches never straddle a unit, so a unit's bytes do not
+depend on which run, resume or rank computed it.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import warnings
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, NamedTuple
 
 import numpy as np
 import torch
@@ -24,17 +26,16 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from . import distributed, store
-from .specs import resolve_device
+from .compat import differences, inputs_of
 from .datasets import labels_of
-from .encoding import make_encoding
+from .encoding import Encoding, make_encoding
 from .errors import LogitcacheError
-from .fingerprint import dataset_fingerprint, teacher_sha256, versions
+from .fingerprint import teacher_sha256, versions
 from .progress import progress_bar
-from .replay import fingerprint_mismatch, replay_fingerprint, replay_view, sample_seed
+from .replay import replay_view, sample_seed
+from .specs import resolve_device
 
 _ENCODE_SALT = 0x5EED_E4C0
-
-VALUES = {"full": "logits", "topk": "log-probs", "sampled": "sample counts", "quantized": "log-probs"}
 
 # Settings whose change makes an existing cache a different cache (resume is refused, --overwrite needed).
 _IDENTITY = ("num_samples", "num_views", "num_classes", "chunk_rows", "batch_size", "seed", "encoding", "codec")
@@ -54,15 +55,22 @@ class ReplayedViews(Dataset):
         return replay_view(self.transform, self.dataset[index][0], self.seed, view, index)
 
 
-def plan_batches(
-    layout: store.Layout, units: list[tuple[int, int]], batch_size: int
-) -> list[tuple[tuple[int, int], list[int]]]:
-    """``(unit, flat indices)`` per batch; batch boundaries restart at every unit so results are unit-local."""
+class PlannedBatch(NamedTuple):
+    unit: tuple[int, int]  # (view, chunk)
+    indices: list[int]  # flat indices view * N + i
+    last: bool  # the unit's last batch: its logits are complete and go to the writer
+
+
+def plan_batches(layout: store.Layout, units: list[tuple[int, int]], batch_size: int) -> list[PlannedBatch]:
+    """The batches of ``units``; batch boundaries restart at every unit so results are unit-local."""
     plan = []
     for view, chunk in units:
         start, stop = layout.rows(chunk)
         for b in range(start, stop, batch_size):
-            plan.append(((view, chunk), [view * layout.num_samples + i for i in range(b, min(b + batch_size, stop))]))
+            end = min(b + batch_size, stop)
+            plan.append(
+                PlannedBatch((view, chunk), [view * layout.num_samples + i for i in range(b, end)], end == stop)
+            )
     return plan
 
 
@@ -77,24 +85,20 @@ def _teacher_logits(teacher: nn.Module, x: torch.Tensor, device: torch.device) -
 
 
 def _check_compatible(path: str, existing: dict, meta: dict) -> None:
+    """``--resume`` into an existing store: the same settings, teacher, dataset and augmentation, or a refusal."""
     for key in _IDENTITY:
         if existing.get(key) != meta.get(key):
             raise LogitcacheError(
                 f"{path} was built with {key}={existing.get(key)!r}, this build has "
                 f"{meta.get(key)!r}; pass --overwrite to replace it"
             )
-    checks = [
-        ("teacher", "sha256", "a different teacher"),
-        ("dataset", "labels_sha256", "a different dataset"),
-        ("dataset", "samples_sha256", "a different dataset"),
-    ]
-    for section, key, what in checks:
-        if existing[section].get(key) != meta[section].get(key):
-            raise LogitcacheError(f"{path} was built with {what}; pass --overwrite to replace it")
-    bad = fingerprint_mismatch(existing["augment"]["fingerprint"], meta["augment"]["fingerprint"])
-    if bad:
-        # The replayed pixels decide, not repr(): a user transform's repr may hold a memory address.
-        raise LogitcacheError(f"{path} was built with a different augmentation ({bad}); pass --overwrite to rebuild")
+    if existing["teacher"].get("sha256") != meta["teacher"].get("sha256"):
+        raise LogitcacheError(f"{path} was built with a different teacher; pass --overwrite to replace it")
+    for diff in differences(
+        existing, {"dataset": meta["dataset"], "augment_fingerprint": meta["augment"]["fingerprint"]}
+    ):
+        what = "a different augmentation" if diff.what == "augmentation" else "a different dataset"
+        raise LogitcacheError(f"{path} was built with {what} ({diff}); pass --overwrite to replace it")
 
 
 def _open_output(
@@ -198,7 +202,7 @@ def _out_of_space(out: str, error: OSError, group: zarr.Group, fields: dict, lay
 
 
 def _metadata(
-    encoder,
+    encoding: Encoding,
     dataset: Dataset,
     labels: np.ndarray,
     augment,
@@ -212,26 +216,23 @@ def _metadata(
     chunk_rows: int,
 ) -> dict:
     """The group attributes (FORMAT.md): identity, fingerprints and versions, all plain JSON."""
+    inputs = inputs_of(dataset, augment, seed, views, labels)
     return {
         "format_version": store.FORMAT_VERSION,
         "num_samples": len(dataset),
         "num_views": views,
-        "num_classes": encoder.num_classes,
+        "num_classes": encoding.num_classes,
         "chunk_rows": chunk_rows,
         "batch_size": batch_size,
         "seed": seed,
         "codec": codec,
-        "encoding": {"name": encoder.name, "params": encoder.params()},
-        "values": VALUES[encoder.name],
-        "temperature": encoder.params().get("tau", 1.0),
+        "encoding": {"name": encoding.name, "params": encoding.params()},
+        "values": encoding.values,
+        "temperature": encoding.stored_temperature,
         "view_rule": "epoch e uses view e % num_views",
-        "augment": {
-            "spec": specs.get("augment"),
-            "repr": repr(augment),
-            "fingerprint": replay_fingerprint(augment, dataset, seed, views),
-        },
+        "augment": {"spec": specs.get("augment"), "repr": repr(augment), "fingerprint": inputs["augment_fingerprint"]},
         "teacher": {"spec": specs.get("teacher"), "class": type(teacher).__name__, "sha256": teacher_sha256(teacher)},
-        "dataset": {"spec": specs.get("dataset"), **dataset_fingerprint(dataset, labels)},
+        "dataset": {"spec": specs.get("dataset"), **inputs["dataset"]},
         "versions": versions(),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
@@ -246,11 +247,6 @@ def build_cache(
     views: int = 1,
     seed: int = 0,
     encoding: str = "topk",
-    k: int = 10,
-    soft_tail: bool = True,
-    samples: int = 50,
-    tau: float = 1.0,
-    floor: float = 20.0,
     codec: str = "blosc-lz4",
     batch_size: int = 256,
     chunk_rows: int = 1024,
@@ -261,37 +257,64 @@ def build_cache(
     repair: bool = False,
     progress: bool = True,
     specs: dict[str, str | None] | None = None,
+    **options: Any,
 ) -> store.Cache:
     """Run ``teacher`` over ``views`` replayed augmentations of every sample of ``dataset`` and store soft targets.
 
-    ``soft_tail=False`` (top-k) omits the tail's softened masses (format version 1's flat tail; for comparisons).
-    ``specs`` records how the teacher/dataset/augmentation were named (CLI specs), so that tools can re-create them.
-    Returns the opened cache. Interrupting it (Ctrl-C, kill) loses at most the units in flight: ``resume=True``
-    finishes the job and the result is bitwise identical to an uninterrupted build on the same machine.
-    ``repair=True`` (with ``resume``) first checks every stored chunk and recomputes the damaged ones as well.
+    ``encoding`` names a registered encoding (``logitcache.encoding.ENCODINGS``); ``options`` are its options (e.g.
+    ``k=10, soft_tail=True`` for ``topk``; ``samples``, ``tau`` for ``sampled``; ``floor`` for ``quantized``), the
+    rest taking their defaults. ``specs`` records how the teacher/dataset/augmentation were named (CLI specs), so that
+    tools can re-create them. Returns the opened cache. Interrupting it (Ctrl-C, kill) loses at most the units in
+    flight: ``resume=True`` finishes the job and the result is bitwise identical to an uninterrupted build on the
+    same machine. ``repair=True`` (with ``resume``) first checks every stored chunk and recomputes the damaged ones.
 
     Under ``torchrun`` (an initialised process group) every rank calls this with the same arguments: rank 0 alone
     creates or validates the store and its metadata; ranks then claim units one at a time from a shared counter and
     write only the units they claimed. The result is the same store, byte for byte, whatever the number of ranks.
     """
-    out = str(out)
-    specs = specs or {}
-    for name, value, low in (
-        ("views", views, 1),
-        ("batch_size", batch_size, 1),
-        ("chunk_rows", chunk_rows, 1),
-        ("workers", workers, 0),
-    ):
-        if value < low:
-            raise LogitcacheError(f"{name} must be >= {low}, got {value}")
-    if codec not in store.CODECS:
-        raise LogitcacheError(f"unknown codec {codec!r}; choose one of: {', '.join(store.CODECS)}")
+    out, specs = str(out), specs or {}
+    _check_arguments(views=views, batch_size=batch_size, chunk_rows=chunk_rows, workers=workers)
+    store.check_codec(codec)
     dev = resolve_device(device)
     teacher = teacher.eval().to(dev)
-    n = len(dataset)
-    if n == 0:
-        raise LogitcacheError("the dataset is empty")
+    labels, num_classes = _probe(teacher, dataset, augment, seed, dev)
+    enc = make_encoding(encoding, num_classes, options)
+    meta = _metadata(
+        enc, dataset, labels, augment, teacher, specs, views=views, seed=seed, codec=codec, batch_size=batch_size,
+        chunk_rows=chunk_rows,
+    )  # fmt: skip
+    group = _open_on_rank0(out, meta, enc, codec, labels, resume=resume, overwrite=overwrite, repair=repair)
+    layout = store.Layout(views, len(dataset), chunk_rows)
+    opened = store.Cache(out, group)
+    done = opened.completion()
+    units = [(v, c) for v in range(views) for c in range(layout.num_chunks) if not done[v, c]]
+    if not done.any():
+        _warn_if_disk_too_small(out, enc, views, len(dataset))
+    writer = UnitWriter(group, enc, layout, seed, opened.has_digests)
+    try:
+        _run_teacher(teacher, dataset, augment, seed, dev, units, layout, batch_size, workers, writer, progress)
+        writer.flush()
+    except OSError as e:
+        if e.errno not in store.OUT_OF_SPACE:
+            raise
+        raise _out_of_space(out, e, group, enc.fields(), layout) from None
+    finally:
+        writer.close()  # units already handed over are complete: an interrupt loses only the current one
+    distributed.barrier()
+    return store.open_cache(out)
 
+
+def _check_arguments(**values: int) -> None:
+    for name, value in values.items():
+        low = 0 if name == "workers" else 1
+        if value < low:
+            raise LogitcacheError(f"{name} must be >= {low}, got {value}")
+
+
+def _probe(teacher: nn.Module, dataset: Dataset, augment, seed: int, dev: torch.device) -> tuple[np.ndarray, int]:
+    """The labels and the teacher's number of classes, from one replayed image; user mistakes caught here."""
+    if len(dataset) == 0:
+        raise LogitcacheError("the dataset is empty")
     labels = labels_of(dataset)
     probe = replay_view(augment, dataset[0][0], seed, 0, 0)
     if not isinstance(probe, torch.Tensor):
@@ -309,118 +332,117 @@ def build_cache(
     if labels.min() < 0 or labels.max() >= num_classes:
         bad = int(np.argmax((labels < 0) | (labels >= num_classes)))
         raise LogitcacheError(f"label {labels[bad]} of sample {bad} is outside the teacher's {num_classes} classes")
-    params = {
-        "topk": {"k": k, "soft_tail": soft_tail},
-        "sampled": {"samples": samples, "tau": tau},
-        "quantized": {"floor": floor},
-    }
-    encoder = make_encoding(encoding, num_classes, params.get(encoding, {}))
+    return labels, num_classes
 
-    meta = _metadata(
-        encoder,
-        dataset,
-        labels,
-        augment,
-        teacher,
-        specs,
-        views=views,
-        seed=seed,
-        codec=codec,
-        batch_size=batch_size,
-        chunk_rows=chunk_rows,
-    )
-    fields = encoder.fields()
+
+def _open_on_rank0(
+    out: str, meta: dict, enc: Encoding, codec: str, labels: np.ndarray, *, resume: bool, overwrite: bool, repair: bool
+) -> zarr.Group:
+    """Rank 0 alone creates or validates the store; the other ranks open it once it agrees."""
     group = None
     if distributed.rank() == 0:
         try:
-            group = _open_output(out, meta, fields, codec, labels, resume, overwrite, repair)
+            group = _open_output(out, meta, enc.fields(), codec, labels, resume, overwrite, repair)
         except BaseException:
             distributed.agree(False)
             raise
     if not distributed.agree(True):
         raise LogitcacheError("rank 0 could not open the output store (see its error)")
-    if group is None:
-        group = store.open_group(out, mode="r+")
-    layout = store.Layout(views, n, chunk_rows)
-    opened = store.Cache(out, group)
-    done, has_digests = opened.completion(), opened.has_digests
-    units = [(v, c) for v in range(views) for c in range(layout.num_chunks) if not done[v, c]]
-    total_rows = sum(layout.rows(c)[1] - layout.rows(c)[0] for _, c in units) // distributed.world_size()
-    planned: deque[tuple[tuple[int, int], list[int]]] = deque()
+    return group if group is not None else store.open_group(out, mode="r+")
+
+
+def _warn_if_disk_too_small(out: str, enc: Encoding, views: int, samples: int) -> None:
+    if store.is_url(out) or distributed.rank() != 0:
+        return
+    need, free = raw_bytes(enc.fields(), views, samples), shutil.disk_usage(out).free
+    if need > free:
+        warnings.warn(
+            f"the cache may need up to {_size_text(need)} before compression and {out} has {_size_text(free)} "
+            "free; if the disk fills, free space and rerun with --resume",
+            stacklevel=3,
+        )
+
+
+class UnitWriter:
+    """Encodes and writes finished units on one background thread, overlapping the teacher.
+
+    At most a few units wait (back-pressure on slow disks). Sampling encodings draw from a generator seeded per unit,
+    so a unit's bytes stay a function of its inputs.
+    """
+
+    MAX_IN_FLIGHT = 4
+
+    def __init__(self, group: zarr.Group, enc: Encoding, layout: store.Layout, seed: int, has_digests: bool):
+        self.group, self.enc, self.layout, self.seed, self.has_digests = group, enc, layout, seed, has_digests
+        self.field_names = sorted(enc.fields())
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="logitcache-writer")
+        self.in_flight: list[Future] = []
+
+    def submit(self, unit: tuple[int, int], logits: torch.Tensor) -> None:
+        self.in_flight.append(self.pool.submit(self._write, unit, logits))
+        while len(self.in_flight) > self.MAX_IN_FLIGHT or (self.in_flight and self.in_flight[0].done()):
+            self.in_flight.pop(0).result()  # a write's error surfaces here
+
+    def _write(self, unit: tuple[int, int], logits: torch.Tensor) -> None:
+        view, chunk = unit
+        rng = torch.Generator().manual_seed(sample_seed(self.seed ^ _ENCODE_SALT, view, chunk))
+        encoded = {name: t.numpy() for name, t in self.enc.encode(logits, rng).items()}
+        store.write_unit(self.group, self.field_names, view, chunk, self.layout.rows(chunk), encoded, self.has_digests)
+
+    def flush(self) -> None:
+        while self.in_flight:
+            self.in_flight.pop(0).result()
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
+
+
+def _run_teacher(
+    teacher: nn.Module,
+    dataset: Dataset,
+    augment,
+    seed: int,
+    dev: torch.device,
+    units: list[tuple[int, int]],
+    layout: store.Layout,
+    batch_size: int,
+    workers: int,
+    writer: UnitWriter,
+    progress: bool,
+) -> None:
+    """The teacher over the units' batches; a unit's logits go to the writer when its last batch is done."""
+    n = layout.num_samples
+    planned: deque[PlannedBatch] = deque()
 
     def batches() -> Iterator[list[int]]:
         # Units are claimed lazily, so under torchrun a rank takes the next unit only when it needs work.
         for unit in distributed.claim(units, "build-units"):
-            for step in plan_batches(layout, [unit], batch_size):
-                planned.append(step)
-                yield step[1]
+            for batch in plan_batches(layout, [unit], batch_size):
+                planned.append(batch)
+                yield batch.indices
 
     loader = DataLoader(
-        ReplayedViews(dataset, augment, seed),
-        batch_sampler=batches(),
-        num_workers=workers,
+        ReplayedViews(dataset, augment, seed), batch_sampler=batches(), num_workers=workers,
         pin_memory=dev.type == "cuda",
-    )
-    field_names = sorted(fields)
-    writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="logitcache-writer")
-    in_flight: list[Future] = []
-    buffer: list[torch.Tensor] = []
-
-    def encode_and_write(logits: torch.Tensor, unit: tuple[int, int]) -> None:
-        # Runs on the writer thread, overlapping the teacher. Sampling encodings draw from a generator seeded per
-        # unit, so a unit's bytes stay a function of its inputs.
-        rng = torch.Generator().manual_seed(sample_seed(seed ^ _ENCODE_SALT, unit[0], unit[1]))
-        encoded = {name: t.numpy() for name, t in encoder.encode(logits, rng).items()}
-        store.write_unit(group, field_names, unit[0], unit[1], layout.rows(unit[1]), encoded, has_digests)
-
-    def submit(unit: tuple[int, int]) -> None:
-        logits = torch.cat(buffer)
-        buffer.clear()
-        in_flight.append(writer.submit(encode_and_write, logits, unit))
-        while len(in_flight) > 4 or (in_flight and in_flight[0].done()):  # bounded: back-pressure on slow disks
-            in_flight.pop(0).result()
-
-    if not store.is_url(out) and distributed.rank() == 0 and not done.any():
-        need, free = raw_bytes(fields, views, n), shutil.disk_usage(out).free
-        if need > free:
-            warnings.warn(
-                f"the cache may need up to {_size_text(need)} before compression and {out} has {_size_text(free)} "
-                "free; if the disk fills, free space and rerun with --resume",
-                stacklevel=2,
-            )
-    try:
-        _run_units(loader, planned, teacher, dev, n, layout, buffer, submit, progress, total_rows)
-        for f in in_flight:
-            f.result()
-    except OSError as e:
-        if e.errno not in store.OUT_OF_SPACE:
-            raise
-        raise _out_of_space(out, e, group, fields, layout) from None
-    finally:
-        # Units already handed to the writer are complete: let them land, so an interrupt loses only the current one.
-        writer.shutdown(wait=True)
-    distributed.barrier()
-    return store.open_cache(out)
-
-
-def _run_units(loader, planned, teacher, dev, n, layout, buffer, submit, progress, total_rows) -> None:
-    """The teacher over the planned batches; a unit's logits go to the writer when its last batch is done."""
+    )  # fmt: skip
+    total_rows = sum(layout.rows(c)[1] - layout.rows(c)[0] for _, c in units) // distributed.world_size()
+    pieces: list[torch.Tensor] = []
     with (
         progress_bar("build", total_rows, enabled=progress and distributed.rank() == 0) as advance,
         torch.inference_mode(),
     ):
         for x in loader:
-            unit, idx = planned.popleft()  # the loader keeps the sampler's order
+            batch = planned.popleft()  # the loader keeps the sampler's order
             logits = _teacher_logits(teacher, x, dev)
             finite = torch.isfinite(logits).all(dim=1)
             if not finite.all():
-                bad = idx[int((~finite).nonzero()[0])]
+                bad = batch.indices[int((~finite).nonzero()[0])]
                 raise LogitcacheError(
                     f"the teacher produced NaN/inf for view {bad // n}, sample {bad % n}; "
                     "nothing was written for its chunk"
                 )
-            buffer.append(logits)
-            start, stop = layout.rows(unit[1])
-            if idx[-1] == unit[0] * n + stop - 1:  # the unit's last batch
-                submit(unit)
-            advance(len(idx))
+            pieces.append(logits)
+            if batch.last:
+                writer.submit(batch.unit, torch.cat(pieces))
+                pieces.clear()
+            advance(len(batch.indices))

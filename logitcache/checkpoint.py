@@ -24,7 +24,7 @@ CHECKPOINT_FILE = "checkpoint.safetensors"
 
 
 @dataclass
-class Progress:
+class RunState:
     """Where a run stands after its last finished epoch."""
 
     epoch: int = 0
@@ -34,24 +34,22 @@ class Progress:
     metrics: list[dict[str, Any]] = field(default_factory=list)
 
 
-def save_checkpoint(
-    run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, progress: Progress
-) -> None:
+def save_checkpoint(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: RunState) -> None:
     tensors = {f"model/{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     extra: dict[str, dict[str, Any]] = {}
-    for index, state in optimizer.state_dict()["state"].items():
-        for key, value in state.items():
+    for index, per_param in optimizer.state_dict()["state"].items():
+        for key, value in per_param.items():
             if isinstance(value, torch.Tensor):
                 tensors[f"optim/{index}/{key}"] = value.detach().cpu().contiguous()
             else:
                 extra.setdefault(str(index), {})[key] = value
     tensors["rng/torch"] = torch.get_rng_state()
     meta = {
-        "epoch": str(progress.epoch),
-        "step": str(progress.step),
-        "wall": repr(progress.wall),
-        "teacher_forwards": str(progress.teacher_forwards),
-        "metrics": json.dumps(progress.metrics),
+        "epoch": str(state.epoch),
+        "step": str(state.step),
+        "wall": repr(state.wall),
+        "teacher_forwards": str(state.teacher_forwards),
+        "metrics": json.dumps(state.metrics),
         "optim_extra": json.dumps(extra),
     }
     tmp = run_dir / (CHECKPOINT_FILE + ".partial")
@@ -59,11 +57,11 @@ def save_checkpoint(
     os.replace(tmp, run_dir / CHECKPOINT_FILE)
 
 
-def load_checkpoint(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> Progress:
-    """Restore model, optimizer and RNG from ``run_dir``; a fresh ``Progress`` if the run never finished an epoch."""
+def load_checkpoint(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> RunState:
+    """Restore model, optimizer and RNG from ``run_dir``; a fresh ``RunState`` if the run never finished an epoch."""
     path = run_dir / CHECKPOINT_FILE
     if not path.is_file():
-        return Progress()
+        return RunState()
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             meta = f.metadata()
@@ -79,7 +77,7 @@ def load_checkpoint(run_dir: Path, model: torch.nn.Module, optimizer: torch.opti
     # load_state_dict moves each state tensor to its parameter's device
     optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
     torch.set_rng_state(tensors["rng/torch"])
-    return Progress(
+    return RunState(
         epoch=int(meta["epoch"]),
         step=int(meta["step"]),
         wall=float(meta["wall"]),

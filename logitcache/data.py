@@ -17,10 +17,9 @@ import torch
 from torch.utils.data import Dataset
 from torch.utils.data._utils.collate import default_collate_fn_map
 
-from .datasets import labels_of
+from .compat import compatibility
 from .errors import LogitcacheError
-from .fingerprint import dataset_fingerprint
-from .replay import fingerprint_mismatch, replay_fingerprint, replay_view
+from .replay import replay_view
 from .specs import recorded_augment
 from .store import Cache, open_cache
 
@@ -91,33 +90,11 @@ class CachedKDDataset(ReplayDataset):
         self._max_chunks = max(1, int(max_cache_mb * 2**20 // self._chunk_bytes))
 
     def _check(self, base: Dataset, meta: dict, allow_mismatch: bool) -> None:
-        recorded = meta["dataset"]
-        if len(base) != recorded["length"]:
-            raise LogitcacheError(
-                f"the dataset has {len(base)} samples but the cache was built on {recorded['length']}"
-            )
-        fresh = dataset_fingerprint(base, labels_of(base))
-        if fresh["labels_sha256"] != recorded["labels_sha256"]:
-            raise LogitcacheError(
-                "the dataset's labels differ from the ones the cache was built on (another dataset, split or order)"
-            )
-        if fresh["samples_sha256"] != recorded["samples_sha256"]:
-            raise LogitcacheError(
-                "the dataset's images differ from the ones the cache was built on "
-                "(another dataset, preprocessing or order)"
-            )
-        bad = fingerprint_mismatch(
-            meta["augment"]["fingerprint"], replay_fingerprint(self.augment, base, self.seed, self.num_views)
-        )
-        if bad:
-            msg = (
-                f"the augmentation does not replay the views the teacher labelled ({bad}); "
-                f"the cache was built with {meta['augment']['spec'] or meta['augment']['repr']}"
-            )
-            if not allow_mismatch:
-                raise LogitcacheError(msg)
+        for diff in compatibility(meta, base, self.augment):
+            if diff.what != "augmentation" or not allow_mismatch:
+                raise LogitcacheError(str(diff))
             warnings.warn(
-                msg + " -- continuing because allow_mismatch=True: targets will not match the images", stacklevel=3
+                f"{diff} -- continuing because allow_mismatch=True: targets will not match the images", stacklevel=3
             )
 
     def target(self, index: int, view: int) -> dict[str, torch.Tensor]:
@@ -130,19 +107,7 @@ class CachedKDDataset(ReplayDataset):
     def targets(self, indices: list[int], view: int) -> dict[str, torch.Tensor]:
         """The cached targets of ``indices`` in ``view``, batched: one gather per chunk and field, not per sample."""
         self._own_handle()
-        rows_per_chunk = self.cache.chunk_rows
-        idx = torch.as_tensor(indices, dtype=torch.int64)
-        chunk_of = idx // rows_per_chunk
-        out: dict[str, torch.Tensor] = {}
-        for chunk in chunk_of.unique().tolist():
-            rows = self._chunk(view, chunk)
-            where = (chunk_of == chunk).nonzero().squeeze(1)
-            offsets = idx[where] - chunk * rows_per_chunk
-            for name, t in rows.items():
-                if name not in out:
-                    out[name] = t.new_empty((len(indices), *t.shape[1:]))
-                out[name][where] = t[offsets]
-        return out
+        return self.cache.take(view, indices, self._chunk)
 
     def _own_handle(self) -> None:
         if os.getpid() != self._pid:  # a forked DataLoader worker: open its own store handle, lazily
@@ -206,5 +171,7 @@ def collate_target_rows(rows: list[TargetRow], *, collate_fn_map: dict | None = 
     return {name: torch.stack([r[name] for r in rows]) for name in batch}
 
 
-# torch's documented extension point for custom element types (see torch.utils.data.default_collate).
+# A side effect of importing logitcache, on purpose: torch's documented extension point for custom element types
+# (torch.utils.data.default_collate's collate_fn_map). It adds a type torch does not know and changes nothing for any
+# other type, so a user's own collate_fn keeps working (tests/test_data.py checks both).
 default_collate_fn_map[TargetRow] = collate_target_rows

@@ -30,13 +30,13 @@ def inspect_cache(cache: Cache | str | os.PathLike, stats_rows: int = 20000) -> 
         }
     field_stored = sum(arrays[n]["stored_bytes"] for n in cache.field_names)
     field_raw = sum(arrays[n]["bytes"] for n in cache.field_names)
-    entries = cache.encoder.entries()
+    entries = cache.encoding.entries()
     summary = {
         "path": cache.path,
         "format_version": meta["format_version"],
         "chunk_digests": cache.has_digests,  # version 3: damage to any chunk is detected on read
-        "encoding": cache.encoding,
-        "encoding_params": cache.encoding_params,
+        "encoding": cache.encoding.name,
+        "encoding_params": cache.encoding.params(),
         "codec": meta["codec"],
         "values": meta["values"],
         "temperature": meta["temperature"],
@@ -65,7 +65,7 @@ def inspect_cache(cache: Cache | str | os.PathLike, stats_rows: int = 20000) -> 
 
 def _teacher_stats(cache: Cache, done: np.ndarray, stats_rows: int) -> list[dict]:
     labels = cache.labels()
-    temperature = float(cache.meta["temperature"])
+    temperature = cache.encoding.stored_temperature
     out = []
     for view in range(cache.num_views):
         chunks = [c for c in range(cache.layout.num_chunks) if done[view, c]]
@@ -91,8 +91,8 @@ def _teacher_stats(cache: Cache, done: np.ndarray, stats_rows: int) -> list[dict
                 "rows": rows,
                 "top1_agreement_with_labels": round(agree / rows, 4) if rows else None,
                 "mean_entropy_nats": round(entropy / rows, 4) if rows else None,
-                "mean_tail_mass": round(tail / rows, 5) if rows and cache.encoding == "topk" else None,
-                "mean_tail_mass_t4": round(tail_t4 / rows, 5) if rows and cache.encoding == "topk" else None,
+                "mean_tail_mass": round(tail / rows, 5) if rows and cache.encoding.name == "topk" else None,
+                "mean_tail_mass_t4": round(tail_t4 / rows, 5) if rows and cache.encoding.name == "topk" else None,
             }
         )
     return out

@@ -7,6 +7,7 @@ batch size, process and rank cannot change it and nothing per sample needs stori
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
@@ -86,16 +87,16 @@ def replay_fingerprint(transform: Callable[[Any], Any], dataset: Any, base_seed:
     return points
 
 
-class Mismatch(str):
-    """A fingerprint disagreement: reads as its message, and names the (view, index) where it was seen."""
+@dataclass(frozen=True)
+class Mismatch:
+    """A fingerprint disagreement: where it was seen (view, index; -1 when nowhere in particular) and why."""
 
     view: int
     index: int
+    reason: str
 
-    def __new__(cls, view: int, index: int, reason: str) -> "Mismatch":
-        obj = super().__new__(cls, f"view {view}, sample {index}: {reason}")
-        obj.view, obj.index = view, index
-        return obj
+    def __str__(self) -> str:
+        return f"view {self.view}, sample {self.index}: {self.reason}"
 
 
 def fingerprint_mismatch(recorded: list[dict], fresh: list[dict], tolerance: float = 2e-2) -> Mismatch | None:

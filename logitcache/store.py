@@ -19,6 +19,7 @@ import os
 import shutil
 import zlib
 from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ import torch
 import zarr
 from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec, ZstdCodec
 
-from .encoding import Field, id_dtype, make_encoding
+from .encoding import Encoding, Field, encoding_class, id_dtype
 from .errors import LogitcacheError
 
 # 2: top-k stores tail_soft. 3: per-unit digests, chunks always written, a digest of the metadata.
@@ -42,6 +43,11 @@ OUT_OF_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG)
 CODECS = ("blosc-lz4", "zstd", "none")
 
 
+def check_codec(codec: str) -> None:
+    if codec not in CODECS:
+        raise LogitcacheError(f"unknown codec {codec!r}; choose one of: {', '.join(CODECS)}")
+
+
 def _compressors(codec: str, itemsize: int) -> list:
     # crc32c last: a damaged chunk fails loudly on read instead of decoding to wrong targets.
     if codec == "blosc-lz4":
@@ -49,9 +55,8 @@ def _compressors(codec: str, itemsize: int) -> list:
         return [BloscCodec(cname="lz4", clevel=5, shuffle=shuffle, typesize=itemsize), Crc32cCodec()]
     if codec == "zstd":
         return [ZstdCodec(level=3), Crc32cCodec()]
-    if codec == "none":
-        return [Crc32cCodec()]
-    raise LogitcacheError(f"unknown codec {codec!r}; choose one of: {', '.join(CODECS)}")
+    check_codec(codec)
+    return [Crc32cCodec()]
 
 
 @dataclass(frozen=True)
@@ -216,10 +221,11 @@ class Cache:
         self.meta: dict[str, Any] = dict(group.attrs[ATTR_KEY])
         self._check_metadata_digest()  # before anything is read from the metadata
         self.layout = Layout(self.meta["num_views"], self.meta["num_samples"], self.meta["chunk_rows"])
-        self.encoder = make_encoding(
-            self.meta["encoding"]["name"], self.meta["num_classes"], self.meta["encoding"]["params"]
+        recorded = self.meta["encoding"]
+        self.encoding: Encoding = encoding_class(recorded["name"]).from_store(
+            self.meta["num_classes"], recorded["params"]
         )
-        self.field_names = sorted(self.encoder.fields())
+        self.field_names = sorted(self.encoding.fields())
         members = set(group.array_keys())
         missing = [n for n in (*self.field_names, COMPLETE, LABELS) if n not in members]
         if missing:
@@ -244,7 +250,7 @@ class Cache:
         """The attributes must describe these arrays: an edited attribute or a mixed-up store is refused here."""
         if self.meta.get("format_version", 0) >= 3 and not self.has_digests:
             raise LogitcacheError(f"{self.path} is damaged: the '{DIGESTS}' array is missing; rebuild with --overwrite")
-        fields = self.encoder.fields()
+        fields = self.encoding.fields()
         v, n, rows, chunks = self.num_views, self.num_samples, self.chunk_rows, self.layout.num_chunks
         expected = {name: ((v, n, *f.shape), (1, rows, *f.shape), f.dtype) for name, f in fields.items()}
         expected[COMPLETE] = ((v, chunks), (1, 1), np.dtype("uint8"))
@@ -270,8 +276,6 @@ class Cache:
     num_views = property(lambda self: self.layout.num_views)
     num_classes = property(lambda self: self.meta["num_classes"])
     chunk_rows = property(lambda self: self.layout.chunk_rows)
-    encoding = property(lambda self: self.meta["encoding"]["name"])
-    encoding_params = property(lambda self: dict(self.meta["encoding"]["params"]))
 
     def completion(self) -> np.ndarray:
         """``[views, chunks]`` booleans: which units are complete (a flag that cannot be read counts as not)."""
@@ -328,10 +332,35 @@ class Cache:
                 a, b = (r - lo for r in self.layout.rows(c))
                 self._check_digest(view, c, {name: x[a:b] for name, x in rows.items()})
         out = {name: torch.from_numpy(x[start - lo : stop - lo]) for name, x in rows.items()}
-        for name, value in self.encoder.constants().items():
+        for name, value in self.encoding.constants().items():
             out[name] = torch.full(
                 (stop - start,), value, dtype=torch.int64 if isinstance(value, int) else torch.float32
             )
+        return out
+
+    def take(
+        self,
+        view: int,
+        indices: Sequence[int],
+        read_chunk: Callable[[int, int], dict[str, torch.Tensor]] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """The targets of samples ``indices`` (any order) of ``view``, batched: one gather per chunk and field.
+
+        ``read_chunk(view, chunk)`` supplies whole chunks (default: ``read_chunk``, checked); a reader with a chunk
+        cache passes its own. The one way targets are gathered by index (the dataset's batches, verify's pairs).
+        """
+        read_chunk = read_chunk or self.read_chunk
+        idx = torch.as_tensor(indices, dtype=torch.int64)
+        chunk_of = idx // self.chunk_rows
+        out: dict[str, torch.Tensor] = {}
+        for chunk in chunk_of.unique().tolist():
+            rows = read_chunk(view, chunk)
+            where = (chunk_of == chunk).nonzero().squeeze(1)
+            offsets = idx[where] - chunk * self.chunk_rows
+            for name, t in rows.items():
+                if name not in out:
+                    out[name] = t.new_empty((len(idx), *t.shape[1:]))
+                out[name][where] = t[offsets]
         return out
 
     def _check_digest(self, view: int, chunk: int, rows: dict[str, np.ndarray]) -> None:
@@ -417,7 +446,7 @@ class Cache:
 
     def __repr__(self) -> str:
         return (
-            f"Cache({self.path!r}, encoding={self.encoding}{self.encoding_params}, views={self.num_views}, "
+            f"Cache({self.path!r}, encoding={self.encoding.name}{self.encoding.params()}, views={self.num_views}, "
             f"samples={self.num_samples}, classes={self.num_classes})"
         )
 

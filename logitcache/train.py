@@ -24,9 +24,10 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from . import distributed, specs
-from .checkpoint import Progress, load_checkpoint, save_checkpoint
+from .checkpoint import RunState, load_checkpoint, save_checkpoint
 from .data import CachedKDDataset, ReplayDataset
-from .encoding import topk_kept_mass
+from .datasets import labels_of
+from .encoding import TAIL_MODES, topk_kept_mass
 from .errors import LogitcacheError, user_message
 from .fingerprint import versions
 from .losses import kd_loss, kd_loss_dense
@@ -36,39 +37,73 @@ from .store import open_cache
 KD_MODES = ("none", "cached", "online")
 
 
+def _option(default: Any, help: str, **cli: Any) -> Any:
+    """A ``TrainConfig`` field and its help; ``logitcache train``'s options are derived from these (cli/main.py).
+
+    ``cli`` keys: ``choices`` (allowed values), ``low`` (smallest value), ``flag`` (a boolean's one flag, e.g.
+    ``--overwrite``; ``--quiet`` for ``progress`` inverts it), ``short`` (its one-letter alias).
+    """
+    return field(default=default, metadata={"help": help, **cli})
+
+
 @dataclass
 class TrainConfig:
-    out: str
-    dataset: str = "fashion-mnist"
-    model: str = "small-resnet8"
-    epochs: int = 5
-    kd: str = "none"
-    cache: str | None = None
-    teacher: str | None = None
+    """One training run. Every field is also an option of ``logitcache train`` (``kd_weight`` -> ``--kd-weight``)."""
+
+    out: str = _option("", "Run directory to write (config, metrics, weights); it can teach the next run.")
+    dataset: str = _option("fashion-mnist", "Same dataset specs as `build`.")
+    model: str = _option(
+        "small-resnet8",
+        "small-resnet8/14/20[-wW], a torchvision model name, or pkg.module:fn (fn(num_classes=, in_channels=) returns "
+        "a module).",
+    )
+    epochs: int = _option(5, "Training epochs (a complete warm-up + cosine schedule).", low=1)
+    kd: str = _option(
+        "none",
+        "none: plain training. cached: targets from --cache. online: run --teacher on every batch (the baseline the "
+        "cache beats).",
+        choices=KD_MODES,
+    )
+    cache: str | None = _option(None, "Cache written by `logitcache build` (for --kd cached).")
+    teacher: str | None = _option(None, "Run directory or teacher spec (for --kd online).")
     # KD defaults from benchmarks/bench_recipe.py (RESULTS.md, recipe study): at half the budget, T = 2 with equal
     # weight on labels and teacher finished best (+1.35 pp over scratch); every T in {1, 2, 4} at weight 0.5 beat
     # scratch; the former default (T = 4, weight 0.9) was the only recipe that finished below scratch.
-    kd_weight: float = 0.5
-    temperature: float = 2.0
-    kd_until: float = 1.0
-    kd_tail: str = "uniform"  # top-k caches: "uniform" or "bucket"
-    augment: str | None = None  # default: the cache's augmentation for --kd cached, else pad-crop-flip
-    seed: int = 0
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    label_smoothing: float = 0.0
-    warmup: float = 0.05  # fraction of steps with linear warm-up, then cosine decay
-    batch_size: int = 128
-    workers: int = 2
-    device: str = "auto"
-    limit: int | None = None  # train on the first `limit` samples only (must match the cache)
-    test_limit: int | None = None  # evaluate on the first `test_limit` test samples only
-    eval_every: int = 1  # evaluate after every N-th epoch (and always after the last)
-    target_accuracy: float | None = None
-    overwrite: bool = False
-    resume: bool = False  # continue an interrupted run after its last finished epoch
-    progress: bool = True
+    kd_weight: float = _option(
+        0.5,
+        "a in loss = (1 - a) * CE + a * T^2 * KL. The defaults (T 2, a 0.5) finished best in the recipe study "
+        "(benchmarks/RESULTS.md); high T with a high a fell below training without KD.",
+    )
+    temperature: float = _option(2.0, "Distillation temperature T.")
+    kd_until: float = _option(1.0, "Apply KD for the first fraction F of training steps only (0.5 did as well as 1).")
+    kd_tail: str = _option(
+        "uniform",
+        "Top-k caches: uniform (spread the leftover mass over the other classes) or bucket (one 'rest' class).",
+        choices=TAIL_MODES,
+    )
+    augment: str | None = _option(
+        None, "Training augmentation; default: the cache's for --kd cached, else pad-crop-flip."
+    )
+    seed: int = _option(0, "Seeds initialisation, shuffling and (without a cache) augmentation.")
+    lr: float = _option(0.1, "Peak learning rate (SGD, nesterov momentum, warm-up then cosine).")
+    momentum: float = _option(0.9, "SGD momentum (nesterov when > 0).")
+    weight_decay: float = _option(5e-4, "L2 weight decay.")
+    label_smoothing: float = _option(0.0, "Label smoothing of the cross-entropy term.")
+    warmup: float = _option(0.05, "Fraction of steps with linear warm-up, then cosine decay.")
+    batch_size: int = _option(128, "Global batch size (split over torchrun ranks).", low=1)
+    workers: int = _option(2, "DataLoader worker processes.", low=0)
+    device: str = _option("auto", "auto (CUDA when present), cpu or cuda.")
+    limit: int | None = _option(None, "Train on the first N samples only (must match the cache).", low=1)
+    test_limit: int | None = _option(None, "Evaluate on the first N test samples only.", low=1)
+    eval_every: int = _option(
+        1, "Evaluate after every N-th epoch and the last (evaluation can cost more than a short epoch).", low=1
+    )
+    target_accuracy: float | None = _option(None, "Report the epoch and time the test accuracy first reaches X (0-1).")
+    overwrite: bool = _option(False, "Replace an existing run directory.", flag="--overwrite")
+    resume: bool = _option(
+        False, "Continue an interrupted run after its last finished epoch (same settings).", flag="--resume"
+    )
+    progress: bool = _option(True, "No progress bars.", flag="--quiet", short="-q")
 
 
 # Options that do not change what a run computes: a resumed run may differ in these.
@@ -92,14 +127,16 @@ def _validate(cfg: TrainConfig) -> None:
         raise LogitcacheError("--kd cached needs --cache PATH (a store written by `logitcache build`)")
     if cfg.kd == "online" and not cfg.teacher:
         raise LogitcacheError("--kd online needs --teacher (a run directory or a model spec)")
+    if not cfg.out:
+        raise LogitcacheError("--out is needed: the run directory to write")
     if cfg.epochs < 1:
         raise LogitcacheError(f"--epochs must be >= 1, got {cfg.epochs}")
     if not 0.0 <= cfg.kd_weight <= 1.0:
         raise LogitcacheError(f"--kd-weight must be in [0, 1], got {cfg.kd_weight}")
     if not 0.0 <= cfg.kd_until <= 1.0:
         raise LogitcacheError(f"--kd-until must be in [0, 1], got {cfg.kd_until}")
-    if cfg.kd_tail not in ("uniform", "bucket"):
-        raise LogitcacheError(f"--kd-tail must be uniform or bucket, got {cfg.kd_tail!r}")
+    if cfg.kd_tail not in TAIL_MODES:
+        raise LogitcacheError(f"--kd-tail must be one of {', '.join(TAIL_MODES)}, got {cfg.kd_tail!r}")
     if cfg.temperature <= 0:
         raise LogitcacheError(f"--temperature must be > 0, got {cfg.temperature}")
     if cfg.eval_every < 1:
@@ -193,151 +230,59 @@ def evaluate(model: torch.nn.Module, loader: DataLoader, device: torch.device) -
     return correct, total
 
 
+@dataclass
+class _Run:
+    """Everything one run trains with, set up once by ``_setup``."""
+
+    cfg: TrainConfig
+    device: torch.device
+    run_dir: Path
+    model: torch.nn.Module  # what trains (DistributedDataParallel under torchrun)
+    trained: torch.nn.Module  # the bare model: evaluated and saved
+    teacher: torch.nn.Module | None  # online KD
+    train_ds: ReplayDataset
+    sampler: DistributedSampler
+    loader: DataLoader
+    test_loader: DataLoader
+    opt: torch.optim.Optimizer
+    total_steps: int
+    kd_steps: int
+    lead: bool  # rank 0: writes the run directory
+    world: int
+
+
 def train(cfg: TrainConfig) -> RunResult:
     """Train one run as configured and write its run directory; returns the metrics and the target-accuracy time."""
     _validate(cfg)
-    device = specs.resolve_device(cfg.device)
-    torch.manual_seed(cfg.seed)
-
-    base = specs.resolve_dataset(cfg.dataset, train=True, limit=cfg.limit)
-    test_base = specs.resolve_dataset(cfg.dataset, train=False, limit=cfg.test_limit)
-
-    cache = open_cache(cfg.cache) if cfg.kd == "cached" else None
-    if cache is not None and cache.encoding == "sampled" and abs(cache.encoding_params["tau"] - cfg.temperature) > 1e-6:
-        raise LogitcacheError(
-            f"the cache holds samples drawn at temperature {cache.encoding_params['tau']:g}; "
-            f"train with --temperature {cache.encoding_params['tau']:g} (sampled targets are only "
-            "unbiased at their build temperature)"
-        )
-    if cache is not None and cache.encoding == "topk":
-        _warn_if_tail_dominates(cache, cfg.temperature)
-    augment_spec = cfg.augment or (cache.meta["augment"]["spec"] if cache else None) or "pad-crop-flip"
-    train_tf, eval_tf = specs.resolve_augment(augment_spec, base)
-    if cache is not None:
-        train_ds: ReplayDataset = CachedKDDataset(base, cache, augment=train_tf)
-    else:
-        train_ds = ReplayDataset(base, train_tf, seed=cfg.seed)
-    test_ds = ReplayDataset(test_base, eval_tf)
-
-    sample = train_ds.image(0, 0)[0]
-    labels = getattr(base, "targets", None)
-    num_classes = (
-        cache.num_classes
-        if cache
-        else int(max(labels) + 1 if labels is not None else max(base[i][1] for i in range(len(base))) + 1)
-    )
-    model = specs.build_model(cfg.model, num_classes, in_channels=sample.shape[0]).to(device)
-    teacher = specs.resolve_teacher(cfg.teacher).to(device) if cfg.kd == "online" else None
-
-    # Under torchrun: DDP, one shard of every epoch per rank, and rank 0 alone writes the run directory.
-    rank, world = distributed.rank(), distributed.world_size()
-    lead = rank == 0
-    run_dir = Path(cfg.out)
-    if lead:
-        try:
-            _write_run_header(run_dir, cfg, num_classes, int(sample.shape[0]), augment_spec, device, cache)
-        except BaseException:
-            distributed.agree(False)
-            raise
-    if not distributed.agree(True):
-        raise LogitcacheError("rank 0 could not prepare the run directory (see its error)")
-    trained = model
-    if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
-        )
-
-    per_rank_batch = max(1, cfg.batch_size // world)  # the global batch stays --batch-size
-    persistent = cfg.workers > 0
-    # Each epoch's order is a function of (seed, epoch) alone, so a resumed run shuffles as the uninterrupted one did.
-    sampler = DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed, drop_last=True)
-    loader = DataLoader(
-        train_ds,
-        batch_size=per_rank_batch,
-        sampler=sampler,
-        num_workers=cfg.workers,
-        persistent_workers=persistent,
-        drop_last=True,
-        pin_memory=device.type == "cuda",
-    )
-    # Each rank evaluates every world-th test sample (no padding, no duplicates); the counts are summed.
-    test_shard = Subset(test_ds, range(rank, len(test_ds), world)) if world > 1 else test_ds
-    test_loader = DataLoader(test_shard, batch_size=512, num_workers=cfg.workers, persistent_workers=persistent)
-    if len(loader) == 0:
-        raise LogitcacheError(f"--batch-size {cfg.batch_size} is larger than the training set ({len(train_ds)})")
-
-    opt = torch.optim.SGD(
-        model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0, weight_decay=cfg.weight_decay
-    )
-    total_steps = cfg.epochs * len(loader)
-    kd_steps = int(round(cfg.kd_until * total_steps)) if cfg.kd != "none" else 0
-    done = load_checkpoint(run_dir, trained, opt) if cfg.resume else Progress()
-    result = RunResult(str(run_dir), 0.0)
-    step, wall = done.step, done.wall
-    teacher_forwards = done.teacher_forwards if lead else 0  # summed over ranks each epoch
-    for row in done.metrics:
+    run = _setup(cfg)
+    state = load_checkpoint(run.run_dir, run.trained, run.opt) if cfg.resume else RunState()
+    result = RunResult(str(run.run_dir), 0.0)
+    for row in state.metrics:
         _add_row(result, row, cfg)
-    metrics_file = None
-    if lead:  # rewritten from the checkpoint: rows of an epoch that did not finish saving are dropped
-        metrics_file = open(run_dir / "metrics.jsonl", "w")
-        metrics_file.writelines(json.dumps(row) + "\n" for row in done.metrics)
-        metrics_file.flush()
+    forwards = state.teacher_forwards if run.lead else 0  # summed over ranks each epoch
+    metrics_file = _open_metrics(run, state)
     try:
-        for epoch in range(done.epoch, cfg.epochs):
-            train_ds.set_epoch(epoch)
-            sampler.set_epoch(epoch)
-            model.train()
-            start, loss_sum, seen = time.perf_counter(), torch.zeros((), device=device), 0
-            scored = [m["test_accuracy"] for m in result.metrics if m["test_accuracy"] is not None]
-            last = f" | test acc {scored[-1]:.4f}" if scored else ""
-            with progress_bar(
-                f"epoch {epoch + 1}/{cfg.epochs}{last}", len(loader) * per_rank_batch * world, cfg.progress and lead
-            ) as advance:
-                for batch in loader:
-                    x, y = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
-                    for group in opt.param_groups:
-                        group["lr"] = _lr_at(step, total_steps, cfg.lr, cfg.warmup)
-                    logits = model(x)
-                    loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
-                    if step < kd_steps:
-                        if teacher is not None:
-                            with torch.inference_mode():
-                                teacher_logits = teacher(x)
-                            teacher_forwards += len(x)
-                            kd = kd_loss_dense(logits, teacher_logits.clone(), cfg.temperature)
-                        else:
-                            targets = {k: v.to(device, non_blocking=True) for k, v in batch[2].items()}
-                            kd = kd_loss(logits, targets, cfg.temperature, tail=cfg.kd_tail)
-                        loss = (1 - cfg.kd_weight) * loss + cfg.kd_weight * kd
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                    step += 1
-                    loss_sum += loss.detach() * len(x)  # no .item(): a host sync per step stalls a GPU
-                    seen += len(x)
-                    advance(len(x) * world)
+        for epoch in range(state.epoch, cfg.epochs):
+            start = time.perf_counter()
+            loss_sum, seen, forwards = _train_epoch(run, epoch, state, forwards, _last_accuracy(result))
             train_seconds = time.perf_counter() - start
-            wall += train_seconds
-            loss_sum, seen, forwards = distributed.all_sum(loss_sum.item(), seen, teacher_forwards)
+            loss_sum, seen, all_forwards = distributed.all_sum(loss_sum, seen, forwards)
             if not math.isfinite(loss_sum):
                 raise LogitcacheError(f"the training loss became {loss_sum} in epoch {epoch + 1}; lower --lr")
-            accuracy = None
-            distributed.broadcast_buffers(trained)  # every rank scores (and rank 0 saves) the same model
-            if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
-                correct, total = distributed.all_sum(*evaluate(trained, test_loader, device))
-                accuracy = correct / total
-            wall += time.perf_counter() - start - train_seconds
+            accuracy = _evaluate_epoch(run, epoch)
+            state.wall += time.perf_counter() - start
             row = {
                 "epoch": epoch + 1,
                 "train_loss": loss_sum / seen,
                 "test_accuracy": accuracy,
-                "wall_seconds": round(wall, 3),
+                "wall_seconds": round(state.wall, 3),
                 "samples_per_second": round(seen / train_seconds, 1),
-                "teacher_forwards": int(forwards),
+                "teacher_forwards": int(all_forwards),
             }
             _add_row(result, row, cfg)
-            if lead:
-                _save_epoch(run_dir, trained, opt, Progress(epoch + 1, step, wall, int(forwards), result.metrics))
+            if run.lead:
+                state = RunState(epoch + 1, state.step, state.wall, int(all_forwards), result.metrics)
+                _save_epoch(run.run_dir, run.trained, run.opt, state)
                 metrics_file.write(json.dumps(row) + "\n")
                 metrics_file.flush()
     except LogitcacheError as e:  # from a DataLoader worker it arrives wrapped in the worker's traceback text
@@ -350,16 +295,149 @@ def train(cfg: TrainConfig) -> RunResult:
     return result
 
 
-def _save_epoch(run_dir: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, progress: Progress) -> None:
+def _setup(cfg: TrainConfig) -> _Run:
+    """Datasets (with the cache's checks), model, teacher, run directory, DDP, loaders and optimizer."""
+    device = specs.resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    base = specs.resolve_dataset(cfg.dataset, train=True, limit=cfg.limit)
+    test_base = specs.resolve_dataset(cfg.dataset, train=False, limit=cfg.test_limit)
+
+    cache = open_cache(cfg.cache) if cfg.kd == "cached" else None
+    if cache is not None:
+        cache.encoding.check_temperature(cfg.temperature)
+        if cache.encoding.name == "topk":
+            _warn_if_tail_dominates(cache, cfg.temperature)
+    augment_spec = cfg.augment or (cache.meta["augment"]["spec"] if cache else None) or "pad-crop-flip"
+    train_tf, eval_tf = specs.resolve_augment(augment_spec, base)
+    if cache is not None:
+        train_ds: ReplayDataset = CachedKDDataset(base, cache, augment=train_tf)
+    else:
+        train_ds = ReplayDataset(base, train_tf, seed=cfg.seed)
+    test_ds = ReplayDataset(test_base, eval_tf)
+
+    in_channels = int(train_ds.image(0, 0)[0].shape[0])
+    num_classes = cache.num_classes if cache else int(labels_of(base).max()) + 1
+    model = specs.build_model(cfg.model, num_classes, in_channels=in_channels).to(device)
+    teacher = specs.resolve_teacher(cfg.teacher).to(device) if cfg.kd == "online" else None
+
+    # Under torchrun: DDP, one shard of every epoch per rank, and rank 0 alone writes the run directory.
+    rank, world = distributed.rank(), distributed.world_size()
+    run_dir = Path(cfg.out)
+    if rank == 0:
+        try:
+            _write_run_header(run_dir, cfg, num_classes, in_channels, augment_spec, device, cache)
+        except BaseException:
+            distributed.agree(False)
+            raise
+    if not distributed.agree(True):
+        raise LogitcacheError("rank 0 could not prepare the run directory (see its error)")
+    trained = model
+    if world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+
+    persistent = cfg.workers > 0
+    # Each epoch's order is a function of (seed, epoch) alone, so a resumed run shuffles as the uninterrupted one did.
+    sampler = DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed, drop_last=True)
+    loader = DataLoader(
+        train_ds,
+        batch_size=max(1, cfg.batch_size // world),  # the global batch stays --batch-size
+        sampler=sampler,
+        num_workers=cfg.workers,
+        persistent_workers=persistent,
+        drop_last=True,
+        pin_memory=device.type == "cuda",
+    )
+    if len(loader) == 0:
+        raise LogitcacheError(f"--batch-size {cfg.batch_size} is larger than the training set ({len(train_ds)})")
+    # Each rank evaluates every world-th test sample (no padding, no duplicates); the counts are summed.
+    test_shard = Subset(test_ds, range(rank, len(test_ds), world)) if world > 1 else test_ds
+    test_loader = DataLoader(test_shard, batch_size=512, num_workers=cfg.workers, persistent_workers=persistent)
+
+    opt = torch.optim.SGD(
+        model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0, weight_decay=cfg.weight_decay
+    )
+    total_steps = cfg.epochs * len(loader)
+    kd_steps = int(round(cfg.kd_until * total_steps)) if cfg.kd != "none" else 0
+    return _Run(
+        cfg, device, run_dir, model, trained, teacher, train_ds, sampler, loader, test_loader, opt, total_steps,
+        kd_steps, rank == 0, world,
+    )  # fmt: skip
+
+
+def _open_metrics(run: _Run, state: RunState):
+    """metrics.jsonl, rewritten from the checkpoint: rows of an epoch that did not finish saving are dropped."""
+    if not run.lead:
+        return None
+    f = open(run.run_dir / "metrics.jsonl", "w")
+    f.writelines(json.dumps(row) + "\n" for row in state.metrics)
+    f.flush()
+    return f
+
+
+def _last_accuracy(result: RunResult) -> float | None:
+    scored = [m["test_accuracy"] for m in result.metrics if m["test_accuracy"] is not None]
+    return scored[-1] if scored else None
+
+
+def _train_epoch(run: _Run, epoch: int, state: RunState, forwards: int, last_accuracy: float | None):
+    """One epoch; returns this rank's summed loss, samples seen, and teacher forward passes so far."""
+    cfg, device = run.cfg, run.device
+    run.train_ds.set_epoch(epoch)
+    run.sampler.set_epoch(epoch)
+    run.model.train()
+    loss_sum, seen = torch.zeros((), device=device), 0
+    label = f"epoch {epoch + 1}/{cfg.epochs}" + (
+        f" | test acc {last_accuracy:.4f}" if last_accuracy is not None else ""
+    )
+    samples = len(run.loader) * run.loader.batch_size * run.world
+    with progress_bar(label, samples, cfg.progress and run.lead) as advance:
+        for batch in run.loader:
+            x, y = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
+            for group in run.opt.param_groups:
+                group["lr"] = _lr_at(state.step, run.total_steps, cfg.lr, cfg.warmup)
+            logits = run.model(x)
+            loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
+            if state.step < run.kd_steps:
+                if run.teacher is not None:
+                    with torch.inference_mode():
+                        teacher_logits = run.teacher(x)
+                    forwards += len(x)
+                    kd = kd_loss_dense(logits, teacher_logits.clone(), cfg.temperature)
+                else:
+                    targets = {k: v.to(device, non_blocking=True) for k, v in batch[2].items()}
+                    kd = kd_loss(logits, targets, cfg.temperature, tail=cfg.kd_tail)
+                loss = (1 - cfg.kd_weight) * loss + cfg.kd_weight * kd
+            run.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            run.opt.step()
+            state.step += 1
+            loss_sum += loss.detach() * len(x)  # no .item(): a host sync per step stalls a GPU
+            seen += len(x)
+            advance(len(x) * run.world)
+    return loss_sum.item(), seen, forwards
+
+
+def _evaluate_epoch(run: _Run, epoch: int) -> float | None:
+    """Test accuracy after this epoch, or None when --eval-every skips it (the last epoch is always scored)."""
+    distributed.broadcast_buffers(run.trained)  # every rank scores (and rank 0 saves) the same model
+    if (epoch + 1) % run.cfg.eval_every and epoch + 1 != run.cfg.epochs:
+        return None
+    correct, total = distributed.all_sum(*evaluate(run.trained, run.test_loader, run.device))
+    return correct / total
+
+
+def _save_epoch(run_dir: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, state: RunState) -> None:
     try:
         _save_weights(model, run_dir)
-        save_checkpoint(run_dir, model, opt, progress)
+        save_checkpoint(run_dir, model, opt, state)
     except OSError as e:
         for partial in run_dir.glob("*.partial"):
             partial.unlink(missing_ok=True)
-        kept = f"epochs 1-{progress.epoch - 1} are saved" if progress.epoch > 1 else "no epoch was saved yet"
+        kept = f"epochs 1-{state.epoch - 1} are saved" if state.epoch > 1 else "no epoch was saved yet"
         raise LogitcacheError(
-            f"cannot save epoch {progress.epoch} to {run_dir}: {e.strerror or e} ({kept}; a checkpoint needs about "
+            f"cannot save epoch {state.epoch} to {run_dir}: {e.strerror or e} ({kept}; a checkpoint needs about "
             f"{_checkpoint_bytes(model, opt) / 1e6:.1f} MB). Free space, then rerun the same command with --resume"
         ) from None
 
@@ -381,10 +459,10 @@ def _warn_if_tail_dominates(cache, temperature: float) -> None:
     kept = topk_kept_mass(cache.read_chunk(0, 0), temperature)
     if kept < 0.5:
         warnings.warn(
-            f"at --temperature {temperature:g} the cache's top-{cache.encoding_params['k']} entries hold only "
+            f"at --temperature {temperature:g} the cache's top-{cache.encoding.k} entries hold only "
             f"{kept:.0%} of the teacher's softened probability; the rest is spread flat over the other classes. "
             "Consider a lower temperature, a larger --k, or --encoding quantized / sampled",
-            stacklevel=3,
+            stacklevel=4,
         )
 
 

@@ -16,10 +16,10 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from .compat import compatibility
 from .encoding import dense_log_probs
 from .errors import LogitcacheError
-from .fingerprint import dataset_fingerprint
-from .replay import fingerprint_mismatch, replay_fingerprint, replay_view
+from .replay import replay_view
 from .specs import recorded_augment, resolve_device
 from .store import Cache, open_cache
 
@@ -77,26 +77,20 @@ def verify_cache(
     ``kl_tolerance`` the extra KL(fresh || stored reconstruction) beyond what the encoding itself loses."""
     cache = cache if isinstance(cache, Cache) else open_cache(cache)
     meta, report = cache.meta, VerifyReport()
-    if len(dataset) != cache.num_samples:
-        raise LogitcacheError(f"the dataset has {len(dataset)} samples, the cache {cache.num_samples}")
-    fresh_fp = dataset_fingerprint(dataset)
-    for key in ("labels_sha256", "samples_sha256"):
-        if fresh_fp[key] != meta["dataset"][key]:
-            report.problems.append(f"dataset {key.split('_')[0]} hash differs from the one recorded at build time")
+    if len(dataset) != cache.num_samples:  # nothing can be compared
+        raise LogitcacheError(f"the dataset has {len(dataset)} samples but the cache was built on {cache.num_samples}")
     augment = augment if augment is not None else recorded_augment(meta, dataset)
-    bad_replay = fingerprint_mismatch(
-        meta["augment"]["fingerprint"], replay_fingerprint(augment, dataset, meta["seed"], cache.num_views)
-    )
-    if bad_replay:
-        report.problems.append(f"augmentation replay differs from the recorded fingerprint: {bad_replay}")
-        report.first_bad = (bad_replay.view, bad_replay.index)
+    for diff in compatibility(meta, dataset, augment):
+        report.problems.append(str(diff))
+        if diff.replay is not None and report.first_bad is None:
+            report.first_bad = (diff.replay.view, diff.replay.index)
 
     bad_units = _report_storage(cache, report)
 
     dev = resolve_device(device)
     teacher = teacher.eval().to(dev)
-    encoder = cache.encoder
-    temperature = float(meta["temperature"])
+    encoding = cache.encoding
+    temperature = encoding.stored_temperature
     pairs = [p for p in _pick_pairs(cache, samples, seed) if (p[0], p[1] // cache.chunk_rows) not in bad_units]
     agree, excess = 0, []
     for b in range(0, len(pairs), batch_size):
@@ -105,8 +99,8 @@ def verify_cache(
         with torch.inference_mode():
             logits = teacher(images.to(dev)).float().cpu()
         stored = _gather(cache, batch)
-        fresh = encoder.encode(logits, torch.Generator().manual_seed(0))
-        for name, value in encoder.constants().items():
+        fresh = encoding.encode(logits, torch.Generator().manual_seed(0))
+        for name, value in encoding.constants().items():
             fresh[name] = torch.full((len(batch),), value)
         fresh_log_p = torch.log_softmax(logits / temperature, dim=-1)
         stored_log_p = dense_log_probs(stored, temperature)
@@ -114,19 +108,18 @@ def verify_cache(
         kl_stored, kl_fresh = _kl(fresh_log_p, stored_log_p), _kl(fresh_log_p, fresh_rec)
         for j, (v, i) in enumerate(batch):
             agree += int(fresh_log_p[j].argmax() == stored_log_p[j].argmax())
-            why = _compare_row(
-                cache.encoding,
-                {k: t[j] for k, t in stored.items()},
-                {k: t[j] for k, t in fresh.items()},
-                fresh_log_p[j],
-                atol,
-                report,
+            diff, why = encoding.compare(
+                {k: t[j] for k, t in stored.items()}, {k: t[j] for k, t in fresh.items()}, fresh_log_p[j]
             )
-            extra = float(kl_stored[j] - kl_fresh[j]) if cache.encoding != "sampled" else 0.0
+            report.max_abs_diff = max(report.max_abs_diff, diff)
+            if not why and diff > atol:
+                why = f"stored numbers differ from fresh ones by {diff:.3g} (> {atol})"
+            # A deterministic encoding loses the same KL on stored and fresh targets; more means other numbers.
+            extra = float(kl_stored[j] - kl_fresh[j]) if encoding.deterministic else 0.0
             excess.append(extra)
-            if why is None and extra > kl_tolerance:
+            if not why and extra > kl_tolerance:
                 why = f"KL(fresh || stored) exceeds the encoding's own loss by {extra:.3g} nats"
-            if why is not None:
+            if why:
                 report.problems.append(f"view {v}, sample {i}: {why}")
                 if report.first_bad is None:
                     report.first_bad = (v, i)
@@ -162,34 +155,12 @@ def _report_storage(cache: Cache, report: VerifyReport) -> set[tuple[int, int]]:
 
 
 def _gather(cache: Cache, pairs: list[tuple[int, int]]) -> dict[str, torch.Tensor]:
-    rows: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
-    out: dict[str, list[torch.Tensor]] = {}
-    for v, i in pairs:
-        c = i // cache.chunk_rows
-        if (v, c) not in rows:
-            rows[(v, c)] = cache.read_chunk(v, c)
-        chunk = rows[(v, c)]
-        for name, t in chunk.items():
-            out.setdefault(name, []).append(t[i - c * cache.chunk_rows])
-    return {name: torch.stack(ts) for name, ts in out.items()}
-
-
-def _compare_row(
-    encoding: str, stored: dict, fresh: dict, fresh_log_p: torch.Tensor, atol: float, report: VerifyReport
-) -> str | None:
-    if encoding == "sampled":
-        used = stored["counts"] > 0
-        worst = float(fresh_log_p[stored["ids"][used].long()].min())
-        # a drawn class the fresh teacher finds essentially impossible means another teacher or image
-        return f"a stored draw has fresh probability e^{worst:.1f}" if worst < -14 else None
-    if "ids" in stored and not torch.equal(stored["ids"], fresh["ids"]):
-        return f"stored top-k ids {stored['ids'].tolist()} != fresh {fresh['ids'].tolist()}"
-    diff = max(
-        float((stored[k].float() - fresh[k].float()).abs().max())
-        for k in stored
-        if stored[k].is_floating_point() and k not in ("temperature",)
-    )
-    if encoding == "quantized":
-        diff = float((stored["q"].float() * stored["scale"] - fresh["q"].float() * fresh["scale"]).abs().max())
-    report.max_abs_diff = max(report.max_abs_diff, diff)
-    return f"stored numbers differ from fresh ones by {diff:.3g} (> {atol})" if diff > atol else None
+    """The stored targets of ``(view, index)`` pairs, in their order."""
+    parts = [(v, cache.take(v, [i for w, i in pairs if w == v])) for v in sorted({v for v, _ in pairs})]
+    order = {pair: row for row, pair in enumerate(pairs)}
+    out: dict[str, torch.Tensor] = {}
+    for v, targets in parts:
+        rows = torch.tensor([order[(v, i)] for w, i in pairs if w == v])
+        for name, t in targets.items():
+            out.setdefault(name, t.new_empty((len(pairs), *t.shape[1:])))[rows] = t
+    return out

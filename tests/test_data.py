@@ -125,3 +125,27 @@ def test_target_rows_collate_whole_batches_and_any_mix(built_cache, tiny):
         for name, value in targets.items():
             assert torch.equal(value, stored[name][indices]), name
         assert dict(samples[0][2]).keys() == targets.keys()  # a row reads like a dict
+
+
+def test_a_users_own_collate_fn_still_works(built_cache, tiny):
+    # logitcache registers TargetRow in torch's default_collate_fn_map on import; that must change nothing for other
+    # types, nor stop a user's own collate_fn from seeing (and batching) the targets however it likes.
+    from torch.utils.data import default_collate
+
+    plain = [(torch.full((2,), float(i)), i, {"w": torch.tensor(i)}) for i in range(3)]
+    x, y, extra = default_collate(plain)
+    assert torch.equal(x[:, 0], torch.tensor([0.0, 1.0, 2.0])) and y.tolist() == [0, 1, 2]
+    assert torch.equal(extra["w"], torch.tensor([0, 1, 2]))
+
+    def user_collate(samples):
+        images = torch.stack([s[0] for s in samples])
+        ids = torch.stack([torch.as_tensor(s[2]["ids"]) for s in samples])  # a row reads like a dict
+        return images, ids, len(samples)
+
+    ds = lc.CachedKDDataset(tiny, built_cache)
+    ds.set_epoch(1)
+    for workers in (0, 2):
+        loader = DataLoader(ds, batch_size=16, num_workers=workers, collate_fn=user_collate)
+        images, ids, n = next(iter(loader))
+        assert n == 16 and images.shape[0] == 16
+        assert torch.equal(ids, lc.open_cache(built_cache).read(1, 0, 16)["ids"])

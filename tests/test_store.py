@@ -54,7 +54,7 @@ def test_store_is_plain_zarr_v3(built_cache):
 
 def test_open_cache_reads_views_and_ranges(built_cache):
     cache = lc.open_cache(built_cache)
-    assert (cache.num_samples, cache.num_views, cache.num_classes, cache.encoding) == (240, 3, 10, "topk")
+    assert (cache.num_samples, cache.num_views, cache.num_classes, cache.encoding.name) == (240, 3, 10, "topk")
     view = cache.read(1)
     assert view["ids"].shape == (240, 3) and view["logprobs"].dtype == torch.float16
     part = cache.read(1, 64, 128)
@@ -306,4 +306,11 @@ def test_cli_flat_tail_builds_without_tail_soft(tmp_path):
     r = CliRunner().invoke(app, args + ["--flat-tail"])
     assert r.exit_code == 0, r.output
     cache = lc.open_cache(out)
-    assert cache.encoding_params == {"k": 3, "soft_tail": False} and "tail_soft" not in cache.field_names
+    assert cache.encoding.params() == {"k": 3, "soft_tail": False} and "tail_soft" not in cache.field_names
+
+
+def test_cli_refuses_an_option_of_another_encoding(tmp_path):
+    args = cli_build_args(chunk_rows=64, workers=0) + ["--teacher", f"{HELPERS}:tiny_teacher", "--out", str(tmp_path)]
+    r = CliRunner().invoke(app, args + ["--encoding", "full"])  # cli_build_args passes --k 3
+    assert r.exit_code == 2 and "--k is an option of --encoding topk, not of full" in r.output, r.output
+    assert not (tmp_path / "zarr.json").exists()

@@ -1,0 +1,39 @@
+"""Soft targets <-> compact arrays, one module per encoding (FORMAT.md describes what each stores).
+
+An encoding turns a batch of teacher logits ``[B, C]`` into a dict of fixed-shape arrays (the "fields" stored per
+sample) and such a dict, as a collated batch, back into teacher log-probabilities or a KD loss. Adding one is a new
+``Encoding`` subclass decorated with ``@register`` (and imported below) plus its tests.
+"""
+
+from .base import MIN_TAIL, Encoding, Field, Option, id_dtype
+from .registry import CONSTANT_KEYS, ENCODINGS, dense_log_probs, encoding_class, encoding_of, make_encoding, register
+from .registry import to_probs
+
+# Imported for their @register; this order is the CLI's order of choices.
+from .full import FullEncoding  # isort: skip
+from .topk import SOFT_TAIL_BETAS, TAIL_MODES, TopKEncoding, topk_kept_mass  # isort: skip
+from .sampled import SampledEncoding  # isort: skip
+from .quantized import QuantizedEncoding  # isort: skip
+
+__all__ = [
+    "CONSTANT_KEYS",
+    "ENCODINGS",
+    "MIN_TAIL",
+    "SOFT_TAIL_BETAS",
+    "TAIL_MODES",
+    "Encoding",
+    "Field",
+    "FullEncoding",
+    "Option",
+    "QuantizedEncoding",
+    "SampledEncoding",
+    "TopKEncoding",
+    "dense_log_probs",
+    "encoding_class",
+    "encoding_of",
+    "id_dtype",
+    "make_encoding",
+    "register",
+    "to_probs",
+    "topk_kept_mass",
+]
