@@ -113,7 +113,18 @@ def trained_teacher(limit: int = 10000, epochs: int = 2, model: str = "small-res
 
 
 # Settings that do not change what a run computes (a run with other values of these is the same run).
-_NOT_IDENTITY = ("out", "overwrite", "progress", "workers", "resume", "device", "target_accuracy")
+# target_memory_mb / shuffle_window: every benchmark's view fits the default budget, so the order is the same.
+_NOT_IDENTITY = (
+    "out",
+    "overwrite",
+    "progress",
+    "workers",
+    "resume",
+    "device",
+    "target_accuracy",
+    "target_memory_mb",
+    "shuffle_window",
+)
 _TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
 
 

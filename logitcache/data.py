@@ -13,8 +13,9 @@ from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from typing import Any, Callable
 
+import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, get_worker_info
 from torch.utils.data._utils.collate import default_collate_fn_map
 
 from .compat import compatibility
@@ -64,7 +65,13 @@ class CachedKDDataset(ReplayDataset):
     collate makes either a dict of batched tensors) for ``logitcache.kd_loss`` / ``to_probs``.
     ``augment`` defaults to the one recorded in the cache; any augmentation whose replay does not reproduce the
     recorded fingerprint is refused (``allow_mismatch=True`` turns that into a warning, at your own risk).
-    Targets are read one whole chunk at a time and kept in an LRU of ``max_cache_mb`` per process.
+
+    Reading (issue 15, benchmarks/bench_scale.py): when one view's targets fit ``memory_mb``, ``set_epoch`` reads the
+    epoch's view sequentially, once, into shared memory that every DataLoader worker of this process (one copy per
+    rank) serves from: each chunk is read once per epoch whatever the shuffle. Otherwise targets are read one whole
+    chunk at a time into an LRU of ``max_cache_mb`` per worker; pair that with ``ChunkShuffleSampler``, whose order
+    keeps the chunks a worker needs at a time few (a shuffled order would read each chunk about once per sample).
+    Without ``set_epoch`` (or before it) the chunk path serves, so results never depend on which path ran.
     """
 
     def __init__(
@@ -74,6 +81,7 @@ class CachedKDDataset(ReplayDataset):
         *,
         augment: Callable[[Any], torch.Tensor] | None = None,
         allow_mismatch: bool = False,
+        memory_mb: float = 4096,
         max_cache_mb: float = 512,
     ):
         cache = cache if isinstance(cache, Cache) else open_cache(cache)
@@ -88,6 +96,39 @@ class CachedKDDataset(ReplayDataset):
         self._chunks: OrderedDict[tuple[int, int], dict[str, torch.Tensor]] = OrderedDict()
         self._chunk_bytes = max(1, sum(t.nbytes for t in cache.read_chunk(0, 0).values()))
         self._max_chunks = max(1, int(max_cache_mb * 2**20 // self._chunk_bytes))
+        # rows decoded from the store, per process slot (main = 0, worker w = w + 1): read amplification
+        self.rows_read = torch.zeros(65, dtype=torch.int64).share_memory_()
+        self._view: dict[str, torch.Tensor] | None = None
+        self._view_loaded = torch.full((1,), -1, dtype=torch.int64).share_memory_()
+        if cache.view_nbytes() <= memory_mb * 2**20:
+            # Allocated before any worker forks, so every worker maps the same pages; filled by set_epoch.
+            self._view = {
+                name: torch.empty((cache.num_samples, *f.shape), dtype=_torch_dtype(f.dtype)).share_memory_()
+                for name, f in cache.encoding.fields().items()
+            }
+
+    @property
+    def in_memory(self) -> bool:
+        """Whether one view's targets fit ``memory_mb``, so each epoch's view is served from shared memory."""
+        return self._view is not None
+
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(epoch)
+        view = self.view_of(epoch)
+        if self._view is not None and int(self._view_loaded[0]) != view:
+            self._load_view(view)
+
+    def _load_view(self, view: int) -> None:
+        """The whole view, read in order (a few dozen chunks per call, each checked against its digest)."""
+        self._view_loaded[0] = -1  # never serve a half-filled view
+        block = self.cache.chunk_rows * 32
+        for start in range(0, self.cache.num_samples, block):
+            stop = min(start + block, self.cache.num_samples)
+            rows = self.cache.read(view, start, stop)
+            for name, buffer in self._view.items():
+                buffer[start:stop] = rows[name]
+        self.rows_read[0] += self.cache.num_samples
+        self._view_loaded[0] = view
 
     def _check(self, base: Dataset, meta: dict, allow_mismatch: bool) -> None:
         for diff in compatibility(meta, base, self.augment):
@@ -99,13 +140,14 @@ class CachedKDDataset(ReplayDataset):
 
     def target(self, index: int, view: int) -> dict[str, torch.Tensor]:
         """The cached target of sample ``index`` in ``view`` (a dict of tensors without a batch dimension)."""
-        self._own_handle()
-        chunk = index // self.cache.chunk_rows
-        offset = index - chunk * self.cache.chunk_rows
-        return {name: t[offset] for name, t in self._chunk(view, chunk).items()}  # views: collate copies them
+        return {name: t[0] for name, t in self.targets([index], view).items()}
 
     def targets(self, indices: list[int], view: int) -> dict[str, torch.Tensor]:
-        """The cached targets of ``indices`` in ``view``, batched: one gather per chunk and field, not per sample."""
+        """The cached targets of ``indices`` in ``view``, batched: from the shared view when it holds ``view``, else
+        one gather per chunk and field."""
+        if self._view is not None and int(self._view_loaded[0]) == view:
+            idx = torch.as_tensor(indices, dtype=torch.int64)
+            return {**{name: t[idx] for name, t in self._view.items()}, **self.cache.constants(len(idx))}
         self._own_handle()
         return self.cache.take(view, indices, self._chunk)
 
@@ -119,6 +161,8 @@ class CachedKDDataset(ReplayDataset):
         rows = self._chunks.get(key)
         if rows is None:
             rows = self.cache.read_chunk(view, chunk)
+            info = get_worker_info()
+            self.rows_read[info.id + 1 if info else 0] += len(next(iter(rows.values())))
             self._chunks[key] = rows
             if len(self._chunks) > self._max_chunks:
                 self._chunks.popitem(last=False)
@@ -137,6 +181,10 @@ class CachedKDDataset(ReplayDataset):
         view = self.view_of(self.epoch)
         batch = self.targets(indices, view)
         return [(*self.image(i, view), TargetRow(batch, row)) for row, i in enumerate(indices)]
+
+
+def _torch_dtype(dtype) -> torch.dtype:
+    return torch.from_numpy(np.zeros(0, dtype=dtype)).dtype
 
 
 class TargetRow(Mapping):

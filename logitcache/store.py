@@ -332,11 +332,18 @@ class Cache:
                 a, b = (r - lo for r in self.layout.rows(c))
                 self._check_digest(view, c, {name: x[a:b] for name, x in rows.items()})
         out = {name: torch.from_numpy(x[start - lo : stop - lo]) for name, x in rows.items()}
-        for name, value in self.encoding.constants().items():
-            out[name] = torch.full(
-                (stop - start,), value, dtype=torch.int64 if isinstance(value, int) else torch.float32
-            )
-        return out
+        return {**out, **self.constants(stop - start)}
+
+    def constants(self, rows: int) -> dict[str, torch.Tensor]:
+        """The encoding's per-sample constants for ``rows`` samples (every target dict carries them)."""
+        return {
+            name: torch.full((rows,), value, dtype=torch.int64 if isinstance(value, int) else torch.float32)
+            for name, value in self.encoding.constants().items()
+        }
+
+    def view_nbytes(self) -> int:
+        """Decoded bytes of one view's targets (what holding a view in memory costs)."""
+        return self.num_samples * sum(f.dtype.itemsize * int(np.prod(f.shape)) for f in self.encoding.fields().values())
 
     def take(
         self,

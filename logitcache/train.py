@@ -32,6 +32,7 @@ from .errors import LogitcacheError, user_message
 from .fingerprint import versions
 from .losses import kd_loss, kd_loss_dense
 from .progress import progress_bar
+from .sampler import ChunkShuffleSampler
 from .store import open_cache
 
 KD_MODES = ("none", "cached", "online")
@@ -97,6 +98,15 @@ class TrainConfig:
     test_limit: int | None = _option(None, "Evaluate on the first N test samples only.", low=1)
     eval_every: int = _option(
         1, "Evaluate after every N-th epoch and the last (evaluation can cost more than a short epoch).", low=1
+    )
+    target_memory_mb: float = _option(
+        4096,
+        "Memory per rank for one view of cached targets: a view that fits is read once per epoch into memory shared "
+        "by the DataLoader workers; a larger one is read chunk by chunk in a chunk-aware shuffle "
+        "(logitcache.sampler.ChunkShuffleSampler).",
+    )
+    shuffle_window: int = _option(
+        8, "Chunks whose samples are shuffled together when the view does not fit --target-memory-mb.", low=1
     )
     target_accuracy: float | None = _option(None, "Report the epoch and time the test accuracy first reaches X (0-1).")
     overwrite: bool = _option(False, "Replace an existing run directory.", flag="--overwrite")
@@ -241,7 +251,7 @@ class _Run:
     trained: torch.nn.Module  # the bare model: evaluated and saved
     teacher: torch.nn.Module | None  # online KD
     train_ds: ReplayDataset
-    sampler: DistributedSampler
+    sampler: DistributedSampler | ChunkShuffleSampler
     loader: DataLoader
     test_loader: DataLoader
     opt: torch.optim.Optimizer
@@ -310,7 +320,7 @@ def _setup(cfg: TrainConfig) -> _Run:
     augment_spec = cfg.augment or (cache.meta["augment"]["spec"] if cache else None) or "pad-crop-flip"
     train_tf, eval_tf = specs.resolve_augment(augment_spec, base)
     if cache is not None:
-        train_ds: ReplayDataset = CachedKDDataset(base, cache, augment=train_tf)
+        train_ds: ReplayDataset = CachedKDDataset(base, cache, augment=train_tf, memory_mb=cfg.target_memory_mb)
     else:
         train_ds = ReplayDataset(base, train_tf, seed=cfg.seed)
     test_ds = ReplayDataset(test_base, eval_tf)
@@ -339,7 +349,14 @@ def _setup(cfg: TrainConfig) -> _Run:
 
     persistent = cfg.workers > 0
     # Each epoch's order is a function of (seed, epoch) alone, so a resumed run shuffles as the uninterrupted one did.
-    sampler = DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed, drop_last=True)
+    if isinstance(train_ds, CachedKDDataset) and not train_ds.in_memory:
+        sampler: DistributedSampler | ChunkShuffleSampler = ChunkShuffleSampler(
+            len(train_ds), cache.chunk_rows, window=cfg.shuffle_window, num_replicas=world, rank=rank, seed=cfg.seed
+        )
+    else:
+        sampler = DistributedSampler(
+            train_ds, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed, drop_last=True
+        )
     loader = DataLoader(
         train_ds,
         batch_size=max(1, cfg.batch_size // world),  # the global batch stays --batch-size

@@ -262,8 +262,17 @@ def test_a_new_encoding_is_one_class_and_every_tool_knows_it(tmp_path, tiny):
     try:
         out = tmp_path / "c"
         lc.build_cache(
-            helpers.tiny_teacher(), tiny, out, augment=helpers.heavy_augment(), encoding="scaled-test", factor=3.0,
-            k=5, batch_size=32, chunk_rows=64, workers=0, progress=False,
+            helpers.tiny_teacher(),
+            tiny,
+            out,
+            augment=helpers.heavy_augment(),
+            encoding="scaled-test",
+            factor=3.0,
+            k=5,
+            batch_size=32,
+            chunk_rows=64,
+            workers=0,
+            progress=False,
         )  # fmt: skip  (k belongs to topk: ignored here, as in a loop over encodings)
         cache = lc.open_cache(out)
         assert cache.encoding.name == "scaled-test" and cache.encoding.params() == {"factor": 3.0}
