@@ -108,6 +108,12 @@ def _build_options(
         "damaged ones too; the result equals an undamaged build, byte for byte.",
     ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing cache at --out."),
+    dry_run: bool = typer.Option(
+        False,
+        "--dry-run",
+        help="Write nothing: estimate the store's size and the build's time here from two short probe builds "
+        "(the first 1 and 3 chunks of view 0).",
+    ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """The options of `build` that are not an encoding's own (those come from the encodings, see below)."""
@@ -135,6 +141,9 @@ def _build(**opts) -> None:
         ds = specs.resolve_dataset(opts["dataset"], train=True, limit=opts["limit"])
         train_tf, _ = specs.resolve_augment(opts["augment"], ds)
         model = specs.resolve_teacher(opts["teacher"], opts["teacher_weights"])
+        if opts["dry_run"]:
+            _dry_run(model, ds, train_tf, opts, encoding, given)
+            return
         cache = build_cache(
             model,
             ds,
@@ -163,6 +172,24 @@ def _build(**opts) -> None:
         )
 
     _run(go)
+
+
+def _dry_run(model, ds, augment, opts: dict, encoding: str, given: dict) -> None:
+    from logitcache.build import size_text
+    from logitcache.estimate import estimate_build
+
+    est = estimate_build(
+        model, ds, augment=augment, views=opts["views"], chunk_rows=opts["chunk_rows"], seed=opts["seed"],
+        encoding=encoding, codec=opts["codec"], batch_size=opts["batch_size"], workers=opts["workers"],
+        device=opts["device"], **given,
+    )  # fmt: skip
+    minutes = est.total_seconds / 60
+    out.print(
+        f"dry run, nothing written: {opts['views']} views x {len(ds):,} samples, encoding {encoding}\n"
+        f"  store: about {size_text(est.total_bytes)} ({est.bytes_per_sample:.1f} B per sample and view, compressed)\n"
+        f"  build time on this machine: about {minutes:.1f} min ({est.seconds_per_sample * 1e6:.0f} us per sample "
+        f"and view + {est.startup_seconds:.1f} s start-up)"
+    )
 
 
 _ENCODING_PARAMS = encoding_parameters(ENCODINGS)

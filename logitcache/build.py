@@ -165,7 +165,8 @@ def _mark_damaged_units(out: str, labels: np.ndarray) -> None:
         warnings.warn("repair: every complete chunk passed its checks; nothing to recompute", stacklevel=3)
 
 
-def _size_text(n: float) -> str:
+def size_text(n: float) -> str:
+    """Bytes for people: 1.2 MB (powers of 1000)."""
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if n < 1000 or unit == "TB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -183,17 +184,17 @@ def _out_of_space(out: str, error: OSError, group: zarr.Group, fields: dict, lay
     done = int(store.Cache(out, group).completion().sum())
     total = layout.num_views * layout.num_chunks
     raw = raw_bytes(fields, layout.num_views, layout.num_samples)
-    need = f"up to {_size_text(raw)} (before compression)"
+    need = f"up to {size_text(raw)} (before compression)"
     try:
         stored = sum(group[name].nbytes_stored() for name in fields)
         if done:
-            estimate = _size_text(stored / done * total)
-            need = f"about {estimate} (from the {done} chunks written), at most {_size_text(raw)}"
+            estimate = size_text(stored / done * total)
+            need = f"about {estimate} (from the {done} chunks written), at most {size_text(raw)}"
     except Exception:
         pass
     free = ""
     if not store.is_url(out):
-        free = f"; {_size_text(shutil.disk_usage(out).free)} free there now"
+        free = f"; {size_text(shutil.disk_usage(out).free)} free there now"
     return LogitcacheError(
         f"writing the cache to {out} failed: {error.strerror or error}. {done}/{total} chunks are complete and kept. "
         f"The whole cache needs {need}{free}. Free space (or choose another --out), then rerun the same command "
@@ -357,7 +358,7 @@ def _warn_if_disk_too_small(out: str, enc: Encoding, views: int, samples: int) -
     need, free = raw_bytes(enc.fields(), views, samples), shutil.disk_usage(out).free
     if need > free:
         warnings.warn(
-            f"the cache may need up to {_size_text(need)} before compression and {out} has {_size_text(free)} "
+            f"the cache may need up to {size_text(need)} before compression and {out} has {size_text(free)} "
             "free; if the disk fills, free space and rerun with --resume",
             stacklevel=3,
         )

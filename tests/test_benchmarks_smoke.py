@@ -1,4 +1,5 @@
-"""Every benchmark's --quick mode runs end to end on real Fashion-MNIST (smoke test: no timing is asserted)."""
+"""Every benchmark's --quick mode runs end to end (real Fashion-MNIST; bench_scale.py is synthetic by design); no timing
+is asserted."""
 
 import os
 import subprocess

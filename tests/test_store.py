@@ -314,3 +314,24 @@ def test_cli_refuses_an_option_of_another_encoding(tmp_path):
     r = CliRunner().invoke(app, args + ["--encoding", "full"])  # cli_build_args passes --k 3
     assert r.exit_code == 2 and "--k is an option of --encoding topk, not of full" in r.output, r.output
     assert not (tmp_path / "zarr.json").exists()
+
+
+def test_dry_run_estimates_the_size_and_writes_nothing(tmp_path, tiny):
+    from logitcache.estimate import estimate_build
+
+    args = cli_build_args(chunk_rows=64, workers=0) + ["--teacher", f"{HELPERS}:tiny_teacher", "--out", str(tmp_path)]
+    r = CliRunner().invoke(app, args + ["--dry-run"])
+    assert r.exit_code == 0 and "dry run, nothing written" in r.output and "B per sample and view" in r.output, r.output
+    assert not any(tmp_path.iterdir())
+    # the estimate against the real thing: 2 views of 240 samples
+    est = estimate_build(helpers.tiny_teacher(), tiny, augment=helpers.heavy_augment(), views=2, chunk_rows=64,
+                         k=3, batch_size=16, workers=0)  # fmt: skip
+    lc.build_cache(helpers.tiny_teacher(), tiny, tmp_path / "c", augment=helpers.heavy_augment(), views=2,
+                   chunk_rows=64, k=3, batch_size=16, workers=0, progress=False)  # fmt: skip
+    cache = lc.open_cache(tmp_path / "c")
+    # the chunks' bytes (the metadata documents are a fixed few KB, which the estimate leaves out)
+    stored = sum(
+        f.stat().st_size for name in cache.field_names for f in (tmp_path / "c" / name / "c").rglob("*") if f.is_file()
+    )
+    assert est.samples == 480 and 0.7 < est.total_bytes / stored < 1.3, (est, stored)
+    assert est.total_seconds > 0
