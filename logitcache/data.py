@@ -147,9 +147,11 @@ class CachedKDDataset(ReplayDataset):
         one gather per chunk and field."""
         if self._view is not None and int(self._view_loaded[0]) == view:
             idx = torch.as_tensor(indices, dtype=torch.int64)
-            return {**{name: t[idx] for name, t in self._view.items()}, **self.cache.constants(len(idx))}
-        self._own_handle()
-        return self.cache.take(view, indices, self._chunk)
+            batch = {**{name: t[idx] for name, t in self._view.items()}, **self.cache.constants(len(idx))}
+        else:
+            self._own_handle()
+            batch = self.cache.take(view, indices, self._chunk)
+        return packed(batch)
 
     def _own_handle(self) -> None:
         if os.getpid() != self._pid:  # a forked DataLoader worker: open its own store handle, lazily
@@ -181,6 +183,21 @@ class CachedKDDataset(ReplayDataset):
         view = self.view_of(self.epoch)
         batch = self.targets(indices, view)
         return [(*self.image(i, view), TargetRow(batch, row)) for row, i in enumerate(indices)]
+
+
+def packed(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The same tensors as views into one buffer. A DataLoader worker sends every distinct storage to the main process
+    through its own shared-memory segment; one segment per batch instead of one per field is what keeps a batch of
+    targets nearly free next to the images (benchmarks/bench_scale.py)."""
+    items = sorted(tensors.items(), key=lambda kv: -kv[1].element_size())  # widest first: every view stays aligned
+    sizes = [-(-t.nbytes // 8) * 8 for _, t in items]
+    buffer = torch.empty(sum(sizes), dtype=torch.uint8)
+    out, offset = {}, 0
+    for (name, t), size in zip(items, sizes):
+        view = buffer[offset : offset + t.nbytes].view(t.dtype).view(t.shape)
+        view.copy_(t)
+        out[name], offset = view, offset + size
+    return {name: out[name] for name in tensors}
 
 
 def _torch_dtype(dtype) -> torch.dtype:
