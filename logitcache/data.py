@@ -8,6 +8,7 @@ included, with any sampler (``DistributedSampler`` too): call it before iteratin
 from __future__ import annotations
 
 import os
+import shutil
 import warnings
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping
@@ -100,7 +101,7 @@ class CachedKDDataset(ReplayDataset):
         self.rows_read = torch.zeros(65, dtype=torch.int64).share_memory_()
         self._view: dict[str, torch.Tensor] | None = None
         self._view_loaded = torch.full((1,), -1, dtype=torch.int64).share_memory_()
-        if cache.view_nbytes() <= memory_mb * 2**20:
+        if cache.view_nbytes() <= memory_mb * 2**20 and _shared_memory_fits(cache.view_nbytes()):
             # Allocated before any worker forks, so every worker maps the same pages; filled by set_epoch.
             self._view = {
                 name: torch.empty((cache.num_samples, *f.shape), dtype=_torch_dtype(f.dtype)).share_memory_()
@@ -183,6 +184,24 @@ class CachedKDDataset(ReplayDataset):
         view = self.view_of(self.epoch)
         batch = self.targets(indices, view)
         return [(*self.image(i, view), TargetRow(batch, row)) for row, i in enumerate(indices)]
+
+
+def _shared_memory_fits(nbytes: int) -> bool:
+    """Whether /dev/shm (where shared tensors live on Linux) has room: containers often mount only 64 MB there, and
+    writing past its end kills the process with SIGBUS instead of raising."""
+    try:
+        free = shutil.disk_usage("/dev/shm").free
+    except OSError:  # no /dev/shm (not Linux): torch shares memory another way
+        return True
+    if nbytes * 1.1 > free:
+        warnings.warn(
+            f"one view of targets needs {nbytes / 2**20:,.0f} MiB of shared memory and /dev/shm has "
+            f"{free / 2**20:,.0f} MiB free; reading by chunks instead (slower when shuffled; in Docker, raise "
+            "--shm-size)",
+            stacklevel=4,
+        )
+        return False
+    return True
 
 
 def packed(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

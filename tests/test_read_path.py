@@ -123,3 +123,17 @@ def test_two_ranks_share_an_epoch_exactly_once(tmp_path):
     )  # fmt: skip
     assert r.returncode == 0, r.stderr[-2000:]
     assert "served 1000 distinct 1000 max" in r.stdout  # 500 per rank, no sample twice, one left out
+
+
+def test_too_little_shared_memory_falls_back_to_chunks_with_a_warning(built_cache, tiny, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(64, 64, 0) if p == "/dev/shm" else real(p))
+    with pytest.warns(UserWarning, match="shared memory"):
+        ds = lc.CachedKDDataset(tiny, built_cache)
+    assert not ds.in_memory
+    ds.set_epoch(0)
+    assert torch.equal(ds.targets([1, 2], 0)["ids"], lc.open_cache(built_cache).read(0, 1, 3)["ids"])
