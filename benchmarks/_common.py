@@ -113,18 +113,13 @@ def trained_teacher(limit: int = 10000, epochs: int = 2, model: str = "small-res
 
 
 # Settings that do not change what a run computes (a run with other values of these is the same run).
-# target_memory_mb / shuffle_window: every benchmark's view fits the default budget, so the order is the same.
-_NOT_IDENTITY = (
-    "out",
-    "overwrite",
-    "progress",
-    "workers",
-    "resume",
-    "device",
-    "target_accuracy",
-    "target_memory_mb",
-    "shuffle_window",
-)
+_NOT_IDENTITY = ("out", "overwrite", "progress", "workers", "resume", "device", "target_accuracy")
+# Fields added after earlier runs were keyed: at these values they change nothing (every benchmark view fits the
+# memory budget; no mixing), so they are left out of the key and those runs stay shared.
+_NEUTRAL = {
+    "target_memory_mb": 4096, "shuffle_window": 8, "mix": None, "mix_alpha": 0.8, "cutmix_alpha": 1.0,
+    "mix_prob": 1.0, "switch_prob": 0.5,
+}  # fmt: skip
 _TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
 
 
@@ -138,7 +133,11 @@ def run_key(config: dict) -> str:
     import json
 
     ignored = _NOT_IDENTITY + (_KD_ONLY if config.get("kd") == "none" else ())
-    settings = {k: v for k, v in config.items() if k not in ignored and k in _TRAIN_FIELDS}
+    settings = {
+        k: v
+        for k, v in config.items()
+        if k not in ignored and k in _TRAIN_FIELDS and not (k in _NEUTRAL and v == _NEUTRAL[k])
+    }
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
 
 

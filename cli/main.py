@@ -12,6 +12,7 @@ from rich.console import Console
 
 from cli.options import choices, config_parameters, encoding_parameters, flag_of, plain, with_parameters
 from logitcache.encoding import ENCODINGS
+from logitcache.mix import MIX_MODES
 from logitcache.store import CODECS
 from logitcache.train import TrainConfig
 
@@ -92,6 +93,15 @@ def _build_options(
     codec: choices("Codec", CODECS) = typer.Option(  # type: ignore[valid-type]
         "blosc-lz4", help="Compression (every codec adds a crc32c checksum)."
     ),
+    mix: choices("Mix", MIX_MODES) = typer.Option(  # type: ignore[valid-type]
+        "none",
+        help="Mixup/CutMix per sample (timm's meaning of the options): the teacher labels the mixed images, and "
+        "`train` replays the same ones; recorded in the store.",
+    ),
+    mix_alpha: float = typer.Option(0.8, help="Mixup's Beta(alpha, alpha)."),
+    cutmix_alpha: float = typer.Option(1.0, help="CutMix's Beta(alpha, alpha)."),
+    mix_prob: float = typer.Option(1.0, help="Probability that a sample is mixed at all."),
+    switch_prob: float = typer.Option(0.5, help="With --mix both: probability of CutMix rather than Mixup."),
     teacher_weights: Optional[Path] = typer.Option(None, help="State dict (.safetensors or weights-only torch file)."),
     batch_size: int = typer.Option(
         256, min=1, help="Teacher batch size (part of the cache identity: resume needs the same)."
@@ -141,13 +151,17 @@ def _build(**opts) -> None:
         ds = specs.resolve_dataset(opts["dataset"], train=True, limit=opts["limit"])
         train_tf, _ = specs.resolve_augment(opts["augment"], ds)
         model = specs.resolve_teacher(opts["teacher"], opts["teacher_weights"])
+        from logitcache.mix import Mix
+
+        mix = Mix(opts["mix"], opts["mix_alpha"], opts["cutmix_alpha"], opts["mix_prob"], opts["switch_prob"])
         if opts["dry_run"]:
-            _dry_run(model, ds, train_tf, opts, encoding, given)
+            _dry_run(model, ds, train_tf, opts, encoding, {**given, "mix": mix})
             return
         cache = build_cache(
             model,
             ds,
             opts["out_path"],
+            mix=mix,
             augment=train_tf,
             views=opts["views"],
             seed=opts["seed"],

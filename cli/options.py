@@ -52,8 +52,8 @@ def config_parameters(cls: type, required: tuple[str, ...] = ()) -> list[inspect
             decls = [meta["flag"], *([meta["short"]] if "short" in meta else [])]
         kwargs: dict[str, Any] = {"help": meta.get("help")}
         if "choices" in meta:
-            tp = choices(f.name.title().replace("_", ""), meta["choices"])
-            default = tp(default)
+            enum = choices(f.name.title().replace("_", ""), meta["choices"])
+            tp, default = (Optional[enum], None) if default is None else (enum, enum(default))
         if "low" in meta:
             kwargs["min"] = meta["low"]
         option = typer.Option(... if f.name in required else default, *decls, **kwargs)

@@ -31,6 +31,7 @@ from .datasets import labels_of
 from .encoding import Encoding, make_encoding
 from .errors import LogitcacheError
 from .fingerprint import teacher_sha256, versions
+from .mix import Mix, mixed_view
 from .progress import progress_bar
 from .replay import replay_view, sample_seed
 from .specs import resolve_device
@@ -38,20 +39,24 @@ from .specs import resolve_device
 _ENCODE_SALT = 0x5EED_E4C0
 
 # Settings whose change makes an existing cache a different cache (resume is refused, --overwrite needed).
-_IDENTITY = ("num_samples", "num_views", "num_classes", "chunk_rows", "batch_size", "seed", "encoding", "codec")
+_IDENTITY = ("num_samples", "num_views", "num_classes", "chunk_rows", "batch_size", "seed", "encoding", "codec", "mix")
 
 
 class ReplayedViews(Dataset):
-    """Flat index ``view * N + i`` -> the replayed augmented view of sample ``i``."""
+    """Flat index ``view * N + i`` -> the replayed augmented view of sample ``i`` (mixed with its partner's when
+    ``mix`` is active): the image the teacher labels."""
 
-    def __init__(self, dataset: Dataset, transform: Callable[[Any], torch.Tensor], seed: int):
+    def __init__(self, dataset: Dataset, transform: Callable[[Any], torch.Tensor], seed: int, mix: Mix | None = None):
         self.dataset, self.transform, self.seed, self.n = dataset, transform, seed, len(dataset)
+        self.mix = mix or Mix()
 
     def __len__(self) -> int:
         return self.n
 
     def __getitem__(self, flat: int) -> torch.Tensor:
         view, index = divmod(flat, self.n)
+        if self.mix.active:
+            return mixed_view(self.transform, self.dataset, self.seed, view, index, self.mix)[0]
         return replay_view(self.transform, self.dataset[index][0], self.seed, view, index)
 
 
@@ -95,7 +100,8 @@ def _check_compatible(path: str, existing: dict, meta: dict) -> None:
     if existing["teacher"].get("sha256") != meta["teacher"].get("sha256"):
         raise LogitcacheError(f"{path} was built with a different teacher; pass --overwrite to replace it")
     for diff in differences(
-        existing, {"dataset": meta["dataset"], "augment_fingerprint": meta["augment"]["fingerprint"]}
+        existing,
+        {"dataset": meta["dataset"], "augment_fingerprint": meta["augment"]["fingerprint"], "mix": meta.get("mix")},
     ):
         what = "a different augmentation" if diff.what == "augmentation" else "a different dataset"
         raise LogitcacheError(f"{path} was built with {what} ({diff}); pass --overwrite to replace it")
@@ -215,10 +221,11 @@ def _metadata(
     codec: str,
     batch_size: int,
     chunk_rows: int,
+    mix: Mix,
 ) -> dict:
     """The group attributes (FORMAT.md): identity, fingerprints and versions, all plain JSON."""
-    inputs = inputs_of(dataset, augment, seed, views, labels)
-    return {
+    inputs = inputs_of(dataset, augment, seed, views, labels, mix=mix)
+    meta = {
         "format_version": store.FORMAT_VERSION,
         "num_samples": len(dataset),
         "num_views": views,
@@ -237,6 +244,9 @@ def _metadata(
         "versions": versions(),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
+    if mix.active:  # recorded only when used: stores without mixing are as before
+        meta["mix"] = inputs["mix"]
+    return meta
 
 
 def build_cache(
@@ -258,16 +268,19 @@ def build_cache(
     repair: bool = False,
     progress: bool = True,
     specs: dict[str, str | None] | None = None,
+    mix: Mix | None = None,
     **options: Any,
 ) -> store.Cache:
     """Run ``teacher`` over ``views`` replayed augmentations of every sample of ``dataset`` and store soft targets.
 
     ``encoding`` names a registered encoding (``logitcache.encoding.ENCODINGS``); ``options`` are its options (e.g.
     ``k=10, soft_tail=True`` for ``topk``; ``samples``, ``tau`` for ``sampled``; ``floor`` for ``quantized``), the
-    rest taking their defaults. ``specs`` records how the teacher/dataset/augmentation were named (CLI specs), so that
-    tools can re-create them. Returns the opened cache. Interrupting it (Ctrl-C, kill) loses at most the units in
-    flight: ``resume=True`` finishes the job and the result is bitwise identical to an uninterrupted build on the
-    same machine. ``repair=True`` (with ``resume``) first checks every stored chunk and recomputes the damaged ones.
+    rest taking their defaults. ``mix`` (``logitcache.mix.Mix``): the teacher labels Mixup/CutMix images, mixed per
+    sample as ``logitcache.mix`` replays them. ``specs`` records how the teacher/dataset/augmentation were named
+    (CLI specs), so that tools can re-create them. Returns the opened cache. Interrupting it (Ctrl-C, kill) loses at
+    most the units in flight: ``resume=True`` finishes the job and the result is bitwise identical to an
+    uninterrupted build on the same machine. ``repair=True`` (with ``resume``) first checks every stored chunk and
+    recomputes the damaged ones.
 
     Under ``torchrun`` (an initialised process group) every rank calls this with the same arguments: rank 0 alone
     creates or validates the store and its metadata; ranks then claim units one at a time from a shared counter and
@@ -282,7 +295,7 @@ def build_cache(
     enc = make_encoding(encoding, num_classes, options)
     meta = _metadata(
         enc, dataset, labels, augment, teacher, specs, views=views, seed=seed, codec=codec, batch_size=batch_size,
-        chunk_rows=chunk_rows,
+        chunk_rows=chunk_rows, mix=mix or Mix(),
     )  # fmt: skip
     group = _open_on_rank0(out, meta, enc, codec, labels, resume=resume, overwrite=overwrite, repair=repair)
     layout = store.Layout(views, len(dataset), chunk_rows)
@@ -293,7 +306,10 @@ def build_cache(
         _warn_if_disk_too_small(out, enc, views, len(dataset))
     writer = UnitWriter(group, enc, layout, seed, opened.has_digests)
     try:
-        _run_teacher(teacher, dataset, augment, seed, dev, units, layout, batch_size, workers, writer, progress)
+        _run_teacher(
+            teacher, ReplayedViews(dataset, augment, seed, mix), dev, units, layout, batch_size, workers, writer,
+            progress,
+        )  # fmt: skip
         writer.flush()
     except OSError as e:
         if e.errno not in store.OUT_OF_SPACE:
@@ -400,9 +416,7 @@ class UnitWriter:
 
 def _run_teacher(
     teacher: nn.Module,
-    dataset: Dataset,
-    augment,
-    seed: int,
+    views: ReplayedViews,
     dev: torch.device,
     units: list[tuple[int, int]],
     layout: store.Layout,
@@ -423,7 +437,7 @@ def _run_teacher(
                 yield batch.indices
 
     loader = DataLoader(
-        ReplayedViews(dataset, augment, seed), batch_sampler=batches(), num_workers=workers,
+        views, batch_sampler=batches(), num_workers=workers,
         pin_memory=dev.type == "cuda",
     )  # fmt: skip
     total_rows = sum(layout.rows(c)[1] - layout.rows(c)[0] for _, c in units) // distributed.world_size()

@@ -12,12 +12,13 @@ from typing import Any, Callable
 from torch.utils.data import Dataset
 
 from .fingerprint import dataset_fingerprint
+from .mix import Mix
 from .replay import Mismatch, fingerprint_mismatch, replay_fingerprint
 
 
 @dataclass(frozen=True)
 class Difference:
-    """What differs between a cache's recorded inputs and the given ones. ``what``: length, labels, images or
+    """What differs between a cache's recorded inputs and the given ones. ``what``: length, mixing, labels, images or
     augmentation; ``replay``: where the augmentation's replay disagreed (for ``augmentation``)."""
 
     what: str
@@ -28,11 +29,15 @@ class Difference:
         return self.message
 
 
-def inputs_of(dataset: Dataset, augment: Callable[[Any], Any], seed: int, views: int, labels=None) -> dict:
-    """What a cache records about its inputs (the ``dataset`` and ``augment.fingerprint`` attributes)."""
+def inputs_of(
+    dataset: Dataset, augment: Callable[[Any], Any], seed: int, views: int, labels=None, mix: Mix | None = None
+) -> dict:
+    """What a cache records about its inputs (the ``dataset``, ``augment.fingerprint`` and ``mix`` attributes)."""
+    mix = mix or Mix()
     return {
         "dataset": dataset_fingerprint(dataset, labels),
-        "augment_fingerprint": replay_fingerprint(augment, dataset, seed, views),
+        "augment_fingerprint": replay_fingerprint(augment, dataset, seed, views, mix),
+        "mix": mix.to_meta(),
     }
 
 
@@ -46,6 +51,15 @@ def differences(meta: dict, inputs: dict) -> list[Difference]:
             )
         ]
     out = []
+    built, given = Mix.from_meta(meta.get("mix")), Mix.from_meta(inputs.get("mix"))
+    if built != given:
+        out.append(
+            Difference(
+                "mixing",
+                f"the cache was built with {built.describe()} but this run asks for {given.describe()}: the teacher "
+                "labelled other images (train with the cache's mixing options, or rebuild)",
+            )
+        )
     if fresh["labels_sha256"] != recorded["labels_sha256"]:
         out.append(
             Difference(
@@ -63,7 +77,7 @@ def differences(meta: dict, inputs: dict) -> list[Difference]:
         )
     # The replayed pixels decide, not repr(): a user transform's repr may hold a memory address.
     bad = fingerprint_mismatch(meta["augment"]["fingerprint"], inputs["augment_fingerprint"])
-    if bad:
+    if bad and built == given:  # with other mixing the images differ anyway; that difference is named above
         out.append(
             Difference(
                 "augmentation",
@@ -75,8 +89,12 @@ def differences(meta: dict, inputs: dict) -> list[Difference]:
     return out
 
 
-def compatibility(meta: dict, dataset: Dataset, augment: Callable[[Any], Any]) -> list[Difference]:
-    """Every way ``dataset`` and ``augment`` differ from what the cache was built on; empty when compatible."""
+def compatibility(
+    meta: dict, dataset: Dataset, augment: Callable[[Any], Any], mix: Mix | None = None
+) -> list[Difference]:
+    """Every way ``dataset``, ``augment`` and ``mix`` differ from what the cache was built on; empty when
+    compatible. ``mix=None``: the mixing the cache records."""
+    mix = Mix.from_meta(meta.get("mix")) if mix is None else mix
     if len(dataset) != meta["dataset"]["length"]:  # fingerprints of another length would be meaningless
-        return differences(meta, {"dataset": {"length": len(dataset)}, "augment_fingerprint": []})
-    return differences(meta, inputs_of(dataset, augment, meta["seed"], meta["num_views"]))
+        return differences(meta, {"dataset": {"length": len(dataset)}, "augment_fingerprint": [], "mix": None})
+    return differences(meta, inputs_of(dataset, augment, meta["seed"], meta["num_views"], mix=mix))

@@ -20,7 +20,9 @@ from torch.utils.data import Dataset, get_worker_info
 from torch.utils.data._utils.collate import default_collate_fn_map
 
 from .compat import compatibility
+from .datasets import labels_of
 from .errors import LogitcacheError
+from .mix import Mix, mixed_view, soft_label
 from .replay import replay_view
 from .specs import recorded_augment
 from .store import Cache, open_cache
@@ -30,13 +32,25 @@ class ReplayDataset(Dataset):
     """``ds[i]`` -> ``(view of image i for the current epoch, label)``, the view replayed from ``(seed, view, i)``.
 
     With ``num_views`` set, epoch ``e`` uses view ``e % num_views``; without, every epoch gets a fresh view ``e``.
+    With ``mix`` (``logitcache.mix.Mix``) active the image is mixed with its partner's view as ``logitcache.mix``
+    replays it, and the label is the mixed one: a float vector ``[num_classes]`` (``F.cross_entropy`` takes it).
     """
 
     def __init__(
-        self, base: Dataset, augment: Callable[[Any], torch.Tensor], seed: int = 0, num_views: int | None = None
+        self,
+        base: Dataset,
+        augment: Callable[[Any], torch.Tensor],
+        seed: int = 0,
+        num_views: int | None = None,
+        mix: Mix | None = None,
+        num_classes: int | None = None,
     ):
         self.base, self.augment, self.seed, self.num_views = base, augment, seed, num_views
+        self.mix = mix or Mix()
         self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
+        if self.mix.active:  # partners' labels, without loading their images twice
+            self._labels = labels_of(base)
+            self.num_classes = num_classes or int(self._labels.max()) + 1
 
     def set_epoch(self, epoch: int) -> None:
         self._epoch[0] = epoch
@@ -51,7 +65,11 @@ class ReplayDataset(Dataset):
     def __len__(self) -> int:
         return len(self.base)
 
-    def image(self, index: int, view: int) -> tuple[torch.Tensor, int]:
+    def image(self, index: int, view: int) -> tuple[torch.Tensor, int | torch.Tensor]:
+        if self.mix.active:
+            image, d = mixed_view(self.augment, self.base, self.seed, view, index, self.mix)
+            label = soft_label(int(self._labels[index]), int(self._labels[d.partner]), d.lam, self.num_classes)
+            return image, label
         image, label = self.base[index]
         return replay_view(self.augment, image, self.seed, view, index), int(label)
 
@@ -65,7 +83,8 @@ class CachedKDDataset(ReplayDataset):
     ``target`` is a dict of tensors (a dict-like ``TargetRow`` when the DataLoader fetches a batch; the default
     collate makes either a dict of batched tensors) for ``logitcache.kd_loss`` / ``to_probs``.
     ``augment`` defaults to the one recorded in the cache; any augmentation whose replay does not reproduce the
-    recorded fingerprint is refused (``allow_mismatch=True`` turns that into a warning, at your own risk).
+    recorded fingerprint is refused (``allow_mismatch=True`` turns that into a warning, at your own risk). ``mix``
+    defaults to the cache's Mixup/CutMix (then ``label`` is the mixed label vector); another one is refused.
 
     Reading (issue 15, benchmarks/bench_scale.py): when one view's targets fit ``memory_mb``, ``set_epoch`` reads the
     epoch's view sequentially, once, into shared memory that every DataLoader worker of this process (one copy per
@@ -82,6 +101,7 @@ class CachedKDDataset(ReplayDataset):
         *,
         augment: Callable[[Any], torch.Tensor] | None = None,
         allow_mismatch: bool = False,
+        mix: Mix | None = None,
         memory_mb: float = 4096,
         max_cache_mb: float = 512,
     ):
@@ -90,7 +110,8 @@ class CachedKDDataset(ReplayDataset):
         meta = cache.meta
         if augment is None:
             augment = recorded_augment(meta, base)
-        super().__init__(base, augment, meta["seed"], cache.num_views)
+        recorded_mix = Mix.from_meta(meta.get("mix"))
+        super().__init__(base, augment, meta["seed"], cache.num_views, mix or recorded_mix, cache.num_classes)
         self.cache = cache
         self._pid = os.getpid()
         self._check(base, meta, allow_mismatch)
@@ -132,7 +153,7 @@ class CachedKDDataset(ReplayDataset):
         self._view_loaded[0] = view
 
     def _check(self, base: Dataset, meta: dict, allow_mismatch: bool) -> None:
-        for diff in compatibility(meta, base, self.augment):
+        for diff in compatibility(meta, base, self.augment, self.mix):
             if diff.what != "augmentation" or not allow_mismatch:
                 raise LogitcacheError(str(diff))
             warnings.warn(

@@ -63,7 +63,9 @@ def replay_view(transform: Callable[[Any], Any], image: Any, base_seed: int, vie
 FINGERPRINT_POINTS = 4
 
 
-def replay_fingerprint(transform: Callable[[Any], Any], dataset: Any, base_seed: int, num_views: int) -> list[dict]:
+def replay_fingerprint(
+    transform: Callable[[Any], Any], dataset: Any, base_seed: int, num_views: int, mix: Any = None
+) -> list[dict]:
     """Coarse checksums of a few replayed views: a 4x4 average-pooled thumbnail per channel.
 
     Stored at build time and recomputed whenever the cache is used, so that a changed transform, torchvision version
@@ -74,7 +76,12 @@ def replay_fingerprint(transform: Callable[[Any], Any], dataset: Any, base_seed:
     for j in range(FINGERPRINT_POINTS):
         view = j % max(num_views, 1)
         index = (j * 7919) % n
-        x = replay_view(transform, dataset[index][0], base_seed, view, index)
+        if mix is not None and mix.active:  # the mixed image is what the teacher labels
+            from .mix import mixed_view
+
+            x = mixed_view(transform, dataset, base_seed, view, index, mix)[0]
+        else:
+            x = replay_view(transform, dataset[index][0], base_seed, view, index)
         thumb = torch.nn.functional.adaptive_avg_pool2d(torch.as_tensor(x).float().reshape(-1, *x.shape[-2:])[None], 4)
         points.append(
             {

@@ -31,6 +31,7 @@ from .encoding import TAIL_MODES, topk_kept_mass
 from .errors import LogitcacheError, user_message
 from .fingerprint import versions
 from .losses import kd_loss, kd_loss_dense
+from .mix import MIX_MODES, Mix
 from .progress import progress_bar
 from .sampler import ChunkShuffleSampler
 from .store import open_cache
@@ -85,6 +86,16 @@ class TrainConfig:
     augment: str | None = _option(
         None, "Training augmentation; default: the cache's for --kd cached, else pad-crop-flip."
     )
+    mix: str | None = _option(
+        None,
+        "Mixup/CutMix, mixed per sample (timm's meaning of the options): none, mixup, cutmix or both. Default: the "
+        "cache's for --kd cached (the teacher labelled the mixed images), else none.",
+        choices=MIX_MODES,
+    )
+    mix_alpha: float = _option(0.8, "Mixup's Beta(alpha, alpha).")
+    cutmix_alpha: float = _option(1.0, "CutMix's Beta(alpha, alpha).")
+    mix_prob: float = _option(1.0, "Probability that a sample is mixed at all.")
+    switch_prob: float = _option(0.5, "With --mix both: probability of CutMix rather than Mixup.")
     seed: int = _option(0, "Seeds initialisation, shuffling and (without a cache) augmentation.")
     lr: float = _option(0.1, "Peak learning rate (SGD, nesterov momentum, warm-up then cosine).")
     momentum: float = _option(0.9, "SGD momentum (nesterov when > 0).")
@@ -319,10 +330,16 @@ def _setup(cfg: TrainConfig) -> _Run:
             _warn_if_tail_dominates(cache, cfg.temperature)
     augment_spec = cfg.augment or (cache.meta["augment"]["spec"] if cache else None) or "pad-crop-flip"
     train_tf, eval_tf = specs.resolve_augment(augment_spec, base)
-    if cache is not None:
-        train_ds: ReplayDataset = CachedKDDataset(base, cache, augment=train_tf, memory_mb=cfg.target_memory_mb)
+    if cfg.mix is None:  # the cache's mixing (the images its teacher labelled), else none
+        mix = Mix.from_meta(cache.meta.get("mix")) if cache is not None else Mix()
     else:
-        train_ds = ReplayDataset(base, train_tf, seed=cfg.seed)
+        mix = Mix(cfg.mix, cfg.mix_alpha, cfg.cutmix_alpha, cfg.mix_prob, cfg.switch_prob)
+    if cache is not None:
+        train_ds: ReplayDataset = CachedKDDataset(
+            base, cache, augment=train_tf, mix=mix, memory_mb=cfg.target_memory_mb
+        )
+    else:
+        train_ds = ReplayDataset(base, train_tf, seed=cfg.seed, mix=mix)
     test_ds = ReplayDataset(test_base, eval_tf)
 
     in_channels = int(train_ds.image(0, 0)[0].shape[0])

@@ -19,7 +19,7 @@ from torch.utils.data import Dataset
 from .compat import compatibility
 from .encoding import dense_log_probs
 from .errors import LogitcacheError
-from .replay import replay_view
+from .mix import Mix, mixed_view
 from .specs import recorded_augment, resolve_device
 from .store import Cache, open_cache
 
@@ -91,11 +91,12 @@ def verify_cache(
     teacher = teacher.eval().to(dev)
     encoding = cache.encoding
     temperature = encoding.stored_temperature
+    mix = Mix.from_meta(meta.get("mix"))  # the teacher labelled the mixed images
     pairs = [p for p in _pick_pairs(cache, samples, seed) if (p[0], p[1] // cache.chunk_rows) not in bad_units]
     agree, excess = 0, []
     for b in range(0, len(pairs), batch_size):
         batch = pairs[b : b + batch_size]
-        images = torch.stack([replay_view(augment, dataset[i][0], meta["seed"], v, i) for v, i in batch])
+        images = torch.stack([mixed_view(augment, dataset, meta["seed"], v, i, mix)[0] for v, i in batch])
         with torch.inference_mode():
             logits = teacher(images.to(dev)).float().cpu()
         stored = _gather(cache, batch)
