@@ -9,7 +9,9 @@ Stages, each recorded as it finishes:
   2. teachers: the best screened recipe with other teachers (run 1 trained twice as long; an ensemble of run 1 and
                another full-budget run of the sweep) and other numbers of stored views (1 vs one per epoch);
   3. checks:   the best recipe and the old default against scratch on configurations it was not chosen on
-               (half the images, a deeper network, no augmentation), each recorded as it finishes.
+               (half the images, a deeper network, no augmentation), each recorded as it finishes;
+  4. mixing:   Mixup/CutMix (--mix both, timm's DeiT alphas 0.8 / 1.0): scratch and cached KD with and without it;
+               the mixed arm's cache holds run 1's targets for the mixed images.
 Finished runs are reused (`run_once`: same settings, same run), so an interrupted study continues where it stopped.
 """
 
@@ -24,15 +26,17 @@ from rich.table import Table
 
 from _common import OUT, console, record, run_once, show
 from logitcache import TrainConfig, build_cache, specs
+from logitcache.mix import Mix
 from logitcache.train import RunResult
 
 
-def cache_for(teacher: str, dataset: str, augment: str, limit: int, views: int, out: Path) -> str:
+def cache_for(teacher: str, dataset: str, augment: str, limit: int, views: int, out: Path, mix: Mix = Mix()) -> str:
     if (out / "zarr.json").is_file():
         from logitcache import open_cache
 
         c = open_cache(out)
-        if c.is_complete and c.meta["teacher"]["spec"] == teacher and c.num_views == views:
+        same = c.meta["teacher"]["spec"] == teacher and c.num_views == views and c.meta.get("mix") == mix.to_meta()
+        if c.is_complete and same:
             return str(out)
     ds = specs.resolve_dataset(dataset, limit=limit)
     tf, _ = specs.resolve_augment(augment, ds)
@@ -46,6 +50,7 @@ def cache_for(teacher: str, dataset: str, augment: str, limit: int, views: int, 
         overwrite=True,
         progress=False,
         specs={"teacher": teacher, "dataset": dataset, "augment": augment},
+        mix=mix,
     )
     return str(out)
 
@@ -58,7 +63,7 @@ def main() -> None:
     ap.add_argument("--budget", type=float, default=0.5, help="fraction of the full budget the arms train for")
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--lr", type=float, default=0.05)
-    ap.add_argument("--stages", default="screen,teachers,checks")
+    ap.add_argument("--stages", default="screen,teachers,checks,mixing")
     ap.add_argument("--checks", default="subset,deeper,noaug", help="stage 3's configurations (subset,deeper,noaug)")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="~2 minute smoke run, not recorded")
@@ -147,6 +152,21 @@ def main() -> None:
         }
         text, _ = arms_table(f"teachers and views, recipe {best_name}: {head}", main_conf, "teachers", arms, target)
         record("Recipe study, stage 2: teachers and views (bench_recipe.py)", text, args.quick)
+
+    if "mixing" in stages:
+        mix = Mix("both", alpha=0.8, cutmix_alpha=1.0)
+        mixed = cache_for(
+            run1.run_dir, "fashion-mnist", "pad-crop-flip", args.samples, budget_epochs, out / "cache-run1-mix", mix
+        )
+        kd = dict(kd="cached", temperature=TrainConfig.temperature, kd_weight=TrainConfig.kd_weight)
+        arms = {
+            "scratch": {"kd": "none"},
+            "scratch, mixing": {"kd": "none", "mix": "both"},
+            "cached KD (default recipe)": dict(kd, cache=cache1),
+            "cached KD, mixing": dict(kd, cache=mixed),  # the cache's mixing is replayed
+        }
+        text, _ = arms_table(f"Mixup/CutMix ({mix.describe()}): {head}", main_conf, "mixing", arms, target)
+        record("Recipe study, stage 4: Mixup/CutMix (bench_recipe.py)", text, args.quick)
 
     if "checks" in stages:
         old_default = dict(kd="cached", temperature=4.0, kd_weight=0.9, kd_until=1.0)
