@@ -68,8 +68,8 @@ def _build_options(
     teacher: str = typer.Option(
         ...,
         help="Run directory from `logitcache train`, several run directories separated by commas (an ensemble of "
-        "earlier runs: the mean of their probabilities), pkg.module:fn, path/file.py:fn "
-        "(fn() returns an nn.Module), or a torchvision model name.",
+        "earlier runs: the mean of their probabilities), timm:NAME (with --teacher-weights), pkg.module:fn, "
+        "path/file.py:fn (fn() returns an nn.Module), or a torchvision model name.",
     ),
     dataset: str = typer.Option(
         ...,
@@ -81,8 +81,8 @@ def _build_options(
     ),
     augment: str = typer.Option(
         "pad-crop-flip",
-        help="pad-crop-flip, rrc-flip, none, or pkg.module:fn / file.py:fn "
-        "(fn() returns a transform from image to tensor).",
+        help="pad-crop-flip, rrc-flip, none, timm:POLICY (timm's training transform with that auto-augment policy, "
+        "e.g. timm:rand-m9-mstd0.5), or pkg.module:fn / file.py:fn (fn() returns a transform from image to tensor).",
     ),
     views: int = typer.Option(4, min=1, help="Augmented views stored per image; epoch e trains on view e % views."),
     seed: int = typer.Option(0, help="Base seed: view v of sample i is replayed from hash(seed, v, i)."),

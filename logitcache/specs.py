@@ -112,6 +112,9 @@ def resolve_augment(spec: str, dataset: Dataset) -> tuple[Callable[[Any], torch.
         train_fn, eval_fn = aug.PRESETS[spec]
         channels, size = image_shape(dataset)
         return train_fn(size, channels), eval_fn(size, channels)
+    if spec.startswith("timm:"):
+        _timm()
+        return timm_augment(spec[len("timm:") :], *image_shape(dataset))
     if ":" not in spec:
         raise LogitcacheError(
             f"unknown augmentation {spec!r}; use one of {', '.join(aug.PRESETS)} or pkg.module:function"
@@ -128,10 +131,56 @@ def resolve_augment(spec: str, dataset: Dataset) -> tuple[Callable[[Any], torch.
     return transform, evaluation
 
 
+def _timm():
+    try:
+        import timm
+    except ImportError:
+        raise LogitcacheError("timm: specs need timm: pip install 'logitcache[timm]'") from None
+    return timm
+
+
+def _timm_model(name: str, **kwargs: Any) -> nn.Module:
+    timm = _timm()
+    if not timm.is_model(name):
+        raise LogitcacheError(f"unknown timm model {name!r} (timm.list_models() lists them)")
+    return timm.create_model(name, pretrained=False, **kwargs)  # weights come from a run or --teacher-weights
+
+
+def timm_augment(policy: str, channels: int, size: int) -> tuple[Callable[[Any], Any], Callable[[Any], Any]]:
+    """``timm:POLICY``: timm's training transform with that auto-augment policy (e.g. ``rand-m9-mstd0.5-inc1``),
+    random-resized crop and flip at the dataset's size, normalised to mean 0.5 / sd 0.5; and timm's evaluation
+    transform. timm draws from Python's ``random`` and torch, both seeded by the replay, so it replays exactly."""
+    from timm.data import create_transform
+
+    common = dict(input_size=(channels, size, size), mean=(0.5,) * channels, std=(0.5,) * channels)
+    try:
+        train = create_transform(is_training=True, auto_augment=policy or None, **common)
+        evaluation = create_transform(is_training=False, crop_pct=1.0, **common)
+    except (AssertionError, ValueError, KeyError) as e:  # timm asserts on an unknown policy name
+        raise LogitcacheError(f"timm cannot make the augmentation {policy!r}: {e}") from None
+    if channels == 1:  # timm's PIL ops work on RGB; a grayscale image goes in as RGB and comes out as one channel
+        return _Gray(train), _Gray(evaluation)
+    return train, evaluation
+
+
+class _Gray:
+    def __init__(self, transform: Callable[[Any], Any]):
+        self.transform = transform
+
+    def __call__(self, image: Any) -> torch.Tensor:
+        return self.transform(image.convert("RGB"))[:1]
+
+    def __repr__(self) -> str:
+        return f"Gray({self.transform!r})"
+
+
 def build_model(spec: str, num_classes: int, in_channels: int) -> nn.Module:
-    """A fresh model: ``small-resnet...``, a torchvision model name, or ``fn(num_classes=, in_channels=)``."""
+    """A fresh model: ``small-resnet...``, ``timm:NAME``, a torchvision model name, or ``fn(num_classes=,
+    in_channels=)``."""
     model = small_resnet(spec, num_classes, in_channels)
-    if model is None and ":" in spec:
+    if model is None and spec.startswith("timm:"):
+        model = _timm_model(spec[len("timm:") :], num_classes=num_classes, in_chans=in_channels)
+    elif model is None and ":" in spec:
         model = _call(spec, load_callable(spec), num_classes=num_classes, in_channels=in_channels)
     elif model is None:
         import torchvision.models as tvm
@@ -195,6 +244,8 @@ def resolve_teacher(spec: str, weights: str | Path | None = None) -> nn.Module:
         load_weights(model, Path(spec) / MODEL_FILE)
     elif Path(spec).is_dir():
         raise LogitcacheError(f"teacher {spec} is a folder without {MODEL_SPEC_FILE}: not a logitcache run directory")
+    elif spec.startswith("timm:"):
+        model = _timm_model(spec[len("timm:") :])
     elif ":" in spec:
         model = _call(spec, load_callable(spec))
     else:
@@ -202,7 +253,7 @@ def resolve_teacher(spec: str, weights: str | Path | None = None) -> nn.Module:
 
         if spec not in tvm.list_models():
             raise LogitcacheError(
-                f"unknown teacher {spec!r}; use a run directory, pkg.module:function, "
+                f"unknown teacher {spec!r}; use a run directory, timm:NAME, pkg.module:function, "
                 "path/file.py:function or a torchvision model name"
             )
         model = tvm.get_model(spec, weights=None)

@@ -56,8 +56,8 @@ class TrainConfig:
     dataset: str = _option("fashion-mnist", "Same dataset specs as `build`.")
     model: str = _option(
         "small-resnet8",
-        "small-resnet8/14/20[-wW], a torchvision model name, or pkg.module:fn (fn(num_classes=, in_channels=) returns "
-        "a module).",
+        "small-resnet8/14/20[-wW], timm:NAME (pip install 'logitcache[timm]'), a torchvision model name, or "
+        "pkg.module:fn (fn(num_classes=, in_channels=) returns a module).",
     )
     epochs: int = _option(5, "Training epochs (a complete warm-up + cosine schedule).", low=1)
     kd: str = _option(
@@ -84,7 +84,8 @@ class TrainConfig:
         choices=TAIL_MODES,
     )
     augment: str | None = _option(
-        None, "Training augmentation; default: the cache's for --kd cached, else pad-crop-flip."
+        None,
+        "Training augmentation (as `build --augment`); default: the cache's for --kd cached, else pad-crop-flip.",
     )
     mix: str | None = _option(
         None,
