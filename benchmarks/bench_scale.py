@@ -14,13 +14,20 @@ Recorded per path: loader rate and ratio to images only, read amplification (row
 served), time to the first batch (the view's fill included), peak RSS of a worker and the node's proportional memory
 (PSS of the main process and its workers). Slow paths are timed on their first `--batches` batches; the others on a
 whole epoch. Then an extrapolation to ImageNet-21k from the measured decode rate.
+
+Object store: the same read paths against a real S3 server (moto on loopback), counting the GET requests and bytes
+one epoch sends; a small chunk LRU stands in for a view larger than memory.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
+import socket
+import subprocess
+import sys
 import time
 
 import torch
@@ -94,6 +101,70 @@ def run_loader(ds, sampler, epoch: int, max_batches: int | None, workers: int) -
     return {"rate": served / seconds, "first": first, "fill": fill, "served": served, "peak": peak, "pss": pss}
 
 
+S3_BUCKET = "logitcache-bench"
+
+
+def s3_child(args) -> None:
+    """In a child process whose environment points fsspec at the server: build the store, or read one epoch."""
+    url = f"s3://{S3_BUCKET}/scale-{args.s3_child}"
+    ds = TinyImages(args.samples, args.classes)
+    if args.s3_child == "build":
+        build_cache(teacher(args.classes), ds, url, augment=to_float, views=1, encoding="topk", k=10,
+                    batch_size=4096, chunk_rows=1024, workers=0, progress=False)  # fmt: skip
+        return
+    cache = open_cache(f"s3://{S3_BUCKET}/scale-build")
+    kw = {"shared view": {}, "shuffled + chunk LRU": dict(memory_mb=0),
+          "shuffled + small LRU": dict(memory_mb=0, max_cache_mb=1)}[args.s3_path]  # fmt: skip
+    kd = CachedKDDataset(ds, cache, augment=to_float, **kw)
+    r = run_loader(kd, RandomSampler(range(len(ds)), generator=torch.Generator().manual_seed(0)), 0, None, 2)
+    print(json.dumps({"rate": r["rate"], "rows_read": int(kd.rows_read.sum())}))
+
+
+def s3_requests(args) -> str:
+    """GET requests and bytes per epoch per read path, against moto in server mode on loopback."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = OUT / "scale" / "moto.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=open(log, "w"))  # fmt: skip
+    env = {**os.environ, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_DEFAULT_REGION": "us-east-1", "FSSPEC_S3_ENDPOINT_URL": f"http://127.0.0.1:{port}"}  # fmt: skip
+    try:
+        import boto3
+
+        client = boto3.client("s3", endpoint_url=env["FSSPEC_S3_ENDPOINT_URL"], region_name="us-east-1",
+                              aws_access_key_id="testing", aws_secret_access_key="testing")  # fmt: skip
+        for _ in range(100):
+            try:
+                client.create_bucket(Bucket=S3_BUCKET)
+                break
+            except Exception:
+                time.sleep(0.1)
+        base = [sys.executable, __file__, "--samples", str(args.samples), "--classes", str(args.classes)]
+        subprocess.run(base + ["--s3-child", "build"], env=env, check=True)
+        objects = client.list_objects_v2(Bucket=S3_BUCKET, Prefix="scale-build/")
+        stored = sum(o["Size"] for o in objects.get("Contents", []))
+        table = Table(title=f"object store (moto S3 on loopback), SYNTHETIC {args.samples:,} x {args.classes}, topk "
+                      f"k=10, one view: {objects.get('KeyCount', 0)} objects, {stored / 2**20:.1f} MiB")  # fmt: skip
+        for col in ("path", "GET requests / epoch", "per chunk of the view", "read ampl.", "rate /s"):
+            table.add_column(col, justify="right")
+        chunks = -(-args.samples // 1024)
+        for path in ("shuffled + chunk LRU", "shuffled + small LRU", "shared view"):
+            before = open(log).read().count('"GET /')
+            out = subprocess.run(base + ["--s3-child", "read", "--s3-path", path], env=env, check=True,
+                                 capture_output=True, text=True).stdout  # fmt: skip
+            result = json.loads(out.strip().splitlines()[-1])
+            gets = open(log).read().count('"GET /') - before
+            label = path + (" (1 MB: a view larger than memory)" if "small" in path else "")
+            table.add_row(label, f"{gets:,}", f"{gets / chunks:.1f}", f"{result['rows_read'] / args.samples:.2f}",
+                          f"{result['rate']:,.0f}")  # fmt: skip
+        return show(table)
+    finally:
+        server.terminate()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--samples", type=int, default=1_281_167, help="ImageNet-1k's training set")
@@ -101,10 +172,16 @@ def main() -> None:
     ap.add_argument("--batches", type=int, default=60, help="batches timed on the slow (shuffled LRU) path")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--variants", default="topk:1,quantized:1,full:1,full:2")
+    ap.add_argument("--s3-samples", type=int, default=100_000, help="samples of the object-store measurement")
     ap.add_argument("--quick", action="store_true", help="~1 minute smoke run, not recorded")
+    ap.add_argument("--s3-child", help=argparse.SUPPRESS)
+    ap.add_argument("--s3-path", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.s3_child:
+        return s3_child(args)
     if args.quick:
         args.samples, args.classes, args.batches, args.variants = 20_000, 100, 10, "topk:1,full:2"
+        args.s3_samples = 5_000
     out = OUT / "scale"
     ds = TinyImages(args.samples, args.classes)
     net = teacher(args.classes)
@@ -169,6 +246,12 @@ def main() -> None:
             f"{view / rate:,.0f} s" if fits else "-",
         )  # fmt: skip
     text += "\n" + show(extra)
+    try:
+        import moto.server  # noqa: F401  (the test extra installs it)
+
+        text += "\n" + s3_requests(argparse.Namespace(samples=args.s3_samples, classes=args.classes))
+    except ImportError:
+        text += "\nobject store: not measured (moto is not installed)"
     record("Read path at scale, synthetic (bench_scale.py)", text, args.quick)
 
 
