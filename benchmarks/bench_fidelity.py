@@ -32,6 +32,8 @@ CONFIGS_10 = [
     ("topk", {"k": 2}, "blosc-lz4"),
     ("topk", {"k": 4}, "blosc-lz4"),
     ("topk", {"k": 4}, "zstd"),
+    ("topk8", {"k": 4}, "blosc-lz4"),
+    ("topk8", {"k": 4}, "zstd"),
     ("sampled", {"samples": 10, "tau": 1.0}, "blosc-lz4"),
     ("sampled", {"samples": 10, "tau": 4.0}, "blosc-lz4"),
     ("quantized", {}, "blosc-lz4"),
@@ -44,6 +46,10 @@ CONFIGS_100 = [
     ("topk", {"k": 10, "soft_tail": False}, "blosc-lz4"),
     ("topk", {"k": 20}, "blosc-lz4"),
     ("topk", {"k": 10}, "zstd"),
+    ("topk8", {"k": 10}, "blosc-lz4"),
+    ("topk8", {"k": 10}, "zstd"),
+    ("topk8", {"k": 20}, "blosc-lz4"),
+    ("topk8", {"k": 20}, "zstd"),
     ("sampled", {"samples": 10, "tau": 1.0}, "blosc-lz4"),
     ("sampled", {"samples": 50, "tau": 1.0}, "blosc-lz4"),
     ("sampled", {"samples": 50, "tau": 4.0}, "blosc-lz4"),
@@ -182,9 +188,11 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=10000, help="samples for the fidelity part")
     ap.add_argument("--epochs", type=int, default=3, help="student epochs")
     ap.add_argument("--seeds", type=int, default=2)
+    ap.add_argument("--parts", default="targets,students", help="targets (bytes, KL: fast), students (training)")
     ap.add_argument("--quick", action="store_true", help="~1 minute smoke run, not recorded")
     args = ap.parse_args()
     out = OUT / "fidelity"
+    parts = set(args.parts.split(","))
     if args.quick:
         args.samples, args.epochs, args.seeds = 1000, 1, 1
     sections = []
@@ -221,53 +229,58 @@ def main() -> None:
         fidelity("Fashion-MNIST pairs", pds, ptf, specs.resolve_teacher(str(pairs_teacher)), CONFIGS_100, out / "pairs")
     )
 
-    seeds = list(range(1, args.seeds + 1))
-    student_configs_10 = [
-        ("full", {}, "blosc-lz4"),
-        ("topk", {"k": 1}, "blosc-lz4"),
-        ("topk", {"k": 4}, "blosc-lz4"),
-        ("sampled", {"samples": 10, "tau": 4.0}, "blosc-lz4"),
-        ("quantized", {}, "blosc-lz4"),
-    ]
-    sections.append(
-        students(
-            "Fashion-MNIST",
-            "fashion-mnist",
-            "pad-crop-flip",
-            "small-resnet8-w8",
-            fm_teacher,
-            student_configs_10,
-            args.epochs,
-            args.samples,
-            seeds,
-            out,
-            2000,
+    if "students" in parts:
+        seeds = list(range(1, args.seeds + 1))
+        student_configs_10 = [
+            ("full", {}, "blosc-lz4"),
+            ("topk", {"k": 1}, "blosc-lz4"),
+            ("topk", {"k": 4}, "blosc-lz4"),
+            ("topk8", {"k": 4}, "blosc-lz4"),
+            ("sampled", {"samples": 10, "tau": 4.0}, "blosc-lz4"),
+            ("quantized", {}, "blosc-lz4"),
+        ]
+        sections.append(
+            students(
+                "Fashion-MNIST",
+                "fashion-mnist",
+                "pad-crop-flip",
+                "small-resnet8-w8",
+                fm_teacher,
+                student_configs_10,
+                args.epochs,
+                args.samples,
+                seeds,
+                out,
+                2000,
+            )
         )
-    )
-    student_configs_100 = [
-        ("full", {}, "blosc-lz4"),
-        ("topk", {"k": 1}, "blosc-lz4"),
-        ("topk", {"k": 10}, "blosc-lz4"),
-        ("topk", {"k": 10, "soft_tail": False}, "blosc-lz4"),
-        ("sampled", {"samples": 50, "tau": 4.0}, "blosc-lz4"),
-        ("quantized", {}, "blosc-lz4"),
-    ]
-    sections.append(
-        students(
-            "Fashion-MNIST pairs",
-            PAIRS,
-            PAIRS_AUG,
-            "small-resnet8-w8",
-            str(pairs_teacher),
-            student_configs_100,
-            args.epochs,
-            args.samples,
-            seeds,
-            out,
-            2000,
+        student_configs_100 = [
+            ("full", {}, "blosc-lz4"),
+            ("topk", {"k": 1}, "blosc-lz4"),
+            ("topk", {"k": 10}, "blosc-lz4"),
+            ("topk", {"k": 10, "soft_tail": False}, "blosc-lz4"),
+            ("topk8", {"k": 10}, "blosc-lz4"),
+            ("topk8", {"k": 10}, "blosc-lz4"),
+            ("sampled", {"samples": 50, "tau": 4.0}, "blosc-lz4"),
+            ("quantized", {}, "blosc-lz4"),
+        ]
+        sections.append(
+            students(
+                "Fashion-MNIST pairs",
+                PAIRS,
+                PAIRS_AUG,
+                "small-resnet8-w8",
+                str(pairs_teacher),
+                student_configs_100,
+                args.epochs,
+                args.samples,
+                seeds,
+                out,
+                2000,
+            )
         )
-    )
-    record("Fidelity of encodings (bench_fidelity.py)", "\n".join(sections), args.quick)
+    title = "Fidelity of encodings" + ("" if "students" in parts else ", targets only")
+    record(f"{title} (bench_fidelity.py)", "\n".join(sections), args.quick)
 
 
 if __name__ == "__main__":

@@ -64,9 +64,12 @@ def config_parameters(cls: type, required: tuple[str, ...] = ()) -> list[inspect
 def encoding_parameters(encodings: dict[str, type]) -> list[inspect.Parameter]:
     """The options of every registered encoding. Their CLI default is None (not given), so that an option of another
     encoding than the chosen one can be refused; the library fills in the encoding's own defaults."""
-    params = []
+    params, seen = [], set()
     for enc in encodings.values():
         for key, opt in enc.options.items():
+            if key in seen:  # an option several encodings share (k): one flag
+                continue
+            seen.add(key)
             decls = [opt.flags] if opt.flags else [flag_of(key)]
             shown = f"{opt.default}" if not opt.flags else ("on" if opt.default else "off")
             kwargs: dict[str, Any] = {"help": f"{opt.help} (default: {shown})", "show_default": False}

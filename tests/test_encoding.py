@@ -290,3 +290,32 @@ def test_a_new_encoding_is_one_class_and_every_tool_knows_it(tmp_path, tiny):
                            encoding="scaled-test", facter=3.0, progress=False)  # fmt: skip
     finally:
         ENCODINGS.pop("scaled-test")
+
+
+@pytest.mark.parametrize("num_classes,k", [(10, 4), (100, 10), (1000, 20)])
+def test_topk8_keeps_what_topk_keeps_in_about_half_the_bytes(num_classes, k):
+    from logitcache.encoding import CompactTopKEncoding
+
+    g = torch.Generator().manual_seed(num_classes)
+    logits = torch.randn(256, num_classes, generator=g) * 3
+    compact, topk = CompactTopKEncoding(num_classes, k), TopKEncoding(num_classes, k, True)
+    c, t = _batch(compact, logits), _batch(topk, logits)
+    assert torch.equal(c["ids"].long(), t["ids"].long())
+    for temperature in (1.0, 2.0, 4.0):
+        exact = torch.softmax(logits / temperature, 1)
+        kl_c = _kl(exact, to_probs(c, temperature)).mean()
+        kl_t = _kl(exact, to_probs(t, temperature)).mean()
+        assert abs(kl_c - kl_t) < 2e-3 + 0.01 * kl_t, (temperature, kl_c, kl_t)  # 8-bit rounding costs ~nothing
+        student = torch.randn(256, num_classes, generator=g)
+        assert torch.allclose(kd_loss(student, c, temperature), kd_loss(student, t, temperature), rtol=0.02)
+    stored = lambda enc: sum(f.dtype.itemsize * int(np.prod(f.shape)) for f in enc.fields().values())  # noqa: E731
+    # raw bytes: half of topk's up to 256 classes (1-byte ids), under three quarters above (2-byte ids)
+    assert stored(compact) <= (0.51 if num_classes <= 256 else 0.73) * stored(topk)
+    assert torch.allclose(to_probs(c).sum(1), torch.ones(256), atol=1e-4)
+
+
+def test_topk8_refuses_k_below_3():
+    from logitcache.encoding import CompactTopKEncoding
+
+    with pytest.raises(LogitcacheError, match="topk8 needs k between 3"):
+        CompactTopKEncoding(10, 2)

@@ -14,6 +14,7 @@ from .full import FullEncoding  # isort: skip
 from .topk import SOFT_TAIL_BETAS, TAIL_MODES, TopKEncoding, topk_kept_mass  # isort: skip
 from .sampled import SampledEncoding  # isort: skip
 from .quantized import QuantizedEncoding  # isort: skip
+from .compact import CompactTopKEncoding  # isort: skip
 
 __all__ = [
     "CONSTANT_KEYS",
@@ -21,6 +22,7 @@ __all__ = [
     "MIN_TAIL",
     "SOFT_TAIL_BETAS",
     "TAIL_MODES",
+    "CompactTopKEncoding",
     "Encoding",
     "Field",
     "FullEncoding",

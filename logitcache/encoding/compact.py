@@ -1,0 +1,127 @@
+"""``topk8``: top-k in about half of ``topk``'s bytes: 8-bit log-probabilities, the narrowest ids, a 2-byte tail."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..errors import LogitcacheError
+from .base import MIN_TAIL, Encoding, Field, Option, num_classes_of, torch_id_dtype
+from .registry import register
+from .topk import SOFT_TAIL_BETAS, TopKEncoding
+
+
+def compact_id_dtype(num_classes: int) -> np.dtype:
+    """uint8 ids up to 256 classes, then int16, then int32."""
+    if num_classes <= 256:
+        return np.dtype("uint8")
+    return np.dtype("int16") if num_classes <= 1 << 15 else np.dtype("int32")
+
+
+@register
+class CompactTopKEncoding(Encoding):
+    """The same information as ``topk`` (k largest log-probabilities, their ids, the tail's mass and its softened
+    masses at T = 2, 4, 8), stored smaller:
+
+    - ``q`` (uint8, k - 2 values): the log-probabilities below the top one, as ``lp_j = lp_0 - q_j * scale`` with
+      ``scale = (lp_0 - lp_{k-1}) / 255``: ``q_0 = 0`` and ``q_{k-1} = 255`` hold by construction and are not stored;
+      the rounding error is at most ``scale / 2`` in log space;
+    - ``scale`` and ``tail`` (float16); ``lp_0`` itself is not stored: the k probabilities and the tail sum to one;
+    - ``ids`` in the narrowest integer type (uint8 up to 256 classes);
+    - ``tail_soft8`` (uint8 x 3): ``log sum_j p_j^beta`` over the unstored classes lies between ``beta * tail`` and
+      ``beta * tail + (1 - beta) * log(C - k)`` (power-mean inequalities); its position in that interval, 8 bits.
+
+    Decoding rebuilds a ``topk`` target and uses its tail rule and KL, so it trains like ``topk`` at any temperature.
+    """
+
+    name = "topk8"
+    summary = "top-k in 8-bit log-probs with the narrowest ids (about half of topk's bytes)"
+    values = "log-probs"
+    options = {"k": Option(10, "topk / topk8: entries kept per sample.", low=1)}
+    field_names = frozenset({"ids", "q", "scale", "tail", "tail_soft8"})
+
+    def validate(self) -> None:
+        if not 3 <= self.k <= self.num_classes:
+            raise LogitcacheError(
+                f"topk8 needs k between 3 and the number of classes ({self.num_classes}), got {self.k} (use topk)"
+            )
+
+    def entries(self) -> int:
+        return self.k
+
+    def fields(self) -> dict[str, Field]:
+        return {
+            "ids": Field((self.k,), compact_id_dtype(self.num_classes)),
+            "q": Field((self.k - 2,), np.dtype("uint8")),
+            "scale": Field((), np.dtype("float16")),
+            "tail": Field((), np.dtype("float16")),
+            "tail_soft8": Field((len(SOFT_TAIL_BETAS),), np.dtype("uint8")),
+        }
+
+    def encode(self, logits: Tensor, generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        full = TopKEncoding(self.num_classes, self.k, True).encode(logits)
+        lp = torch.log_softmax(logits.float(), dim=-1).topk(self.k, dim=-1).values  # exact, not the float16 copy
+        spread = (lp[:, :1] - lp[:, -1:]).clamp(min=1e-3)
+        scale = (spread / 255).to(torch.float16).float()  # quantize with the scale the decoder will see
+        q = torch.round((lp[:, :1] - lp) / scale).clamp(0, 255)
+        tail = full["tail"].clamp(min=MIN_TAIL)
+        rest = self.num_classes - self.k
+        soft = full["tail_soft"].float()
+        if rest > 0:
+            betas = torch.tensor(SOFT_TAIL_BETAS)
+            low, width = betas * tail[:, None], (1 - betas) * math.log(rest)
+            pos = torch.round((soft - low) / width * 255).clamp(0, 255)
+        else:
+            pos = torch.zeros_like(soft)
+        return {
+            "ids": full["ids"].long().to(_torch_dtype(compact_id_dtype(self.num_classes))),
+            "q": q[:, 1 : self.k - 1].to(torch.uint8),
+            "scale": scale[:, 0].to(torch.float16),
+            "tail": tail.to(torch.float16),
+            "tail_soft8": pos.to(torch.uint8),
+        }
+
+    @staticmethod
+    def as_topk(targets: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The equivalent ``topk`` target dict (float log-probabilities, ids, tail, tail_soft)."""
+        ids = targets["ids"].long()
+        scale = targets["scale"].float()[..., None]
+        q = targets["q"].float()
+        zeros = torch.zeros(*q.shape[:-1], 1)
+        steps = torch.cat([zeros, q, torch.full_like(zeros, 255.0)], dim=-1)  # q_0 = 0 and q_{k-1} = 255
+        tail = targets["tail"].float()
+        # the top k and the tail sum to one: lp_0 = log(1 - e^tail) - logsumexp(-q * scale)
+        lp0 = torch.log1p(-tail.exp().clamp(max=1 - 1e-6)) - torch.logsumexp(-steps * scale, dim=-1)
+        out = {"logprobs": lp0[..., None] - steps * scale, "ids": ids, "tail": tail}
+        num_classes = num_classes_of(targets)
+        rest = num_classes - ids.shape[-1]
+        if rest > 0:
+            betas = torch.tensor(SOFT_TAIL_BETAS)
+            low, width = betas * tail[..., None], (1 - betas) * math.log(rest)
+            out["tail_soft"] = low + targets["tail_soft8"].float() / 255 * width
+        else:
+            out["tail_soft"] = torch.full((*tail.shape, len(SOFT_TAIL_BETAS)), MIN_TAIL)
+        out["num_classes"] = targets["num_classes"]
+        return out
+
+    @staticmethod
+    def log_probs(targets: dict[str, Tensor], temperature: float) -> Tensor:
+        return TopKEncoding.log_probs(CompactTopKEncoding.as_topk(targets), temperature)
+
+    @classmethod
+    def kl(cls, student_logits: Tensor, targets: dict[str, Tensor], temperature: float, tail: str) -> Tensor:
+        return TopKEncoding.kl(student_logits, cls.as_topk(targets), temperature, tail)
+
+    def compare(self, stored: dict[str, Tensor], fresh: dict[str, Tensor], fresh_log_p: Tensor) -> tuple[float, str]:
+        if not torch.equal(stored["ids"], fresh["ids"]):
+            return 0.0, f"stored top-k ids {stored['ids'].tolist()} != fresh {fresh['ids'].tolist()}"
+        diff = float((stored["q"].float() - fresh["q"].float()).abs().max()) * float(stored["scale"])
+        diff = max(diff, float((stored["tail"].float() - fresh["tail"].float()).abs()))
+        return diff, ""
+
+
+def _torch_dtype(dtype: np.dtype) -> torch.dtype:
+    return torch.uint8 if dtype == np.uint8 else torch_id_dtype(1 << 15 if dtype == np.int16 else 1 << 16)
