@@ -34,6 +34,7 @@ CONFIGS_10 = [
     ("topk", {"k": 4}, "zstd"),
     ("topk8", {"k": 4}, "blosc-lz4"),
     ("topk8", {"k": 4}, "zstd"),
+    ("headtail", {"k": 4, "tail_samples": 4}, "blosc-lz4"),
     ("sampled", {"samples": 10, "tau": 1.0}, "blosc-lz4"),
     ("sampled", {"samples": 10, "tau": 4.0}, "blosc-lz4"),
     ("quantized", {}, "blosc-lz4"),
@@ -50,6 +51,9 @@ CONFIGS_100 = [
     ("topk8", {"k": 10}, "zstd"),
     ("topk8", {"k": 20}, "blosc-lz4"),
     ("topk8", {"k": 20}, "zstd"),
+    ("headtail", {"k": 10, "tail_samples": 8}, "blosc-lz4"),
+    ("headtail", {"k": 10, "tail_samples": 16}, "blosc-lz4"),
+    ("headtail", {"k": 10, "tail_samples": 16}, "zstd"),
     ("sampled", {"samples": 10, "tau": 1.0}, "blosc-lz4"),
     ("sampled", {"samples": 50, "tau": 1.0}, "blosc-lz4"),
     ("sampled", {"samples": 50, "tau": 4.0}, "blosc-lz4"),
@@ -95,7 +99,7 @@ def fidelity(name: str, ds, tf, teacher, configs, out: Path) -> str:
             f"{stored / (len(ds) * cache.encoding.entries()):.3f}",
         ]
         for t in (1.0, 4.0):
-            if enc == "sampled":  # a single draw has zeros: KL(teacher || it) is infinite by construction
+            if enc in ("sampled", "headtail"):  # undrawn classes get 0: KL(teacher || it) is infinite by design
                 row.append("n/a")
                 continue
             p = torch.softmax(logits / t, 1)
@@ -261,6 +265,7 @@ def main() -> None:
             ("topk", {"k": 10, "soft_tail": False}, "blosc-lz4"),
             ("topk8", {"k": 10}, "blosc-lz4"),
             ("topk8", {"k": 10}, "blosc-lz4"),
+            ("headtail", {"k": 10, "tail_samples": 16}, "blosc-lz4"),
             ("sampled", {"samples": 50, "tau": 4.0}, "blosc-lz4"),
             ("quantized", {}, "blosc-lz4"),
         ]

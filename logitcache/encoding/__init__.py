@@ -15,6 +15,7 @@ from .topk import SOFT_TAIL_BETAS, TAIL_MODES, TopKEncoding, topk_kept_mass  # i
 from .sampled import SampledEncoding  # isort: skip
 from .quantized import QuantizedEncoding  # isort: skip
 from .compact import CompactTopKEncoding  # isort: skip
+from .headtail import HeadTailEncoding  # isort: skip
 
 __all__ = [
     "CONSTANT_KEYS",
@@ -26,6 +27,7 @@ __all__ = [
     "Encoding",
     "Field",
     "FullEncoding",
+    "HeadTailEncoding",
     "Option",
     "QuantizedEncoding",
     "SampledEncoding",

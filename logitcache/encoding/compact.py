@@ -40,7 +40,7 @@ class CompactTopKEncoding(Encoding):
     name = "topk8"
     summary = "top-k in 8-bit log-probs with the narrowest ids (about half of topk's bytes)"
     values = "log-probs"
-    options = {"k": Option(10, "topk / topk8: entries kept per sample.", low=1)}
+    options = {"k": Option(10, "topk / topk8 / headtail: entries kept per sample.", low=1)}
     field_names = frozenset({"ids", "q", "scale", "tail", "tail_soft8"})
 
     def validate(self) -> None:

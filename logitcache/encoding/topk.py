@@ -33,7 +33,7 @@ class TopKEncoding(Encoding):
     summary = "the k largest log-probs, their ids and the leftover mass"
     values = "log-probs"
     options = {
-        "k": Option(10, "topk / topk8: entries kept per sample.", low=1),
+        "k": Option(10, "topk / topk8 / headtail: entries kept per sample.", low=1),
         "soft_tail": Option(
             True,
             "topk: also store the tail's mass at T = 2, 4, 8 (6 B/sample), so training at any temperature weights "

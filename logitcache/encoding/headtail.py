@@ -1,0 +1,121 @@
+"""``headtail``: the exact top k (as ``topk8`` stores them) plus S draws from the rest, so the tail keeps its shape."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..errors import LogitcacheError
+from .base import Encoding, Field, Option, num_classes_of
+from .compact import CompactTopKEncoding, _torch_dtype, compact_id_dtype
+from .registry import register
+from .topk import TopKEncoding
+
+
+@register
+class HeadTailEncoding(Encoding):
+    """Top k exactly, and the tail as ``S`` draws with replacement from the teacher's distribution restricted to the
+    unstored classes (random-sampling KD for the tail only, after Anshumann et al. 2025), each drawn class stored
+    with its count and its log-probability (8 bits against a per-sample scale).
+
+    Decoding at any temperature T: the head as ``topk`` decodes it; the tail's total softened mass ``sum p_j^(1/T)``
+    from the stored softened tail masses (as ``topk``); its *shape* from the draws, each drawn class weighted by
+    ``count * p_j^(1/T - 1)`` (importance weights: the draws follow ``p_j``, the target is ``p_j^(1/T)``). At T = 1
+    this is exactly RS-KD's unbiased estimate; at other temperatures it is the ratio estimator (the weights rescaled
+    to the known total), consistent in S. Classes never drawn get no mass: KL(teacher || decoded) is infinite by
+    construction, as for ``sampled``, but the KD gradient is unbiased at T = 1 and nearly so elsewhere.
+    """
+
+    name = "headtail"
+    summary = "the exact top k plus S draws from the other classes, so the tail keeps its shape at any temperature"
+    values = "log-probs and tail draws"
+    options = {
+        "k": Option(10, "topk / topk8 / headtail: entries kept per sample.", low=1),
+        "tail_samples": Option(16, "headtail: draws S from the classes outside the top k.", low=1),
+    }
+    field_names = CompactTopKEncoding.field_names | {"tail_ids", "tail_counts", "tail_q", "tail_scale"}
+    deterministic = False
+
+    def validate(self) -> None:
+        if not 3 <= self.k < self.num_classes:
+            raise LogitcacheError(f"headtail needs 3 <= k < the number of classes ({self.num_classes}), got {self.k}")
+        if self.tail_samples > 255:
+            raise LogitcacheError(f"headtail: at most 255 tail draws, got {self.tail_samples}")
+
+    def _head(self) -> CompactTopKEncoding:
+        return CompactTopKEncoding(self.num_classes, self.k)
+
+    def slots(self) -> int:
+        return min(self.tail_samples, self.num_classes - self.k)
+
+    def entries(self) -> int:
+        return self.k + self.slots()
+
+    def fields(self) -> dict[str, Field]:
+        return {
+            **self._head().fields(),
+            "tail_ids": Field((self.slots(),), compact_id_dtype(self.num_classes)),
+            "tail_counts": Field((self.slots(),), np.dtype("uint8")),
+            "tail_q": Field((self.slots(),), np.dtype("uint8")),
+            "tail_scale": Field((), np.dtype("float16")),
+        }
+
+    def encode(self, logits: Tensor, generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        head = self._head().encode(logits)
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        top, ids = logp.topk(self.k, dim=-1)
+        rest = torch.softmax(logp.scatter(-1, ids, float("-inf")), dim=-1)  # the teacher restricted to the tail
+        draws = torch.multinomial(rest, self.tail_samples, replacement=True, generator=generator)
+        counts = torch.zeros(rest.shape, dtype=torch.int32).scatter_add_(
+            1, draws, torch.ones_like(draws, dtype=torch.int32)
+        )
+        used, slot_ids = counts.topk(self.slots(), dim=-1)
+        floor = top[:, -1:]  # every tail class is at most as likely as the k-th
+        slot_lp = torch.where(used > 0, logp.gather(1, slot_ids), floor)
+        scale = ((floor - slot_lp.min(dim=1, keepdim=True).values) / 255).clamp(min=1e-3).to(torch.float16).float()
+        q = torch.round((floor - slot_lp) / scale).clamp(0, 255)
+        return {
+            **head,
+            "tail_ids": torch.where(used > 0, slot_ids, 0).to(_torch_dtype(compact_id_dtype(self.num_classes))),
+            "tail_counts": used.to(torch.uint8),
+            "tail_q": q.to(torch.uint8),
+            "tail_scale": scale[:, 0].to(torch.float16),
+        }
+
+    @staticmethod
+    def log_probs(targets: dict[str, Tensor], temperature: float) -> Tensor:
+        head = CompactTopKEncoding.as_topk(targets)
+        logp_top, ids = head["logprobs"], head["ids"]
+        num_classes = num_classes_of(targets)
+        rest = num_classes - ids.shape[-1]
+        total = TopKEncoding.softened_tail(head, rest, temperature)  # log sum over the tail of p^(1/T)
+        counts = targets["tail_counts"].float()
+        slot_lp = logp_top[..., -1:] - targets["tail_q"].float() * targets["tail_scale"].float()[..., None]
+        # importance weights of the draws, rescaled so that they add up to the known total
+        log_w = torch.log(counts) + (1.0 / temperature - 1.0) * slot_lp
+        log_w = log_w - torch.logsumexp(log_w, dim=-1, keepdim=True) + total[..., None]
+        dense = torch.full((*ids.shape[:-1], num_classes), float("-inf"))
+        dense = dense.scatter(-1, ids, logp_top / temperature)
+        # scatter-add the draws' weights (a class occupies one slot; unused slots have weight 0 = exp(-inf))
+        mass = torch.zeros_like(dense).scatter_add_(-1, targets["tail_ids"].long(), log_w.exp())
+        dense = torch.where(mass > 0, mass.log(), dense)
+        return torch.log_softmax(dense, dim=-1)
+
+    @classmethod
+    def kl(cls, student_logits: Tensor, targets: dict[str, Tensor], temperature: float, tail: str) -> Tensor:
+        log_p = cls.log_probs(targets, temperature)
+        p = log_p.exp()
+        log_q = torch.log_softmax(student_logits.float() / temperature, dim=-1)
+        return (torch.special.xlogy(p, p) - p * log_q).sum(1)  # classes with p = 0 add nothing
+
+    def compare(self, stored: dict[str, Tensor], fresh: dict[str, Tensor], fresh_log_p: Tensor) -> tuple[float, str]:
+        diff, why = self._head().compare(stored, fresh, fresh_log_p)
+        if why:
+            return diff, why
+        drawn = stored["tail_ids"][stored["tail_counts"] > 0].long()
+        worst = float(fresh_log_p[drawn].min()) if len(drawn) else 0.0
+        # draws differ from run to run by design; an essentially impossible drawn class means another teacher/image
+        return diff, (f"a stored tail draw has fresh probability e^{worst:.1f}" if worst < -math.log(1e6) - 2 else "")
