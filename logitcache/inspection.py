@@ -7,7 +7,7 @@ import os
 import numpy as np
 import torch
 
-from .encoding import dense_log_probs, topk_kept_mass
+from .encoding import dense_log_probs
 from .store import COMPLETE, DIGESTS, LABELS, Cache, open_cache
 
 
@@ -65,6 +65,8 @@ def inspect_cache(cache: Cache | str | os.PathLike, stats_rows: int = 20000) -> 
 
 def _teacher_stats(cache: Cache, done: np.ndarray, stats_rows: int) -> list[dict]:
     labels = cache.labels()
+    has_tail = "tail" in cache.field_names
+    flat = cache.encoding.flat_tail_share(cache.read(0, 0, 1), 4.0) is not None
     temperature = cache.encoding.stored_temperature
     out = []
     for view in range(cache.num_views):
@@ -82,8 +84,8 @@ def _teacher_stats(cache: Cache, done: np.ndarray, stats_rows: int) -> list[dict
             entropy += float(-torch.special.xlogy(p, p).sum())
             if "tail" in targets:
                 tail += float(targets["tail"].double().exp().sum())
-                # the tail's share of the target at T = 4, where top-k loses most
-                tail_t4 += (1 - topk_kept_mass(targets, 4.0)) * (stop - start)
+            # the evenly spread tail's share of the target at T = 4, where top-k loses most
+            tail_t4 += (cache.encoding.flat_tail_share(targets, 4.0) or 0.0) * (stop - start)
             rows += stop - start
         out.append(
             {
@@ -91,8 +93,8 @@ def _teacher_stats(cache: Cache, done: np.ndarray, stats_rows: int) -> list[dict
                 "rows": rows,
                 "top1_agreement_with_labels": round(agree / rows, 4) if rows else None,
                 "mean_entropy_nats": round(entropy / rows, 4) if rows else None,
-                "mean_tail_mass": round(tail / rows, 5) if rows and cache.encoding.name == "topk" else None,
-                "mean_tail_mass_t4": round(tail_t4 / rows, 5) if rows and cache.encoding.name == "topk" else None,
+                "mean_tail_mass": round(tail / rows, 5) if rows and has_tail else None,
+                "mean_tail_mass_t4": round(tail_t4 / rows, 5) if rows and flat else None,
             }
         )
     return out

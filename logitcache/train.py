@@ -27,7 +27,7 @@ from . import distributed, specs
 from .checkpoint import RunState, load_checkpoint, save_checkpoint
 from .data import CachedKDDataset, ReplayDataset
 from .datasets import labels_of
-from .encoding import TAIL_MODES, topk_kept_mass
+from .encoding import TAIL_MODES
 from .errors import LogitcacheError, user_message
 from .fingerprint import versions
 from .losses import kd_loss, kd_loss_dense
@@ -327,8 +327,7 @@ def _setup(cfg: TrainConfig) -> _Run:
     cache = open_cache(cfg.cache) if cfg.kd == "cached" else None
     if cache is not None:
         cache.encoding.check_temperature(cfg.temperature)
-        if cache.encoding.name == "topk":
-            _warn_if_tail_dominates(cache, cfg.temperature)
+        _warn_if_tail_dominates(cache, cfg.temperature)
     augment_spec = cfg.augment or (cache.meta["augment"]["spec"] if cache else None) or "pad-crop-flip"
     train_tf, eval_tf = specs.resolve_augment(augment_spec, base)
     if cfg.mix is None:  # the cache's mixing (the images its teacher labelled), else none
@@ -491,12 +490,12 @@ def _checkpoint_bytes(model: torch.nn.Module, opt: torch.optim.Optimizer) -> int
 def _warn_if_tail_dominates(cache, temperature: float) -> None:
     # Top-k keeps the tail's mass but not its shape: when the tail holds most of the softened target, the student
     # learns little of what the teacher knows. Measured on the first chunk, which is cheap and representative.
-    kept = topk_kept_mass(cache.read_chunk(0, 0), temperature)
-    if kept < 0.5:
+    flat = cache.encoding.flat_tail_share(cache.read_chunk(0, 0), temperature)
+    if flat is not None and flat > 0.5:
         warnings.warn(
             f"at --temperature {temperature:g} the cache's top-{cache.encoding.k} entries hold only "
-            f"{kept:.0%} of the teacher's softened probability; the rest is spread flat over the other classes. "
-            "Consider a lower temperature, a larger --k, or --encoding quantized / sampled",
+            f"{1 - flat:.0%} of the teacher's softened probability; the rest is spread flat over the other classes. "
+            "Consider a lower temperature, a larger --k, or --encoding headtail / quantized / sampled",
             stacklevel=4,
         )
 

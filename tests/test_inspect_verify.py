@@ -143,3 +143,17 @@ def test_verify_catches_a_reordered_dataset(built_cache):
     report = verify_cache(built_cache, helpers.tiny_teacher(), ds, samples=64)
     assert not report.ok and report.first_bad is not None
     assert any("dataset" in p for p in report.problems)
+
+
+@pytest.mark.parametrize("encoding", ["full", "topk", "topk8", "headtail", "sampled", "quantized"])
+def test_every_encoding_builds_inspects_and_verifies(tmp_path, tiny, encoding):
+    from logitcache.inspection import inspect_cache
+
+    out = tmp_path / encoding
+    lc.build_cache(helpers.tiny_teacher(), tiny, out, augment=helpers.heavy_augment(), encoding=encoding, k=4,
+                   tail_samples=4, samples=8, batch_size=32, chunk_rows=64, workers=0, progress=False)  # fmt: skip
+    info = inspect_cache(out)
+    assert info["encoding"] == encoding and info["complete"] and info["bytes_per_kept_entry"] > 0
+    assert info["views"][0]["top1_agreement_with_labels"] is not None
+    report = verify_cache(out, helpers.tiny_teacher(), tiny, augment=helpers.heavy_augment(), samples=16)
+    assert report.ok, report.problems

@@ -135,6 +135,11 @@ class Encoding:
         log_q = F.log_softmax(student_logits.float() / temperature, dim=-1)
         return (log_p.exp() * (log_p - log_q)).sum(1)
 
+    def flat_tail_share(self, targets: dict[str, Tensor], temperature: float) -> float | None:
+        """Mean share of the softened target that decoding spreads evenly over unstored classes (their shape lost);
+        None for encodings that keep every class's own mass."""
+        return None
+
     # --- verification --------------------------------------------------------------------------------------------
     def compare(self, stored: dict[str, Tensor], fresh: dict[str, Tensor], fresh_log_p: Tensor) -> tuple[float, str]:
         """One sample's stored target against the one encoded from a fresh teacher pass: ``(largest difference of

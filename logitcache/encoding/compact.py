@@ -11,7 +11,7 @@ from torch import Tensor
 from ..errors import LogitcacheError
 from .base import MIN_TAIL, Encoding, Field, Option, num_classes_of, torch_id_dtype
 from .registry import register
-from .topk import SOFT_TAIL_BETAS, TopKEncoding
+from .topk import SOFT_TAIL_BETAS, TopKEncoding, topk_kept_mass
 
 
 def compact_id_dtype(num_classes: int) -> np.dtype:
@@ -114,6 +114,9 @@ class CompactTopKEncoding(Encoding):
     @classmethod
     def kl(cls, student_logits: Tensor, targets: dict[str, Tensor], temperature: float, tail: str) -> Tensor:
         return TopKEncoding.kl(student_logits, cls.as_topk(targets), temperature, tail)
+
+    def flat_tail_share(self, targets: dict[str, Tensor], temperature: float) -> float | None:
+        return 1.0 - topk_kept_mass(self.as_topk(targets), temperature)
 
     def compare(self, stored: dict[str, Tensor], fresh: dict[str, Tensor], fresh_log_p: Tensor) -> tuple[float, str]:
         if not torch.equal(stored["ids"], fresh["ids"]):

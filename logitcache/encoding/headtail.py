@@ -111,6 +111,9 @@ class HeadTailEncoding(Encoding):
         log_q = torch.log_softmax(student_logits.float() / temperature, dim=-1)
         return (torch.special.xlogy(p, p) - p * log_q).sum(1)  # classes with p = 0 add nothing
 
+    def flat_tail_share(self, targets: dict[str, Tensor], temperature: float) -> float | None:
+        return None  # the draws keep the tail's shape
+
     def compare(self, stored: dict[str, Tensor], fresh: dict[str, Tensor], fresh_log_p: Tensor) -> tuple[float, str]:
         diff, why = self._head().compare(stored, fresh, fresh_log_p)
         if why:

@@ -135,6 +135,9 @@ class TopKEncoding(Encoding):
         s_rest_sum = s.sum(1) - s_top.sum(1)
         return (lp_top.exp() * (lp_top - s_top)).sum(1) + rest * p_rest * lp_rest - p_rest * s_rest_sum + log_z
 
+    def flat_tail_share(self, targets: dict[str, Tensor], temperature: float) -> float | None:
+        return 1.0 - topk_kept_mass(targets, temperature)
+
     def compare(self, stored: dict[str, Tensor], fresh: dict[str, Tensor], fresh_log_p: Tensor) -> tuple[float, str]:
         if not torch.equal(stored["ids"], fresh["ids"]):
             return 0.0, f"stored top-k ids {stored['ids'].tolist()} != fresh {fresh['ids'].tolist()}"
