@@ -187,6 +187,7 @@ def main() -> None:
             arms = {
                 "scratch": {"kd": "none"},
                 f"best: {best_name}": dict(best, cache=c),
+                "best, KD for the first half only": dict(best, cache=c, kd_until=0.5),
                 "old default: T=4 w=0.9 until=1": dict(old_default, cache=c),
             }
             title = (
