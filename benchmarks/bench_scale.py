@@ -194,7 +194,9 @@ def main() -> None:
         encoding, views = variant.split(":")
         path = out / f"{encoding}-{views}"
         t0 = time.perf_counter()
-        if not (path / "zarr.json").is_file() or not open_cache(path).is_complete:
+        existing = open_cache(path) if (path / "zarr.json").is_file() else None
+        same = existing is not None and (existing.num_samples, existing.num_classes) == (args.samples, args.classes)
+        if not same or not existing.is_complete:
             shutil.rmtree(path, ignore_errors=True)
             build_cache(
                 net, ds, path, augment=to_float, views=int(views), encoding=encoding, k=10, batch_size=4096,
