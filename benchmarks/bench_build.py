@@ -25,7 +25,7 @@ def bare_loop(teacher, ds, tf, views: int, batch_size: int, chunk_rows: int, wor
     layout = Layout(views, len(ds), chunk_rows)
     units = [(v, c) for v in range(views) for c in range(layout.num_chunks)]
     plan = plan_batches(layout, units, batch_size)
-    loader = DataLoader(ReplayedViews(ds, tf, 0), batch_sampler=[idx for _, idx in plan], num_workers=workers)
+    loader = DataLoader(ReplayedViews(ds, tf, 0), batch_sampler=[batch.indices for batch in plan], num_workers=workers)
     with torch.inference_mode():
         for x in loader:
             teacher(x).float().cpu()
