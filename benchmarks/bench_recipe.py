@@ -124,7 +124,7 @@ def main() -> None:
         )
     if args.quick:  # a smoke run: two recipes are enough to exercise every stage
         recipes = {k: recipes[k] for k in ("scratch", "T=1 w=0.5 until=1", "T=4 w=0.9 until=0.5")}
-    best_name = None
+    best_name, best = None, {}
     if stages & {"screen", "teachers", "checks"}:
         text, finals = arms_table(f"screen: {head}", main_conf, "screen", recipes, target)
         ranked = sorted((n for n in finals if n != "scratch"), key=lambda n: -statistics.mean(finals[n]))
@@ -132,7 +132,7 @@ def main() -> None:
         text += f"\nbest screened recipe: {best_name}; runner-up: {ranked[1] if len(ranked) > 1 else '-'}"
         if "screen" in stages:
             record("Recipe study, stage 1: screen (bench_recipe.py)", text, args.quick)
-    best = {k: v for k, v in recipes[best_name].items() if k != "cache"}
+        best = {k: v for k, v in recipes[best_name].items() if k != "cache"}
 
     if "teachers" in stages:
         longer = teacher_run("run1-longer", main_conf, 2 * args.epochs)
