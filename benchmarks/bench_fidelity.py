@@ -205,7 +205,11 @@ def main() -> None:
     fm_teacher = trained_teacher()
     ds = specs.resolve_dataset("fashion-mnist", limit=args.samples)
     tf, _ = specs.resolve_augment("pad-crop-flip", ds)
-    sections.append(fidelity("Fashion-MNIST", ds, tf, specs.resolve_teacher(fm_teacher), CONFIGS_10, out / "fm"))
+    # --quick: a smoke test of every code path, not of every configuration
+    configs_10 = [c for c in CONFIGS_10 if c[2] == "blosc-lz4"][::3] if args.quick else CONFIGS_10
+    firsts = list({c[0]: c for c in reversed(CONFIGS_100)}.values())  # the first configuration of each encoding
+    configs_100 = [c for c in firsts if c[0] in ("full", "topk8", "headtail")] if args.quick else CONFIGS_100
+    sections.append(fidelity("Fashion-MNIST", ds, tf, specs.resolve_teacher(fm_teacher), configs_10, out / "fm"))
 
     # 100 classes: train a real teacher on the pairs task first
     pairs_teacher = OUT / f"teacher-pairs-{'quick' if args.quick else 'full'}"
@@ -230,7 +234,7 @@ def main() -> None:
     pds = specs.resolve_dataset(PAIRS, limit=args.samples)
     ptf, _ = specs.resolve_augment(PAIRS_AUG, pds)
     sections.append(
-        fidelity("Fashion-MNIST pairs", pds, ptf, specs.resolve_teacher(str(pairs_teacher)), CONFIGS_100, out / "pairs")
+        fidelity("Fashion-MNIST pairs", pds, ptf, specs.resolve_teacher(str(pairs_teacher)), configs_100, out / "pairs")
     )
 
     if "students" in parts:
@@ -250,7 +254,7 @@ def main() -> None:
                 "pad-crop-flip",
                 "small-resnet8-w8",
                 fm_teacher,
-                student_configs_10,
+                student_configs_10[:2] if args.quick else student_configs_10,
                 args.epochs,
                 args.samples,
                 seeds,
@@ -276,7 +280,7 @@ def main() -> None:
                 PAIRS_AUG,
                 "small-resnet8-w8",
                 str(pairs_teacher),
-                student_configs_100,
+                student_configs_100[:2] if args.quick else student_configs_100,
                 args.epochs,
                 args.samples,
                 seeds,
