@@ -312,7 +312,8 @@ def test_cli_flat_tail_builds_without_tail_soft(tmp_path):
 def test_cli_refuses_an_option_of_another_encoding(tmp_path):
     args = cli_build_args(chunk_rows=64, workers=0) + ["--teacher", f"{HELPERS}:tiny_teacher", "--out", str(tmp_path)]
     r = CliRunner().invoke(app, args + ["--encoding", "full"])  # cli_build_args passes --k 3
-    assert r.exit_code == 2 and "--k is an option of --encoding topk / topk8 / headtail, not of full" in r.output, r.output
+    assert r.exit_code == 2, r.output
+    assert "--k is an option of --encoding topk / topk8 / headtail, not of full" in r.output
     assert not (tmp_path / "zarr.json").exists()
 
 
