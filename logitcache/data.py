@@ -14,13 +14,13 @@ from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from typing import Any, Callable
 
-import numpy as np
 import torch
 from torch.utils.data import Dataset, get_worker_info
 from torch.utils.data._utils.collate import default_collate_fn_map
 
 from .compat import compatibility
 from .datasets import labels_of
+from .encoding.base import torch_dtype
 from .errors import LogitcacheError
 from .mix import Mix, mixed_view, soft_label
 from .replay import replay_view
@@ -125,7 +125,7 @@ class CachedKDDataset(ReplayDataset):
         if cache.view_nbytes() <= memory_mb * 2**20 and _shared_memory_fits(cache.view_nbytes()):
             # Allocated before any worker forks, so every worker maps the same pages; filled by set_epoch.
             self._view = {
-                name: torch.empty((cache.num_samples, *f.shape), dtype=_torch_dtype(f.dtype)).share_memory_()
+                name: torch.empty((cache.num_samples, *f.shape), dtype=torch_dtype(f.dtype)).share_memory_()
                 for name, f in cache.encoding.fields().items()
             }
 
@@ -238,10 +238,6 @@ def packed(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         view.copy_(t)
         out[name], offset = view, offset + size
     return {name: out[name] for name in tensors}
-
-
-def _torch_dtype(dtype) -> torch.dtype:
-    return torch.from_numpy(np.zeros(0, dtype=dtype)).dtype
 
 
 class TargetRow(Mapping):

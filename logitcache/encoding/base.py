@@ -42,8 +42,13 @@ def id_dtype(num_classes: int) -> np.dtype:
     return np.dtype("int16") if num_classes <= 1 << 15 else np.dtype("int32")
 
 
+def torch_dtype(dtype: np.dtype) -> torch.dtype:
+    """The torch dtype of a NumPy dtype (the one conversion the encodings and the reader share)."""
+    return torch.from_numpy(np.zeros(0, dtype=dtype)).dtype
+
+
 def torch_id_dtype(num_classes: int) -> torch.dtype:
-    return torch.int16 if id_dtype(num_classes) == np.int16 else torch.int32
+    return torch_dtype(id_dtype(num_classes))
 
 
 def num_classes_of(targets: dict[str, Tensor]) -> int:

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from ..errors import LogitcacheError
-from .base import MIN_TAIL, Encoding, Field, Option, num_classes_of, torch_id_dtype
+from .base import MIN_TAIL, Encoding, Field, Option, num_classes_of, torch_dtype
 from .registry import register
 from .topk import SOFT_TAIL_BETAS, TopKEncoding, topk_kept_mass
 
@@ -77,7 +77,7 @@ class CompactTopKEncoding(Encoding):
         else:
             pos = torch.zeros_like(soft)
         return {
-            "ids": full["ids"].long().to(_torch_dtype(compact_id_dtype(self.num_classes))),
+            "ids": full["ids"].long().to(torch_dtype(compact_id_dtype(self.num_classes))),
             "q": q[:, 1 : self.k - 1].to(torch.uint8),
             "scale": scale[:, 0].to(torch.float16),
             "tail": tail.to(torch.float16),
@@ -124,7 +124,3 @@ class CompactTopKEncoding(Encoding):
         diff = float((stored["q"].float() - fresh["q"].float()).abs().max()) * float(stored["scale"])
         diff = max(diff, float((stored["tail"].float() - fresh["tail"].float()).abs()))
         return diff, ""
-
-
-def _torch_dtype(dtype: np.dtype) -> torch.dtype:
-    return torch.uint8 if dtype == np.uint8 else torch_id_dtype(1 << 15 if dtype == np.int16 else 1 << 16)

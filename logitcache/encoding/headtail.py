@@ -9,8 +9,8 @@ import torch
 from torch import Tensor
 
 from ..errors import LogitcacheError
-from .base import Encoding, Field, Option, num_classes_of
-from .compact import CompactTopKEncoding, _torch_dtype, compact_id_dtype
+from .base import Encoding, Field, Option, num_classes_of, torch_dtype
+from .compact import CompactTopKEncoding, compact_id_dtype
 from .registry import register
 from .topk import TopKEncoding
 
@@ -79,7 +79,7 @@ class HeadTailEncoding(Encoding):
         q = torch.round((floor - slot_lp) / scale).clamp(0, 255)
         return {
             **head,
-            "tail_ids": torch.where(used > 0, slot_ids, 0).to(_torch_dtype(compact_id_dtype(self.num_classes))),
+            "tail_ids": torch.where(used > 0, slot_ids, 0).to(torch_dtype(compact_id_dtype(self.num_classes))),
             "tail_counts": used.to(torch.uint8),
             "tail_q": q.to(torch.uint8),
             "tail_scale": scale[:, 0].to(torch.float16),

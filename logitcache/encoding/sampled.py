@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from ..errors import LogitcacheError
-from .base import Encoding, Field, Option, id_dtype, num_classes_of, torch_id_dtype
+from .base import Encoding, Field, Option, id_dtype, num_classes_of, torch_dtype, torch_id_dtype
 from .registry import register
 
 
@@ -67,8 +67,7 @@ class SampledEncoding(Encoding):
         )
         top, ids = counts.topk(self.slots(), dim=-1)
         ids = torch.where(top > 0, ids, 0)  # unused slots: id 0, count 0 (compresses to nothing)
-        count_dtype = torch.from_numpy(np.zeros(0, self._count_dtype())).dtype
-        return {"ids": ids.to(torch_id_dtype(self.num_classes)), "counts": top.to(count_dtype)}
+        return {"ids": ids.to(torch_id_dtype(self.num_classes)), "counts": top.to(torch_dtype(self._count_dtype()))}
 
     @staticmethod
     def check_targets_temperature(targets: dict[str, Tensor], temperature: float) -> None:
