@@ -26,6 +26,7 @@ import json
 import os
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -101,18 +102,87 @@ def run_loader(ds, sampler, epoch: int, max_batches: int | None, workers: int) -
     return {"rate": served / seconds, "first": first, "fill": fill, "served": served, "peak": peak, "pss": pss}
 
 
+def run_epochs(ds, epochs: int, workers: int) -> dict:
+    """Consecutive epochs through one loader (persistent workers), as `train` runs them: overall rate, and the time
+    from each `set_epoch` to that epoch's first batch."""
+    loader = DataLoader(ds, batch_size=256, sampler=RandomSampler(range(len(ds)), generator=torch.Generator()
+                        .manual_seed(0)), num_workers=workers, persistent_workers=workers > 0)  # fmt: skip
+    firsts, served, start = [], 0, time.perf_counter()
+    for epoch in range(epochs):
+        t = time.perf_counter()
+        ds.set_epoch(epoch)
+        for b, batch in enumerate(loader):
+            if b == 0:
+                firsts.append(time.perf_counter() - t)
+            served += len(batch[0])
+    seconds = time.perf_counter() - start
+    pids = [os.getpid()] + [w.pid for w in getattr(loader._iterator, "_workers", [])]
+    peak, pss = memory(pids)
+    del loader
+    return {"rate": served / seconds, "firsts": firsts, "pss": pss}
+
+
+def prefetch_table(args, out) -> str:
+    """The shared view with and without reading the next epoch's view in the background, over consecutive epochs."""
+    ds = TinyImages(args.samples, args.classes)
+    table = Table(title=f"next-view prefetch, SYNTHETIC {args.samples:,} x {args.classes} classes, {args.workers} "
+                  f"workers, {args.epochs} epochs through one loader, each epoch a different view")  # fmt: skip
+    for col in ("store", "path", "rate /s", "ratio", "1st batch s per epoch", "node MiB"):
+        table.add_column(col, justify="right")
+    for variant in args.prefetch_variants.split(","):
+        encoding, views = variant.split(":")
+        cache = open_cache(built(args, out, encoding, int(views)))
+        memory_mb = 2.2 * cache.view_nbytes() / 2**20  # two views fit: the same budget for both arms
+        arms = {
+            "images only": lambda: ReplayDataset(ds, to_float, num_views=int(views)),
+            "shared view": lambda: CachedKDDataset(ds, cache, augment=to_float, memory_mb=memory_mb, prefetch=False),
+            "shared view + prefetch": lambda: CachedKDDataset(ds, cache, augment=to_float, memory_mb=memory_mb),
+        }
+        results = {name: [] for name in arms}
+        for rep in range(args.reps):  # rotating order: the machine's drift spreads over every arm
+            names = list(arms)[rep % 3 :] + list(arms)[: rep % 3]
+            for name in names:
+                results[name].append(run_epochs(arms[name](), args.epochs, args.workers))
+        base = statistics.median(r["rate"] for r in results["images only"])
+        for name, rs in results.items():
+            rate = statistics.median(r["rate"] for r in rs)
+            firsts = [statistics.median(r["firsts"][e] for r in rs) for e in range(args.epochs)]
+            table.add_row(f"{encoding} x{views} views", name, f"{rate:,.0f}", f"{rate / base:.2f}",
+                          " / ".join(f"{f:.2f}" for f in firsts), f"{max(r['pss'] for r in rs):,.0f}")  # fmt: skip
+    return show(table)
+
+
+def built(args, out, encoding: str, views: int):
+    """The synthetic store of (encoding, views), built once and reused while its size matches."""
+    path = out / f"{encoding}-{views}"
+    existing = open_cache(path) if (path / "zarr.json").is_file() else None
+    same = existing is not None and (existing.num_samples, existing.num_classes) == (args.samples, args.classes)
+    if not same or not existing.is_complete:
+        t0 = time.perf_counter()
+        shutil.rmtree(path, ignore_errors=True)
+        build_cache(
+            teacher(args.classes), TinyImages(args.samples, args.classes), path, augment=to_float, views=views,
+            encoding=encoding, k=10, batch_size=4096, chunk_rows=1024, workers=args.workers, progress=False,
+        )  # fmt: skip
+        console.print(f"[dim]built {encoding}:{views} in {time.perf_counter() - t0:.0f} s")
+    return path
+
+
 S3_BUCKET = "logitcache-bench"
 
 
 def s3_child(args) -> None:
-    """In a child process whose environment points fsspec at the server: build the store, or read one epoch."""
-    url = f"s3://{S3_BUCKET}/scale-{args.s3_child}"
+    """In a child process whose environment points fsspec at the server: build a store, or read one epoch of it."""
+    layout = args.s3_layout  # "ROWS" (units of ROWS rows, one object each) or "ROWS/INNER" (each unit a shard)
+    url = f"s3://{S3_BUCKET}/scale-{layout.replace('/', '-')}"
     ds = TinyImages(args.samples, args.classes)
+    rows, _, inner = layout.partition("/")
     if args.s3_child == "build":
         build_cache(teacher(args.classes), ds, url, augment=to_float, views=1, encoding="topk", k=10,
-                    batch_size=4096, chunk_rows=1024, workers=0, progress=False)  # fmt: skip
+                    batch_size=4096, chunk_rows=int(rows), inner_chunk_rows=int(inner) if inner else None, workers=0,
+                    progress=False)  # fmt: skip
         return
-    cache = open_cache(f"s3://{S3_BUCKET}/scale-build")
+    cache = open_cache(url)
     kw = {"shared view": {}, "shuffled + chunk LRU": dict(memory_mb=0),
           "shuffled + small LRU": dict(memory_mb=0, max_cache_mb=1)}[args.s3_path]  # fmt: skip
     kd = CachedKDDataset(ds, cache, augment=to_float, **kw)
@@ -144,52 +214,39 @@ def s3_requests(args) -> str:
             except Exception:
                 time.sleep(0.1)
         base = [sys.executable, __file__, "--samples", str(args.samples), "--classes", str(args.classes)]
-        subprocess.run(base + ["--s3-child", "build"], env=env, check=True)
-        objects = client.list_objects_v2(Bucket=S3_BUCKET, Prefix="scale-build/")
-        stored = sum(o["Size"] for o in objects.get("Contents", []))
         table = Table(title=f"object store (moto S3 on loopback), SYNTHETIC {args.samples:,} x {args.classes}, topk "
-                      f"k=10, one view: {objects.get('KeyCount', 0)} objects, {stored / 2**20:.1f} MiB")  # fmt: skip
-        for col in ("path", "GET requests / epoch", "per chunk of the view", "read ampl.", "rate /s"):
+                      "k=10, one view")  # fmt: skip
+        for col in ("store layout", "objects", "MiB", "path", "GET requests / epoch", "read ampl.", "rate /s"):
             table.add_column(col, justify="right")
-        chunks = -(-args.samples // 1024)
-        for path in ("shuffled + chunk LRU", "shuffled + small LRU", "shared view"):
-            before = open(log).read().count('"GET /')
-            out = subprocess.run(base + ["--s3-child", "read", "--s3-path", path], env=env, check=True,
-                                 capture_output=True, text=True).stdout  # fmt: skip
-            result = json.loads(out.strip().splitlines()[-1])
-            per_epoch = args.samples / result["served"]  # the small-LRU path is timed on its first 20 batches
-            gets = (open(log).read().count('"GET /') - before) * per_epoch
-            label = path + (
-                " (1 MB: a view larger than memory; 20 batches, scaled to an epoch)" if per_epoch > 1 else ""
+        plain = "1024"
+        for layout in (plain, *args.s3_layouts):
+            subprocess.run(base + ["--s3-child", "build", "--s3-layout", layout], env=env, check=True)
+            prefix = f"scale-{layout.replace('/', '-')}/"
+            objects = client.list_objects_v2(Bucket=S3_BUCKET, Prefix=prefix, MaxKeys=100_000)
+            count, stored = objects.get("KeyCount", 0), sum(o["Size"] for o in objects.get("Contents", []))
+            rows, _, inner = layout.partition("/")
+            name = f"units of {rows} rows" + (f", each a shard of {inner}-row chunks" if inner else "")
+            paths = (
+                ("shuffled + chunk LRU", "shuffled + small LRU", "shared view") if layout == plain else ("shared view",)
             )
-            amplification = result["rows_read"] / result["served"]
-            table.add_row(label, f"{gets:,.0f}", f"{gets / chunks:.1f}", f"{amplification:.2f}",
-                          f"{result['rate']:,.0f}")  # fmt: skip
+            for path in paths:
+                before = open(log).read().count('"GET /')
+                out = subprocess.run(base + ["--s3-child", "read", "--s3-path", path, "--s3-layout", layout], env=env,
+                                     check=True, capture_output=True, text=True).stdout  # fmt: skip
+                result = json.loads(out.strip().splitlines()[-1])
+                per_epoch = args.samples / result["served"]  # the small-LRU path is timed on its first 20 batches
+                gets = (open(log).read().count('"GET /') - before) * per_epoch
+                label = path + (" (1 MB LRU: a view larger than memory; 20 batches, scaled)" if per_epoch > 1 else "")
+                amplification = result["rows_read"] / result["served"]
+                table.add_row(name, f"{count:,}", f"{stored / 2**20:.1f}", label, f"{gets:,.0f}",
+                              f"{amplification:.2f}", f"{result['rate']:,.0f}")  # fmt: skip
         return show(table)
     finally:
         server.terminate()
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--samples", type=int, default=1_281_167, help="ImageNet-1k's training set")
-    ap.add_argument("--classes", type=int, default=1000)
-    ap.add_argument("--batches", type=int, default=60, help="batches timed on the slow (shuffled LRU) path")
-    ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--variants", default="topk:1,quantized:1,full:1,full:2")
-    ap.add_argument("--s3-samples", type=int, default=100_000, help="samples of the object-store measurement")
-    ap.add_argument("--quick", action="store_true", help="~1 minute smoke run, not recorded")
-    ap.add_argument("--s3-child", help=argparse.SUPPRESS)
-    ap.add_argument("--s3-path", help=argparse.SUPPRESS)
-    args = ap.parse_args()
-    if args.s3_child:
-        return s3_child(args)
-    if args.quick:
-        args.samples, args.classes, args.batches, args.variants = 20_000, 100, 10, "topk:1,full:2"
-        args.s3_samples = 5_000
-    out = OUT / "scale"
+def read_paths(args, out) -> None:
     ds = TinyImages(args.samples, args.classes)
-    net = teacher(args.classes)
     plain = ReplayDataset(ds, to_float)
     table = Table(title=f"read path, SYNTHETIC {args.samples:,} x {args.classes} classes, {args.workers} workers")
     for col in ("store", "on disk", "path", "rate /s", "ratio", "read ampl.", "1st batch s", "worker MiB", "node MiB"):
@@ -197,17 +254,7 @@ def main() -> None:
     decode = []  # (decoded bytes, seconds) of the shared view's fills: the per-byte cost of the extrapolation
     for variant in args.variants.split(","):
         encoding, views = variant.split(":")
-        path = out / f"{encoding}-{views}"
-        t0 = time.perf_counter()
-        existing = open_cache(path) if (path / "zarr.json").is_file() else None
-        same = existing is not None and (existing.num_samples, existing.num_classes) == (args.samples, args.classes)
-        if not same or not existing.is_complete:
-            shutil.rmtree(path, ignore_errors=True)
-            build_cache(
-                net, ds, path, augment=to_float, views=int(views), encoding=encoding, k=10, batch_size=4096,
-                chunk_rows=1024, workers=args.workers, progress=False,
-            )  # fmt: skip
-            console.print(f"[dim]built {variant} in {time.perf_counter() - t0:.0f} s")
+        path = built(args, out, encoding, int(views))
         cache = open_cache(path)
         on_disk = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
         label = f"{encoding} x{views} view{'s' if int(views) > 1 else ''}"
@@ -254,12 +301,52 @@ def main() -> None:
         )  # fmt: skip
     text += "\n" + show(extra)
     record("Read path at scale, synthetic (bench_scale.py)", text, args.quick)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--samples", type=int, default=1_281_167, help="ImageNet-1k's training set")
+    ap.add_argument("--classes", type=int, default=1000)
+    ap.add_argument("--batches", type=int, default=60, help="batches timed on the slow (shuffled LRU) path")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--variants", default="topk:1,quantized:1,full:1,full:2")
+    ap.add_argument("--prefetch-variants", default="topk:2,full:2", help="stores of the prefetch comparison")
+    ap.add_argument("--epochs", type=int, default=3, help="consecutive epochs of the prefetch comparison")
+    ap.add_argument("--reps", type=int, default=3, help="repetitions of the prefetch comparison (medians)")
+    ap.add_argument("--parts", default="paths,prefetch,s3", help="which parts to run and record")
+    ap.add_argument("--s3-samples", type=int, default=100_000, help="samples of the object-store measurement")
+    ap.add_argument("--quick", action="store_true", help="~1 minute smoke run, not recorded")
+    ap.add_argument(
+        "--s3-layouts",
+        type=lambda text: text.split(","),
+        default="16384,16384/1024",
+        help="store layouts compared with units of 1024 rows: ROWS (units of ROWS rows) or ROWS/INNER (sharded)",
+    )
+    ap.add_argument("--s3-layout", help=argparse.SUPPRESS)
+    ap.add_argument("--s3-child", help=argparse.SUPPRESS)
+    ap.add_argument("--s3-path", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.s3_child:
+        return s3_child(args)
+    if args.quick:
+        args.samples, args.classes, args.batches, args.variants = 20_000, 100, 10, "topk:1,full:2"
+        args.s3_samples, args.prefetch_variants, args.epochs, args.reps = 5_000, "full:2", 2, 1
+        args.s3_layouts = ["2048/1024"]
+    out = OUT / "scale"
+    if "paths" in args.parts:
+        read_paths(args, out)
+    if "prefetch" in args.parts:
+        record(
+            "Read path at scale: next-view prefetch, synthetic (bench_scale.py)", prefetch_table(args, out), args.quick
+        )
+    if "s3" not in args.parts:
+        return
     try:
         import moto.server  # noqa: F401  (the test extra installs it)
     except ImportError:
         console.print("object store: not measured (moto is not installed)")
         return
-    text = s3_requests(argparse.Namespace(samples=args.s3_samples, classes=args.classes))
+    text = s3_requests(argparse.Namespace(samples=args.s3_samples, classes=args.classes, s3_layouts=args.s3_layouts))
     record("Read path at scale: object store requests, synthetic (bench_scale.py)", text, args.quick)
 
 

@@ -106,7 +106,15 @@ def _build_options(
     batch_size: int = typer.Option(
         256, min=1, help="Teacher batch size (part of the cache identity: resume needs the same)."
     ),
-    chunk_rows: int = typer.Option(1024, min=1, help="Samples per stored chunk (the unit of work and of resume)."),
+    chunk_rows: int = typer.Option(
+        1024, min=1, help="Samples per unit: one object per field, the unit of work, resume and reads."
+    ),
+    inner_chunk_rows: Optional[int] = typer.Option(
+        None,
+        min=1,
+        help="Store each unit as a Zarr v3 shard of inner chunks of N rows (N divides --chunk-rows): with a large "
+        "--chunk-rows, fewer objects for an object store while other Zarr readers can still fetch a few rows.",
+    ),
     workers: int = typer.Option(2, min=0, help="DataLoader worker processes for decoding and augmentation."),
     device: str = typer.Option("auto", help="auto (CUDA when present), cpu or cuda."),
     limit: Optional[int] = typer.Option(None, min=1, help="Use the first N samples of the dataset only."),
@@ -169,6 +177,7 @@ def _build(**opts) -> None:
             codec=opts["codec"],
             batch_size=opts["batch_size"],
             chunk_rows=opts["chunk_rows"],
+            inner_chunk_rows=opts["inner_chunk_rows"],
             workers=opts["workers"],
             device=opts["device"],
             resume=opts["resume"],

@@ -39,7 +39,10 @@ from .specs import resolve_device
 _ENCODE_SALT = 0x5EED_E4C0
 
 # Settings whose change makes an existing cache a different cache (resume is refused, --overwrite needed).
-_IDENTITY = ("num_samples", "num_views", "num_classes", "chunk_rows", "batch_size", "seed", "encoding", "codec", "mix")
+_IDENTITY = (
+    "num_samples", "num_views", "num_classes", "chunk_rows", "inner_chunk_rows", "batch_size", "seed", "encoding",
+    "codec", "mix",
+)  # fmt: skip
 
 
 class ReplayedViews(Dataset):
@@ -221,6 +224,7 @@ def _metadata(
     codec: str,
     batch_size: int,
     chunk_rows: int,
+    inner_chunk_rows: int | None,
     mix: Mix,
 ) -> dict:
     """The group attributes (FORMAT.md): identity, fingerprints and versions, all plain JSON."""
@@ -246,6 +250,8 @@ def _metadata(
     }
     if mix.active:  # recorded only when used: stores without mixing are as before
         meta["mix"] = inputs["mix"]
+    if inner_chunk_rows:  # likewise: unsharded stores are as before
+        meta["inner_chunk_rows"] = inner_chunk_rows
     return meta
 
 
@@ -261,6 +267,7 @@ def build_cache(
     codec: str = "blosc-lz4",
     batch_size: int = 256,
     chunk_rows: int = 1024,
+    inner_chunk_rows: int | None = None,
     workers: int = 2,
     device: str = "auto",
     resume: bool = False,
@@ -280,7 +287,9 @@ def build_cache(
     (CLI specs), so that tools can re-create them. Returns the opened cache. Interrupting it (Ctrl-C, kill) loses at
     most the units in flight: ``resume=True`` finishes the job and the result is bitwise identical to an
     uninterrupted build on the same machine. ``repair=True`` (with ``resume``) first checks every stored chunk and
-    recomputes the damaged ones.
+    recomputes the damaged ones. ``inner_chunk_rows``: store each unit (``chunk_rows`` rows of one view) as one
+    Zarr v3 shard of inner chunks of that many rows, so that a reader can fetch a few rows without the whole unit;
+    logitcache itself reads whole units either way (one object per unit and field).
 
     Under ``torchrun`` (an initialised process group) every rank calls this with the same arguments: rank 0 alone
     creates or validates the store and its metadata; ranks then claim units one at a time from a shared counter and
@@ -289,13 +298,18 @@ def build_cache(
     out, specs = str(out), specs or {}
     _check_arguments(views=views, batch_size=batch_size, chunk_rows=chunk_rows, workers=workers)
     store.check_codec(codec)
+    if inner_chunk_rows is not None and (inner_chunk_rows < 1 or chunk_rows % inner_chunk_rows):
+        raise LogitcacheError(
+            f"inner_chunk_rows ({inner_chunk_rows}) must divide chunk_rows ({chunk_rows}): a unit is a whole number "
+            "of inner chunks"
+        )
     dev = resolve_device(device)
     teacher = teacher.eval().to(dev)
     labels, num_classes = _probe(teacher, dataset, augment, seed, dev)
     enc = make_encoding(encoding, num_classes, options)
     meta = _metadata(
         enc, dataset, labels, augment, teacher, specs, views=views, seed=seed, codec=codec, batch_size=batch_size,
-        chunk_rows=chunk_rows, mix=mix or Mix(),
+        chunk_rows=chunk_rows, inner_chunk_rows=inner_chunk_rows, mix=mix or Mix(),
     )  # fmt: skip
     group = _open_on_rank0(out, meta, enc, codec, labels, resume=resume, overwrite=overwrite, repair=repair)
     layout = store.Layout(views, len(dataset), chunk_rows)

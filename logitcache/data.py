@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
 import warnings
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping
@@ -88,7 +89,9 @@ class CachedKDDataset(ReplayDataset):
 
     Reading (issue 15, benchmarks/bench_scale.py): when one view's targets fit ``memory_mb``, ``set_epoch`` reads the
     epoch's view sequentially, once, into shared memory that every DataLoader worker of this process (one copy per
-    rank) serves from: each chunk is read once per epoch whatever the shuffle. Otherwise targets are read one whole
+    rank) serves from: each chunk is read once per epoch whatever the shuffle; when two views fit, the next epoch's is
+    read in the background during this one (``prefetch=False`` turns that off), so an epoch does not wait for it.
+    Otherwise targets are read one whole
     chunk at a time into an LRU of ``max_cache_mb`` per worker; pair that with ``ChunkShuffleSampler``, whose order
     keeps the chunks a worker needs at a time few (a shuffled order would read each chunk about once per sample).
     Without ``set_epoch`` (or before it) the chunk path serves, so results never depend on which path ran.
@@ -104,6 +107,7 @@ class CachedKDDataset(ReplayDataset):
         mix: Mix | None = None,
         memory_mb: float = 4096,
         max_cache_mb: float = 512,
+        prefetch: bool = True,
     ):
         cache = cache if isinstance(cache, Cache) else open_cache(cache)
         cache.require_complete()
@@ -120,37 +124,83 @@ class CachedKDDataset(ReplayDataset):
         self._max_chunks = max(1, int(max_cache_mb * 2**20 // self._chunk_bytes))
         # rows decoded from the store, per process slot (main = 0, worker w = w + 1): read amplification
         self.rows_read = torch.zeros(65, dtype=torch.int64).share_memory_()
-        self._view: dict[str, torch.Tensor] | None = None
-        self._view_loaded = torch.full((1,), -1, dtype=torch.int64).share_memory_()
-        if cache.view_nbytes() <= memory_mb * 2**20 and _shared_memory_fits(cache.view_nbytes()):
-            # Allocated before any worker forks, so every worker maps the same pages; filled by set_epoch.
-            self._view = {
-                name: torch.empty((cache.num_samples, *f.shape), dtype=torch_dtype(f.dtype)).share_memory_()
-                for name, f in cache.encoding.fields().items()
-            }
+        # Up to two buffers for whole views, allocated before any worker forks so that every worker maps the same
+        # pages: the epoch's view, and (when two fit memory_mb) the next epoch's, read in the background meanwhile.
+        # _holds[b] is the view buffer b holds, -1 while it is empty or being filled: nothing half-filled is served.
+        self._buffers: list[dict[str, torch.Tensor]] = []
+        self._holds = torch.full((2,), -1, dtype=torch.int64).share_memory_()
+        self._prefetch: threading.Thread | None = None
+        self._prefetch_error: BaseException | None = None
+        nbytes = cache.view_nbytes()
+        wanted = 2 if prefetch and cache.num_views > 1 and 2 * nbytes <= memory_mb * 2**20 else 1
+        if nbytes <= memory_mb * 2**20 and _shared_memory_fits(wanted * nbytes):
+            for _ in range(wanted):
+                self._buffers.append(
+                    {
+                        name: torch.empty((cache.num_samples, *f.shape), dtype=torch_dtype(f.dtype)).share_memory_()
+                        for name, f in cache.encoding.fields().items()
+                    }
+                )
 
     @property
     def in_memory(self) -> bool:
         """Whether one view's targets fit ``memory_mb``, so each epoch's view is served from shared memory."""
-        return self._view is not None
+        return bool(self._buffers)
+
+    @property
+    def prefetches(self) -> bool:
+        """Whether the next epoch's view is read in the background during this one (two views fit ``memory_mb``)."""
+        return len(self._buffers) == 2
 
     def set_epoch(self, epoch: int) -> None:
         super().set_epoch(epoch)
-        view = self.view_of(epoch)
-        if self._view is not None and int(self._view_loaded[0]) != view:
-            self._load_view(view)
+        if not self._buffers:
+            return
+        self._join_prefetch()
+        view, upcoming = self.view_of(epoch), self.view_of(epoch + 1)
+        if self._buffer_of(view) is None:
+            self._fill(self._spare(avoid=upcoming), view)
+        if self.prefetches and self._buffer_of(upcoming) is None:
+            spare = self._spare(avoid=view)
+            self._holds[spare] = -1  # before the thread starts: never served while it is being filled
+            self._prefetch = threading.Thread(target=self._prefetch_into, args=(spare, upcoming), daemon=True)
+            self._prefetch.start()
 
-    def _load_view(self, view: int) -> None:
+    def _buffer_of(self, view: int) -> int | None:
+        for b in range(len(self._buffers)):
+            if int(self._holds[b]) == view:
+                return b
+        return None
+
+    def _spare(self, avoid: int) -> int:
+        """A buffer to fill: one not holding view ``avoid`` (the one to keep) when there are two."""
+        return next((b for b in range(len(self._buffers)) if int(self._holds[b]) != avoid), 0)
+
+    def _fill(self, b: int, view: int) -> None:
         """The whole view, read in order (a few dozen chunks per call, each checked against its digest)."""
-        self._view_loaded[0] = -1  # never serve a half-filled view
-        block = self.cache.chunk_rows * 32
+        self._holds[b] = -1
+        buffer, block = self._buffers[b], self.cache.chunk_rows * 32
         for start in range(0, self.cache.num_samples, block):
             stop = min(start + block, self.cache.num_samples)
             rows = self.cache.read(view, start, stop)
-            for name, buffer in self._view.items():
-                buffer[start:stop] = rows[name]
+            for name, t in buffer.items():
+                t[start:stop] = rows[name]
         self.rows_read[0] += self.cache.num_samples
-        self._view_loaded[0] = view
+        self._holds[b] = view
+
+    def _prefetch_into(self, b: int, view: int) -> None:
+        try:
+            self._fill(b, view)
+        except BaseException as e:  # raised in the training thread, at the next set_epoch
+            self._prefetch_error = e
+
+    def _join_prefetch(self) -> None:
+        if self._prefetch is not None:
+            self._prefetch.join()
+            self._prefetch = None
+        if self._prefetch_error is not None:
+            error, self._prefetch_error = self._prefetch_error, None
+            raise error
 
     def _check(self, base: Dataset, meta: dict, allow_mismatch: bool) -> None:
         for diff in compatibility(meta, base, self.augment, self.mix):
@@ -167,9 +217,10 @@ class CachedKDDataset(ReplayDataset):
     def targets(self, indices: list[int], view: int) -> dict[str, torch.Tensor]:
         """The cached targets of ``indices`` in ``view``, batched: from the shared view when it holds ``view``, else
         one gather per chunk and field."""
-        if self._view is not None and int(self._view_loaded[0]) == view:
+        b = self._buffer_of(view) if self._buffers else None
+        if b is not None:
             idx = torch.as_tensor(indices, dtype=torch.int64)
-            batch = {**{name: t[idx] for name, t in self._view.items()}, **self.cache.constants(len(idx))}
+            batch = {**{name: t[idx] for name, t in self._buffers[b].items()}, **self.cache.constants(len(idx))}
         else:
             self._own_handle()
             batch = self.cache.take(view, indices, self._chunk)

@@ -116,11 +116,14 @@ def create_store(
         group = open_group(path, mode="w")
     except OSError as e:
         raise LogitcacheError(f"cannot create the cache at {path}: {e.strerror or e}") from None
+    inner = meta.get("inner_chunk_rows")
     for name, field in fields.items():
         group.create_array(
             name,
             shape=(layout.num_views, layout.num_samples, *field.shape),
-            chunks=(1, layout.chunk_rows, *field.shape),
+            # sharded: a unit is one shard object of inner chunks (still one writer per object); else one chunk
+            chunks=(1, inner or layout.chunk_rows, *field.shape),
+            shards=(1, layout.chunk_rows, *field.shape) if inner else None,
             dtype=field.dtype,
             compressors=_compressors(codec, field.dtype.itemsize),
             fill_value=0,
@@ -252,18 +255,24 @@ class Cache:
             raise LogitcacheError(f"{self.path} is damaged: the '{DIGESTS}' array is missing; rebuild with --overwrite")
         fields = self.encoding.fields()
         v, n, rows, chunks = self.num_views, self.num_samples, self.chunk_rows, self.layout.num_chunks
-        expected = {name: ((v, n, *f.shape), (1, rows, *f.shape), f.dtype) for name, f in fields.items()}
-        expected[COMPLETE] = ((v, chunks), (1, 1), np.dtype("uint8"))
-        expected[LABELS] = ((n,), (rows,), None)
+        inner = self.meta.get("inner_chunk_rows")
+        expected = {
+            name: ((v, n, *f.shape), (1, inner or rows, *f.shape), f.dtype, (1, rows, *f.shape) if inner else None)
+            for name, f in fields.items()
+        }
+        expected[COMPLETE] = ((v, chunks), (1, 1), np.dtype("uint8"), None)
+        expected[LABELS] = ((n,), (rows,), None, None)
         if self.has_digests:
-            expected[DIGESTS] = ((v, chunks), (1, 1), np.dtype("uint32"))
-        for name, (shape, chunk_shape, dtype) in expected.items():
+            expected[DIGESTS] = ((v, chunks), (1, 1), np.dtype("uint32"), None)
+        for name, (shape, chunk_shape, dtype, shard_shape) in expected.items():
             arr = self.group[name]
             problems = []
             if tuple(arr.shape) != shape:
                 problems.append(f"shape {tuple(arr.shape)}, expected {shape}")
             if tuple(arr.chunks) != chunk_shape:
                 problems.append(f"chunks {tuple(arr.chunks)}, expected {chunk_shape}")
+            if (tuple(arr.shards) if arr.shards else None) != shard_shape:
+                problems.append(f"shards {arr.shards}, expected {shard_shape}")
             if dtype is not None and arr.dtype != dtype:
                 problems.append(f"dtype {arr.dtype}, expected {dtype}")
             if problems:
@@ -375,7 +384,7 @@ class Cache:
         if recorded is not None and unit_digest(rows) != recorded:
             name = self._missing_chunk(view, chunk)
             why = (
-                f"array '{name}': its chunk file is missing (Zarr would read it as zeros)"
+                f"array '{name}': its chunk file is missing or empty (Zarr would read it as zeros)"
                 if name
                 else "its contents differ from the digest recorded at build time (a replaced or rewritten chunk)"
             )
@@ -396,13 +405,14 @@ class Cache:
             raise self._damaged(DIGESTS, view, chunk, f"its digest cannot be read ({_first_line(e)})") from None
 
     def _missing_chunk(self, view: int, chunk: int) -> str | None:
-        """The first array (fields, then the digest) whose chunk file for this unit is absent; asked only after a
-        digest mismatch, so the common path costs no extra request."""
+        """The first array (fields, then the digest) whose chunk file for this unit is absent or empty (an empty shard
+        reads as fill values too); asked only after a digest mismatch, so the common path costs no extra request."""
         from zarr.core.sync import sync
 
         for name, arr in [*self._arrays.items(), (DIGESTS, self.group[DIGESTS])]:
-            key = arr.metadata.encode_chunk_key((view, chunk, *([0] * (arr.ndim - 2))))
-            if not sync(arr.store_path.store.exists(f"{arr.store_path.path}/{key}")):
+            key = f"{arr.store_path.path}/{arr.metadata.encode_chunk_key((view, chunk, *([0] * (arr.ndim - 2))))}"
+            store = arr.store_path.store
+            if not sync(store.exists(key)) or sync(store.getsize(key)) == 0:
                 return name
         return None
 

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import zarr
 
 import logitcache as lc
@@ -102,6 +103,39 @@ def test_a_damaged_chunk_is_named_on_every_read_path(store, attack):
     with pytest.raises(DamagedCache, match="view 1, chunk 2"):
         ds.targets([3, 70], view=1)
     assert ds.targets([3, 40], view=0)["ids"].shape == (2, 3)  # undamaged units still read
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory):
+    """The reference build with each unit stored as a Zarr v3 shard of 4 inner chunks of 8 rows."""
+    out = tmp_path_factory.mktemp("sharded") / "c"
+    _cli(*BUILD, "--inner-chunk-rows", 8, "--out", out, check=True)
+    return out
+
+
+@pytest.mark.parametrize("attack", ATTACKS)
+def test_a_damaged_shard_is_named_like_a_damaged_chunk(sharded, reference, attack, tmp_path):
+    store = tmp_path / "c"
+    shutil.copytree(sharded, store)
+    cache = lc.open_cache(store)
+    assert cache.group["logprobs"].shards == (1, 32, 3) and cache.group["logprobs"].chunks == (1, 8, 3)
+    plain = lc.open_cache(reference)
+    assert all(torch.equal(t, plain.read(1)[name]) for name, t in cache.read(1).items())  # same targets
+    ATTACKS[attack](_file(store, "logprobs", 1, 2))
+    cache = lc.open_cache(store)
+    for read in (lambda: cache.read_chunk(1, 2), lambda: cache.read(1, 70, 71)):
+        with pytest.raises(DamagedCache, match="damaged at view 1, chunk 2 \\(samples 64-95\\): array 'logprobs'"):
+            read()
+    assert cache.read_chunk(1, 3)["ids"].shape == (32, 3)  # undamaged units still read
+
+
+def test_a_sharded_build_resumed_with_another_inner_chunking_is_refused(sharded, tmp_path):
+    store = tmp_path / "c"
+    shutil.copytree(sharded, store)
+    r = _cli(*BUILD, "--inner-chunk-rows", 16, "--out", store, "--resume")
+    assert r.returncode == 2 and "inner_chunk_rows=8" in r.stderr and "Traceback" not in r.stderr
+    r = _cli(*BUILD, "--inner-chunk-rows", 5, "--out", tmp_path / "d")
+    assert r.returncode == 2 and "must divide chunk_rows (32)" in r.stderr
 
 
 def test_a_chunk_replaced_by_another_valid_chunk_is_caught_by_the_digest(store, reference):

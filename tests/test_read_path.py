@@ -15,10 +15,10 @@ from logitcache.sampler import ChunkShuffleSampler
 SEED = 7  # the built_cache fixture's base seed; 240 samples, 3 views, chunks of 64 rows
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_the_shared_view_serves_exactly_what_direct_reads_return(built_cache, tiny, workers):
-    ds = lc.CachedKDDataset(tiny, built_cache)
-    assert ds.in_memory
+@pytest.mark.parametrize("workers,prefetch", [(0, False), (2, False), (0, True), (2, True)])
+def test_the_shared_view_serves_exactly_what_direct_reads_return(built_cache, tiny, workers, prefetch):
+    ds = lc.CachedKDDataset(tiny, built_cache, prefetch=prefetch)
+    assert ds.in_memory and ds.prefetches == prefetch
     cache = lc.open_cache(built_cache)
     order = torch.randperm(len(tiny), generator=torch.Generator().manual_seed(0)).tolist()
     loader = DataLoader(ds, batch_size=40, sampler=order, num_workers=workers, persistent_workers=workers > 0)
@@ -32,8 +32,36 @@ def test_the_shared_view_serves_exactly_what_direct_reads_return(built_cache, ti
         assert torch.equal(
             images[5], lc.replay_view(helpers.heavy_augment(), tiny[order[5]][0], SEED, epoch % 3, order[5])
         )
-    # each epoch read its view once, sequentially, in the main process; no worker decoded a chunk
-    assert int(ds.rows_read[0]) == 4 * len(tiny) and int(ds.rows_read[1:].sum()) == 0
+    # each epoch read its view once, sequentially, in the main process (with prefetch: epoch 4's view as well, during
+    # epoch 3); no worker decoded a chunk
+    ds._join_prefetch()
+    assert int(ds.rows_read[0]) == (5 if prefetch else 4) * len(tiny) and int(ds.rows_read[1:].sum()) == 0
+
+
+def test_prefetch_reads_the_next_view_during_the_epoch_and_never_serves_it_half_filled(built_cache, tiny):
+    ds = lc.CachedKDDataset(tiny, built_cache)
+    ds.set_epoch(0)
+    ds._join_prefetch()
+    assert sorted(ds._holds.tolist()) == [0, 1]  # epoch 0's view, and epoch 1's read ahead
+    reads = int(ds.rows_read[0])
+    ds.set_epoch(1)  # served from the prefetched buffer: nothing read now but epoch 2's view, in the background
+    ds._join_prefetch()
+    assert int(ds.rows_read[0]) == reads + len(tiny) and sorted(ds._holds.tolist()) == [1, 2]
+    assert torch.equal(ds.targets(list(range(240)), 1)["ids"], lc.open_cache(built_cache).read(1)["ids"])
+
+
+def test_a_damaged_chunk_met_by_the_prefetch_stops_the_next_epoch(built_cache, tiny, tmp_path):
+    import shutil
+
+    from logitcache.store import DamagedCache
+
+    store = tmp_path / "c"
+    shutil.copytree(built_cache, store)
+    next(p for p in (store / "logprobs" / "c" / "1").rglob("*") if p.is_file()).unlink()
+    ds = lc.CachedKDDataset(tiny, store)
+    ds.set_epoch(0)  # view 0 is intact; view 1's damage is met in the background and kept for epoch 1
+    with pytest.raises(DamagedCache, match="view 1"):
+        ds.set_epoch(1)
 
 
 def test_without_set_epoch_the_chunk_path_serves_the_same_targets(built_cache, tiny):
@@ -127,6 +155,7 @@ def test_two_ranks_share_an_epoch_exactly_once(tmp_path):
 
 def test_too_little_shared_memory_falls_back_to_chunks_with_a_warning(built_cache, tiny, monkeypatch):
     import shutil
+
     from collections import namedtuple
 
     usage = namedtuple("usage", "total used free")
