@@ -306,7 +306,9 @@ def _render_inspect(info: dict) -> None:
         (
             "views x samples",
             f"{info['num_views']} x {info['num_samples']:,}  ({info['num_classes']} classes, "
-            f"chunks of {info['chunk_rows']})",
+            f"units of {info['chunk_rows']} rows"
+            + (f", each a shard of {info['inner_chunk_rows']}-row chunks" if info.get("inner_chunk_rows") else "")
+            + ")",
         ),
         ("complete", f"{info['complete']}  per view: {info['completion_per_view']}"),
         ("bytes on disk", f"{info['bytes_on_disk']:,}"),

@@ -44,6 +44,7 @@ def inspect_cache(cache: Cache | str | os.PathLike, stats_rows: int = 20000) -> 
         "num_samples": cache.num_samples,
         "num_classes": cache.num_classes,
         "chunk_rows": cache.chunk_rows,
+        "inner_chunk_rows": meta.get("inner_chunk_rows"),  # null: not sharded
         "seed": meta["seed"],
         "complete": bool(done.all()),
         "completion_per_view": [round(float(row.mean()), 4) for row in done],

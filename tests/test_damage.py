@@ -129,6 +129,13 @@ def test_a_damaged_shard_is_named_like_a_damaged_chunk(sharded, reference, attac
     assert cache.read_chunk(1, 3)["ids"].shape == (32, 3)  # undamaged units still read
 
 
+def test_a_sharded_store_inspects_and_verifies(sharded):
+    info = json.loads(_cli("inspect", sharded, "--json", check=True).stdout)
+    assert info["inner_chunk_rows"] == 8 and info["chunk_rows"] == 32
+    assert "all 16 chunks are complete and intact" in _cli("verify", sharded, "--storage-only", check=True).stdout
+    _cli("verify", sharded, "--teacher", f"{HELPERS}:tiny_teacher", "--dataset", f"{HELPERS}:tiny_dataset", check=True)
+
+
 def test_a_sharded_build_resumed_with_another_inner_chunking_is_refused(sharded, tmp_path):
     store = tmp_path / "c"
     shutil.copytree(sharded, store)
