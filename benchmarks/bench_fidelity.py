@@ -131,7 +131,9 @@ def students(
     seeds: list[int],
     out: Path,
     test_limit: int | None,
+    scratch: bool = False,
 ) -> str:
+    """Students trained with cached KD from each encoding (T = 4, weight 0.9), and without KD when ``scratch``."""
     ds = specs.resolve_dataset(dataset, limit=limit)
     tf, _ = specs.resolve_augment(augment, ds)
     teacher = specs.resolve_teacher(teacher_dir)
@@ -139,9 +141,32 @@ def students(
         title=f"{name}: cached-KD students, {model}, {epochs} epochs on {limit} images, T=4, "
         f"seeds {seeds} (mean accuracy)"
     )
-    for col in ("encoding", "test accuracy", "vs full (pp)", "per seed"):
+    for col in ("encoding", "B/sample", "% of full's bytes", "test accuracy", "vs full (pp)", "per seed"):
         table.add_column(col, justify="right")
-    results = {}
+    results, sizes = {}, {}
+
+    def student(key: str, seed: int, **kd) -> float:
+        cfg = TrainConfig(
+            out=str(out / f"student-{key.replace(' ', '_')}-{seed}"),
+            dataset=dataset,
+            augment=augment,
+            model=model,
+            epochs=epochs,
+            limit=limit,
+            temperature=4.0,
+            kd_weight=0.9,  # the settings of the recorded results (the defaults changed since)
+            seed=seed,
+            lr=0.05,
+            overwrite=True,
+            progress=False,
+            test_limit=test_limit,
+            eval_every=10**6,
+            **kd,
+        )
+        return train(cfg).final_accuracy
+
+    if scratch:
+        results["no KD (scratch)"] = [student("scratch", seed) for seed in seeds]
     for enc, params, codec in configs:
         key = label(enc, params, codec)
         cache = build_cache(
@@ -157,33 +182,25 @@ def students(
             specs={"augment": augment, "dataset": dataset},
             **params,
         )
-        accs = []
-        for seed in seeds:
-            r = train(
-                TrainConfig(
-                    out=str(out / f"student-{key.replace(' ', '_')}-{seed}"),
-                    dataset=dataset,
-                    model=model,
-                    epochs=epochs,
-                    limit=limit,
-                    kd="cached",
-                    cache=str(cache.path),
-                    temperature=4.0,
-                    kd_weight=0.9,  # the settings of the recorded results (the defaults changed since)
-                    seed=seed,
-                    lr=0.05,
-                    overwrite=True,
-                    progress=False,
-                    test_limit=test_limit,
-                )
-            )
-            accs.append(r.final_accuracy)
+        sizes[key] = sum(f.stat().st_size for f in Path(cache.path).rglob("c/**/*") if f.is_file()) / (
+            cache.num_views * cache.num_samples
+        )
+        accs = [student(key, seed, kd="cached", cache=str(cache.path)) for seed in seeds]
         results[key] = accs
         console.print(f"{name} {key}: {accs}")
-    full = sum(next(iter(results.values()))) / len(seeds)
+    full_key = next(k for k in results if k.startswith("full"))
+    full = sum(results[full_key]) / len(seeds)
     for key, accs in results.items():
         mean = sum(accs) / len(accs)
-        table.add_row(key, f"{mean:.4f}", f"{100 * (mean - full):+.2f}", ", ".join(f"{a:.4f}" for a in accs))
+        size = sizes.get(key)
+        table.add_row(
+            key,
+            f"{size:.1f}" if size else "-",
+            f"{100 * size / sizes[full_key]:.0f}%" if size else "-",
+            f"{mean:.4f}",
+            f"{100 * (mean - full):+.2f}",
+            ", ".join(f"{a:.4f}" for a in accs),
+        )
     return show(table)
 
 
@@ -192,13 +209,21 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=10000, help="samples for the fidelity part")
     ap.add_argument("--epochs", type=int, default=3, help="student epochs")
     ap.add_argument("--seeds", type=int, default=2)
-    ap.add_argument("--parts", default="targets,students", help="targets (bytes, KL: fast), students (training)")
+    ap.add_argument(
+        "--parts",
+        default="targets,students",
+        help="targets (bytes, KL: fast), students (training, both tasks' short studies), students100 (the 100-class "
+        "study at --epochs-100: students far enough trained to tell encodings apart)",
+    )
+    ap.add_argument("--epochs-100", type=int, default=8, help="student epochs of the students100 part")
+    ap.add_argument("--samples-100", type=int, default=10000, help="training pairs of the students100 part")
     ap.add_argument("--quick", action="store_true", help="~1 minute smoke run, not recorded")
     args = ap.parse_args()
     out = OUT / "fidelity"
     parts = set(args.parts.split(","))
     if args.quick:
         args.samples, args.epochs, args.seeds = 1000, 1, 1
+        parts.add("students100")
     sections = []
 
     # 10 classes
@@ -209,7 +234,8 @@ def main() -> None:
     configs_10 = [c for c in CONFIGS_10 if c[2] == "blosc-lz4"][::3] if args.quick else CONFIGS_10
     firsts = list({c[0]: c for c in reversed(CONFIGS_100)}.values())  # the first configuration of each encoding
     configs_100 = [c for c in firsts if c[0] in ("full", "topk8", "headtail")] if args.quick else CONFIGS_100
-    sections.append(fidelity("Fashion-MNIST", ds, tf, specs.resolve_teacher(fm_teacher), configs_10, out / "fm"))
+    if "targets" in parts:
+        sections.append(fidelity("Fashion-MNIST", ds, tf, specs.resolve_teacher(fm_teacher), configs_10, out / "fm"))
 
     # 100 classes: train a real teacher on the pairs task first
     pairs_teacher = OUT / f"teacher-pairs-{'quick' if args.quick else 'full'}"
@@ -233,9 +259,12 @@ def main() -> None:
     sections.append(f"100-class pairs teacher: small-resnet8, test accuracy {teacher_acc:.4f}")
     pds = specs.resolve_dataset(PAIRS, limit=args.samples)
     ptf, _ = specs.resolve_augment(PAIRS_AUG, pds)
-    sections.append(
-        fidelity("Fashion-MNIST pairs", pds, ptf, specs.resolve_teacher(str(pairs_teacher)), configs_100, out / "pairs")
-    )
+    if "targets" in parts:
+        sections.append(
+            fidelity(
+                "Fashion-MNIST pairs", pds, ptf, specs.resolve_teacher(str(pairs_teacher)), configs_100, out / "pairs"
+            )
+        )
 
     if "students" in parts:
         seeds = list(range(1, args.seeds + 1))
@@ -288,7 +317,32 @@ def main() -> None:
                 2000,
             )
         )
-    title = "Fidelity of encodings" + ("" if "students" in parts else ", targets only")
+    if "students100" in parts:
+        configs = [
+            ("full", {}, "blosc-lz4"),
+            ("topk", {"k": 10}, "blosc-lz4"),
+            ("topk8", {"k": 10}, "blosc-lz4"),
+            ("headtail", {"k": 10, "tail_samples": 16}, "blosc-lz4"),
+            ("sampled", {"samples": 50, "tau": 4.0}, "blosc-lz4"),
+            ("quantized", {}, "blosc-lz4"),
+        ]
+        sections.append(
+            students(
+                "Fashion-MNIST pairs (100 classes)",
+                PAIRS,
+                PAIRS_AUG,
+                "small-resnet8-w8",
+                str(pairs_teacher),
+                configs[:2] if args.quick else configs,
+                1 if args.quick else args.epochs_100,
+                1000 if args.quick else args.samples_100,
+                list(range(1, args.seeds + 1)),
+                out / "students100",
+                2000 if args.quick else None,
+                scratch=True,
+            )
+        )
+    title = "Fidelity of encodings" + ("" if parts & {"students", "students100"} else ", targets only")
     record(f"{title} (bench_fidelity.py)", "\n".join(sections), args.quick)
 
 
