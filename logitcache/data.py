@@ -214,9 +214,9 @@ class CachedKDDataset(ReplayDataset):
         """The cached target of sample ``index`` in ``view`` (a dict of tensors without a batch dimension)."""
         return {name: t[0] for name, t in self.targets([index], view).items()}
 
-    def targets(self, indices: list[int], view: int) -> dict[str, torch.Tensor]:
+    def targets(self, indices: list[int], view: int, labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """The cached targets of ``indices`` in ``view``, batched: from the shared view when it holds ``view``, else
-        one gather per chunk and field."""
+        one gather per chunk and field; all in one buffer (``labels`` too, under a private key, when given)."""
         b = self._buffer_of(view) if self._buffers else None
         if b is not None:
             idx = torch.as_tensor(indices, dtype=torch.int64)
@@ -224,6 +224,8 @@ class CachedKDDataset(ReplayDataset):
         else:
             self._own_handle()
             batch = self.cache.take(view, indices, self._chunk)
+        if labels is not None:
+            batch[_LABELS] = labels
         return packed(batch)
 
     def _own_handle(self) -> None:
@@ -250,12 +252,21 @@ class CachedKDDataset(ReplayDataset):
         image, label = self.image(index, view)
         return image, label, self.target(index, view)
 
-    def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor, int, Mapping[str, torch.Tensor]]]:
+    def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor, Any, Mapping[str, torch.Tensor]]]:
         # The DataLoader's batched fetch: targets are gathered for the whole batch at once and each sample gets a
-        # TargetRow into them, which the default collate turns back into the batch without stacking anything.
+        # TargetRow into them, which the default collate turns back into the batch without stacking anything. Integer
+        # labels travel in the same buffer (LabelRow, an int): a batch then crosses from a worker in as many
+        # shared-memory segments as it would without targets (images, labels).
         view = self.view_of(self.epoch)
-        batch = self.targets(indices, view)
-        return [(*self.image(i, view), TargetRow(batch, row)) for row, i in enumerate(indices)]
+        samples = [self.image(i, view) for i in indices]
+        labels = [label for _, label in samples]
+        fold = all(type(label) is int for label in labels)
+        batch = self.targets(indices, view, labels=torch.tensor(labels, dtype=torch.int64) if fold else None)
+        folded = batch.pop(_LABELS, None)
+        return [
+            (image, LabelRow(label, folded, row) if fold else label, TargetRow(batch, row))
+            for row, (image, label) in enumerate(samples)
+        ]
 
 
 def _shared_memory_fits(nbytes: int) -> bool:
@@ -323,7 +334,27 @@ def collate_target_rows(rows: list[TargetRow], *, collate_fn_map: dict | None = 
     return {name: torch.stack([r[name] for r in rows]) for name in batch}
 
 
+class LabelRow(int):
+    """A sample's integer label that also knows its place in its batch's label tensor (which shares the targets'
+    buffer). It is an ``int`` in every other respect, so a user's own collate_fn sees plain labels."""
+
+    def __new__(cls, value: int, batch: torch.Tensor, row: int):
+        label = super().__new__(cls, value)
+        label.batch, label.row = batch, row
+        return label
+
+
+def collate_label_rows(rows: list[LabelRow], *, collate_fn_map: dict | None = None) -> torch.Tensor:
+    batch = rows[0].batch
+    if len(rows) == len(batch) and all(r.batch is batch and r.row == i for i, r in enumerate(rows)):
+        return batch
+    return torch.tensor([int(r) for r in rows], dtype=torch.int64)
+
+
+_LABELS = "__labels__"  # the labels' key inside a packed batch, removed before anyone sees the targets
+
 # A side effect of importing logitcache, on purpose: torch's documented extension point for custom element types
 # (torch.utils.data.default_collate's collate_fn_map). It adds a type torch does not know and changes nothing for any
 # other type, so a user's own collate_fn keeps working (tests/test_data.py checks both).
 default_collate_fn_map[TargetRow] = collate_target_rows
+default_collate_fn_map[LabelRow] = collate_label_rows

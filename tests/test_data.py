@@ -125,6 +125,23 @@ def test_target_rows_collate_whole_batches_and_any_mix(built_cache, tiny):
         for name, value in targets.items():
             assert torch.equal(value, stored[name][indices]), name
         assert dict(samples[0][2]).keys() == targets.keys()  # a row reads like a dict
+        assert all(type(label) is not int and isinstance(label, int) for _, label, _ in samples)  # an int, and more
+    # a whole batch: the labels are a view of the targets' buffer (one shared-memory segment from a worker, not two)
+    images, labels, targets = default_collate(first)
+    assert labels.untyped_storage().data_ptr() == targets["ids"].untyped_storage().data_ptr()
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_loaders_batch_carries_labels_and_targets_in_one_storage(built_cache, tiny, workers):
+    ds = lc.CachedKDDataset(tiny, built_cache)
+    ds.set_epoch(0)
+    order = list(range(239, -1, -1))
+    loader = DataLoader(ds, batch_size=40, sampler=order, num_workers=workers)
+    for b, (images, labels, targets) in enumerate(loader):
+        rows = order[40 * b : 40 * b + 40]
+        assert labels.dtype == torch.int64 and labels.tolist() == [int(tiny.targets[i]) for i in rows]
+        assert labels.untyped_storage().data_ptr() == targets["logprobs"].untyped_storage().data_ptr()
+        assert torch.equal(targets["logprobs"], lc.open_cache(built_cache).read(0)["logprobs"][rows])
 
 
 def test_a_users_own_collate_fn_still_works(built_cache, tiny):
