@@ -158,11 +158,12 @@ def main() -> None:
         mixed = cache_for(
             run1.run_dir, "fashion-mnist", "pad-crop-flip", args.samples, budget_epochs, out / "cache-run1-mix", mix
         )
-        kd = dict(kd="cached", temperature=TrainConfig.temperature, kd_weight=TrainConfig.kd_weight)
+        # KD throughout, as in this stage's first record (session 4, before kd_until's default became 0.5)
+        kd = dict(kd="cached", temperature=2.0, kd_weight=0.5, kd_until=1.0)
         arms = {
             "scratch": {"kd": "none"},
             "scratch, mixing": {"kd": "none", "mix": "both"},
-            "cached KD (default recipe)": dict(kd, cache=cache1),
+            "cached KD (T=2 w=0.5 until=1)": dict(kd, cache=cache1),
             "cached KD, mixing": dict(kd, cache=mixed),  # the cache's mixing is replayed
         }
         text, _ = arms_table(f"Mixup/CutMix ({mix.describe()}): {head}", main_conf, "mixing", arms, target)

@@ -199,11 +199,14 @@ def test_demo_quick_runs_end_to_end_on_fashion_mnist(tmp_path):
     summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
     assert set(summary["arms"]) == {"run 2 from scratch", "run 2, cached KD", "run 2, online KD"}
     full, half = str(summary["full_epochs"]), str(summary["full_epochs"] // 2)
-    assert set(summary["arms"]["run 2 from scratch"]) == {full}  # scratch at the full budget only
+    assert set(summary["arms"]["run 2 from scratch"]) == {half, full}  # side by side with KD at the same budget
     cached, online = summary["arms"]["run 2, cached KD"][half], summary["arms"]["run 2, online KD"][half]
     assert cached["teacher_forwards"] == 0 and online["teacher_forwards"] > 0
     assert 0.0 < summary["target"] <= 1.0 and len(cached["finals"]) == 1
-    assert "cached KD" in result.output and "the teacher ran once, in build" in result.output
+    gain = summary["cached_minus_scratch_pp"][half]
+    assert gain == round((cached["mean"] - summary["arms"]["run 2 from scratch"][half]["mean"]) * 100, 2)
+    assert "at the same budget, cached KD finishes" in result.output
+    assert "the teacher ran once, in build" in result.output
     plot = tmp_path / "demo" / "accuracy_vs_budget.png"
     assert plot.stat().st_size > 10_000  # a real figure, not an empty file
 
