@@ -91,9 +91,9 @@ class CachedKDDataset(ReplayDataset):
     epoch's view sequentially, once, into shared memory that every DataLoader worker of this process (one copy per
     rank) serves from: each chunk is read once per epoch whatever the shuffle; when two views fit, the next epoch's is
     read in the background during this one (``prefetch=False`` turns that off), so an epoch does not wait for it.
-    Otherwise targets are read one whole
-    chunk at a time into an LRU of ``max_cache_mb`` per worker; pair that with ``ChunkShuffleSampler``, whose order
-    keeps the chunks a worker needs at a time few (a shuffled order would read each chunk about once per sample).
+    Otherwise targets are read one whole chunk at a time into an LRU of ``max_cache_mb`` per worker; pair that with
+    ``ChunkShuffleSampler``, whose order keeps the chunks a worker needs at a time few (a shuffled order would read
+    each chunk about once per sample).
     Without ``set_epoch`` (or before it) the chunk path serves, so results never depend on which path ran.
     """
 
