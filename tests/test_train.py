@@ -220,7 +220,7 @@ def _weights(run_dir):
 def test_interrupted_run_resumes_to_the_same_weights(tmp_path, teacher_cache, monkeypatch):
     import sys
 
-    cfg = dict(kd="cached", cache=str(teacher_cache), seed=3, **COMMON)
+    cfg = dict(kd="cached", cache=str(teacher_cache), seed=3, kd_until=1.0, **COMMON)  # kd_loss runs every step
     straight = lc.train(lc.TrainConfig(out=str(tmp_path / "straight"), **cfg))
 
     module = sys.modules["logitcache.train"]
@@ -237,6 +237,7 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path, teacher_cache, mo
     out = tmp_path / "resumed"
     args = ["train", "--out", str(out), "--dataset", DATASET, "--model", "small-resnet8-w4", "--epochs", "3"]
     args += ["--batch-size", "32", "--lr", "0.05", "--seed", "3", "--kd", "cached", "--cache", str(teacher_cache)]
+    args += ["--kd-until", "1"]
     r = CliRunner().invoke(app, args + ["--workers", "0", "-q"])  # Ctrl-C in epoch 3
     assert r.exit_code == 130 and "--resume" in r.output, r.output
     assert len(load_metrics(out)) == 2  # epochs 1 and 2 finished and saved
