@@ -38,6 +38,7 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from _common import OUT, console, record, show
 from logitcache import CachedKDDataset, ReplayDataset, build_cache, open_cache
+from logitcache.data import TargetRow
 from logitcache.sampler import ChunkShuffleSampler
 
 
@@ -149,6 +150,51 @@ def prefetch_table(args, out) -> str:
             firsts = [statistics.median(r["firsts"][e] for r in rs) for e in range(args.epochs)]
             table.add_row(f"{encoding} x{views} views", name, f"{rate:,.0f}", f"{rate / base:.2f}",
                           " / ".join(f"{f:.2f}" for f in firsts), f"{max(r['pss'] for r in rs):,.0f}")  # fmt: skip
+    return show(table)
+
+
+class LabelsApart(CachedKDDataset):
+    """The batched fetch before session 5: integer labels as plain ints, a segment of their own from each worker."""
+
+    def __getitems__(self, indices):
+        view = self.view_of(self.epoch)
+        batch = self.targets(indices, view)
+        return [(*self.image(i, view), TargetRow(batch, row)) for row, i in enumerate(indices)]
+
+
+def labels_table(args, out) -> str:
+    """Labels folded into the targets' buffer or apart, side by side: steady-state loader rates (after the view's
+    fill and the first batch), 400 batches, rotating order, medians."""
+    cache = open_cache(built(args, out, "topk", 1))
+    ds = TinyImages(args.samples, args.classes)
+    arms = {
+        "images only": lambda: ReplayDataset(ds, to_float),
+        "labels folded (now)": lambda: CachedKDDataset(ds, cache, augment=to_float),
+        "labels apart (before)": lambda: LabelsApart(ds, cache, augment=to_float),
+    }
+    rates = {name: [] for name in arms}
+    for rep in range(args.reps):
+        for name in list(arms)[rep % 3 :] + list(arms)[: rep % 3]:
+            d = arms[name]()
+            d.set_epoch(0)
+            loader = DataLoader(d, batch_size=256, sampler=RandomSampler(range(len(ds)), generator=torch.Generator()
+                                .manual_seed(0)), num_workers=args.workers)  # fmt: skip
+            it = iter(loader)
+            next(it)
+            start, served = time.perf_counter(), 0
+            for b, batch in enumerate(it):
+                served += len(batch[0])
+                if b + 1 == (20 if args.quick else 400):
+                    break
+            rates[name].append(served / (time.perf_counter() - start))
+    table = Table(title=f"labels in the targets' buffer, SYNTHETIC {args.samples:,} x {args.classes}, topk k=10, "
+                  f"shared view, {args.workers} workers")  # fmt: skip
+    for col in ("path", "rate /s (median)", "ratio", "all runs"):
+        table.add_column(col, justify="right")
+    base = statistics.median(rates["images only"])
+    for name, rs in rates.items():
+        rate = statistics.median(rs)
+        table.add_row(name, f"{rate:,.0f}", f"{rate / base:.3f}", ", ".join(f"{r:,.0f}" for r in rs))
     return show(table)
 
 
@@ -313,7 +359,7 @@ def main() -> None:
     ap.add_argument("--prefetch-variants", default="topk:2,full:2", help="stores of the prefetch comparison")
     ap.add_argument("--epochs", type=int, default=3, help="consecutive epochs of the prefetch comparison")
     ap.add_argument("--reps", type=int, default=3, help="repetitions of the prefetch comparison (medians)")
-    ap.add_argument("--parts", default="paths,prefetch,s3", help="which parts to run and record")
+    ap.add_argument("--parts", default="paths,labels,prefetch,s3", help="which parts to run and record")
     ap.add_argument("--s3-samples", type=int, default=100_000, help="samples of the object-store measurement")
     ap.add_argument("--quick", action="store_true", help="~1 minute smoke run, not recorded")
     ap.add_argument(
@@ -335,6 +381,9 @@ def main() -> None:
     out = OUT / "scale"
     if "paths" in args.parts:
         read_paths(args, out)
+    if "labels" in args.parts:
+        record("Read path at scale: labels in the targets' buffer, synthetic (bench_scale.py)", labels_table(args, out),
+               args.quick)  # fmt: skip
     if "prefetch" in args.parts:
         record(
             "Read path at scale: next-view prefetch, synthetic (bench_scale.py)", prefetch_table(args, out), args.quick
