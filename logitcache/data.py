@@ -217,7 +217,7 @@ class CachedKDDataset(ReplayDataset):
     def targets(self, indices: list[int], view: int, labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """The cached targets of ``indices`` in ``view``, batched: from the shared view when it holds ``view``, else
         one gather per chunk and field; all in one buffer (``labels`` too, under a private key, when given)."""
-        b = self._buffer_of(view) if self._buffers else None
+        b = self._buffer_of(view)
         if b is not None:
             idx = torch.as_tensor(indices, dtype=torch.int64)
             batch = {**{name: t[idx] for name, t in self._buffers[b].items()}, **self.cache.constants(len(idx))}
