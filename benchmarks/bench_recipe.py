@@ -35,7 +35,8 @@ def cache_for(teacher: str, dataset: str, augment: str, limit: int, views: int, 
         from logitcache import open_cache
 
         c = open_cache(out)
-        same = c.meta["teacher"]["spec"] == teacher and c.num_views == views and c.meta.get("mix") == mix.to_meta()
+        # views are a pure function of (seed, view, index): a cache with more views holds the same first ``views``
+        same = c.meta["teacher"]["spec"] == teacher and c.num_views >= views and c.meta.get("mix") == mix.to_meta()
         if c.is_complete and same:
             return str(out)
     ds = specs.resolve_dataset(dataset, limit=limit)
@@ -64,6 +65,9 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--lr", type=float, default=0.05)
     ap.add_argument("--stages", default="screen,teachers,checks,mixing")
+    ap.add_argument(
+        "--mix-budgets", default="0.5,0.75,1.0", help="stage 4's budgets: accuracy at each, and time to target"
+    )
     ap.add_argument("--checks", default="subset,deeper,noaug", help="stage 3's configurations (subset,deeper,noaug)")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="~2 minute smoke run, not recorded")
@@ -81,15 +85,39 @@ def main() -> None:
     def config_of(model: str, limit: int, augment: str) -> dict:
         return dict(base, model=model, limit=limit, augment=augment)
 
+    def time_to_target(arms: dict[str, dict], by_budget: dict[int, dict[str, list[float]]], target: float) -> str:
+        """Per arm: mean final accuracy at every budget and the smallest budget whose mean reaches each target."""
+        budgets = sorted(by_budget)
+        full = by_budget.get(args.epochs, {}).get("scratch")
+        targets = {f"run 1 ({target:.4f})": target}
+        if full:
+            targets[f"scratch at 1.0x ({statistics.mean(full):.4f})"] = statistics.mean(full)
+        table = Table(title=f"time to target: final accuracy (mean of {len(seeds)} seeds) per budget, and speedup")
+        table.add_column("arm", justify="right")
+        for e in budgets:
+            table.add_column(f"{e / args.epochs:.3g}x", justify="right")
+        for name in targets:
+            table.add_column(f"speedup to {name}", justify="right")
+        for arm in arms:
+            means = {e: statistics.mean(by_budget[e][arm]) for e in budgets}
+            cells = [f"{means[e]:.4f}" for e in budgets]
+            for t in targets.values():
+                hit = [e for e in budgets if means[e] >= t]
+                cells.append(f"{args.epochs / hit[0]:.2f}x" if hit else "not reached")
+            table.add_row(arm, *cells)
+        return show(table)
+
     def teacher_run(name: str, conf: dict, epochs: int, seed: int = 0) -> RunResult:
         return run_once(TrainConfig(out="", seed=seed, epochs=epochs, **conf), tag=name.replace("/", "-"))
 
-    def arms_table(title: str, conf: dict, tag: str, arms: dict[str, dict], target: float) -> tuple[str, dict]:
+    def arms_table(
+        title: str, conf: dict, tag: str, arms: dict[str, dict], target: float, epochs: int | None = None
+    ) -> tuple[str, dict]:
         """Train every arm for every seed (interleaved) at the reduced budget; a table against scratch."""
         finals: dict[str, list[float]] = {name: [] for name in arms}
         for seed in seeds:
             for name, kw in arms.items():
-                cfg = TrainConfig(out="", seed=seed, epochs=budget_epochs, **conf, **kw)
+                cfg = TrainConfig(out="", seed=seed, epochs=epochs or budget_epochs, **conf, **kw)
                 console.print(f"[dim]{tag}: {name}, seed {seed}")
                 finals[name].append(run_once(cfg).final_accuracy)
         table = Table(title=title)
@@ -155,19 +183,35 @@ def main() -> None:
 
     if "mixing" in stages:
         mix = Mix("both", alpha=0.8, cutmix_alpha=1.0)
+        budgets = sorted({max(1, round(float(b) * args.epochs)) for b in args.mix_budgets.split(",")} | {budget_epochs})
+        # one store per cache, with a view for every epoch of the longest schedule (shorter ones replay its first views)
+        c_plain = cache_for(
+            run1.run_dir, "fashion-mnist", "pad-crop-flip", args.samples, budgets[-1], out / "cache-run1"
+        )
         mixed = cache_for(
-            run1.run_dir, "fashion-mnist", "pad-crop-flip", args.samples, budget_epochs, out / "cache-run1-mix", mix
+            run1.run_dir, "fashion-mnist", "pad-crop-flip", args.samples, budgets[-1], out / "cache-run1-mix", mix
         )
         # KD throughout, as in this stage's first record (session 4, before kd_until's default became 0.5)
         kd = dict(kd="cached", temperature=2.0, kd_weight=0.5, kd_until=1.0)
         arms = {
             "scratch": {"kd": "none"},
             "scratch, mixing": {"kd": "none", "mix": "both"},
-            "cached KD (T=2 w=0.5 until=1)": dict(kd, cache=cache1),
+            "cached KD (T=2 w=0.5 until=1)": dict(kd, cache=c_plain),
             "cached KD, mixing": dict(kd, cache=mixed),  # the cache's mixing is replayed
         }
-        text, _ = arms_table(f"Mixup/CutMix ({mix.describe()}): {head}", main_conf, "mixing", arms, target)
-        record("Recipe study, stage 4: Mixup/CutMix (bench_recipe.py)", text, args.quick)
+        by_budget: dict[int, dict[str, list[float]]] = {}
+        texts = []
+        for epochs in budgets:
+            title = f"Mixup/CutMix ({mix.describe()}), {epochs}/{args.epochs} epochs: {head}".replace(
+                f"{budget_epochs} epochs ({budget_epochs / args.epochs:.2f}x)",
+                f"{epochs} epochs ({epochs / args.epochs:.2f}x)",
+            )
+            text, by_budget[epochs] = arms_table(title, main_conf, "mixing", arms, target, epochs)
+            texts.append(text)
+        if len(budgets) > 1:
+            texts.append(time_to_target(arms, by_budget, target))
+        record("Recipe study, stage 4: Mixup/CutMix, accuracy and time to target (bench_recipe.py)", "\n".join(texts),
+               args.quick)  # fmt: skip
 
     if "checks" in stages:
         old_default = dict(kd="cached", temperature=4.0, kd_weight=0.9, kd_until=1.0)
