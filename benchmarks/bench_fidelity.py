@@ -35,6 +35,7 @@ CONFIGS_10 = [
     ("topk", {"k": 4}, "zstd"),
     ("topk8", {"k": 4}, "blosc-lz4"),
     ("topk8", {"k": 4}, "zstd"),
+    ("topk8", {"k": 4, "layout": 1}, "blosc-lz4"),
     ("headtail", {"k": 4, "tail_samples": 4}, "blosc-lz4"),
     ("sampled", {"samples": 10, "tau": 1.0}, "blosc-lz4"),
     ("sampled", {"samples": 10, "tau": 4.0}, "blosc-lz4"),
@@ -52,6 +53,10 @@ CONFIGS_100 = [
     ("topk8", {"k": 10}, "zstd"),
     ("topk8", {"k": 20}, "blosc-lz4"),
     ("topk8", {"k": 20}, "zstd"),
+    ("topk8", {"k": 10, "layout": 1}, "blosc-lz4"),  # before session 6: the values, not their steps
+    ("topk8", {"k": 10, "layout": 1}, "zstd"),
+    ("topk8", {"k": 20, "layout": 1}, "blosc-lz4"),
+    ("topk8", {"k": 20, "layout": 1}, "zstd"),
     ("headtail", {"k": 10, "tail_samples": 8}, "blosc-lz4"),
     ("headtail", {"k": 10, "tail_samples": 16}, "blosc-lz4"),
     ("headtail", {"k": 10, "tail_samples": 16}, "zstd"),

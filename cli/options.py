@@ -67,7 +67,7 @@ def encoding_parameters(encodings: dict[str, type]) -> list[inspect.Parameter]:
     params, seen = [], set()
     for enc in encodings.values():
         for key, opt in enc.options.items():
-            if key in seen:  # an option several encodings share (k): one flag
+            if key in seen or not opt.cli:  # an option several encodings share (k): one flag
                 continue
             seen.add(key)
             decls = [opt.flags] if opt.flags else [flag_of(key)]

@@ -35,6 +35,7 @@ class Option:
     absent: Any = None  # the value a store written before this option existed implies (None: the default)
     low: float | None = None  # smallest allowed value
     flags: str | None = None  # CLI flag declaration when not --NAME (e.g. "--soft-tail/--flat-tail")
+    cli: bool = True  # False: recorded and settable from Python, but no flag (a storage detail, not a user's choice)
 
 
 def id_dtype(num_classes: int) -> np.dtype:

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from ..errors import LogitcacheError
 from .base import Encoding, Field, Option, num_classes_of, torch_dtype
-from .compact import CompactTopKEncoding, compact_id_dtype
+from .compact import LAYOUT, CompactTopKEncoding, check_layout, compact_id_dtype
 from .registry import register
 from .topk import TopKEncoding
 
@@ -35,18 +35,23 @@ class HeadTailEncoding(Encoding):
     options = {
         "k": Option(10, "topk / topk8 / headtail: entries kept per sample.", low=1),
         "tail_samples": Option(16, "headtail: draws S from the classes outside the top k.", low=1),
+        "layout": LAYOUT,  # the head's
     }
     field_names = CompactTopKEncoding.field_names | {"tail_ids", "tail_counts", "tail_q", "tail_scale"}
     deterministic = False
 
     def validate(self) -> None:
+        check_layout(self.name, self.layout)
         if not 3 <= self.k < self.num_classes:
             raise LogitcacheError(f"headtail needs 3 <= k < the number of classes ({self.num_classes}), got {self.k}")
         if self.tail_samples > 255:
             raise LogitcacheError(f"headtail: at most 255 tail draws, got {self.tail_samples}")
 
     def _head(self) -> CompactTopKEncoding:
-        return CompactTopKEncoding(self.num_classes, self.k)
+        return CompactTopKEncoding(self.num_classes, self.k, layout=self.layout)
+
+    def constants(self) -> dict[str, float]:
+        return self._head().constants()
 
     def slots(self) -> int:
         return min(self.tail_samples, self.num_classes - self.k)

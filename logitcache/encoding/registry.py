@@ -8,7 +8,8 @@ from ..errors import LogitcacheError
 from .base import Encoding
 
 ENCODINGS: dict[str, type[Encoding]] = {}
-CONSTANT_KEYS = frozenset({"num_classes", "temperature"})  # per-sample constants every target dict carries
+# per-sample constants every target dict carries (an encoding's format details included, so batches decode alone)
+CONSTANT_KEYS = frozenset({"num_classes", "temperature", "layout"})
 
 
 def register(cls: type[Encoding]) -> type[Encoding]:
