@@ -371,3 +371,17 @@ def inspect_json(path):
     r = CliRunner().invoke(app, ["inspect", str(path), "--json"])
     assert r.exit_code == 0, r.output
     return json.loads(r.output)
+
+
+def test_topk8_layouts_decode_alike_at_100_classes():
+    # Wide logits (spread positions and steps), both layouts, every temperature the soft tail serves.
+    from logitcache.encoding import CompactTopKEncoding
+
+    logits = torch.randn(512, 100, generator=torch.Generator().manual_seed(3)) * 4
+    one, two = (CompactTopKEncoding(100, 10, layout=n) for n in (1, 2))
+    t1, t2 = (
+        dict(e.encode(logits), **{k: torch.full((512,), v) for k, v in e.constants().items()}) for e in (one, two)
+    )
+    assert not torch.equal(t1["tail_soft8"], t2["tail_soft8"])
+    for temperature in (1.0, 2.0, 4.0, 8.0):
+        assert torch.equal(lc.to_probs(t1, temperature), lc.to_probs(t2, temperature))

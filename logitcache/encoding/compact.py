@@ -37,7 +37,8 @@ class CompactTopKEncoding(Encoding):
     - ``scale`` and ``tail`` (float16); ``lp_0`` itself is not stored: the k probabilities and the tail sum to one;
     - ``ids`` in the narrowest integer type (uint8 up to 256 classes);
     - ``tail_soft8`` (uint8 x 3): ``log sum_j p_j^beta`` over the unstored classes lies between ``beta * tail`` and
-      ``beta * tail + (1 - beta) * log(C - k)`` (power-mean inequalities); its position in that interval, 8 bits.
+      ``beta * tail + (1 - beta) * log(C - k)`` (power-mean inequalities); its position in that interval, 8 bits
+      (layout 2: the first position, then each one's step from the previous, modulo 256: neighbours are close).
 
     Decoding rebuilds a ``topk`` target and uses its tail rule and KL, so it trains like ``topk`` at any temperature.
     """
@@ -88,6 +89,7 @@ class CompactTopKEncoding(Encoding):
         q = q[:, 1 : self.k - 1]
         if self.layout == 2:  # q is nondecreasing from q_0 = 0: its steps are in [0, 255] too
             q = torch.diff(q, dim=1, prepend=torch.zeros_like(q[:, :1]))
+            pos = torch.diff(pos, dim=1, prepend=torch.zeros_like(pos[:, :1])) % 256
         return {
             "ids": full["ids"].long().to(torch_dtype(compact_id_dtype(self.num_classes))),
             "q": q.to(torch.uint8),
@@ -100,8 +102,7 @@ class CompactTopKEncoding(Encoding):
     def steps(targets: dict[str, Tensor]) -> Tensor:
         """The stored ``q_1 .. q_{k-2}`` (float), whichever layout holds them."""
         q = targets["q"].float()
-        layout = targets.get("layout")
-        return q.cumsum(-1) if layout is None or int(layout.reshape(-1)[0]) == 2 else q
+        return q if _layout(targets) == 1 else q.cumsum(-1)
 
     @staticmethod
     def as_topk(targets: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -120,7 +121,9 @@ class CompactTopKEncoding(Encoding):
         if rest > 0:
             betas = torch.tensor(SOFT_TAIL_BETAS)
             low, width = betas * tail[..., None], (1 - betas) * math.log(rest)
-            out["tail_soft"] = low + targets["tail_soft8"].float() / 255 * width
+            pos = targets["tail_soft8"].float()
+            pos = pos if _layout(targets) == 1 else pos.cumsum(-1) % 256
+            out["tail_soft"] = low + pos / 255 * width
         else:
             out["tail_soft"] = torch.full((*tail.shape, len(SOFT_TAIL_BETAS)), MIN_TAIL)
         out["num_classes"] = targets["num_classes"]
@@ -150,3 +153,9 @@ def check_layout(name: str, layout: int) -> None:
         raise LogitcacheError(
             f"{name}: this version of logitcache reads layouts 1 and 2, the store has {layout} (upgrade)"
         )
+
+
+def _layout(targets: dict[str, Tensor]) -> int:
+    """The layout a target dict holds (the store adds it as a constant; a dict fresh from ``encode`` is the default)."""
+    layout = targets.get("layout")
+    return LAYOUT.default if layout is None else int(layout.reshape(-1)[0])
