@@ -60,6 +60,8 @@ CONFIGS_100 = [
     ("headtail", {"k": 10, "tail_samples": 8}, "blosc-lz4"),
     ("headtail", {"k": 10, "tail_samples": 16}, "blosc-lz4"),
     ("headtail", {"k": 10, "tail_samples": 16}, "zstd"),
+    ("headtail", {"k": 10, "tail_samples": 16, "tau": 4.0}, "blosc-lz4"),
+    ("headtail", {"k": 10, "tail_samples": 32, "tau": 4.0}, "blosc-lz4"),
     ("sampled", {"samples": 10, "tau": 1.0}, "blosc-lz4"),
     ("sampled", {"samples": 50, "tau": 1.0}, "blosc-lz4"),
     ("sampled", {"samples": 50, "tau": 4.0}, "blosc-lz4"),
@@ -223,6 +225,9 @@ def main() -> None:
     )
     ap.add_argument("--epochs-100", type=int, default=8, help="student epochs of the students100 part")
     ap.add_argument("--samples-100", type=int, default=10000, help="training pairs of the students100 part")
+    ap.add_argument(
+        "--students100-set", choices=("encodings", "tails"), default="encodings", help="the students100 part's configs"
+    )
     ap.add_argument("--quick", action="store_true", help="~1 minute smoke run, not recorded")
     args = ap.parse_args()
     out = OUT / "fidelity"
@@ -298,14 +303,23 @@ def main() -> None:
             )
         )
     if "students100" in parts:
-        configs = [
-            ("full", {}, "blosc-lz4"),
-            ("topk", {"k": 10}, "blosc-lz4"),
-            ("topk8", {"k": 10}, "blosc-lz4"),
-            ("headtail", {"k": 10, "tail_samples": 16}, "blosc-lz4"),
-            ("sampled", {"samples": 50, "tau": 4.0}, "blosc-lz4"),
-            ("quantized", {}, "blosc-lz4"),
-        ]
+        configs = {
+            "encodings": [
+                ("full", {}, "blosc-lz4"),
+                ("topk", {"k": 10}, "blosc-lz4"),
+                ("topk8", {"k": 10}, "blosc-lz4"),
+                ("headtail", {"k": 10, "tail_samples": 16}, "blosc-lz4"),
+                ("sampled", {"samples": 50, "tau": 4.0}, "blosc-lz4"),
+                ("quantized", {}, "blosc-lz4"),
+            ],
+            # headtail's tail drawn at T = 1 (the session 5 default) or at the students' T = 4, and more draws
+            "tails": [
+                ("full", {}, "blosc-lz4"),
+                ("headtail", {"k": 10, "tail_samples": 16}, "blosc-lz4"),
+                ("headtail", {"k": 10, "tail_samples": 16, "tau": 4.0}, "blosc-lz4"),
+                ("headtail", {"k": 10, "tail_samples": 32, "tau": 4.0}, "blosc-lz4"),
+            ],
+        }[args.students100_set]
         sections.append(
             students(
                 "Fashion-MNIST pairs (100 classes)",

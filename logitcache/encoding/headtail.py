@@ -12,6 +12,7 @@ from ..errors import LogitcacheError
 from .base import Encoding, Field, Option, num_classes_of, torch_dtype
 from .compact import LAYOUT, CompactTopKEncoding, check_layout, compact_id_dtype
 from .registry import register
+from .sampled import TAU
 from .topk import TopKEncoding
 
 
@@ -21,12 +22,15 @@ class HeadTailEncoding(Encoding):
     unstored classes (random-sampling KD for the tail only, after Anshumann et al. 2025), each drawn class stored
     with its count and its log-probability (8 bits against a per-sample scale).
 
-    Decoding at any temperature T: the head as ``topk`` decodes it; the tail's total softened mass ``sum p_j^(1/T)``
-    from the stored softened tail masses (as ``topk``); its *shape* from the draws, each drawn class weighted by
-    ``count * p_j^(1/T - 1)`` (importance weights: the draws follow ``p_j``, the target is ``p_j^(1/T)``). At T = 1
-    this is exactly RS-KD's unbiased estimate; at other temperatures it is the ratio estimator (the weights rescaled
-    to the known total), consistent in S. Classes never drawn get no mass: KL(teacher || decoded) is infinite by
-    construction, as for ``sampled``, but the KD gradient is unbiased at T = 1 and nearly so elsewhere.
+    The draws follow the tail at temperature ``tau`` (``p_j^(1/tau)``, renormalised; ``tau`` = 1 in stores that
+    predate the option). Decoding at any temperature T: the head as ``topk`` decodes it; the tail's total softened
+    mass ``sum p_j^(1/T)`` from the stored softened tail masses (as ``topk``); its *shape* from the draws, each drawn
+    class weighted by ``count * p_j^(1/T - 1/tau)`` (importance weights: the draws follow ``p_j^(1/tau)``, the target
+    is ``p_j^(1/T)``). At T = tau the weights are the counts, RS-KD's unbiased estimate; elsewhere it is the ratio
+    estimator (the weights rescaled to the known total), consistent in S but noisier the further T is from tau
+    (measured in benchmarks/RESULTS.md: draw at the temperature you train with). Classes never drawn get no mass:
+    KL(teacher || decoded) is infinite by construction, as for ``sampled``, but the KD gradient is unbiased at
+    T = tau and nearly so elsewhere.
     """
 
     name = "headtail"
@@ -35,6 +39,7 @@ class HeadTailEncoding(Encoding):
     options = {
         "k": Option(10, "topk / topk8 / headtail: entries kept per sample.", low=1),
         "tail_samples": Option(16, "headtail: draws S from the classes outside the top k.", low=1),
+        "tau": TAU,
         "layout": LAYOUT,  # the head's
     }
     field_names = CompactTopKEncoding.field_names | {"tail_ids", "tail_counts", "tail_q", "tail_scale"}
@@ -42,6 +47,8 @@ class HeadTailEncoding(Encoding):
 
     def validate(self) -> None:
         check_layout(self.name, self.layout)
+        if self.tau <= 0:
+            raise LogitcacheError(f"headtail: the draws' temperature must be > 0, got {self.tau:g}")
         if not 3 <= self.k < self.num_classes:
             raise LogitcacheError(f"headtail needs 3 <= k < the number of classes ({self.num_classes}), got {self.k}")
         if self.tail_samples > 255:
@@ -51,7 +58,7 @@ class HeadTailEncoding(Encoding):
         return CompactTopKEncoding(self.num_classes, self.k, layout=self.layout)
 
     def constants(self) -> dict[str, float]:
-        return self._head().constants()
+        return {**self._head().constants(), "temperature": self.tau}  # the draws' temperature, as for ``sampled``
 
     def slots(self) -> int:
         return min(self.tail_samples, self.num_classes - self.k)
@@ -72,7 +79,8 @@ class HeadTailEncoding(Encoding):
         head = self._head().encode(logits)
         logp = torch.log_softmax(logits.float(), dim=-1)
         top, ids = logp.topk(self.k, dim=-1)
-        rest = torch.softmax(logp.scatter(-1, ids, float("-inf")), dim=-1)  # the teacher restricted to the tail
+        # the teacher at temperature tau, restricted to the tail
+        rest = torch.softmax((logp / self.tau).scatter(-1, ids, float("-inf")), dim=-1)
         draws = torch.multinomial(rest, self.tail_samples, replacement=True, generator=generator)
         counts = torch.zeros(rest.shape, dtype=torch.int32).scatter_add_(
             1, draws, torch.ones_like(draws, dtype=torch.int32)
@@ -100,7 +108,8 @@ class HeadTailEncoding(Encoding):
         counts = targets["tail_counts"].float()
         slot_lp = logp_top[..., -1:] - targets["tail_q"].float() * targets["tail_scale"].float()[..., None]
         # importance weights of the draws, rescaled so that they add up to the known total
-        log_w = torch.log(counts) + (1.0 / temperature - 1.0) * slot_lp
+        tau = targets["temperature"].float()[..., None] if "temperature" in targets else 1.0
+        log_w = torch.log(counts) + (1.0 / temperature - 1.0 / tau) * slot_lp
         log_w = log_w - torch.logsumexp(log_w, dim=-1, keepdim=True) + total[..., None]
         dense = torch.full((*ids.shape[:-1], num_classes), float("-inf"))
         dense = dense.scatter(-1, ids, logp_top / temperature)
@@ -126,4 +135,6 @@ class HeadTailEncoding(Encoding):
         drawn = stored["tail_ids"][stored["tail_counts"] > 0].long()
         worst = float(fresh_log_p[drawn].min()) if len(drawn) else 0.0
         # draws differ from run to run by design; an essentially impossible drawn class means another teacher/image
-        return diff, (f"a stored tail draw has fresh probability e^{worst:.1f}" if worst < -math.log(1e6) - 2 else "")
+        # (a draw at temperature tau follows p^(1/tau): what is impossible at 1 is only unlikely at 4)
+        impossible = self.tau * (-math.log(1e6) - 2)
+        return diff, (f"a stored tail draw has fresh probability e^{worst:.1f}" if worst < impossible else "")

@@ -11,6 +11,14 @@ from .base import Encoding, Field, Option, id_dtype, num_classes_of, torch_dtype
 from .registry import register
 
 
+# shared by the encodings that store draws (one --tau flag)
+TAU = Option(
+    1.0,
+    "sampled / headtail: the temperature the draws follow (sampled: training must use the same; headtail: any "
+    "works, the one you train with gives the least noisy targets).",
+)
+
+
 @register
 class SampledEncoding(Encoding):
     """Random-sampling KD (Anshumann et al., ACL 2025): S draws with replacement from the teacher's distribution at
@@ -25,7 +33,7 @@ class SampledEncoding(Encoding):
     values = "sample counts"
     options = {
         "samples": Option(50, "sampled: draws S per sample.", low=1),
-        "tau": Option(1.0, "sampled: sampling temperature; training must use the same."),
+        "tau": TAU,
     }
     field_names = frozenset({"ids", "counts"})
     deterministic = False
