@@ -26,6 +26,7 @@ from rich.table import Table
 
 from _common import OUT, console, record, run_once, show
 from logitcache import TrainConfig, build_cache, specs
+from logitcache.budgets import Arm
 from logitcache.mix import Mix
 from logitcache.train import RunResult
 
@@ -88,23 +89,26 @@ def main() -> None:
     def time_to_target(arms: dict[str, dict], by_budget: dict[int, dict[str, list[float]]], target: float) -> str:
         """Per arm: mean final accuracy at every budget and the smallest budget whose mean reaches each target."""
         budgets = sorted(by_budget)
-        full = by_budget.get(args.epochs, {}).get("scratch")
+        curves = {name: Arm(name) for name in arms}
+        for e in budgets:
+            for name, accs in by_budget[e].items():
+                for acc in accs:
+                    curves[name].add(e, acc, 0.0)
         targets = {f"run 1 ({target:.4f})": target}
-        if full:
-            targets[f"scratch at 1.0x ({statistics.mean(full):.4f})"] = statistics.mean(full)
+        if args.epochs in by_budget:
+            full = curves["scratch"].mean(args.epochs)
+            targets[f"scratch at 1.0x ({full:.4f})"] = full
         table = Table(title=f"time to target: final accuracy (mean of {len(seeds)} seeds) per budget, and speedup")
         table.add_column("arm", justify="right")
         for e in budgets:
             table.add_column(f"{e / args.epochs:.3g}x", justify="right")
         for name in targets:
             table.add_column(f"speedup to {name}", justify="right")
-        for arm in arms:
-            means = {e: statistics.mean(by_budget[e][arm]) for e in budgets}
-            cells = [f"{means[e]:.4f}" for e in budgets]
-            for t in targets.values():
-                hit = [e for e in budgets if means[e] >= t]
-                cells.append(f"{args.epochs / hit[0]:.2f}x" if hit else "not reached")
-            table.add_row(arm, *cells)
+        for name, arm in curves.items():
+            speedups = [arm.speedup(t, args.epochs) for t in targets.values()]
+            table.add_row(
+                name, *(f"{arm.mean(e):.4f}" for e in budgets), *(f"{x:.2f}x" if x else "not reached" for x in speedups)
+            )
         return show(table)
 
     def teacher_run(name: str, conf: dict, epochs: int, seed: int = 0) -> RunResult:
