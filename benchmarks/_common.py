@@ -164,3 +164,35 @@ def run_once(cfg, tag: str = ""):
     except (OSError, ValueError):
         pass
     return train(dataclasses.replace(cfg, out=str(out), overwrite=True))
+
+
+def cache_for(teacher: str, dataset: str, augment: str, limit: int, views: int, out: Path, mix=None) -> str:
+    """A full-encoding cache of ``teacher``'s targets at ``out``, reusing a complete one of the same teacher and mixing
+    with at least ``views`` views (the benchmarks' runs are keyed by the cache's path)."""
+    from logitcache import build_cache
+    from logitcache.mix import Mix
+
+    mix = mix or Mix()
+    if (out / "zarr.json").is_file():
+        from logitcache import open_cache
+
+        c = open_cache(out)
+        # views are a pure function of (seed, view, index): a cache with more views holds the same first ``views``
+        same = c.meta["teacher"]["spec"] == teacher and c.num_views >= views and c.meta.get("mix") == mix.to_meta()
+        if c.is_complete and same:
+            return str(out)
+    ds = specs.resolve_dataset(dataset, limit=limit)
+    tf, _ = specs.resolve_augment(augment, ds)
+    build_cache(
+        specs.resolve_teacher(teacher),
+        ds,
+        out,
+        augment=tf,
+        views=views,
+        encoding="full",
+        overwrite=True,
+        progress=False,
+        specs={"teacher": teacher, "dataset": dataset, "augment": augment},
+        mix=mix,
+    )
+    return str(out)

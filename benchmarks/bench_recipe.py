@@ -20,41 +20,14 @@ from __future__ import annotations
 import argparse
 import itertools
 import statistics
-from pathlib import Path
 
 from rich.table import Table
 
-from _common import OUT, console, record, run_once, show
-from logitcache import TrainConfig, build_cache, specs
+from _common import OUT, cache_for, console, record, run_once, show
+from logitcache import TrainConfig
 from logitcache.budgets import Arm
 from logitcache.mix import Mix
 from logitcache.train import RunResult
-
-
-def cache_for(teacher: str, dataset: str, augment: str, limit: int, views: int, out: Path, mix: Mix = Mix()) -> str:
-    if (out / "zarr.json").is_file():
-        from logitcache import open_cache
-
-        c = open_cache(out)
-        # views are a pure function of (seed, view, index): a cache with more views holds the same first ``views``
-        same = c.meta["teacher"]["spec"] == teacher and c.num_views >= views and c.meta.get("mix") == mix.to_meta()
-        if c.is_complete and same:
-            return str(out)
-    ds = specs.resolve_dataset(dataset, limit=limit)
-    tf, _ = specs.resolve_augment(augment, ds)
-    build_cache(
-        specs.resolve_teacher(teacher),
-        ds,
-        out,
-        augment=tf,
-        views=views,
-        encoding="full",
-        overwrite=True,
-        progress=False,
-        specs={"teacher": teacher, "dataset": dataset, "augment": augment},
-        mix=mix,
-    )
-    return str(out)
 
 
 def main() -> None:

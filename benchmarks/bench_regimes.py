@@ -24,8 +24,8 @@ from pathlib import Path
 
 from rich.table import Table
 
-from _common import OUT, console, record, run_once, show
-from logitcache import TrainConfig, build_cache, specs
+from _common import OUT, cache_for, console, record, run_once, show
+from logitcache import TrainConfig
 from logitcache.budgets import Arm, budget_epochs
 
 
@@ -64,14 +64,7 @@ def study(
     run1 = run_once(TrainConfig(out="", seed=0, epochs=epochs, lr=0.05, **common), tag=run1_tag)
     views = budget_epochs(epochs, max(budgets))
     cache = OUT / cache_name.format(images=images, epochs=epochs, views=views)
-    if not (cache / "zarr.json").is_file():
-        ds = specs.resolve_dataset(dataset, limit=images)
-        tf, _ = specs.resolve_augment(augment, ds)
-        build_cache(
-            specs.resolve_teacher(run1.run_dir), ds, cache, augment=tf, views=views, encoding="full", workers=2,
-            overwrite=True, progress=False,
-            specs={"teacher": run1.run_dir, "augment": augment, "dataset": dataset},
-        )  # fmt: skip
+    cache_for(run1.run_dir, dataset, augment, images, views, cache)
     scratch = Arm("scratch")
     kds = [(Arm("cached KD" if len(recipes) == 1 else f"cached KD T/w/until={r}"), recipe(r)) for r in recipes]
     for seed in seeds:

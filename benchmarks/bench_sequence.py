@@ -25,7 +25,7 @@ from pathlib import Path
 
 from rich.table import Table
 
-from _common import OUT, console, record, run_once, show
+from _common import OUT, cache_for, console, record, run_once, show
 from logitcache import TrainConfig, build_cache, specs
 from logitcache.budgets import Arm, budget_epochs, plot_budgets
 
@@ -193,23 +193,20 @@ def main() -> None:
         f"{kd_epochs / args.epochs:.2f}x) = {cost_kd / cost_scratch:.2f}x (target <= 0.70x)",
     ]
     if args.best_teacher:
-        lines += best_teacher_sweep(args, seeds, run1, cache, kd_epochs, trained, ds, tf)
+        lines += best_teacher_sweep(args, seeds, run1, cache, kd_epochs, trained)
     record("Sequence of runs, budget methodology (bench_sequence.py)", "\n".join(lines), args.quick)
 
 
-def best_teacher_sweep(args, seeds, run1, run1_cache, kd_epochs, trained, ds, tf) -> list[str]:
+def best_teacher_sweep(args, seeds, run1, run1_cache, kd_epochs, trained) -> list[str]:
     """Part C: per seed, the sweep's members in order, each distilled from the best finished run so far."""
     caches = {run1.run_dir: str(run1_cache.path)}
 
     def cache_of(run_dir: str) -> str:
         if run_dir not in caches:  # a new best: one build of its targets (counted in the sweep's cost)
             out = OUT / f"sequence-cache-best-{Path(run_dir).name}"
-            built = build_cache(
-                specs.resolve_teacher(run_dir), ds, out, augment=tf, views=run1_cache.num_views, encoding="full",
-                workers=args.workers, overwrite=True, progress=False,
-                specs={"teacher": run_dir, "augment": "pad-crop-flip", "dataset": "fashion-mnist"},
-            )  # fmt: skip
-            caches[run_dir] = str(built.path)
+            caches[run_dir] = cache_for(
+                run_dir, "fashion-mnist", "pad-crop-flip", args.samples, run1_cache.num_views, out
+            )
         return caches[run_dir]
 
     table = Table(title=f"C. the sweep in order, each member distilled from the best run so far, {kd_epochs} epochs")
