@@ -57,10 +57,14 @@ CONFIGS_100 = [
     ("topk8", {"k": 10, "layout": 1}, "zstd"),
     ("topk8", {"k": 20, "layout": 1}, "blosc-lz4"),
     ("topk8", {"k": 20, "layout": 1}, "zstd"),
-    ("headtail", {"k": 10, "tail_samples": 8}, "blosc-lz4"),
-    ("headtail", {"k": 10, "tail_samples": 16}, "blosc-lz4"),
-    ("headtail", {"k": 10, "tail_samples": 16}, "zstd"),
+    ("headtail", {"k": 10, "tail_samples": 8, "draws": "multinomial"}, "blosc-lz4"),
+    ("headtail", {"k": 10, "tail_samples": 16, "draws": "multinomial"}, "blosc-lz4"),
+    ("headtail", {"k": 10, "tail_samples": 16, "draws": "multinomial"}, "zstd"),
+    ("headtail", {"k": 10, "tail_samples": 16, "tau": 4.0, "draws": "multinomial"}, "blosc-lz4"),
     ("headtail", {"k": 10, "tail_samples": 16, "tau": 4.0}, "blosc-lz4"),
+    ("headtail", {"k": 10, "tail_samples": 16, "tau": 4.0}, "zstd"),
+    ("headtail", {"k": 10, "tail_samples": 24, "tau": 4.0}, "blosc-lz4"),
+    ("headtail", {"k": 10, "tail_samples": 32, "tau": 4.0, "draws": "multinomial"}, "blosc-lz4"),
     ("headtail", {"k": 10, "tail_samples": 32, "tau": 4.0}, "blosc-lz4"),
     ("sampled", {"samples": 10, "tau": 1.0}, "blosc-lz4"),
     ("sampled", {"samples": 50, "tau": 1.0}, "blosc-lz4"),
@@ -226,7 +230,7 @@ def main() -> None:
     ap.add_argument("--epochs-100", type=int, default=8, help="student epochs of the students100 part")
     ap.add_argument("--samples-100", type=int, default=10000, help="training pairs of the students100 part")
     ap.add_argument(
-        "--students100-set", choices=("encodings", "tails"), default="encodings", help="the students100 part's configs"
+        "--students100-set", choices=("encodings", "tails", "draws"), default="encodings", help="the students100 part's configs"
     )
     ap.add_argument("--quick", action="store_true", help="~1 minute smoke run, not recorded")
     args = ap.parse_args()
@@ -315,9 +319,16 @@ def main() -> None:
             # headtail's tail drawn at T = 1 (the session 5 default) or at the students' T = 4, and more draws
             "tails": [
                 ("full", {}, "blosc-lz4"),
-                ("headtail", {"k": 10, "tail_samples": 16}, "blosc-lz4"),
+                ("headtail", {"k": 10, "tail_samples": 16, "draws": "multinomial"}, "blosc-lz4"),
+                ("headtail", {"k": 10, "tail_samples": 16, "tau": 4.0, "draws": "multinomial"}, "blosc-lz4"),
+                ("headtail", {"k": 10, "tail_samples": 32, "tau": 4.0, "draws": "multinomial"}, "blosc-lz4"),
+            ],
+            # independent against systematic tail draws (session 7), at the students' temperature
+            "draws": [
+                ("full", {}, "blosc-lz4"),
+                ("headtail", {"k": 10, "tail_samples": 16, "tau": 4.0, "draws": "multinomial"}, "blosc-lz4"),
                 ("headtail", {"k": 10, "tail_samples": 16, "tau": 4.0}, "blosc-lz4"),
-                ("headtail", {"k": 10, "tail_samples": 32, "tau": 4.0}, "blosc-lz4"),
+                ("headtail", {"k": 10, "tail_samples": 24, "tau": 4.0}, "blosc-lz4"),
             ],
         }[args.students100_set]
         sections.append(

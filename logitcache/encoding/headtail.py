@@ -16,11 +16,33 @@ from .sampled import TAU
 from .topk import TopKEncoding
 
 
+def multinomial(probs: Tensor, samples: int, generator: torch.Generator | None, support: int) -> Tensor:
+    return torch.multinomial(probs, samples, replacement=True, generator=generator)
+
+
+def systematic(probs: Tensor, samples: int, generator: torch.Generator | None, support: int) -> Tensor:
+    """``samples`` class ids per row whose counts are unbiased (``E[count_c] = samples * p_c``) with far less noise
+    than independent draws: one uniform offset ``u`` and the points ``(u + j) / samples`` on the cumulative
+    distribution of the classes sorted by probability, so each class gets ``floor`` or ``ceil`` of its expected
+    count, and the draws spread over likely and unlikely classes alike (systematic resampling, as particle filters
+    use). ``support``: how many classes can have a non-zero probability (the rest sort last and are never drawn)."""
+    p, order = probs.sort(dim=-1, descending=True)
+    cdf = p.cumsum(-1)
+    u = torch.rand(probs.shape[0], 1, generator=generator)
+    points = (u + torch.arange(samples)) / samples * cdf[:, -1:]  # the total is 1 up to rounding
+    at = torch.searchsorted(cdf, points).clamp(max=support - 1)
+    return order.gather(1, at)
+
+
+DRAWS = {"systematic": systematic, "multinomial": multinomial}
+
+
 @register
 class HeadTailEncoding(Encoding):
-    """Top k exactly, and the tail as ``S`` draws with replacement from the teacher's distribution restricted to the
-    unstored classes (random-sampling KD for the tail only, after Anshumann et al. 2025), each drawn class stored
-    with its count and its log-probability (8 bits against a per-sample scale).
+    """Top k exactly, and the tail as ``S`` draws from the teacher's distribution restricted to the unstored classes
+    (random-sampling KD for the tail only, after Anshumann et al. 2025), each drawn class stored with its count and
+    its log-probability (8 bits against a per-sample scale). The draws are systematic (``draws``; independent in
+    stores that predate the option): unbiased like independent draws, with each count within 1 of its expectation.
 
     The draws follow the tail at temperature ``tau`` (``p_j^(1/tau)``, renormalised; ``tau`` = 1 in stores that
     predate the option). Decoding at any temperature T: the head as ``topk`` decodes it; the tail's total softened
@@ -40,6 +62,12 @@ class HeadTailEncoding(Encoding):
         "k": Option(10, "topk / topk8 / headtail: entries kept per sample.", low=1),
         "tail_samples": Option(16, "headtail: draws S from the classes outside the top k.", low=1),
         "tau": TAU,
+        "draws": Option(
+            "systematic",
+            "headtail: systematic (unbiased, each count within 1 of its expectation) or multinomial (independent "
+            "draws: noisier).",
+            absent="multinomial",
+        ),
         "layout": LAYOUT,  # the head's
     }
     field_names = CompactTopKEncoding.field_names | {"tail_ids", "tail_counts", "tail_q", "tail_scale"}
@@ -51,6 +79,8 @@ class HeadTailEncoding(Encoding):
             raise LogitcacheError(f"headtail: the draws' temperature must be > 0, got {self.tau:g}")
         if not 3 <= self.k < self.num_classes:
             raise LogitcacheError(f"headtail needs 3 <= k < the number of classes ({self.num_classes}), got {self.k}")
+        if self.draws not in DRAWS:
+            raise LogitcacheError(f"headtail: draws must be one of {', '.join(DRAWS)}, got {self.draws!r}")
         if self.tail_samples > 255:
             raise LogitcacheError(f"headtail: at most 255 tail draws, got {self.tail_samples}")
 
@@ -81,7 +111,7 @@ class HeadTailEncoding(Encoding):
         top, ids = logp.topk(self.k, dim=-1)
         # the teacher at temperature tau, restricted to the tail
         rest = torch.softmax((logp / self.tau).scatter(-1, ids, float("-inf")), dim=-1)
-        draws = torch.multinomial(rest, self.tail_samples, replacement=True, generator=generator)
+        draws = DRAWS[self.draws](rest, self.tail_samples, generator, self.num_classes - self.k)
         counts = torch.zeros(rest.shape, dtype=torch.int32).scatter_add_(
             1, draws, torch.ones_like(draws, dtype=torch.int32)
         )
