@@ -3,13 +3,16 @@
 SYNTHETIC DATA: N tiny 1x4x4 images and a random linear teacher over C classes, so that images cost almost nothing
 and the loader's speed is the targets' read path alone. No accuracy is measured here.
 
-For each store variant (encoding, views) three read paths are timed in one DataLoader setting (2 workers, batch 256,
+For each store variant (encoding, views) four read paths are timed in one DataLoader setting (2 workers, batch 256,
 persistent workers) against the same loader without targets (`ReplayDataset`, the "images only" rate):
   - shuffled + chunk LRU: a global shuffle, targets read by whole chunks into each worker's 512 MB LRU (the read path
     before issue 15; once a view exceeds the LRU each chunk is decoded again for almost every sample it serves);
   - shared view:  the epoch's view read once, sequentially, into memory shared by the workers (`set_epoch`), then a
     global shuffle (what `train` does when the view fits --target-memory-mb);
-  - chunk shuffle: `ChunkShuffleSampler` (window 8 chunks) with the chunk LRU (what `train` does when it does not).
+  - chunk shuffle, chunks per worker: `ChunkShuffleSampler` (window 8 chunks) with each worker's chunk LRU (what
+    `train` did when the view does not fit, before session 7: each chunk read once per worker);
+  - chunk shuffle + ring: the dataset's own `chunk_sampler()` (window 8 chunks): the main process reads each window
+    once into a ring of 3 windows the workers share (what `train` does when the view does not fit).
 Recorded per path: loader rate and ratio to images only, read amplification (rows decoded from the store / rows
 served), time to the first batch (the view's fill included), peak RSS of a worker and the node's proportional memory
 (PSS of the main process and its workers). Slow paths are timed on their first `--batches` batches; the others on a
@@ -310,15 +313,16 @@ def read_paths(args, out) -> None:
         paths = {
             "shuffled + chunk LRU": (dict(memory_mb=0), "random", args.batches),
             "shared view": (dict(), "random", None),
-            "chunk shuffle": (dict(memory_mb=0), "chunks", None),
+            "chunk shuffle, chunks per worker": (dict(memory_mb=0), "chunks", None),
+            "chunk shuffle + ring": (dict(memory_mb=0), "ring", None),
         }
         for name, (kw, order, limit) in paths.items():
             kd = CachedKDDataset(ds, cache, augment=to_float, **kw)
-            sampler = (
-                RandomSampler(range(len(ds)), generator=torch.Generator().manual_seed(0))
-                if order == "random"
-                else ChunkShuffleSampler(len(ds), cache.chunk_rows, window=8, seed=0)
-            )
+            sampler = {
+                "random": lambda: RandomSampler(range(len(ds)), generator=torch.Generator().manual_seed(0)),
+                "chunks": lambda: ChunkShuffleSampler(len(ds), cache.chunk_rows, window=8, seed=0),
+                "ring": lambda: kd.chunk_sampler(window=8, seed=0),  # the windows read once, in the main process
+            }[order]()
             r = run_loader(kd, sampler, epoch, limit, args.workers)
             if name == "shared view":
                 decode.append((cache.view_nbytes(), r["fill"]))

@@ -25,6 +25,8 @@ from .encoding.base import torch_dtype
 from .errors import LogitcacheError
 from .mix import Mix, mixed_view, soft_label
 from .replay import replay_view
+from .ring import WindowRing
+from .sampler import ChunkShuffleSampler
 from .specs import recorded_augment
 from .store import Cache, open_cache
 
@@ -91,9 +93,11 @@ class CachedKDDataset(ReplayDataset):
     epoch's view sequentially, once, into shared memory that every DataLoader worker of this process (one copy per
     rank) serves from: each chunk is read once per epoch whatever the shuffle; when two views fit, the next epoch's is
     read in the background during this one (``prefetch=False`` turns that off), so an epoch does not wait for it.
-    Otherwise targets are read one whole chunk at a time into an LRU of ``max_cache_mb`` per worker; pair that with
-    ``ChunkShuffleSampler``, whose order keeps the chunks a worker needs at a time few (a shuffled order would read
-    each chunk about once per sample).
+    Otherwise iterate the dataset with its own ``chunk_sampler()`` (a ``ChunkShuffleSampler``, whose order keeps the
+    chunks needed at a time few): the main process then reads each window of chunks once, in order, into a small ring
+    of shared memory the workers serve from (``logitcache.ring``), so each chunk is read once per rank and epoch.
+    Any other order is served one whole chunk at a time from an LRU of ``max_cache_mb`` per worker (a shuffled
+    order reads each chunk about once per sample).
     Without ``set_epoch`` (or before it) the chunk path serves, so results never depend on which path ran.
     """
 
@@ -130,6 +134,8 @@ class CachedKDDataset(ReplayDataset):
         self._buffers: list[dict[str, torch.Tensor]] = []
         self._holds = torch.full((2,), -1, dtype=torch.int64).share_memory_()
         self._prefetch: threading.Thread | None = None
+        self._sampler: ChunkShuffleSampler | None = None
+        self._ring: WindowRing | None = None
         self._prefetch_error: BaseException | None = None
         nbytes = cache.view_nbytes()
         wanted = 2 if prefetch and cache.num_views > 1 and 2 * nbytes <= memory_mb * 2**20 else 1
@@ -141,6 +147,21 @@ class CachedKDDataset(ReplayDataset):
                         for name, f in cache.encoding.fields().items()
                     }
                 )
+
+    def chunk_sampler(
+        self, *, window: int = 8, num_replicas: int = 1, rank: int = 0, seed: int = 0, ring: bool = True
+    ) -> ChunkShuffleSampler:
+        """The chunk-aware shuffle for this dataset (``set_epoch`` sets its epoch too). When the view is read by chunk
+        (not ``in_memory``) and ``ring``, its windows are read once per rank into shared memory for the workers:
+        call this before the DataLoader starts its workers, and iterate every epoch in full."""
+        sampler = ChunkShuffleSampler(
+            len(self), self.cache.chunk_rows, window=window, num_replicas=num_replicas, rank=rank, seed=seed
+        )
+        self._sampler = sampler
+        if ring and not self.in_memory:
+            fields = {n: (f.shape, torch_dtype(f.dtype)) for n, f in self.cache.encoding.fields().items()}
+            self._ring = WindowRing(sampler, fields, self.cache.read_chunk, self.rows_read)
+        return sampler
 
     @property
     def in_memory(self) -> bool:
@@ -154,6 +175,14 @@ class CachedKDDataset(ReplayDataset):
 
     def set_epoch(self, epoch: int) -> None:
         super().set_epoch(epoch)
+        if self._sampler is not None:
+            self._sampler.set_epoch(epoch)
+        if self._ring is not None and not self._ring.start(epoch, self.view_of(epoch)):
+            warnings.warn(
+                f"epoch {epoch}: the previous epoch was left midway, so this one reads its targets by chunk (slower); "
+                "the ring of windows resumes with the next complete epoch",
+                stacklevel=2,
+            )
         if not self._buffers:
             return
         self._join_prefetch()
@@ -217,13 +246,25 @@ class CachedKDDataset(ReplayDataset):
     def targets(self, indices: list[int], view: int, labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """The cached targets of ``indices`` in ``view``, batched: from the shared view when it holds ``view``, else
         one gather per chunk and field; all in one buffer (``labels`` too, under a private key, when given)."""
+        return self._targets(indices, view, labels, served=False)
+
+    def _targets(
+        self, indices: list[int], view: int, labels: torch.Tensor | None, served: bool
+    ) -> dict[str, torch.Tensor]:
+        # served: a request of the loader's order (the ring serves it, when it serves this epoch's view)
         b = self._buffer_of(view)
-        if b is not None:
+        epoch = self.epoch
+        ring = self._ring if served and b is None and view == self.view_of(epoch) else None
+        if ring is not None and ring.serves(epoch):
+            batch = {**ring.take(indices, epoch), **self.cache.constants(len(indices))}
+        elif b is not None:
             idx = torch.as_tensor(indices, dtype=torch.int64)
             batch = {**{name: t[idx] for name, t in self._buffers[b].items()}, **self.cache.constants(len(idx))}
         else:
             self._own_handle()
             batch = self.cache.take(view, indices, self._chunk)
+            if ring is not None:
+                ring.count(len(indices))
         if labels is not None:
             batch[_LABELS] = labels
         return packed(batch)
@@ -250,7 +291,7 @@ class CachedKDDataset(ReplayDataset):
     def __getitem__(self, index: int):
         view = self.view_of(self.epoch)
         image, label = self.image(index, view)
-        return image, label, self.target(index, view)
+        return image, label, {name: t[0] for name, t in self._targets([index], view, None, served=True).items()}
 
     def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor, Any, Mapping[str, torch.Tensor]]]:
         # The DataLoader's batched fetch: targets are gathered for the whole batch at once and each sample gets a
@@ -261,7 +302,7 @@ class CachedKDDataset(ReplayDataset):
         samples = [self.image(i, view) for i in indices]
         labels = [label for _, label in samples]
         fold = all(type(label) is int for label in labels)
-        batch = self.targets(indices, view, labels=torch.tensor(labels, dtype=torch.int64) if fold else None)
+        batch = self._targets(indices, view, torch.tensor(labels, dtype=torch.int64) if fold else None, served=True)
         folded = batch.pop(_LABELS, None)
         return [
             (image, LabelRow(label, folded, row) if fold else label, TargetRow(batch, row))

@@ -49,21 +49,32 @@ class ChunkShuffleSampler(Sampler[int]):
     def __len__(self) -> int:
         return self.num_samples // self.num_replicas
 
+    def _order(self, epoch: int) -> tuple[torch.Generator, torch.Tensor]:
+        g = torch.Generator().manual_seed(sample_seed(self.seed, epoch, 0x5A3B))
+        return g, torch.randperm(self.num_chunks, generator=g)
+
+    def chunk_starts(self, epoch: int) -> torch.Tensor:
+        """Where each chunk's first row falls in this rank's share of ``epoch`` (before the shuffle within windows):
+        sample ``i`` is at ``chunk_starts[i // chunk_rows] + i % chunk_rows``, this rank's when in ``[0, len)``."""
+        _, order = self._order(epoch)
+        sizes = self.chunk_sizes()
+        starts = torch.empty(self.num_chunks, dtype=torch.int64)
+        starts[order] = torch.cumsum(sizes[order], 0) - sizes[order]
+        return starts - self.rank * len(self)
+
     def __iter__(self) -> Iterator[int]:
-        g = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, 0x5A3B))
-        order = torch.randperm(self.num_chunks, generator=g)
+        g, order = self._order(self.epoch)
+        sizes = self.chunk_sizes()[order]
         # every sample once, chunk by chunk in shuffled chunk order; rank r takes the r-th contiguous share of it
-        starts = (order * self.chunk_rows).repeat_interleave(self._sizes()[order])
-        within = torch.arange(self.num_samples) - torch.repeat_interleave(
-            torch.cumsum(self._sizes()[order], 0) - self._sizes()[order], self._sizes()[order]
-        )
+        starts = (order * self.chunk_rows).repeat_interleave(sizes)
+        within = torch.arange(self.num_samples) - torch.repeat_interleave(torch.cumsum(sizes, 0) - sizes, sizes)
         share = len(self)
         mine = (starts + within)[self.rank * share : (self.rank + 1) * share]
         span = self.window * self.chunk_rows
         blocks = [mine[s : s + span] for s in range(0, share, span)]
         return iter(torch.cat([b[torch.randperm(len(b), generator=g)] for b in blocks]).tolist() if blocks else [])
 
-    def _sizes(self) -> torch.Tensor:
+    def chunk_sizes(self) -> torch.Tensor:
         sizes = torch.full((self.num_chunks,), self.chunk_rows, dtype=torch.int64)
         sizes[-1] = self.num_samples - (self.num_chunks - 1) * self.chunk_rows
         return sizes

@@ -121,8 +121,8 @@ class TrainConfig:
     target_memory_mb: float = _option(
         4096,
         "Memory per rank for one view of cached targets: a view that fits is read once per epoch into memory shared "
-        "by the DataLoader workers; a larger one is read chunk by chunk in a chunk-aware shuffle "
-        "(logitcache.sampler.ChunkShuffleSampler).",
+        "by the DataLoader workers; a larger one is shuffled chunk-aware (logitcache.sampler.ChunkShuffleSampler) "
+        "and read window by window, once per rank, into a ring of 3 windows the workers share.",
     )
     shuffle_window: int = _option(
         8, "Chunks whose samples are shuffled together when the view does not fit --target-memory-mb.", low=1
@@ -374,8 +374,8 @@ def _setup(cfg: TrainConfig) -> _Run:
     persistent = cfg.workers > 0
     # Each epoch's order is a function of (seed, epoch) alone, so a resumed run shuffles as the uninterrupted one did.
     if isinstance(train_ds, CachedKDDataset) and not train_ds.in_memory:
-        sampler: DistributedSampler | ChunkShuffleSampler = ChunkShuffleSampler(
-            len(train_ds), cache.chunk_rows, window=cfg.shuffle_window, num_replicas=world, rank=rank, seed=cfg.seed
+        sampler: DistributedSampler | ChunkShuffleSampler = train_ds.chunk_sampler(
+            window=cfg.shuffle_window, num_replicas=world, rank=rank, seed=cfg.seed
         )
     else:
         sampler = DistributedSampler(

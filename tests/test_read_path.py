@@ -110,6 +110,85 @@ def test_chunk_shuffle_is_independent_of_the_number_of_workers(built_cache, tiny
     assert torch.equal(seen[0][0], seen[2][0]) and torch.equal(seen[0][1], seen[2][1])
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_the_ring_reads_each_chunk_once_per_epoch_and_serves_what_direct_reads_return(built_cache, tiny, workers):
+    # A view over the memory budget, iterated with the dataset's own chunk sampler: the main process reads each window
+    # (here one 64-row chunk: 4 windows through a ring of 3 slots, so slots are reused) once, and the workers serve
+    # from it. Read amplification 1.00 per epoch; no worker decodes a chunk; persistent workers across epochs.
+    ds = lc.CachedKDDataset(tiny, built_cache, memory_mb=0)
+    sampler = ds.chunk_sampler(window=1, seed=1)
+    cache = lc.open_cache(built_cache)
+    loader = DataLoader(ds, batch_size=24, sampler=sampler, num_workers=workers, persistent_workers=workers > 0)
+    for epoch in range(4):
+        ds.set_epoch(epoch)  # sets the sampler's epoch too
+        order = list(sampler)
+        got = [batch for batch in loader]
+        direct = cache.read(epoch % 3)
+        for name in direct:
+            assert torch.equal(torch.cat([t[name] for _, _, t in got]), direct[name][order]), (epoch, name)
+        assert torch.equal(got[1][0][3], ds.image(order[27], epoch % 3)[0])  # the image the teacher labelled
+    assert int(ds.rows_read[0]) == 4 * len(tiny) and int(ds.rows_read[1:].sum()) == 0
+
+
+def test_ring_ranks_read_their_share_once_and_together_serve_every_sample_once(built_cache, tiny):
+    cache = lc.open_cache(built_cache)
+    served = []
+    for rank in range(2):
+        ds = lc.CachedKDDataset(tiny, built_cache, memory_mb=0)
+        sampler = ds.chunk_sampler(window=1, num_replicas=2, rank=rank, seed=3)
+        ds.set_epoch(2)
+        got = list(DataLoader(ds, batch_size=10, sampler=sampler, num_workers=0))
+        order = list(sampler)
+        assert torch.equal(torch.cat([t["ids"] for _, _, t in got]), cache.read(2)["ids"][order])
+        # a rank reads whole chunks: its 120 rows and the rest of the chunk it shares with the other rank
+        assert len(order) <= int(ds.rows_read.sum()) <= len(order) + 64
+        served += order
+        with pytest.raises(lc.LogitcacheError, match="not in this rank's share"):
+            ds[next(i for i in range(len(tiny)) if i not in order)]
+    assert sorted(served) == list(range(len(tiny)))
+
+
+def test_the_ring_refuses_another_order_and_falls_back_after_an_epoch_left_midway(built_cache, tiny):
+    ds = lc.CachedKDDataset(tiny, built_cache, memory_mb=0)
+    sampler = ds.chunk_sampler(window=1, seed=1)
+    ds._ring.stall_s = 0.5
+    ds.set_epoch(0)
+    backwards = list(sampler)[::-1]  # the last window first: its slot is still the first window's, never served
+    with pytest.raises(lc.LogitcacheError, match="out of the chunk-shuffle order"):
+        list(DataLoader(ds, batch_size=16, sampler=backwards))
+    # an epoch left midway (that one, then this one): the next one warns and reads by chunk, its targets right all the
+    # same; the ring serves again after a complete epoch
+    direct = lc.open_cache(built_cache).read
+    loader = DataLoader(ds, batch_size=16, sampler=sampler)
+    for epoch in (1, 2):
+        with pytest.warns(UserWarning, match="left midway"):
+            ds.set_epoch(epoch)
+        assert not ds._ring.serves(epoch)
+        if epoch == 1:
+            next(iter(loader))
+    assert torch.equal(torch.cat([t["ids"] for _, _, t in loader]), direct(2)["ids"][list(sampler)])
+    ds.set_epoch(3)
+    assert ds._ring.serves(3)
+    assert torch.equal(torch.cat([t["ids"] for _, _, t in loader]), direct(0)["ids"][list(sampler)])
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_damaged_chunk_met_by_the_ring_stops_the_epoch_with_its_message(built_cache, tiny, tmp_path, workers):
+    import shutil
+
+    store = tmp_path / "c"
+    shutil.copytree(built_cache, store)
+    next(p for p in (store / "ids" / "c" / "1").rglob("*") if p.is_file()).unlink()
+    ds = lc.CachedKDDataset(tiny, store, memory_mb=0)
+    sampler = ds.chunk_sampler(window=1)
+    ds.set_epoch(1)
+    with pytest.raises(Exception, match="view 1") as e:
+        list(DataLoader(ds, batch_size=16, sampler=sampler, num_workers=workers))
+    assert "LogitcacheError" in str(e.value) or isinstance(e.value, lc.LogitcacheError)
+    with pytest.raises(lc.LogitcacheError, match="view 1"):
+        ds.set_epoch(2)
+
+
 def test_train_over_the_budget_uses_the_chunk_shuffle(built_cache, tmp_path):
     from conftest import HELPERS
 

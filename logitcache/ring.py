@@ -1,0 +1,215 @@
+"""Windows of a chunk-shuffled epoch, read once per rank into memory the DataLoader workers share (issue 15).
+
+``ChunkShuffleSampler`` serves a rank's share of an epoch one *window* (``window`` chunks' rows) at a time. Left to
+themselves the workers would each decode every chunk of a window (the DataLoader deals a window's batches to all of
+them): the store would be read once per worker. Here one thread of the rank's main process reads the windows in
+order, each chunk once, into a ring of ``slots`` shared-memory buffers allocated before the workers fork; a worker
+waits until the window its batch needs is in its slot and gathers from it; a slot is refilled once every row of the
+window it holds has been served.
+
+Integrity (the student never gets another sample's target): a slot's tag says which (epoch, window) it holds and is
+cleared before the slot is rewritten; a worker checks the tag before and after it copies rows (a seqlock), so a copy
+that raced a refill is refused, never served. Requests the ring cannot serve in order (another sampler, the same
+rows twice, an epoch abandoned midway) end in a ``LogitcacheError`` that says so, never in other rows' targets.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Callable
+
+import torch
+from torch.utils.data import get_worker_info
+
+from .errors import LogitcacheError
+from .sampler import ChunkShuffleSampler
+
+_PROCS = 65  # process slots of the counters: the main process, and up to 64 workers
+
+
+def _me() -> int:
+    info = get_worker_info()
+    return info.id + 1 if info else 0
+
+
+class WindowRing:
+    def __init__(
+        self,
+        sampler: ChunkShuffleSampler,
+        fields: dict[str, tuple[tuple[int, ...], torch.dtype]],
+        read_chunk: Callable[[int, int], dict[str, torch.Tensor]],
+        rows_read: torch.Tensor,
+        slots: int = 3,
+        stall_s: float = 120.0,
+    ):
+        if slots < 2:
+            raise ValueError("a ring needs at least 2 slots (one served while the next is read)")
+        self.sampler, self.read_chunk, self.rows_read, self.stall_s = sampler, read_chunk, rows_read, stall_s
+        self.span = sampler.window * sampler.chunk_rows
+        self.buffers = [
+            {name: torch.empty((self.span, *shape), dtype=dtype).share_memory_() for name, (shape, dtype) in fields.items()}
+            for _ in range(slots)
+        ]
+        # tags[s]: the key (epoch, window) slot s holds, -1 while it is empty or being written
+        self.tags = torch.full((slots,), -1, dtype=torch.int64).share_memory_()
+        # served[s, p]: rows of slot s's window that process p has copied out (each written by its own process only)
+        self.served = torch.zeros((slots, _PROCS), dtype=torch.int64).share_memory_()
+        self.total = torch.zeros(_PROCS, dtype=torch.int64).share_memory_()  # rows served this epoch
+        self.largest = torch.zeros(1, dtype=torch.int64).share_memory_()  # the largest request (a batch) seen
+        self.epoch = torch.full((1,), -1, dtype=torch.int64).share_memory_()  # the epoch being served, -1: none yet
+        self.active = torch.zeros(1, dtype=torch.int64).share_memory_()  # 1: the ring serves it, 0: read by chunk
+        self.failed = torch.zeros(1, dtype=torch.int64).share_memory_()  # the filler died: its message's length
+        self.message = torch.zeros(4096, dtype=torch.uint8).share_memory_()
+        self._view = -1
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._error: BaseException | None = None
+        self._starts: tuple[int, torch.Tensor] | None = None  # (epoch, chunk starts), per process
+
+    @property
+    def slots(self) -> int:
+        return len(self.buffers)
+
+    def _key(self, epoch: int, window: int) -> int:
+        return epoch * (1 << 32) + window
+
+    def _windows(self) -> int:
+        return -(-len(self.sampler) // self.span)
+
+    def _rows_in(self, window: int) -> int:
+        return min(self.span, len(self.sampler) - window * self.span)
+
+    # --- the main process ----------------------------------------------------------------------------------------
+    def start(self, epoch: int, view: int) -> bool:
+        """Serve ``epoch`` (reading ``view``) from the ring; False when it cannot, because the previous epoch was left
+        midway (its leftover requests, which persistent workers still run, would be counted against this one): then
+        this epoch reads by chunk."""
+        self.stop()
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+        # every row of the previous epoch served but the last partial batch a loader may drop
+        previous_complete = int(self.epoch[0]) < 0 or int(self.total.sum()) + int(self.largest[0]) > len(self.sampler)
+        self.active[0] = 0
+        self.tags.fill_(-1)
+        self.served.zero_()
+        self.total.zero_()
+        self.failed.zero_()
+        self.epoch[0] = epoch
+        if not previous_complete:
+            return False
+        self._view, self._stop = view, threading.Event()
+        self.active[0] = 1
+        self._thread = threading.Thread(target=self._fill_all, args=(epoch, self._stop), daemon=True)
+        self._thread.start()
+        return True
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self._thread = None
+
+    def _fill_all(self, epoch: int, stop: threading.Event) -> None:
+        try:
+            starts = self.sampler.chunk_starts(epoch)
+            order = torch.argsort(starts).tolist()
+            sizes = self.sampler.chunk_sizes().tolist()
+            starts = starts.tolist()
+            carry: tuple[int, dict[str, torch.Tensor]] | None = None  # a chunk that spans two windows, read once
+            at = 0  # index into order: the first chunk that may still have rows for the next window
+            for w in range(self._windows()):
+                slot, lo, hi = w % self.slots, w * self.span, w * self.span + self._rows_in(w)
+                if w >= self.slots and not self._wait_free(slot, self._rows_in(w - self.slots), stop):
+                    return
+                self.tags[slot] = -1  # before any write: a reader that sees this tag does not use the slot
+                buffer = self.buffers[slot]
+                while at < len(order) and starts[order[at]] < hi:
+                    c = order[at]
+                    first, last = max(lo, starts[c]), min(hi, starts[c] + sizes[c])
+                    if last > first:  # some of chunk c's rows are this rank's and in this window
+                        if carry is None or carry[0] != c:
+                            carry = (c, self.read_chunk(self._view, c))
+                            self.rows_read[0] += sizes[c]
+                        for name, t in buffer.items():
+                            t[first - lo : last - lo] = carry[1][name][first - starts[c] : last - starts[c]]
+                    if starts[c] + sizes[c] > hi:
+                        break  # the chunk continues in the next window
+                    at += 1
+                self.tags[slot] = self._key(epoch, w)
+        except BaseException as e:  # the waiting workers raise its message; set_epoch raises the error itself
+            self._error = e
+            text = (str(e) or type(e).__name__).encode()[: len(self.message)]
+            self.message[: len(text)] = torch.frombuffer(bytearray(text), dtype=torch.uint8)
+            self.failed[0] = len(text)
+
+    def _wait_free(self, slot: int, rows: int, stop: threading.Event) -> bool:
+        while int(self.served[slot].sum()) < rows:
+            if stop.wait(0.0005):
+                return False
+        return True
+
+    # --- any process -----------------------------------------------------------------------------------------------
+    def serves(self, epoch: int) -> bool:
+        return bool(self.active[0]) and int(self.epoch[0]) == epoch
+
+    def count(self, rows: int) -> None:
+        """Rows of the epoch served by chunk instead (how the next epoch knows this one was not left midway)."""
+        self.total[_me()] += rows
+        if rows > int(self.largest[0]):
+            self.largest[0] = rows
+
+    def take(self, indices: list[int], epoch: int) -> dict[str, torch.Tensor]:
+        """The rows of ``indices`` (this rank's samples of ``epoch``, requested in the sampler's order)."""
+        idx = torch.as_tensor(indices, dtype=torch.int64)
+        if self._starts is None or self._starts[0] != epoch:
+            self._starts = (epoch, self.sampler.chunk_starts(epoch))
+        pos = self._starts[1][idx // self.sampler.chunk_rows] + idx % self.sampler.chunk_rows
+        outside = (pos < 0) | (pos >= len(self.sampler))
+        if outside.any():
+            raise LogitcacheError(
+                f"sample {int(idx[outside][0])} is not in this rank's share of epoch {epoch}: targets read through the "
+                "chunk-shuffle ring must be requested in the order of the dataset's own chunk_sampler()"
+            )
+        me = _me()
+        if len(idx) > int(self.largest[0]):
+            self.largest[0] = len(idx)
+        out = {name: torch.empty((len(idx), *t.shape[1:]), dtype=t.dtype) for name, t in self.buffers[0].items()}
+        window = pos // self.span
+        for w in torch.unique(window).tolist():
+            rows = (window == w).nonzero()[:, 0]
+            slot, key = w % self.slots, self._key(epoch, w)
+            self._wait_for(slot, key, epoch, w)
+            offsets = pos[rows] - w * self.span
+            for name, t in self.buffers[slot].items():
+                out[name][rows] = t[offsets]
+            if int(self.tags[slot]) != key:  # the slot was rewritten while we copied: those rows are not ours
+                raise LogitcacheError(self._out_of_order(epoch, w))
+            self.served[slot, me] += len(rows)
+            self.total[me] += len(rows)
+        return out
+
+    def _wait_for(self, slot: int, key: int, epoch: int, window: int) -> None:
+        last, since = None, time.monotonic()
+        while True:
+            tag = int(self.tags[slot])
+            if tag == key:
+                return
+            if self.failed[0]:
+                raise LogitcacheError(bytes(self.message[: int(self.failed[0])].tolist()).decode(errors="replace"))
+            if tag > key or not self.serves(epoch):  # the slot has moved past this window: it was freed
+                raise LogitcacheError(self._out_of_order(epoch, window))
+            state = (tag, int(self.served.sum()))
+            if state != last:
+                last, since = state, time.monotonic()
+            elif time.monotonic() - since > self.stall_s:
+                raise LogitcacheError(self._out_of_order(epoch, window) + f" (nothing moved for {self.stall_s:g} s)")
+            time.sleep(0.0005)
+
+    def _out_of_order(self, epoch: int, window: int) -> str:
+        return (
+            f"targets of epoch {epoch}, window {window} were requested out of the chunk-shuffle order (another sampler, "
+            "the same samples twice, or an epoch left midway): iterate the dataset's own chunk_sampler() once per "
+            "epoch, or build the dataset with ring=False"
+        )
