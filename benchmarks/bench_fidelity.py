@@ -1,8 +1,9 @@
 """Fidelity study (issue 4): what each encoding costs on disk and how faithful it is.
 
-Part 1, targets: for each encoding/parameter/codec, bytes per stored view and per kept entry, KL(teacher || decoded)
-at T = 1 and T = 4, the cosine between the KD gradient from the decoded target and from the exact one (for a
-uniform student, at T = 4), and top-1 agreement with the teacher, on one replayed view of
+Part 1, targets: for each encoding/parameter/codec, bytes per stored view and per kept entry (the targets' chunk
+files, `_common.target_bytes`), KL(teacher || decoded) at T = 1 and T = 4, the cosine between the KD gradient from the
+decoded target and from the exact one (for a uniform student, at T = 4), and top-1 agreement with the teacher, on one
+replayed view of
   - Fashion-MNIST (10 classes), teacher: small-resnet8 trained here;
   - Fashion-MNIST pairs (100 classes: two garments side by side), teacher: small-resnet8 trained here.
 Part 2, students: cached-KD training with the same budget per encoding, test accuracy versus `full` (and scratch
@@ -18,7 +19,7 @@ import torch
 from rich.table import Table
 from torch.utils.data import DataLoader
 
-from _common import OUT, console, record, show, trained_teacher
+from _common import OUT, console, record, show, target_bytes, trained_teacher
 from logitcache import TrainConfig, build_cache, specs, to_probs, train
 from logitcache.build import ReplayedViews
 from logitcache.train import load_metrics
@@ -102,7 +103,7 @@ def fidelity(name: str, ds, tf, teacher, configs, out: Path) -> str:
             progress=False,
             **params,
         )
-        stored = sum(cache.group[n].nbytes_stored() for n in cache.field_names)
+        stored = target_bytes(cache)
         targets = cache.read(0)
         row = [
             label(enc, params, codec),
@@ -194,9 +195,7 @@ def students(
             specs={"augment": augment, "dataset": dataset},
             **params,
         )
-        sizes[key] = sum(f.stat().st_size for f in Path(cache.path).rglob("c/**/*") if f.is_file()) / (
-            cache.num_views * cache.num_samples
-        )
+        sizes[key] = target_bytes(cache) / (cache.num_views * cache.num_samples)
         accs = [student(key, seed, kd="cached", cache=str(cache.path)) for seed in seeds]
         results[key] = accs
         console.print(f"{name} {key}: {accs}")

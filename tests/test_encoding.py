@@ -396,6 +396,27 @@ def test_headtail_systematic_draws_are_unbiased_and_less_noisy_than_independent_
     }  # fmt: skip
 
 
+def test_headtail_layouts_store_the_same_targets():
+    # Layout 3 keeps the tail slots in class order with their ids as gaps (smaller after compression); the same draws
+    # decode to the same targets in every layout, at every temperature.
+    from logitcache.encoding import HeadTailEncoding
+
+    logits = torch.randn(64, 100, generator=torch.Generator().manual_seed(2)) * 3
+    decoded = {}
+    for layout in (1, 2, 3):
+        enc = HeadTailEncoding(100, 10, 24, tau=4.0, layout=layout)
+        t = enc.encode(logits, torch.Generator().manual_seed(0))
+        t.update({k: torch.full((64,), v) for k, v in enc.constants().items()})
+        decoded[layout] = [to_probs(t, temperature) for temperature in (1.0, 2.0, 4.0)]
+        if layout == 3:
+            assert (t["tail_ids"].long().cumsum(1) < 100).all() and t["tail_ids"].long().max() < 100
+    for layout in (2, 3):
+        for a, b in zip(decoded[1], decoded[layout]):
+            assert torch.allclose(a, b, atol=1e-6), layout
+    with pytest.raises(LogitcacheError, match="reads layouts 1, 2 and 3, the store has 4"):
+        HeadTailEncoding(100, 10, 16, layout=4)
+
+
 @pytest.mark.parametrize("tau", [1.0, 4.0])
 def test_headtail_loss_and_store_round_trip(tmp_path, tiny, tau):
     import helpers
@@ -405,7 +426,7 @@ def test_headtail_loss_and_store_round_trip(tmp_path, tiny, tau):
     out = tmp_path / "c"
     lc.build_cache(helpers.tiny_teacher(), tiny, out, augment=helpers.heavy_augment(), encoding="headtail", k=4,
                    tail_samples=4, tau=tau, batch_size=32, chunk_rows=64, workers=0, progress=False)  # fmt: skip
-    assert lc.open_cache(out).encoding.params() == {"k": 4, "tail_samples": 4, "tau": tau, "draws": "systematic", "layout": 2}
+    assert lc.open_cache(out).encoding.params() == {"k": 4, "tail_samples": 4, "tau": tau, "draws": "systematic", "layout": 3}
     targets = lc.open_cache(out).read(0, 0, 32)
     student = torch.randn(32, 10, requires_grad=True)
     loss = kd_loss(student, targets, 4.0)

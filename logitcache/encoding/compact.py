@@ -103,7 +103,7 @@ class CompactTopKEncoding(Encoding):
     def q_values(targets: dict[str, Tensor]) -> Tensor:
         """``q_1 .. q_{k-2}`` themselves (float), whichever layout stores them."""
         q = targets["q"].float()
-        return q if _layout(targets) == 1 else q.cumsum(-1)
+        return q if layout_of(targets) == 1 else q.cumsum(-1)
 
     @staticmethod
     def as_topk(targets: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -123,7 +123,7 @@ class CompactTopKEncoding(Encoding):
             betas = torch.tensor(SOFT_TAIL_BETAS)
             low, width = betas * tail[..., None], (1 - betas) * math.log(rest)
             pos = targets["tail_soft8"].float()
-            pos = pos if _layout(targets) == 1 else pos.cumsum(-1) % 256
+            pos = pos if layout_of(targets) == 1 else pos.cumsum(-1) % 256
             out["tail_soft"] = low + pos / 255 * width
         else:
             out["tail_soft"] = torch.full((*tail.shape, len(SOFT_TAIL_BETAS)), MIN_TAIL)
@@ -149,14 +149,13 @@ class CompactTopKEncoding(Encoding):
         return diff, ""
 
 
-def check_layout(name: str, layout: int) -> None:
-    if layout not in (1, 2):
-        raise LogitcacheError(
-            f"{name}: this version of logitcache reads layouts 1 and 2, the store has {layout} (upgrade)"
-        )
+def check_layout(name: str, layout: int, newest: int = 2) -> None:
+    if not 1 <= layout <= newest:
+        known = " and ".join(map(str, range(1, newest + 1))).replace(" and ", ", ", newest - 2)
+        raise LogitcacheError(f"{name}: this version of logitcache reads layouts {known}, the store has {layout} (upgrade)")
 
 
-def _layout(targets: dict[str, Tensor]) -> int:
+def layout_of(targets: dict[str, Tensor]) -> int:
     """The layout a target dict holds (the store adds it as a constant; a dict fresh from ``encode`` is the default)."""
     layout = targets.get("layout")
     return LAYOUT.default if layout is None else int(layout.reshape(-1)[0])
