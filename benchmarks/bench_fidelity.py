@@ -13,13 +13,15 @@ at 100 classes): `--parts students` for 10 classes, `students100` for 100.
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 from pathlib import Path
 
 import torch
 from rich.table import Table
 from torch.utils.data import DataLoader
 
-from _common import OUT, console, record, show, target_bytes, trained_teacher
+from _common import OUT, console, record, run_once, show, target_bytes, trained_teacher
 from logitcache import TrainConfig, build_cache, specs, to_probs, train
 from logitcache.build import ReplayedViews
 from logitcache.train import load_metrics
@@ -158,7 +160,7 @@ def students(
         table.add_column(col, justify="right")
     results, sizes = {}, {}
 
-    def student(key: str, seed: int, **kd) -> float:
+    def student(key: str, seed: int, tag: str = "scratch", **kd) -> float:
         cfg = TrainConfig(
             out=str(out / f"student-{key.replace(' ', '_')}-{seed}"),
             dataset=dataset,
@@ -176,7 +178,8 @@ def students(
             eval_every=10**6,
             **kd,
         )
-        return train(cfg).final_accuracy
+        # reused when this exact run finished before (the tag tells caches of other contents at the same path apart)
+        return run_once(cfg, tag=f"fidelity-{tag}").final_accuracy
 
     if scratch:
         results["no KD (scratch)"] = [student("scratch", seed) for seed in seeds]
@@ -196,7 +199,10 @@ def students(
             **params,
         )
         sizes[key] = target_bytes(cache) / (cache.num_views * cache.num_samples)
-        accs = [student(key, seed, kd="cached", cache=str(cache.path)) for seed in seeds]
+        # what the cache holds: its encoding with every option (defaults included; the layout changes no number)
+        held = {k: v for k, v in cache.encoding.params().items() if k != "layout"}
+        tag = hashlib.sha256(json.dumps([enc, held, cache.num_views], sort_keys=True).encode()).hexdigest()[:8]
+        accs = [student(key, seed, tag=tag, kd="cached", cache=str(cache.path)) for seed in seeds]
         results[key] = accs
         console.print(f"{name} {key}: {accs}")
     full_key = next(k for k in results if k.startswith("full"))
