@@ -67,6 +67,10 @@ class WindowRing:
         self._error: BaseException | None = None
         self._starts: tuple[int, torch.Tensor] | None = None  # (epoch, chunk starts), per process
 
+    def __getstate__(self) -> dict:
+        # a worker started by spawn gets the shared tensors; the filler thread stays with the main process
+        return {**self.__dict__, "_thread": None, "_stop": None, "_error": None}
+
     @property
     def slots(self) -> int:
         return len(self.buffers)
