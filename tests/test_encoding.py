@@ -426,7 +426,11 @@ def test_headtail_loss_and_store_round_trip(tmp_path, tiny, tau):
     out = tmp_path / "c"
     lc.build_cache(helpers.tiny_teacher(), tiny, out, augment=helpers.heavy_augment(), encoding="headtail", k=4,
                    tail_samples=4, tau=tau, batch_size=32, chunk_rows=64, workers=0, progress=False)  # fmt: skip
-    assert lc.open_cache(out).encoding.params() == {"k": 4, "tail_samples": 4, "tau": tau, "draws": "systematic", "layout": 3}
+    params = {"k": 4, "tail_samples": 4, "tau": tau, "draws": "systematic", "layout": 3}
+    assert lc.open_cache(out).encoding.params() == params
+    from test_store import inspect_json
+
+    assert inspect_json(out)["encoding_params"] == params
     targets = lc.open_cache(out).read(0, 0, 32)
     student = torch.randn(32, 10, requires_grad=True)
     loss = kd_loss(student, targets, 4.0)
