@@ -3,8 +3,9 @@
 A fully shuffled order makes every batch touch ~batch-size different chunks, so once a view is larger than a
 worker's chunk cache each chunk is decoded again for nearly every sample it serves. ``ChunkShuffleSampler`` shuffles
 the order of chunks, deals them to ranks, and shuffles samples only within windows of ``window`` consecutive chunks
-of a rank's list: a worker then needs at most ``window`` chunks at a time, and each chunk is read about once per
-worker per epoch.
+of a rank's list: at most ``window`` chunks (plus one at each edge) are needed at a time. Taken from
+``CachedKDDataset.chunk_sampler()``, the windows are read once per rank into memory the workers share
+(``logitcache.ring``); on its own, each worker reads the chunks of the batches it serves (about once per worker).
 
 Randomness window (the trade-off): a sample's neighbours in the order come from the same ``window`` chunks
 (``window x chunk_rows`` samples), not from the whole dataset; which chunks share a window changes every epoch. The
