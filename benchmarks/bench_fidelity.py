@@ -235,7 +235,10 @@ def main() -> None:
     ap.add_argument("--epochs-100", type=int, default=8, help="student epochs of the students100 part")
     ap.add_argument("--samples-100", type=int, default=10000, help="training pairs of the students100 part")
     ap.add_argument(
-        "--students100-set", choices=("encodings", "tails", "draws"), default="encodings", help="the students100 part's configs"
+        "--students100-set",
+        choices=("encodings", "tails", "draws"),
+        default="encodings",
+        help="the students100 part's configs",
     )
     ap.add_argument("--quick", action="store_true", help="~1 minute smoke run, not recorded")
     args = ap.parse_args()

@@ -318,11 +318,12 @@ def read_paths(args, out) -> None:
         }
         for name, (kw, order, limit) in paths.items():
             kd = CachedKDDataset(ds, cache, augment=to_float, **kw)
-            sampler = {
-                "random": lambda: RandomSampler(range(len(ds)), generator=torch.Generator().manual_seed(0)),
-                "chunks": lambda: ChunkShuffleSampler(len(ds), cache.chunk_rows, window=8, seed=0),
-                "ring": lambda: kd.chunk_sampler(window=8, seed=0),  # the windows read once, in the main process
-            }[order]()
+            if order == "random":
+                sampler = RandomSampler(range(len(ds)), generator=torch.Generator().manual_seed(0))
+            elif order == "chunks":
+                sampler = ChunkShuffleSampler(len(ds), cache.chunk_rows, window=8, seed=0)
+            else:  # the dataset's own: its windows read once, in the main process, into the ring
+                sampler = kd.chunk_sampler(window=8, seed=0)
             r = run_loader(kd, sampler, epoch, limit, args.workers)
             if name == "shared view":
                 decode.append((cache.view_nbytes(), r["fill"]))

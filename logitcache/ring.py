@@ -48,7 +48,10 @@ class WindowRing:
         self.sampler, self.read_chunk, self.rows_read, self.stall_s = sampler, read_chunk, rows_read, stall_s
         self.span = sampler.window * sampler.chunk_rows
         self.buffers = [
-            {name: torch.empty((self.span, *shape), dtype=dtype).share_memory_() for name, (shape, dtype) in fields.items()}
+            {
+                name: torch.empty((self.span, *shape), dtype=dtype).share_memory_()
+                for name, (shape, dtype) in fields.items()
+            }
             for _ in range(slots)
         ]
         # tags[s]: the key (epoch, window) slot s holds, -1 while it is empty or being written
@@ -213,7 +216,7 @@ class WindowRing:
 
     def _out_of_order(self, epoch: int, window: int) -> str:
         return (
-            f"targets of epoch {epoch}, window {window} were requested out of the chunk-shuffle order (another sampler, "
-            "the same samples twice, or an epoch left midway): iterate the dataset's own chunk_sampler() once per "
-            "epoch, or build the dataset with ring=False"
+            f"targets of epoch {epoch}, window {window} were requested out of the chunk-shuffle order (another "
+            "sampler, the same samples twice, or an epoch left midway): iterate the dataset's own chunk_sampler() "
+            "once per epoch, or take it with chunk_sampler(ring=False)"
         )

@@ -152,7 +152,9 @@ class CompactTopKEncoding(Encoding):
 def check_layout(name: str, layout: int, newest: int = 2) -> None:
     if not 1 <= layout <= newest:
         known = " and ".join(map(str, range(1, newest + 1))).replace(" and ", ", ", newest - 2)
-        raise LogitcacheError(f"{name}: this version of logitcache reads layouts {known}, the store has {layout} (upgrade)")
+        raise LogitcacheError(
+            f"{name}: this version of logitcache reads layouts {known}, the store has {layout} (upgrade)"
+        )
 
 
 def layout_of(targets: dict[str, Tensor]) -> int:

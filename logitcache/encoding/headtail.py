@@ -130,7 +130,7 @@ class HeadTailEncoding(Encoding):
         q = torch.round((floor - slot_lp) / scale).clamp(0, 255)
         tail_ids = torch.where(used > 0, slot_ids, 0)
         if self.layout >= 3:  # gaps from the previous id (the first from 0); unused slots repeat the last: gap 0
-            tail_ids = torch.cummax(torch.where(used > 0, slot_ids, 0), dim=1).values
+            tail_ids = torch.cummax(tail_ids, dim=1).values
             tail_ids = torch.diff(tail_ids, dim=1, prepend=torch.zeros_like(tail_ids[:, :1]))
         return {
             **head,
