@@ -131,6 +131,7 @@ class WindowRing:
                 if w >= self.slots and not self._wait_free(slot, self._rows_in(w - self.slots), stop):
                     return
                 self.tags[slot] = -1  # before any write: a reader that sees this tag does not use the slot
+                self.served[slot].zero_()  # every row of the window it held was served: their counts are complete
                 buffer = self.buffers[slot]
                 while at < len(order) and starts[order[at]] < hi:
                     c = order[at]

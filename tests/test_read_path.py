@@ -130,6 +130,22 @@ def test_the_ring_reads_each_chunk_once_per_epoch_and_serves_what_direct_reads_r
     assert int(ds.rows_read[0]) == 4 * len(tiny) and int(ds.rows_read[1:].sum()) == 0
 
 
+def test_the_ring_reuses_each_slot_many_times(tiny, tmp_path):
+    # 15 windows of one 16-row chunk through 3 slots: each slot holds five windows in turn, and a slot is refilled
+    # only once every row of the window it held has been served (3 epochs, 2 workers, batches across windows).
+    out = tmp_path / "c"
+    lc.build_cache(helpers.tiny_teacher(), tiny, out, augment=helpers.heavy_augment(), views=1, seed=7, k=3,
+                   batch_size=16, chunk_rows=16, workers=0, progress=False)  # fmt: skip
+    ds = lc.CachedKDDataset(tiny, out, augment=helpers.heavy_augment(), memory_mb=0)
+    sampler = ds.chunk_sampler(window=1, seed=2)
+    loader = DataLoader(ds, batch_size=10, sampler=sampler, num_workers=2, persistent_workers=True)
+    direct = lc.open_cache(out).read(0)["ids"]
+    for epoch in range(3):
+        ds.set_epoch(epoch)
+        assert torch.equal(torch.cat([t["ids"] for _, _, t in loader]), direct[list(sampler)]), epoch
+    assert int(ds.rows_read[0]) == 3 * len(tiny) and int(ds.rows_read[1:].sum()) == 0
+
+
 def test_ring_ranks_read_their_share_once_and_together_serve_every_sample_once(built_cache, tiny):
     cache = lc.open_cache(built_cache)
     served = []
