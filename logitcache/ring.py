@@ -183,20 +183,27 @@ class WindowRing:
         me = _me()
         if len(idx) > int(self.largest[0]):
             self.largest[0] = len(idx)
-        out = {name: torch.empty((len(idx), *t.shape[1:]), dtype=t.dtype) for name, t in self.buffers[0].items()}
         window = pos // self.span
-        for w in torch.unique(window).tolist():
+        first, last = int(window.min()), int(window.max())
+        if first == last:  # most batches: one window, one gather per field
+            return self._gather(epoch, first, pos - first * self.span, me)
+        out = {name: torch.empty((len(idx), *t.shape[1:]), dtype=t.dtype) for name, t in self.buffers[0].items()}
+        for w in range(first, last + 1):
             rows = (window == w).nonzero()[:, 0]
-            slot, key = w % self.slots, self._key(epoch, w)
-            self._wait_for(slot, key, epoch, w)
-            offsets = pos[rows] - w * self.span
-            for name, t in self.buffers[slot].items():
-                out[name][rows] = t[offsets]
-            if int(self.tags[slot]) != key:  # the slot was rewritten while we copied: those rows are not ours
-                raise LogitcacheError(self._out_of_order(epoch, w))
-            self.served[slot, me] += len(rows)
-            self.total[me] += len(rows)
+            if len(rows):
+                for name, t in self._gather(epoch, w, pos[rows] - w * self.span, me).items():
+                    out[name][rows] = t
         return out
+
+    def _gather(self, epoch: int, window: int, offsets: torch.Tensor, me: int) -> dict[str, torch.Tensor]:
+        slot, key = window % self.slots, self._key(epoch, window)
+        self._wait_for(slot, key, epoch, window)
+        rows = {name: t[offsets] for name, t in self.buffers[slot].items()}
+        if int(self.tags[slot]) != key:  # the slot was rewritten while we copied: those rows are not ours
+            raise LogitcacheError(self._out_of_order(epoch, window))
+        self.served[slot, me] += len(offsets)
+        self.total[me] += len(offsets)
+        return rows
 
     def _wait_for(self, slot: int, key: int, epoch: int, window: int) -> None:
         last, since = None, time.monotonic()
