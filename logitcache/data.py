@@ -160,7 +160,7 @@ class CachedKDDataset(ReplayDataset):
         self._sampler = sampler
         if ring and not self.in_memory:
             fields = {n: (f.shape, torch_dtype(f.dtype)) for n, f in self.cache.encoding.fields().items()}
-            self._ring = WindowRing(sampler, fields, self.cache.read_chunk, self.rows_read)
+            self._ring = WindowRing(sampler, fields, self.cache.read_chunks, self.rows_read)
         return sampler
 
     @property

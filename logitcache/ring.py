@@ -38,14 +38,14 @@ class WindowRing:
         self,
         sampler: ChunkShuffleSampler,
         fields: dict[str, tuple[tuple[int, ...], torch.dtype]],
-        read_chunk: Callable[[int, int], dict[str, torch.Tensor]],
+        read_chunks: Callable[[int, list[int]], list[dict[str, torch.Tensor]]],
         rows_read: torch.Tensor,
         slots: int = 3,
         stall_s: float = 120.0,
     ):
         if slots < 2:
             raise ValueError("a ring needs at least 2 slots (one served while the next is read)")
-        self.sampler, self.read_chunk, self.rows_read, self.stall_s = sampler, read_chunk, rows_read, stall_s
+        self.sampler, self.read_chunks, self.rows_read, self.stall_s = sampler, read_chunks, rows_read, stall_s
         self.span = sampler.window * sampler.chunk_rows
         self.buffers = [
             {
@@ -132,19 +132,25 @@ class WindowRing:
                     return
                 self.tags[slot] = -1  # before any write: a reader that sees this tag does not use the slot
                 self.served[slot].zero_()  # every row of the window it held was served: their counts are complete
-                buffer = self.buffers[slot]
+                parts = []  # (chunk, first, last): chunk c's rows [first, last) of the rank's share are this window's
                 while at < len(order) and starts[order[at]] < hi:
                     c = order[at]
                     first, last = max(lo, starts[c]), min(hi, starts[c] + sizes[c])
-                    if last > first:  # some of chunk c's rows are this rank's and in this window
-                        if carry is None or carry[0] != c:
-                            carry = (c, self.read_chunk(self._view, c))
-                            self.rows_read[0] += sizes[c]
-                        for name, t in buffer.items():
-                            t[first - lo : last - lo] = carry[1][name][first - starts[c] : last - starts[c]]
+                    if last > first:
+                        parts.append((c, first, last))
                     if starts[c] + sizes[c] > hi:
                         break  # the chunk continues in the next window
                     at += 1
+                wanted = [c for c, _, _ in parts if carry is None or c != carry[0]]
+                rows = dict(zip(wanted, self.read_chunks(self._view, wanted)))  # one concurrent read per window
+                self.rows_read[0] += sum(sizes[c] for c in wanted)
+                if carry is not None:
+                    rows.setdefault(*carry)
+                buffer = self.buffers[slot]
+                for c, first, last in parts:
+                    for name, t in buffer.items():
+                        t[first - lo : last - lo] = rows[c][name][first - starts[c] : last - starts[c]]
+                carry = (parts[-1][0], rows[parts[-1][0]]) if parts else None
                 self.tags[slot] = self._key(epoch, w)
         except BaseException as e:  # the waiting workers raise its message; set_epoch raises the error itself
             self._error = e
@@ -212,6 +218,8 @@ class WindowRing:
             if tag == key:
                 return
             if self.failed[0]:
+                if self._error is not None:  # the filler's own process: its error itself (e.g. DamagedCache)
+                    raise self._error
                 raise LogitcacheError(bytes(self.message[: int(self.failed[0])].tolist()).decode(errors="replace"))
             if tag > key or not self.serves(epoch):  # the slot has moved past this window: it was freed
                 raise LogitcacheError(self._out_of_order(epoch, window))

@@ -12,6 +12,7 @@ error naming the unit, never zeros passed off as targets.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import hashlib
 import json
@@ -27,6 +28,7 @@ import numpy as np
 import torch
 import zarr
 from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec, ZstdCodec
+from zarr.core.sync import sync  # zarr's own bridge from blocking code to its event loop (every Array method uses it)
 
 from .encoding import Encoding, Field, encoding_class, id_dtype
 from .errors import LogitcacheError
@@ -342,6 +344,32 @@ class Cache:
                 self._check_digest(view, c, {name: x[a:b] for name, x in rows.items()})
         out = {name: torch.from_numpy(x[start - lo : stop - lo]) for name, x in rows.items()}
         return {**out, **self.constants(stop - start)}
+
+    def read_chunks(self, view: int, chunks: Sequence[int]) -> list[dict[str, torch.Tensor]]:
+        """Whole units ``chunks`` of ``view`` (scattered, any order), each checked against its digest, all fetched
+        and decoded concurrently: the ring reads a window of shuffled units this way (one call per unit and field
+        costs about 3x more, measured on 8-unit windows)."""
+        if not 0 <= view < self.num_views:
+            raise LogitcacheError(f"view {view} out of range: the cache holds {self.num_views} views")
+        spans = [self.layout.rows(c) for c in chunks]
+
+        async def every_unit():
+            reads = [arr.async_array.getitem((view, slice(a, b))) for arr in self._arrays.values() for a, b in spans]
+            return await asyncio.gather(*reads, return_exceptions=True)
+
+        results = sync(every_unit())
+        failed = next((r for r in results if isinstance(r, BaseException)), None)
+        if failed is not None:  # zarr's plain errors for crc32c or decompression failures: find and name the unit
+            for c in chunks:
+                self.read_chunk(view, c)
+            raise failed
+        out = []
+        for j, (c, (a, b)) in enumerate(zip(chunks, spans)):
+            rows = {name: np.ascontiguousarray(results[i * len(spans) + j]) for i, name in enumerate(self._arrays)}
+            if self.has_digests:
+                self._check_digest(view, c, rows)
+            out.append({**{name: torch.from_numpy(x) for name, x in rows.items()}, **self.constants(b - a)})
+        return out
 
     def constants(self, rows: int) -> dict[str, torch.Tensor]:
         """The encoding's per-sample constants for ``rows`` samples (every target dict carries them)."""

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from torch.utils.data import DataLoader
 import torch
 import zarr
 
@@ -93,7 +94,13 @@ def test_a_damaged_chunk_is_named_on_every_read_path(store, attack):
     ATTACKS[attack](_file(store, "logprobs", 1, 2))
     cache = lc.open_cache(store)
     expected = "damaged at view 1, chunk 2 (samples 64-95): array 'logprobs'"
-    for read in (lambda: cache.read_chunk(1, 2), lambda: cache.read(1), lambda: cache.read(1, 70, 71)):
+    reads = (
+        lambda: cache.read_chunk(1, 2),
+        lambda: cache.read(1),
+        lambda: cache.read(1, 70, 71),
+        lambda: cache.read_chunks(1, [5, 2, 0]),  # the ring's read of a window of scattered units
+    )
+    for read in reads:
         with pytest.raises(DamagedCache, match="--resume --repair") as e:
             read()
         assert expected in str(e.value)
@@ -103,6 +110,11 @@ def test_a_damaged_chunk_is_named_on_every_read_path(store, attack):
     with pytest.raises(DamagedCache, match="view 1, chunk 2"):
         ds.targets([3, 70], view=1)
     assert ds.targets([3, 40], view=0)["ids"].shape == (2, 3)  # undamaged units still read
+    ring = lc.CachedKDDataset(_tiny(), cache, augment=_heavy(), memory_mb=0)
+    sampler = ring.chunk_sampler(window=2)
+    ring.set_epoch(1)
+    with pytest.raises(DamagedCache, match="view 1, chunk 2"):
+        list(DataLoader(ring, batch_size=16, sampler=sampler))
 
 
 @pytest.fixture(scope="module")
