@@ -160,7 +160,7 @@ class WindowRing:
 
     def _wait_free(self, slot: int, rows: int, stop: threading.Event) -> bool:
         # the filler is two windows ahead while it waits here (most of the epoch): polling every 5 ms costs the
-        # training process next to nothing and leaves the next window hundreds of batches to be read in
+        # training process next to nothing and leaves the next window dozens of batches to be read in
         while int(self.served[slot].sum()) < rows:
             if stop.wait(0.005):
                 return False
