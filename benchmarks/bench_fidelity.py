@@ -22,8 +22,10 @@ from rich.table import Table
 from torch.utils.data import DataLoader
 
 from _common import OUT, console, record, run_once, show, target_bytes, trained_teacher
+from _prior_proto import PriorTailPrototype, probe_table
 from logitcache import TrainConfig, build_cache, specs, to_probs, train
 from logitcache.build import ReplayedViews
+from logitcache.errors import LogitcacheError
 from logitcache.train import load_metrics
 
 HERE = Path(__file__).resolve().parent
@@ -185,23 +187,41 @@ def students(
         results["no KD (scratch)"] = [student("scratch", seed) for seed in seeds]
     for enc, params, codec in configs:
         key = label(enc, params, codec)
-        cache = build_cache(
-            teacher,
-            ds,
-            out / ("kd-" + key.replace(" ", "_")),
-            augment=tf,
-            views=epochs,
-            encoding=enc,
-            codec=codec,
-            overwrite=True,
-            progress=False,
-            specs={"augment": augment, "dataset": dataset},
-            **params,
-        )
+        if enc == "topk8prior":  # the prototype's table, from a probe of view 0 before the build
+            probe = torch.utils.data.Subset(ReplayedViews(ds, tf, 0), range(min(len(ds), params.get("probe", 4096))))
+            with torch.inference_mode():
+                logp = torch.cat([torch.log_softmax(teacher.eval()(x), 1) for x in DataLoader(probe, batch_size=512)])
+            PriorTailPrototype.table = probe_table(logp)
+
+        def build(**how):
+            return build_cache(
+                teacher,
+                ds,
+                out / ("kd-" + key.replace(" ", "_")),
+                augment=tf,
+                views=epochs,
+                encoding=enc,
+                codec=codec,
+                progress=False,
+                specs={"augment": augment, "dataset": dataset},
+                **params,
+                **how,
+            )
+
+        try:  # a complete cache of the same teacher, data and settings is reused (build refuses any other)
+            cache = build(resume=True)
+        except LogitcacheError:
+            cache = build(overwrite=True)
         sizes[key] = target_bytes(cache) / (cache.num_views * cache.num_samples)
+        if enc == "topk8prior":  # what the format would store: topk8's fields and the table once (C x C float16)
+            table_bytes = 2 * cache.num_classes**2
+            prior = sum(f.stat().st_size for f in (Path(cache.path) / "prior" / "c").rglob("*") if f.is_file())
+            sizes[key] = (target_bytes(cache) - prior + table_bytes) / (cache.num_views * cache.num_samples)
         # what the cache holds: its encoding with every option (defaults included; the layout changes no number)
         held = {k: v for k, v in cache.encoding.params().items() if k != "layout"}
-        tag = hashlib.sha256(json.dumps([enc, held, cache.num_views], sort_keys=True).encode()).hexdigest()[:8]
+        # the views' seed too when it is not the default (tags of earlier runs, all at seed 0, stay as they were)
+        held_by = [enc, held, cache.num_views] + ([cache.meta["seed"]] if cache.meta["seed"] else [])
+        tag = hashlib.sha256(json.dumps(held_by, sort_keys=True).encode()).hexdigest()[:8]
         accs = [student(key, seed, tag=tag, kd="cached", cache=str(cache.path)) for seed in seeds]
         results[key] = accs
         console.print(f"{name} {key}: {accs}")
@@ -236,7 +256,7 @@ def main() -> None:
     ap.add_argument("--samples-100", type=int, default=10000, help="training pairs of the students100 part")
     ap.add_argument(
         "--students100-set",
-        choices=("encodings", "tails", "draws"),
+        choices=("encodings", "tails", "draws", "null", "prior"),
         default="encodings",
         help="the students100 part's configs",
     )
@@ -330,6 +350,19 @@ def main() -> None:
                 ("headtail", {"k": 10, "tail_samples": 16, "draws": "multinomial"}, "blosc-lz4"),
                 ("headtail", {"k": 10, "tail_samples": 16, "tau": 4.0, "draws": "multinomial"}, "blosc-lz4"),
                 ("headtail", {"k": 10, "tail_samples": 32, "tau": 4.0, "draws": "multinomial"}, "blosc-lz4"),
+            ],
+            # how far apart two (nearly) exact targets' students land: the same teacher on the same images with other
+            # augmentation draws (views seed 1), and `quantized` with its floor lowered to e^-40 (KL at T = 4: 2e-5)
+            "null": [
+                ("full", {}, "blosc-lz4"),
+                ("full", {"seed": 1}, "blosc-lz4"),
+                ("quantized", {"floor": 40.0}, "blosc-lz4"),
+            ],
+            # PROTOTYPE (benchmarks/_prior_proto.py): topk8 whose tail follows a per-class table from a probe
+            "prior": [
+                ("full", {}, "blosc-lz4"),
+                ("topk8", {"k": 10}, "blosc-lz4"),
+                ("topk8prior", {"k": 10}, "blosc-lz4"),
             ],
             # independent against systematic tail draws (session 7), at the students' temperature
             "draws": [
