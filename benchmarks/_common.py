@@ -72,11 +72,13 @@ def machine() -> str:
 
 
 def target_bytes(cache) -> int:
-    """Bytes of a cache's targets on disk: the chunk files of its encoding's fields. Not the per-array metadata
-    documents (about 0.7 KB each, whatever the number of samples: 0.035 B per kept entry at 10,000 samples x 10
-    entries, nothing at ImageNet's size), nor labels and digests, so that bytes per sample are what grows with data."""
+    """Bytes of a cache's targets on disk: the chunk files of its encoding's fields and of its table (topk8's tail
+    table, stored once). Not the per-array metadata documents (about 0.7 KB each, whatever the number of samples:
+    0.035 B per kept entry at 10,000 samples x 10 entries, nothing at ImageNet's size), nor labels and digests, so
+    that bytes per sample are what grows with data."""
     root = Path(cache.path)
-    return sum(f.stat().st_size for n in cache.field_names for f in (root / n / "c").rglob("*") if f.is_file())
+    arrays = [*cache.field_names, *(["tail_table"] if cache.encoding.table_shape() else [])]  # topk8's, stored once
+    return sum(f.stat().st_size for n in arrays for f in (root / n / "c").rglob("*") if f.is_file())
 
 
 def show(table: Table) -> str:

@@ -22,7 +22,6 @@ from rich.table import Table
 from torch.utils.data import DataLoader
 
 from _common import OUT, console, record, run_once, show, target_bytes, trained_teacher
-from _prior_proto import PriorTailPrototype, probe_table
 from logitcache import TrainConfig, build_cache, specs, to_probs, train
 from logitcache.build import ReplayedViews
 from logitcache.errors import LogitcacheError
@@ -54,14 +53,18 @@ CONFIGS_100 = [
     ("topk", {"k": 10, "soft_tail": False}, "blosc-lz4"),
     ("topk", {"k": 20}, "blosc-lz4"),
     ("topk", {"k": 10}, "zstd"),
-    ("topk8", {"k": 10}, "blosc-lz4"),
-    ("topk8", {"k": 10}, "zstd"),
+    ("topk8", {"k": 10, "tail_shape": "flat"}, "blosc-lz4"),
+    ("topk8", {"k": 10}, "blosc-lz4"),  # the tail table (the default since session 8)
+    ("topk8", {"k": 5}, "blosc-lz4"),
+    ("topk8", {"k": 10, "tail_shape": "flat"}, "zstd"),
+    ("topk8", {"k": 20, "tail_shape": "flat"}, "blosc-lz4"),
     ("topk8", {"k": 20}, "blosc-lz4"),
-    ("topk8", {"k": 20}, "zstd"),
-    ("topk8", {"k": 10, "layout": 1}, "blosc-lz4"),  # before session 6: the values, not their steps
-    ("topk8", {"k": 10, "layout": 1}, "zstd"),
-    ("topk8", {"k": 20, "layout": 1}, "blosc-lz4"),
-    ("topk8", {"k": 20, "layout": 1}, "zstd"),
+    ("topk8", {"k": 20, "tail_shape": "flat"}, "zstd"),
+    # layout 1 (before session 6): the values, not their steps
+    ("topk8", {"k": 10, "layout": 1, "tail_shape": "flat"}, "blosc-lz4"),
+    ("topk8", {"k": 10, "layout": 1, "tail_shape": "flat"}, "zstd"),
+    ("topk8", {"k": 20, "layout": 1, "tail_shape": "flat"}, "blosc-lz4"),
+    ("topk8", {"k": 20, "layout": 1, "tail_shape": "flat"}, "zstd"),
     ("headtail", {"k": 10, "tail_samples": 8, "draws": "multinomial"}, "blosc-lz4"),
     ("headtail", {"k": 10, "tail_samples": 16, "draws": "multinomial"}, "blosc-lz4"),
     ("headtail", {"k": 10, "tail_samples": 16, "draws": "multinomial"}, "zstd"),
@@ -187,11 +190,6 @@ def students(
         results["no KD (scratch)"] = [student("scratch", seed) for seed in seeds]
     for enc, params, codec in configs:
         key = label(enc, params, codec)
-        if enc == "topk8prior":  # the prototype's table, from a probe of view 0 before the build
-            probe = torch.utils.data.Subset(ReplayedViews(ds, tf, 0), range(min(len(ds), params.get("probe", 4096))))
-            with torch.inference_mode():
-                logp = torch.cat([torch.log_softmax(teacher.eval()(x), 1) for x in DataLoader(probe, batch_size=512)])
-            PriorTailPrototype.table = probe_table(logp)
 
         def build(**how):
             return build_cache(
@@ -213,10 +211,6 @@ def students(
         except LogitcacheError:
             cache = build(overwrite=True)
         sizes[key] = target_bytes(cache) / (cache.num_views * cache.num_samples)
-        if enc == "topk8prior":  # what the format would store: topk8's fields and the table once (C x C float16)
-            table_bytes = 2 * cache.num_classes**2
-            prior = sum(f.stat().st_size for f in (Path(cache.path) / "prior" / "c").rglob("*") if f.is_file())
-            sizes[key] = (target_bytes(cache) - prior + table_bytes) / (cache.num_views * cache.num_samples)
         # what the cache holds: its encoding with every option (defaults included; the layout changes no number)
         held = {k: v for k, v in cache.encoding.params().items() if k != "layout"}
         # the views' seed too when it is not the default (tags of earlier runs, all at seed 0, stay as they were)
@@ -358,11 +352,11 @@ def main() -> None:
                 ("full", {"seed": 1}, "blosc-lz4"),
                 ("quantized", {"floor": 40.0}, "blosc-lz4"),
             ],
-            # PROTOTYPE (benchmarks/_prior_proto.py): topk8 whose tail follows a per-class table from a probe
+            # topk8's tail spread as the teacher usually spreads it (the tail table, session 8) against flat
             "prior": [
                 ("full", {}, "blosc-lz4"),
-                ("topk8", {"k": 10}, "blosc-lz4"),
-                ("topk8prior", {"k": 10}, "blosc-lz4"),
+                ("topk8", {"k": 10, "tail_shape": "table"}, "blosc-lz4"),
+                ("topk8", {"k": 5, "tail_shape": "table"}, "blosc-lz4"),
             ],
             # independent against systematic tail draws (session 7), at the students' temperature
             "draws": [

@@ -211,7 +211,9 @@ def _dry_run(model, ds, augment, opts: dict, encoding: str, given: dict) -> None
         f"dry run, nothing written: {opts['views']} views x {len(ds):,} samples, encoding {encoding}\n"
         f"  store: about {size_text(est.total_bytes)} ({est.bytes_per_sample:.1f} B per sample and view, compressed)\n"
         f"  build time on this machine: about {minutes:.1f} min ({est.seconds_per_sample * 1e6:.0f} us per sample "
-        f"and view + {est.startup_seconds:.1f} s start-up)"
+        f"and view + {est.startup_seconds:.1f} s start-up"
+        + (f" + the tail table's probe of {est.table_probe:,} images" if est.table_probe else "")
+        + ")"
     )
 
 

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import zarr
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from . import distributed, store
 from .compat import differences, inputs_of
@@ -111,7 +111,15 @@ def _check_compatible(path: str, existing: dict, meta: dict) -> None:
 
 
 def _open_output(
-    out: str, meta: dict, fields: dict, codec: str, labels: np.ndarray, resume: bool, overwrite: bool, repair: bool
+    out: str,
+    meta: dict,
+    fields: dict,
+    codec: str,
+    labels: np.ndarray,
+    fit_table: Callable[[], tuple[np.ndarray, int] | None],
+    resume: bool,
+    overwrite: bool,
+    repair: bool,
 ) -> zarr.Group:
     if repair and not resume:
         raise LogitcacheError("--repair works on an existing cache: pass it together with --resume")
@@ -139,7 +147,11 @@ def _open_output(
             raise LogitcacheError(f"cannot create {out}: {e.strerror or e}") from None
         if not os.access(path, os.W_OK):
             raise LogitcacheError(f"{out} is not writable")
-    return store.create_store(out, meta, fields, codec, labels)
+    fitted = fit_table()  # before the store is created: an interrupt here leaves no store behind
+    if fitted is None:
+        return store.create_store(out, meta, fields, codec, labels)
+    table, probe = fitted
+    return store.create_store(out, {**meta, "table": store.table_meta(table, probe)}, fields, codec, labels, table)
 
 
 def _mark_damaged_units(out: str, labels: np.ndarray) -> None:
@@ -152,6 +164,9 @@ def _mark_damaged_units(out: str, labels: np.ndarray) -> None:
             "told from data; rebuild it with --overwrite"
         )
     damaged = [(v, c, why) for v, c, why in cache.scan() if not why.startswith("incomplete")]
+    whole = [why for v, _, why in damaged if v < 0]
+    if whole:  # the encoding's table: fitted before the units, which all decode with it
+        raise LogitcacheError(f"{out} is damaged beyond units ({whole[0]}); rebuild it with --overwrite")
     group = store.open_group(out, mode="r+")
     for v, c, _ in damaged:
         group[store.COMPLETE][v, c] = 0
@@ -276,6 +291,7 @@ def build_cache(
     progress: bool = True,
     specs: dict[str, str | None] | None = None,
     mix: Mix | None = None,
+    table_probe: int | None = None,
     **options: Any,
 ) -> store.Cache:
     """Run ``teacher`` over ``views`` replayed augmentations of every sample of ``dataset`` and store soft targets.
@@ -294,6 +310,10 @@ def build_cache(
     Under ``torchrun`` (an initialised process group) every rank calls this with the same arguments: rank 0 alone
     creates or validates the store and its metadata; ranks then claim units one at a time from a shared counter and
     write only the units they claimed. The result is the same store, byte for byte, whatever the number of ranks.
+
+    An encoding that keeps a per-cache table (``topk8`` with ``tail_shape="table"``) has it fitted first, on the
+    teacher's outputs for the first ``table_probe`` samples of view 0 (default: the encoding's choice, 64 per class),
+    by the process that creates the store; a resume keeps the stored table.
     """
     out, specs = str(out), specs or {}
     _check_arguments(views=views, batch_size=batch_size, chunk_rows=chunk_rows, workers=workers)
@@ -311,7 +331,10 @@ def build_cache(
         enc, dataset, labels, augment, teacher, specs, views=views, seed=seed, codec=codec, batch_size=batch_size,
         chunk_rows=chunk_rows, inner_chunk_rows=inner_chunk_rows, mix=mix or Mix(),
     )  # fmt: skip
-    group = _open_on_rank0(out, meta, enc, codec, labels, resume=resume, overwrite=overwrite, repair=repair)
+    views_of = ReplayedViews(dataset, augment, seed, mix)
+    probe = min(len(dataset), table_probe) if table_probe else enc.probe_size(len(dataset))
+    fit = lambda: _fit_table(teacher, views_of, enc, probe, dev, batch_size, workers, progress)  # noqa: E731
+    group = _open_on_rank0(out, meta, enc, codec, labels, fit, resume=resume, overwrite=overwrite, repair=repair)
     layout = store.Layout(views, len(dataset), chunk_rows)
     opened = store.Cache(out, group)
     done = opened.completion()
@@ -320,10 +343,7 @@ def build_cache(
         _warn_if_disk_too_small(out, enc, views, len(dataset))
     writer = UnitWriter(group, enc, layout, seed, opened.has_digests)
     try:
-        _run_teacher(
-            teacher, ReplayedViews(dataset, augment, seed, mix), dev, units, layout, batch_size, workers, writer,
-            progress,
-        )  # fmt: skip
+        _run_teacher(teacher, views_of, dev, units, layout, batch_size, workers, writer, progress)
         writer.flush()
     except OSError as e:
         if e.errno not in store.OUT_OF_SPACE:
@@ -366,14 +386,46 @@ def _probe(teacher: nn.Module, dataset: Dataset, augment, seed: int, dev: torch.
     return labels, num_classes
 
 
+def _fit_table(
+    teacher: nn.Module,
+    views: ReplayedViews,
+    enc: Encoding,
+    probe_samples: int,
+    dev: torch.device,
+    batch_size: int,
+    workers: int,
+    progress: bool,
+) -> tuple[np.ndarray, int] | None:
+    """The encoding's per-cache table and its probe size, fitted on the teacher's outputs for the first samples of
+    view 0 (None when it keeps none). Run once, by the process that creates the store: a resume keeps the stored one."""
+    if enc.table_shape() is None:
+        return None
+    probe = Subset(views, range(max(1, probe_samples)))
+    out = []
+    with progress_bar("tail table probe", len(probe), progress) as advance, torch.inference_mode():
+        for images in DataLoader(probe, batch_size=batch_size, num_workers=workers):
+            out.append(torch.log_softmax(_teacher_logits(teacher, images, dev), dim=-1))
+            advance(len(images))
+    return enc.fit_table(torch.cat(out)).numpy(), len(probe)
+
+
 def _open_on_rank0(
-    out: str, meta: dict, enc: Encoding, codec: str, labels: np.ndarray, *, resume: bool, overwrite: bool, repair: bool
+    out: str,
+    meta: dict,
+    enc: Encoding,
+    codec: str,
+    labels: np.ndarray,
+    fit_table: Callable[[], tuple[np.ndarray, int] | None],
+    *,
+    resume: bool,
+    overwrite: bool,
+    repair: bool,
 ) -> zarr.Group:
     """Rank 0 alone creates or validates the store; the other ranks open it once it agrees."""
     group = None
     if distributed.rank() == 0:
         try:
-            group = _open_output(out, meta, enc.fields(), codec, labels, resume, overwrite, repair)
+            group = _open_output(out, meta, enc.fields(), codec, labels, fit_table, resume, overwrite, repair)
         except BaseException:
             distributed.agree(False)
             raise

@@ -211,7 +211,7 @@ class CachedKDDataset(ReplayDataset):
         buffer, block = self._buffers[b], self.cache.chunk_rows * 32
         for start in range(0, self.cache.num_samples, block):
             stop = min(start + block, self.cache.num_samples)
-            rows = self.cache.read(view, start, stop)
+            rows = self.cache.read(view, start, stop, fields_only=True)
             for name, t in buffer.items():
                 t[start:stop] = rows[name]
         self.rows_read[0] += self.cache.num_samples
@@ -256,10 +256,10 @@ class CachedKDDataset(ReplayDataset):
         epoch = self.epoch
         ring = self._ring if served and b is None and view == self.view_of(epoch) else None
         if ring is not None and ring.serves(epoch):
-            batch = {**ring.take(indices, epoch), **self.cache.constants(len(indices))}
+            batch = self.cache.with_constants(ring.take(indices, epoch))
         elif b is not None:
             idx = torch.as_tensor(indices, dtype=torch.int64)
-            batch = {**{name: t[idx] for name, t in self._buffers[b].items()}, **self.cache.constants(len(idx))}
+            batch = self.cache.with_constants({name: t[idx] for name, t in self._buffers[b].items()})
         else:
             self._own_handle()
             batch = self.cache.take(view, indices, self._chunk)

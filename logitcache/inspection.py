@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from .encoding import dense_log_probs
-from .store import COMPLETE, DIGESTS, LABELS, Cache, open_cache
+from .store import COMPLETE, DIGESTS, LABELS, TABLE, Cache, open_cache
 
 
 def inspect_cache(cache: Cache | str | os.PathLike, stats_rows: int = 20000) -> dict:
@@ -17,7 +17,8 @@ def inspect_cache(cache: Cache | str | os.PathLike, stats_rows: int = 20000) -> 
     meta = cache.meta
     done = cache.completion()
     arrays = {}
-    for name in [*cache.field_names, LABELS, *([DIGESTS] if cache.has_digests else []), COMPLETE]:
+    table = [TABLE] if cache.encoding.table_shape() is not None else []
+    for name in [*cache.field_names, LABELS, *([DIGESTS] if cache.has_digests else []), COMPLETE, *table]:
         arr = cache.group[name]
         stored = arr.nbytes_stored()
         arrays[name] = {
@@ -54,6 +55,7 @@ def inspect_cache(cache: Cache | str | os.PathLike, stats_rows: int = 20000) -> 
         "bytes_per_kept_entry": round(field_stored / (cache.num_views * cache.num_samples * entries), 4),
         "compression_ratio": round(field_raw / field_stored, 3) if field_stored else None,
         "arrays": arrays,
+        "table": meta.get("table"),  # an encoding's per-cache table (topk8's tail table): its probe and digest
         "teacher": meta["teacher"],
         "dataset": meta["dataset"],
         "augment": {k: v for k, v in meta["augment"].items() if k != "fingerprint"},

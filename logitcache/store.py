@@ -40,6 +40,7 @@ ATTR_KEY = "logitcache"
 COMPLETE = "complete"
 DIGESTS = "digests"
 LABELS = "labels"
+TABLE = "tail_table"
 META_DIGEST = "metadata_sha256"
 OUT_OF_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG)
 CODECS = ("blosc-lz4", "zstd", "none")
@@ -111,8 +112,15 @@ def remove_store(path: str | os.PathLike) -> None:
 
 
 def create_store(
-    path: str | os.PathLike, meta: dict[str, Any], fields: dict[str, Field], codec: str, labels: np.ndarray
+    path: str | os.PathLike,
+    meta: dict[str, Any],
+    fields: dict[str, Field],
+    codec: str,
+    labels: np.ndarray,
+    table: np.ndarray | None = None,
 ) -> zarr.Group:
+    """A new, empty store (units to be written by ``write_unit``); ``table``: the encoding's per-cache table, whose
+    digest ``meta`` records under ``"table"`` (``table_meta``)."""
     layout = Layout(meta["num_views"], meta["num_samples"], meta["chunk_rows"])
     try:
         group = open_group(path, mode="w")
@@ -158,9 +166,16 @@ def create_store(
         compressors=_compressors(codec, 2),
         dimension_names=("sample",),
     )
+    if table is not None:
+        group.create_array(TABLE, data=table, chunks=table.shape, compressors=_compressors(codec, table.dtype.itemsize))
     # Attributes last: a store without them is not a cache, so a crash during creation leaves nothing "valid".
     group.attrs[ATTR_KEY] = {**meta, META_DIGEST: metadata_digest(meta)}
     return group
+
+
+def table_meta(table: np.ndarray, probe: int) -> dict[str, Any]:
+    """What the attributes record about an encoding's table: its probe and a digest of its bytes."""
+    return {"array": TABLE, "probe": probe, "sha256": hashlib.sha256(np.ascontiguousarray(table).tobytes()).hexdigest()}
 
 
 def metadata_digest(meta: dict[str, Any]) -> str:
@@ -238,6 +253,7 @@ class Cache:
         self._arrays = {name: group[name] for name in self.field_names}
         self.has_digests = DIGESTS in members
         self._digests: dict[int, np.ndarray] = {}
+        self._table: torch.Tensor | None = None
         self._validate(members)
 
     def _check_metadata_digest(self) -> None:
@@ -266,6 +282,14 @@ class Cache:
         expected[LABELS] = ((n,), (rows,), None, None)
         if self.has_digests:
             expected[DIGESTS] = ((v, chunks), (1, 1), np.dtype("uint32"), None)
+        table = self.encoding.table_shape()
+        if table is not None:
+            if TABLE not in members or "table" not in self.meta:
+                raise LogitcacheError(
+                    f"{self.path} is damaged: its encoding keeps a table ('{TABLE}') and the store has none recorded "
+                    "or stored; rebuild it with `logitcache build ... --overwrite`"
+                )
+            expected[TABLE] = (table, table, np.dtype("float16"), None)
         for name, (shape, chunk_shape, dtype, shard_shape) in expected.items():
             arr = self.group[name]
             problems = []
@@ -319,10 +343,13 @@ class Cache:
         """The targets of one unit, checked against its digest."""
         return self.read(view, *self.layout.rows(chunk))
 
-    def read(self, view: int, start: int = 0, stop: int | None = None) -> dict[str, torch.Tensor]:
+    def read(
+        self, view: int, start: int = 0, stop: int | None = None, fields_only: bool = False
+    ) -> dict[str, torch.Tensor]:
         """Targets of samples ``[start, stop)`` of ``view``: the whole chunks that hold them are read (one Zarr call
         per field, which fetches chunks concurrently) and each is checked against its digest. The one way targets
-        are read from the store."""
+        are read from the store. ``fields_only``: the stored fields alone (what the view buffers and the ring hold;
+        ``with_constants`` completes a batch of them)."""
         if not 0 <= view < self.num_views:
             raise LogitcacheError(f"view {view} out of range: the cache holds {self.num_views} views")
         stop = self.num_samples if stop is None else stop
@@ -343,12 +370,12 @@ class Cache:
                 a, b = (r - lo for r in self.layout.rows(c))
                 self._check_digest(view, c, {name: x[a:b] for name, x in rows.items()})
         out = {name: torch.from_numpy(x[start - lo : stop - lo]) for name, x in rows.items()}
-        return {**out, **self.constants(stop - start)}
+        return out if fields_only else self.with_constants(out)
 
     def read_chunks(self, view: int, chunks: Sequence[int]) -> list[dict[str, torch.Tensor]]:
-        """Whole units ``chunks`` of ``view`` (scattered, any order), each checked against its digest, all fetched
-        and decoded concurrently: the ring reads a window of shuffled units this way (one call per unit and field
-        costs about 3x more, measured on 8-unit windows)."""
+        """The stored fields of whole units ``chunks`` of ``view`` (scattered, any order; ``with_constants`` completes
+        them), each checked against its digest, all fetched and decoded concurrently: the ring reads a window of
+        shuffled units this way (one call per unit and field costs about 3x more, measured on 8-unit windows)."""
         if not 0 <= view < self.num_views:
             raise LogitcacheError(f"view {view} out of range: the cache holds {self.num_views} views")
         spans = [self.layout.rows(c) for c in chunks]
@@ -368,15 +395,36 @@ class Cache:
             rows = {name: np.ascontiguousarray(results[i * len(spans) + j]) for i, name in enumerate(self._arrays)}
             if self.has_digests:
                 self._check_digest(view, c, rows)
-            out.append({**{name: torch.from_numpy(x) for name, x in rows.items()}, **self.constants(b - a)})
+            out.append({name: torch.from_numpy(x) for name, x in rows.items()})
         return out
 
-    def constants(self, rows: int) -> dict[str, torch.Tensor]:
-        """The encoding's per-sample constants for ``rows`` samples (every target dict carries them)."""
-        return {
+    def with_constants(self, fields: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A batch of stored ``fields`` as a target dict: with the encoding's per-sample constants and its rows of the
+        cache's table (``Encoding.per_sample``), so that it decodes alone. Every read path ends here."""
+        rows = len(next(iter(fields.values())))
+        constants = {
             name: torch.full((rows,), value, dtype=torch.int64 if isinstance(value, int) else torch.float32)
             for name, value in self.encoding.constants().items()
         }
+        return {**fields, **constants, **self.encoding.per_sample(fields, self.table())}
+
+    def table(self) -> torch.Tensor | None:
+        """The encoding's per-cache table (None when it keeps none), checked against its digest once per handle."""
+        if self._table is None and self.encoding.table_shape() is not None:
+            try:
+                table = np.ascontiguousarray(self.group[TABLE][...])
+                differs = table_meta(table, 0)["sha256"] != self.meta["table"]["sha256"]
+                why = "its contents differ from the digest recorded at build time" if differs else ""
+            except Exception as e:  # a crc32c or decompression failure (a missing chunk file reads as zeros: digest)
+                why = f"it cannot be decoded ({_first_line(e)})"
+            if why:
+                raise DamagedCache(
+                    f"cache {self.path} is damaged: array '{TABLE}' (the encoding's table, which every target decodes "
+                    f"with): {why}; rebuild it with `logitcache build ... --overwrite`",
+                    why=f"array '{TABLE}': {why}",
+                )
+            self._table = torch.from_numpy(table)
+        return self._table
 
     def view_nbytes(self) -> int:
         """Decoded bytes of one view's targets (what holding a view in memory costs)."""
@@ -457,6 +505,10 @@ class Cache:
         Reads every chunk once (no teacher): what ``verify --storage-only`` reports and ``build --repair`` redoes.
         """
         bad = []
+        try:
+            self.table()
+        except DamagedCache as e:  # every unit decodes with the table: listed first, as view -1
+            bad.append((-1, -1, e.why))
         done = self.completion()
         for v, c in np.ndindex(*done.shape):
             if not done[v, c]:

@@ -100,9 +100,7 @@ def verify_cache(
         with torch.inference_mode():
             logits = teacher(images.to(dev)).float().cpu()
         stored = _gather(cache, batch)
-        fresh = encoding.encode(logits, torch.Generator().manual_seed(0))
-        for name, value in encoding.constants().items():
-            fresh[name] = torch.full((len(batch),), value)
+        fresh = cache.with_constants(encoding.encode(logits, torch.Generator().manual_seed(0)))
         fresh_log_p = torch.log_softmax(logits / temperature, dim=-1)
         stored_log_p = dense_log_probs(stored, temperature)
         fresh_rec = dense_log_probs(fresh, temperature)
@@ -148,11 +146,12 @@ def verify_storage(cache: Cache | str | os.PathLike) -> VerifyReport:
 def _report_storage(cache: Cache, report: VerifyReport) -> set[tuple[int, int]]:
     """Incomplete and damaged units into ``report``; returns them so that no teacher pair is drawn from them."""
     bad = cache.scan()
-    report.problems += [f"view {v}, chunk {c}: {why}" for v, c, why in bad]
-    if bad and report.first_bad is None:
-        v, c, _ = min(bad)
+    report.problems += [f"view {v}, chunk {c}: {why}" if v >= 0 else f"the whole cache: {why}" for v, c, why in bad]
+    units = [(v, c) for v, c, _ in bad if v >= 0]
+    if units and report.first_bad is None:
+        v, c = min(units)
         report.first_bad = (v, cache.layout.rows(c)[0])
-    return {(v, c) for v, c, _ in bad}
+    return set(units)
 
 
 def _gather(cache: Cache, pairs: list[tuple[int, int]]) -> dict[str, torch.Tensor]:

@@ -121,6 +121,25 @@ class Encoding:
         """Numbers kept per sample (for bytes-per-entry figures)."""
         return self.num_classes
 
+    # --- a table stored once per cache (optional) ----------------------------------------------------------------
+    def table_shape(self) -> tuple[int, ...] | None:
+        """Shape of the table this encoding keeps once per cache (fitted on a probe of the teacher before the build;
+        the ``tail_table`` array of FORMAT.md), or None: most encodings keep everything per sample."""
+        return None
+
+    def probe_size(self, num_samples: int) -> int:
+        """How many samples of view 0 the table is fitted on."""
+        return 0
+
+    def fit_table(self, log_probs: Tensor) -> Tensor:
+        """The table from the teacher's log-probabilities ``[P, C]`` on the probe."""
+        raise NotImplementedError
+
+    def per_sample(self, fields: dict[str, Tensor], table: Tensor | None) -> dict[str, Tensor]:
+        """What the reader adds to a batch of stored ``fields`` from the cache's table, so that the batch decodes
+        alone (none by default)."""
+        return {}
+
     # --- the format ----------------------------------------------------------------------------------------------
     def fields(self) -> dict[str, Field]:
         raise NotImplementedError

@@ -17,6 +17,11 @@ from .topk import SOFT_TAIL_BETAS, TopKEncoding, topk_kept_mass
 LAYOUT = Option(2, "topk8 / headtail: how the 8-bit log-probabilities are stored", absent=1, low=1, cli=False)
 
 
+TAIL_SHAPES = ("table", "flat")
+MAX_TABLE_CLASSES = 4096  # a C x C float16 table: 34 MB at 4096 classes, 954 MB at 21,841
+PROBE_PER_CLASS = 64
+
+
 def compact_id_dtype(num_classes: int) -> np.dtype:
     """uint8 ids up to 256 classes, then int16, then int32."""
     if num_classes <= 256:
@@ -42,12 +47,29 @@ class CompactTopKEncoding(Encoding):
       (layout 2: the first position, then each one's step from the previous, modulo 256: neighbours are close).
 
     Decoding rebuilds a ``topk`` target and uses its tail rule and KL, so it trains like ``topk`` at any temperature.
+
+    The unstored classes' share (``tail_shape``): ``table`` (the default since session 8) spreads the tail's softened
+    mass over them in the shape the teacher usually gives them when the sample's top class is c: a C x C table of the
+    teacher's mean log-probabilities per top-1 class, fitted on a probe of view 0 before the build (``probe_size``)
+    and stored once per cache (``tail_table``, FORMAT.md); the reader adds each sample's row to its target. ``flat``
+    (stores that predate the option) spreads it equally, which at high T teaches a shape the teacher never had
+    (benchmarks/RESULTS.md: at 100 classes and T = 4 the table's KL to the teacher is ~10x smaller than flat's).
     """
 
     name = "topk8"
     summary = "top-k in 8-bit log-probs with the narrowest ids (about half of topk's bytes)"
     values = "log-probs"
-    options = {"k": Option(10, "topk / topk8 / headtail: entries kept per sample.", low=1), "layout": LAYOUT}
+    options = {
+        "k": Option(10, "topk / topk8 / headtail: entries kept per sample.", low=1),
+        "layout": LAYOUT,
+        "tail_shape": Option(
+            "table",
+            "topk8: how the unstored classes share the tail's mass: table (as the teacher usually spreads it for the "
+            "sample's top class; a C x C table fitted on a probe of the teacher before the build, stored once) or "
+            "flat (equally).",
+            absent="flat",
+        ),
+    }
     field_names = frozenset({"ids", "q", "scale", "tail", "tail_soft8"})
 
     def validate(self) -> None:
@@ -56,6 +78,37 @@ class CompactTopKEncoding(Encoding):
             raise LogitcacheError(
                 f"topk8 needs k between 3 and the number of classes ({self.num_classes}), got {self.k} (use topk)"
             )
+        if self.tail_shape not in TAIL_SHAPES:
+            raise LogitcacheError(f"topk8: tail_shape must be one of {', '.join(TAIL_SHAPES)}, got {self.tail_shape!r}")
+        if self.tail_shape == "table" and self.num_classes > MAX_TABLE_CLASSES:
+            size = 2 * self.num_classes**2 / 1e9
+            raise LogitcacheError(
+                f"topk8: tail_shape=table keeps a {self.num_classes} x {self.num_classes} table ({size:.1f} GB), too "
+                f"large above {MAX_TABLE_CLASSES} classes; use tail_shape=flat, or headtail for the tail's shape"
+            )
+
+    def table_shape(self) -> tuple[int, ...] | None:
+        return (self.num_classes, self.num_classes) if self.tail_shape == "table" else None
+
+    def probe_size(self, num_samples: int) -> int:
+        # ~64 probe samples per class: a class's mean log-probabilities settle to ~0.1 nats (measured, RESULTS.md)
+        return min(num_samples, PROBE_PER_CLASS * self.num_classes)
+
+    def fit_table(self, log_probs: Tensor) -> Tensor:
+        """Row c: the teacher's mean log-probability of every class over the probe samples whose top class is c (the
+        probe's overall mean for a class that is never on top). Float16: ~0.01-nat steps, far below its spread."""
+        num_classes = log_probs.shape[1]
+        lp = log_probs.double()
+        top1 = lp.argmax(1)
+        sums = torch.zeros(num_classes, num_classes, dtype=torch.float64).index_add_(0, top1, lp)
+        counts = torch.bincount(top1, minlength=num_classes).double()[:, None]
+        overall = lp.mean(0, keepdim=True).expand(num_classes, -1)
+        return torch.where(counts > 0, sums / counts.clamp(min=1), overall).to(torch.float16)
+
+    def per_sample(self, fields: dict[str, Tensor], table: Tensor | None) -> dict[str, Tensor]:
+        if table is None or self.k == self.num_classes:
+            return {}
+        return {"tail_shape": table[fields["ids"][..., 0].long()]}  # ids are sorted: the first is the top class
 
     def entries(self) -> int:
         return self.k
@@ -128,6 +181,8 @@ class CompactTopKEncoding(Encoding):
         else:
             out["tail_soft"] = torch.full((*tail.shape, len(SOFT_TAIL_BETAS)), MIN_TAIL)
         out["num_classes"] = targets["num_classes"]
+        if "tail_shape" in targets:
+            out["tail_shape"] = targets["tail_shape"]
         return out
 
     @staticmethod
@@ -139,6 +194,8 @@ class CompactTopKEncoding(Encoding):
         return TopKEncoding.kl(student_logits, cls.as_topk(targets), temperature, tail)
 
     def flat_tail_share(self, targets: dict[str, Tensor], temperature: float) -> float | None:
+        if "tail_shape" in targets:
+            return None  # the tail keeps the teacher's usual shape
         return 1.0 - topk_kept_mass(self.as_topk(targets), temperature)
 
     def compare(self, stored: dict[str, Tensor], fresh: dict[str, Tensor], fresh_log_p: Tensor) -> tuple[float, str]:

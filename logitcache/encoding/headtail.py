@@ -89,7 +89,7 @@ class HeadTailEncoding(Encoding):
             raise LogitcacheError(f"headtail: at most 255 tail draws, got {self.tail_samples}")
 
     def _head(self) -> CompactTopKEncoding:
-        return CompactTopKEncoding(self.num_classes, self.k, layout=min(self.layout, 2))
+        return CompactTopKEncoding(self.num_classes, self.k, layout=min(self.layout, 2), tail_shape="flat")
 
     def constants(self) -> dict[str, float]:
         # the draws' temperature, as for ``sampled``

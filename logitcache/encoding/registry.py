@@ -8,8 +8,9 @@ from ..errors import LogitcacheError
 from .base import Encoding
 
 ENCODINGS: dict[str, type[Encoding]] = {}
-# per-sample constants every target dict carries (an encoding's format details included, so batches decode alone)
-CONSTANT_KEYS = frozenset({"num_classes", "temperature", "layout"})
+# what the reader adds to every target dict beyond the stored fields, so that batches decode alone: per-sample
+# constants (an encoding's format details included) and rows of the cache's table (``Encoding.per_sample``)
+CONSTANT_KEYS = frozenset({"num_classes", "temperature", "layout", "tail_shape"})
 
 
 def register(cls: type[Encoding]) -> type[Encoding]:

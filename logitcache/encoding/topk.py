@@ -100,6 +100,11 @@ class TopKEncoding(Encoding):
         rest = num_classes - ids.shape[-1]
         if rest == 0:
             fill = torch.full_like(logp[..., 0], float("-inf"))
+        elif "tail_shape" in targets:  # the cache's table: the tail's softened mass in the teacher's usual shape
+            shape = (targets["tail_shape"].float() / temperature).scatter(-1, ids, float("-inf"))
+            total = TopKEncoding.softened_tail(targets, rest, temperature)
+            dense = shape - torch.logsumexp(shape, dim=-1, keepdim=True) + total[..., None]
+            return torch.log_softmax(dense.scatter(-1, ids, logp / temperature), dim=-1)
         else:
             fill = TopKEncoding.softened_tail(targets, rest, temperature) - math.log(rest)
         dense = fill[..., None].expand(*ids.shape[:-1], num_classes).clone().scatter_(-1, ids, logp / temperature)
@@ -109,11 +114,16 @@ class TopKEncoding(Encoding):
     def kl(cls, student_logits: Tensor, targets: dict[str, Tensor], temperature: float, tail: str) -> Tensor:
         """From the k stored entries, the tail and two reductions over the student's logits: no dense teacher.
 
-        ``tail``: ``uniform`` spreads the leftover mass over the unstored classes; ``bucket`` treats it as one
-        "rest" class, matching only the student's total mass outside the teacher's top k.
+        ``tail``: ``uniform`` spreads the leftover mass over the unstored classes (equally, or in the shape of the
+        cache's table when the targets carry ``tail_shape``: then the teacher is dense, [B, C]); ``bucket`` treats it
+        as one "rest" class, matching only the student's total mass outside the teacher's top k.
         """
         if tail not in TAIL_MODES:
             raise LogitcacheError(f"the top-k tail mode must be one of {', '.join(TAIL_MODES)}, got {tail!r}")
+        if tail == "uniform" and "tail_shape" in targets:
+            log_p = cls.log_probs(targets, temperature)
+            log_q = torch.log_softmax(student_logits.float() / temperature, dim=-1)
+            return (log_p.exp() * (log_p - log_q)).sum(1)
         logprobs, ids = targets["logprobs"], targets["ids"]
         s = student_logits.float() / temperature
         log_z = torch.logsumexp(s, dim=1)
