@@ -357,6 +357,7 @@ def main() -> None:
                 ("full", {}, "blosc-lz4"),
                 ("topk8", {"k": 10, "tail_shape": "table"}, "blosc-lz4"),
                 ("topk8", {"k": 5, "tail_shape": "table"}, "blosc-lz4"),
+                ("topk8", {"k": 20, "tail_shape": "table"}, "blosc-lz4"),
             ],
             # independent against systematic tail draws (session 7), at the students' temperature
             "draws": [

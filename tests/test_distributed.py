@@ -65,6 +65,17 @@ def test_two_rank_build_equals_single_process_bitwise(single, tmp_path):
     assert lc.open_cache(out).meta["num_views"] == 2
 
 
+def test_two_rank_topk8_build_with_its_tail_table_equals_single_process_bitwise(tmp_path):
+    # rank 0 alone fits the table (before any unit is written); every rank's units and the table match one process's
+    args = BUILD + ["--teacher", f"{HELPERS}:tiny_teacher", "--encoding", "topk8"]
+    _run(args + ["--out", str(tmp_path / "one")])
+    _run(args + ["--out", str(tmp_path / "two")], nproc=2)
+    ga, gb = (zarr.open_group(str(tmp_path / name), mode="r") for name in ("one", "two"))
+    for name in ("ids", "q", "scale", "tail", "tail_soft8", "tail_table", "complete", "labels"):
+        assert ga[name][...].tobytes() == gb[name][...].tobytes(), name
+    assert lc.open_cache(tmp_path / "two").meta["table"] == lc.open_cache(tmp_path / "one").meta["table"]
+
+
 def test_three_rank_build_killed_on_one_rank_resumes_to_the_same_bytes(single, tmp_path):
     out = tmp_path / "three"
     r = _run(
