@@ -502,7 +502,8 @@ def _warn_if_tail_dominates(cache, temperature: float) -> None:
         warnings.warn(
             f"at --temperature {temperature:g} the cache's top-{cache.encoding.k} entries hold only "
             f"{1 - flat:.0%} of the teacher's softened probability; the rest is spread flat over the other classes. "
-            "Consider a lower temperature, a larger --k, or --encoding headtail / quantized / sampled",
+            "Consider a lower temperature, a larger --k, or --encoding topk8 (its tail table keeps the tail's shape) "
+            "/ headtail / quantized",
             stacklevel=4,
         )
 
