@@ -250,7 +250,7 @@ def main() -> None:
     ap.add_argument("--samples-100", type=int, default=10000, help="training pairs of the students100 part")
     ap.add_argument(
         "--students100-set",
-        choices=("encodings", "tails", "draws", "null", "prior"),
+        choices=("encodings", "tails", "draws", "null", "prior", "close"),
         default="encodings",
         help="the students100 part's configs",
     )
@@ -333,7 +333,8 @@ def main() -> None:
             "encodings": [
                 ("full", {}, "blosc-lz4"),
                 ("topk", {"k": 10}, "blosc-lz4"),
-                ("topk8", {"k": 10}, "blosc-lz4"),
+                ("topk8", {"k": 10, "tail_shape": "flat"}, "blosc-lz4"),
+                ("topk8", {"k": 10, "tail_shape": "table"}, "blosc-lz4"),
                 ("headtail", {"k": 10, "tail_samples": 16, "tau": 4.0}, "blosc-lz4"),  # drawn at the students' T
                 ("sampled", {"samples": 50, "tau": 4.0}, "blosc-lz4"),
                 ("quantized", {}, "blosc-lz4"),
@@ -351,6 +352,16 @@ def main() -> None:
                 ("full", {}, "blosc-lz4"),
                 ("full", {"seed": 1}, "blosc-lz4"),
                 ("quantized", {"floor": 40.0}, "blosc-lz4"),
+            ],
+            # the encodings within a few pp of full, with the two near-exact controls of "null" (run with more seeds)
+            "close": [
+                ("full", {}, "blosc-lz4"),
+                ("full", {"seed": 1}, "blosc-lz4"),
+                ("quantized", {"floor": 40.0}, "blosc-lz4"),
+                ("quantized", {}, "blosc-lz4"),
+                ("topk8", {"k": 10, "tail_shape": "table"}, "blosc-lz4"),
+                ("sampled", {"samples": 50, "tau": 4.0}, "blosc-lz4"),
+                ("headtail", {"k": 10, "tail_samples": 16, "tau": 4.0}, "blosc-lz4"),
             ],
             # topk8's tail spread as the teacher usually spreads it (the tail table, session 8) against flat
             "prior": [
