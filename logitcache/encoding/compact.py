@@ -51,8 +51,7 @@ class CompactTopKEncoding(Encoding):
     The unstored classes' share (``tail_shape``): ``table`` (the default since session 8) spreads the tail's softened
     mass over them in the shape the teacher usually gives them when the sample's top class is c: a C x C table of the
     teacher's mean log-probabilities per top-1 class, fitted on a probe of view 0 before the build (``probe_size``)
-    and stored once per cache (``tail_table``, FORMAT.md); the reader adds each sample's row to its target; no
-    unstored class is decoded above the k-th stored one (``TopKEncoding.shaped_tail``). ``flat``
+    and stored once per cache (``tail_table``, FORMAT.md); the reader adds each sample's row to its target. ``flat``
     (stores that predate the option) spreads it equally, which at high T teaches a shape the teacher never had
     (benchmarks/RESULTS.md, 100 classes, T = 4, k = 10: students 1.3 pp below ``full``'s with the table, 8 pp with
     the flat tail, at 11% of ``full``'s bytes either way).

@@ -94,33 +94,6 @@ class TopKEncoding(Encoding):
         return ((1 - w) * points[i] + w * points[i + 1]).clamp(min=MIN_TAIL)
 
     @staticmethod
-    def shaped_tail(
-        shape: Tensor, logp: Tensor, ids: Tensor, targets: dict[str, Tensor], rest: int, temperature: float
-    ) -> Tensor:
-        """Log of each unstored class's softened mass ``p_j^(1/T)``, ``[B, C]`` (the stored classes' entries are
-        meaningless): the tail's softened total spread in proportion to ``exp(shape / T)``, with no class above the
-        k-th stored one (which the teacher's ranking guarantees, and a shape borrowed from other samples can break:
-        at 100 classes and T = 4 it put a tail class on top for 4% of samples). What the cap cuts is given to the
-        classes below it, in proportion again (water-filling; a few rounds)."""
-        total = TopKEncoding.softened_tail(targets, rest, temperature)
-        cap = logp[..., -1:].float() / temperature  # log p_k^(1/T)
-        weights = torch.softmax((shape.float() / temperature).scatter(-1, ids, float("-inf")), dim=-1)
-        left = (total[..., None] - cap).exp()  # the tail's total, in units of the cap (no underflow at low T)
-        capped = torch.zeros_like(weights, dtype=torch.bool).scatter(-1, ids, True)  # stored: out of the game
-        stored = capped.clone()
-        for _ in range(32):
-            free = torch.where(capped, 0.0, weights)
-            share = free / free.sum(-1, keepdim=True).clamp(min=1e-30)
-            room = left - (capped & ~stored).sum(-1, keepdim=True)  # what the classes at the cap do not hold
-            mass = share * room.clamp(min=0)
-            over = ~capped & (mass > 1)
-            if not over.any():
-                break
-            capped |= over
-        mass = torch.where(capped & ~stored, 1.0, mass)
-        return mass.log() + cap
-
-    @staticmethod
     def log_probs(targets: dict[str, Tensor], temperature: float) -> Tensor:
         logp, ids = targets["logprobs"].float(), targets["ids"].long()
         num_classes = num_classes_of(targets)
@@ -128,8 +101,10 @@ class TopKEncoding(Encoding):
         if rest == 0:
             fill = torch.full_like(logp[..., 0], float("-inf"))
         elif "tail_shape" in targets:  # the cache's table: the tail's softened mass in the teacher's usual shape
-            tail = TopKEncoding.shaped_tail(targets["tail_shape"], logp, ids, targets, rest, temperature)
-            return torch.log_softmax(tail.scatter(-1, ids, logp / temperature), dim=-1)
+            shape = (targets["tail_shape"].float() / temperature).scatter(-1, ids, float("-inf"))
+            total = TopKEncoding.softened_tail(targets, rest, temperature)
+            dense = shape - torch.logsumexp(shape, dim=-1, keepdim=True) + total[..., None]
+            return torch.log_softmax(dense.scatter(-1, ids, logp / temperature), dim=-1)
         else:
             fill = TopKEncoding.softened_tail(targets, rest, temperature) - math.log(rest)
         dense = fill[..., None].expand(*ids.shape[:-1], num_classes).clone().scatter_(-1, ids, logp / temperature)
