@@ -250,7 +250,7 @@ def main() -> None:
     ap.add_argument("--samples-100", type=int, default=10000, help="training pairs of the students100 part")
     ap.add_argument(
         "--students100-set",
-        choices=("encodings", "tails", "draws", "null", "prior", "close"),
+        choices=("encodings", "tails", "draws", "null", "prior", "close", "table-vs-control"),
         default="encodings",
         help="the students100 part's configs",
     )
@@ -362,6 +362,12 @@ def main() -> None:
                 ("topk8", {"k": 10, "tail_shape": "table"}, "blosc-lz4"),
                 ("sampled", {"samples": 50, "tau": 4.0}, "blosc-lz4"),
                 ("headtail", {"k": 10, "tail_samples": 16, "tau": 4.0}, "blosc-lz4"),
+            ],
+            # the tail table against full and its exact control, for many seeds
+            "table-vs-control": [
+                ("full", {}, "blosc-lz4"),
+                ("full", {"seed": 1}, "blosc-lz4"),
+                ("topk8", {"k": 10, "tail_shape": "table"}, "blosc-lz4"),
             ],
             # topk8's tail spread as the teacher usually spreads it (the tail table, session 8) against flat
             "prior": [
