@@ -53,10 +53,10 @@ class CompactTopKEncoding(Encoding):
     teacher's mean log-probabilities per top-1 class, fitted on a probe of view 0 before the build (``probe_size``)
     and stored once per cache (``tail_table``, FORMAT.md); the reader adds each sample's row to its target. ``flat``
     (stores that predate the option) spreads it equally, which at high T teaches a shape the teacher never had
-    (benchmarks/RESULTS.md, 100 classes, T = 4, k = 10: students 1.1 pp below ``full``'s with the table, five seeds,
-    8 pp with the flat tail, at 11% of ``full``'s bytes either way). A row can make an unstored class likelier than
-    the k-th stored one (at T = 4, 4% of those samples decode with a tail class on top); capping it there gave
-    better targets offline but worse students (-2.1 pp), so the decode does not.
+    (benchmarks/RESULTS.md, 100 classes, T = 4, k = 10: students 1.1 pp below ``full``'s with the table in the median
+    of eight seeds, one of which collapsed; 8 pp with the flat tail; at 11% of ``full``'s bytes either way). A row
+    can make an unstored class likelier than the k-th stored one (at T = 4, 4% of those samples decode with a tail
+    class on top); capping it there gave better targets offline but worse students (-2.1 pp), so the decode does not.
     """
 
     name = "topk8"
