@@ -173,9 +173,14 @@ def create_store(
     return group
 
 
+def table_digest(table: np.ndarray) -> str:
+    """sha256 of a table's bytes (native little-endian, C order): what the attributes record and reads check."""
+    return hashlib.sha256(np.ascontiguousarray(table).tobytes()).hexdigest()
+
+
 def table_meta(table: np.ndarray, probe: int) -> dict[str, Any]:
-    """What the attributes record about an encoding's table: its probe and a digest of its bytes."""
-    return {"array": TABLE, "probe": probe, "sha256": hashlib.sha256(np.ascontiguousarray(table).tobytes()).hexdigest()}
+    """What the attributes record about an encoding's table: its probe and its digest."""
+    return {"array": TABLE, "probe": probe, "sha256": table_digest(table)}
 
 
 def metadata_digest(meta: dict[str, Any]) -> str:
@@ -413,7 +418,7 @@ class Cache:
         if self._table is None and self.encoding.table_shape() is not None:
             try:
                 table = np.ascontiguousarray(self.group[TABLE][...])
-                differs = table_meta(table, 0)["sha256"] != self.meta["table"]["sha256"]
+                differs = table_digest(table) != self.meta["table"]["sha256"]
                 why = "its contents differ from the digest recorded at build time" if differs else ""
             except Exception as e:  # a crc32c or decompression failure (a missing chunk file reads as zeros: digest)
                 why = f"it cannot be decoded ({_first_line(e)})"
