@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import statistics
 from pathlib import Path
 
 import torch
@@ -54,10 +55,14 @@ CONFIGS_100 = [
     ("topk", {"k": 20}, "blosc-lz4"),
     ("topk", {"k": 10}, "zstd"),
     ("topk8", {"k": 10, "tail_shape": "flat"}, "blosc-lz4"),
-    ("topk8", {"k": 10}, "blosc-lz4"),  # the tail table (the default since session 8)
+    ("topk8", {"k": 10, "tail_rank": 0}, "blosc-lz4"),  # the tail table alone (session 8)
+    ("topk8", {"k": 10}, "blosc-lz4"),  # the table and 8 basis coefficients per sample (the default, session 9)
+    ("topk8", {"k": 10, "tail_rank": 4}, "blosc-lz4"),
+    ("topk8", {"k": 5, "tail_rank": 0}, "blosc-lz4"),
     ("topk8", {"k": 5}, "blosc-lz4"),
     ("topk8", {"k": 10, "tail_shape": "flat"}, "zstd"),
     ("topk8", {"k": 20, "tail_shape": "flat"}, "blosc-lz4"),
+    ("topk8", {"k": 20, "tail_rank": 0}, "blosc-lz4"),
     ("topk8", {"k": 20}, "blosc-lz4"),
     ("topk8", {"k": 20, "tail_shape": "flat"}, "zstd"),
     # layout 1 (before session 6): the values, not their steps
@@ -161,7 +166,9 @@ def students(
         title=f"{name}: cached-KD students, {model}, {epochs} epochs on {limit} images, T=4, "
         f"seeds {seeds} (mean accuracy)"
     )
-    for col in ("encoding", "B/sample", "% of full's bytes", "test accuracy", "vs full (pp)", "per seed"):
+    # A seed fixes the student's initialisation and sample order in every arm: per-seed differences are paired.
+    columns = ("encoding", "B/sample", "% of full's bytes", "test accuracy", "vs full (pp)", "s.e.", "median")
+    for col in (*columns, "per seed"):
         table.add_column(col, justify="right")
     results, sizes = {}, {}
 
@@ -212,7 +219,8 @@ def students(
             cache = build(overwrite=True)
         sizes[key] = target_bytes(cache) / (cache.num_views * cache.num_samples)
         # what the cache holds: its encoding with every option (defaults included; the layout changes no number)
-        held = {k: v for k, v in cache.encoding.params().items() if k != "layout"}
+        # (tail_rank 0, the value of stores from before the option, is left out: those runs keep their tags)
+        held = {k: v for k, v in cache.encoding.params().items() if k != "layout" and (k, v) != ("tail_rank", 0)}
         # the views' seed too when it is not the default (tags of earlier runs, all at seed 0, stay as they were)
         held_by = [enc, held, cache.num_views] + ([cache.meta["seed"]] if cache.meta["seed"] else [])
         tag = hashlib.sha256(json.dumps(held_by, sort_keys=True).encode()).hexdigest()[:8]
@@ -230,9 +238,17 @@ def students(
             f"{100 * size / sizes[full_key]:.0f}%" if size else "-",
             f"{mean:.4f}",
             f"{100 * (mean - full):+.2f}",
+            *paired(accs, results[full_key]),
             ", ".join(f"{a:.4f}" for a in accs),
         )
     return show(table)
+
+
+def paired(accs: list[float], full: list[float]) -> tuple[str, str]:
+    """The standard error of the mean per-seed difference to ``full`` and its median, in pp."""
+    diffs = [a - f for a, f in zip(accs, full)]
+    se = f"{100 * statistics.stdev(diffs) / len(diffs) ** 0.5:.2f}" if len(diffs) > 1 else "-"
+    return se, f"{100 * statistics.median(diffs):+.2f}"
 
 
 def main() -> None:
@@ -250,7 +266,7 @@ def main() -> None:
     ap.add_argument("--samples-100", type=int, default=10000, help="training pairs of the students100 part")
     ap.add_argument(
         "--students100-set",
-        choices=("encodings", "tails", "draws", "null", "prior", "close", "table-vs-control"),
+        choices=("encodings", "tails", "draws", "null", "prior", "close", "table-vs-control", "basis"),
         default="encodings",
         help="the students100 part's configs",
     )
@@ -334,7 +350,7 @@ def main() -> None:
                 ("full", {}, "blosc-lz4"),
                 ("topk", {"k": 10}, "blosc-lz4"),
                 ("topk8", {"k": 10, "tail_shape": "flat"}, "blosc-lz4"),
-                ("topk8", {"k": 10, "tail_shape": "table"}, "blosc-lz4"),
+                ("topk8", {"k": 10, "tail_shape": "table", "tail_rank": 0}, "blosc-lz4"),
                 ("headtail", {"k": 10, "tail_samples": 16, "tau": 4.0}, "blosc-lz4"),  # drawn at the students' T
                 ("sampled", {"samples": 50, "tau": 4.0}, "blosc-lz4"),
                 ("quantized", {}, "blosc-lz4"),
@@ -359,7 +375,7 @@ def main() -> None:
                 ("full", {"seed": 1}, "blosc-lz4"),
                 ("quantized", {"floor": 40.0}, "blosc-lz4"),
                 ("quantized", {}, "blosc-lz4"),
-                ("topk8", {"k": 10, "tail_shape": "table"}, "blosc-lz4"),
+                ("topk8", {"k": 10, "tail_shape": "table", "tail_rank": 0}, "blosc-lz4"),
                 ("sampled", {"samples": 50, "tau": 4.0}, "blosc-lz4"),
                 ("headtail", {"k": 10, "tail_samples": 16, "tau": 4.0}, "blosc-lz4"),
             ],
@@ -367,14 +383,21 @@ def main() -> None:
             "table-vs-control": [
                 ("full", {}, "blosc-lz4"),
                 ("full", {"seed": 1}, "blosc-lz4"),
-                ("topk8", {"k": 10, "tail_shape": "table"}, "blosc-lz4"),
+                ("topk8", {"k": 10, "tail_shape": "table", "tail_rank": 0}, "blosc-lz4"),
+            ],
+            # each sample's own tail: the table's row plus 8 coefficients of a basis (session 9), against the row alone
+            "basis": [
+                ("full", {}, "blosc-lz4"),
+                ("full", {"seed": 1}, "blosc-lz4"),
+                ("topk8", {"k": 10, "tail_rank": 8}, "blosc-lz4"),
+                ("topk8", {"k": 10, "tail_shape": "table", "tail_rank": 0}, "blosc-lz4"),
             ],
             # topk8's tail spread as the teacher usually spreads it (the tail table, session 8) against flat
             "prior": [
                 ("full", {}, "blosc-lz4"),
-                ("topk8", {"k": 10, "tail_shape": "table"}, "blosc-lz4"),
-                ("topk8", {"k": 5, "tail_shape": "table"}, "blosc-lz4"),
-                ("topk8", {"k": 20, "tail_shape": "table"}, "blosc-lz4"),
+                ("topk8", {"k": 10, "tail_shape": "table", "tail_rank": 0}, "blosc-lz4"),
+                ("topk8", {"k": 5, "tail_shape": "table", "tail_rank": 0}, "blosc-lz4"),
+                ("topk8", {"k": 20, "tail_shape": "table", "tail_rank": 0}, "blosc-lz4"),
             ],
             # independent against systematic tail draws (session 7), at the students' temperature
             "draws": [

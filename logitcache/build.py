@@ -341,7 +341,7 @@ def build_cache(
     units = [(v, c) for v in range(views) for c in range(layout.num_chunks) if not done[v, c]]
     if not done.any():
         _warn_if_disk_too_small(out, enc, views, len(dataset))
-    writer = UnitWriter(group, enc, layout, seed, opened.has_digests)
+    writer = UnitWriter(group, enc, layout, seed, opened.has_digests, opened.table())
     try:
         _run_teacher(teacher, views_of, dev, units, layout, batch_size, workers, writer, progress)
         writer.flush()
@@ -455,8 +455,17 @@ class UnitWriter:
 
     MAX_IN_FLIGHT = 4
 
-    def __init__(self, group: zarr.Group, enc: Encoding, layout: store.Layout, seed: int, has_digests: bool):
+    def __init__(
+        self,
+        group: zarr.Group,
+        enc: Encoding,
+        layout: store.Layout,
+        seed: int,
+        has_digests: bool,
+        table: torch.Tensor | None = None,
+    ):
         self.group, self.enc, self.layout, self.seed, self.has_digests = group, enc, layout, seed, has_digests
+        self.table = {"table": table} if table is not None else {}  # an encoding with a table encodes against it
         self.field_names = sorted(enc.fields())
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="logitcache-writer")
         self.in_flight: list[Future] = []
@@ -469,7 +478,7 @@ class UnitWriter:
     def _write(self, unit: tuple[int, int], logits: torch.Tensor) -> None:
         view, chunk = unit
         rng = torch.Generator().manual_seed(sample_seed(self.seed ^ _ENCODE_SALT, view, chunk))
-        encoded = {name: t.numpy() for name, t in self.enc.encode(logits, rng).items()}
+        encoded = {name: t.numpy() for name, t in self.enc.encode(logits, rng, **self.table).items()}
         store.write_unit(self.group, self.field_names, view, chunk, self.layout.rows(chunk), encoded, self.has_digests)
 
     def flush(self) -> None:

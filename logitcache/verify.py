@@ -93,6 +93,7 @@ def verify_cache(
     temperature = encoding.stored_temperature
     mix = Mix.from_meta(meta.get("mix"))  # the teacher labelled the mixed images
     pairs = [p for p in _pick_pairs(cache, samples, seed) if (p[0], p[1] // cache.chunk_rows) not in bad_units]
+    table = {"table": cache.table()} if encoding.table_shape() is not None else {}
     agree, excess = 0, []
     for b in range(0, len(pairs), batch_size):
         batch = pairs[b : b + batch_size]
@@ -100,7 +101,7 @@ def verify_cache(
         with torch.inference_mode():
             logits = teacher(images.to(dev)).float().cpu()
         stored = _gather(cache, batch)
-        fresh = cache.with_constants(encoding.encode(logits, torch.Generator().manual_seed(0)))
+        fresh = cache.with_constants(encoding.encode(logits, torch.Generator().manual_seed(0), **table))
         fresh_log_p = torch.log_softmax(logits / temperature, dim=-1)
         stored_log_p = dense_log_probs(stored, temperature)
         fresh_rec = dense_log_probs(fresh, temperature)

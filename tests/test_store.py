@@ -340,8 +340,8 @@ def test_dry_run_estimates_the_size_and_writes_nothing(tmp_path, tiny):
 def test_topk8_layout_2_stores_steps_and_layout_1_stores_still_read(tmp_path, tiny):
     # Layout 2 stores the steps between consecutive 8-bit log-probabilities instead of the values (the same
     # numbers, smaller after compression). A store written before layouts existed has no "layout" (nor "tail_shape":
-    # its tail is flat) in its encoding's parameters and holds the values: it must decode to exactly the targets a
-    # layout 2 store with a flat tail holds.
+    # its tail is flat; nor "tail_rank") in its encoding's parameters and holds the values: it must decode to exactly
+    # the targets a layout 2 store with a flat tail holds.
     from logitcache.store import META_DIGEST, metadata_digest
 
     build = dict(BUILD, encoding="topk8", k=5, tail_shape="flat")
@@ -350,13 +350,14 @@ def test_topk8_layout_2_stores_steps_and_layout_1_stores_still_read(tmp_path, ti
     lc.build_cache(helpers.tiny_teacher(), tiny, old, augment=helpers.heavy_augment(), layout=1, **build)
     g = zarr.open_group(str(old), mode="r+")
     meta = dict(g.attrs["logitcache"])
-    del meta["encoding"]["params"]["layout"], meta["encoding"]["params"]["tail_shape"]
+    for option in ("layout", "tail_shape", "tail_rank"):
+        del meta["encoding"]["params"][option]
     meta[META_DIGEST] = metadata_digest(meta)
     g.attrs["logitcache"] = meta
 
     a, b = lc.open_cache(new), lc.open_cache(old)
-    assert a.encoding.params() == {"k": 5, "layout": 2, "tail_shape": "flat"}
-    assert b.encoding.params() == {"k": 5, "layout": 1, "tail_shape": "flat"}
+    assert a.encoding.params() == {"k": 5, "layout": 2, "tail_shape": "flat", "tail_rank": 0}
+    assert b.encoding.params() == {"k": 5, "layout": 1, "tail_shape": "flat", "tail_rank": 0}
     ta, tb = a.read(1), b.read(1)
     assert torch.equal(ta["q"].long().cumsum(1), tb["q"].long()) and not torch.equal(ta["q"], tb["q"])
     for temperature in (1.0, 4.0):
@@ -364,7 +365,7 @@ def test_topk8_layout_2_stores_steps_and_layout_1_stores_still_read(tmp_path, ti
     item_a = lc.CachedKDDataset(tiny, a, augment=helpers.heavy_augment())[3][2]
     item_b = lc.CachedKDDataset(tiny, b, augment=helpers.heavy_augment())[3][2]
     assert int(item_b["layout"]) == 1 and torch.equal(lc.to_probs(item_a), lc.to_probs(item_b))
-    assert inspect_json(old)["encoding_params"] == {"k": 5, "layout": 1, "tail_shape": "flat"}
+    assert inspect_json(old)["encoding_params"] == {"k": 5, "layout": 1, "tail_shape": "flat", "tail_rank": 0}
     with pytest.raises(LogitcacheError, match="reads layouts 1 and 2"):
         lc.build_cache(helpers.tiny_teacher(), tiny, tmp_path / "x", augment=helpers.heavy_augment(), layout=3, **build)
 
@@ -380,7 +381,7 @@ def test_topk8_layouts_decode_alike_at_100_classes():
     from logitcache.encoding import CompactTopKEncoding
 
     logits = torch.randn(512, 100, generator=torch.Generator().manual_seed(3)) * 4
-    one, two = (CompactTopKEncoding(100, 10, layout=n) for n in (1, 2))
+    one, two = (CompactTopKEncoding(100, 10, layout=n, tail_shape="flat") for n in (1, 2))
     t1, t2 = (
         dict(e.encode(logits), **{k: torch.full((512,), v) for k, v in e.constants().items()}) for e in (one, two)
     )

@@ -32,7 +32,7 @@ def structured_logits(n: int, num_classes: int = 50, seed: int = 0) -> torch.Ten
 
 
 def decoded(enc, logits, table):
-    fields = enc.encode(logits)
+    fields = enc.encode(logits, table=table)
     consts = {name: torch.full((len(logits),), value) for name, value in enc.constants().items()}
     return {**fields, **consts, **enc.per_sample(fields, table)}
 
@@ -43,7 +43,7 @@ def kl_to_teacher(logits, targets, temperature):
 
 
 def test_the_table_keeps_the_tails_shape_where_flat_loses_it():
-    enc = CompactTopKEncoding(50, 5)
+    enc = CompactTopKEncoding(50, 5, tail_rank=0)  # the row alone
     assert enc.tail_shape == "table" and enc.table_shape() == (50, 50)
     table = enc.fit_table(torch.log_softmax(structured_logits(3000), dim=1))
     assert table.dtype == torch.float16 and table.shape == (50, 50)
@@ -66,8 +66,55 @@ def test_the_table_keeps_the_tails_shape_where_flat_loses_it():
         assert torch.isclose(loss, temperature**2 * (p * (p.log() - log_q)).sum(1).mean(), rtol=1e-4)
 
 
+def low_rank_logits(n: int, num_classes: int = 50, seed: int = 0) -> torch.Tensor:
+    """A teacher whose logits are a linear map of 6 features (as a real one's are of its penultimate layer's, there
+    hundreds), the features clustered by class: what the row of a sample's top class misses lies in that subspace."""
+    w = torch.randn(6, num_classes, generator=torch.Generator().manual_seed(1)) * 2
+    centers = torch.randn(num_classes, 6, generator=torch.Generator().manual_seed(2))
+    cls = torch.randint(0, num_classes, (n,), generator=torch.Generator().manual_seed(seed))
+    return (centers[cls] + 0.5 * torch.randn(n, 6, generator=torch.Generator().manual_seed(seed + 1))) @ w
+
+
+def test_the_basis_keeps_each_samples_own_tail_where_the_row_alone_misses_it():
+    probe = torch.log_softmax(low_rank_logits(3000), dim=1)
+    row_only, basis = CompactTopKEncoding(50, 5, tail_rank=0), CompactTopKEncoding(50, 5)
+    assert basis.tail_rank == 8 and basis.table_shape() == (58, 50)
+    fields = basis.fields()
+    assert (
+        fields["tail_coef"].dtype == np.int8
+        and fields["tail_coef"].shape == (8,)
+        and "tail_coef" not in row_only.fields()
+    )
+    table_row, table_basis = row_only.fit_table(probe), basis.fit_table(probe)
+    assert torch.equal(table_basis[:50], table_row)  # the same rows; the basis follows them
+    logits = low_rank_logits(500, seed=7)  # other samples than the probe's
+    with_basis, alone = decoded(basis, logits, table_basis), decoded(row_only, logits, table_row)
+    for temperature in (1.0, 4.0):
+        kl_basis, kl_alone = kl_to_teacher(logits, with_basis, temperature), kl_to_teacher(logits, alone, temperature)
+        assert kl_basis < 0.1 * kl_alone, (temperature, kl_basis, kl_alone)
+        # the same top k and tail mass: the coefficients move mass only within the tail
+        ids = with_basis["ids"].long()
+        p_basis, p_alone = lc.to_probs(with_basis, temperature), lc.to_probs(alone, temperature)
+        assert torch.allclose(p_basis.gather(1, ids), p_alone.gather(1, ids), atol=1e-5)
+    # coefficients are int8 steps of a per-sample scale; a teacher exactly on its row needs none
+    rows = table_basis[:50].float()
+    exact = rows[[c for c in range(50) if rows[c].argmax() == c][:4]] + 3.0  # rows of classes seen on top
+    coded = basis.encode(exact, table=table_basis)
+    assert coded["tail_coef"].abs().max() <= 127 and torch.all(coded["tail_coef_scale"].float() < 1e-2)
+    with pytest.raises(LogitcacheError, match="encodes against the cache's table"):
+        basis.encode(logits)
+
+
+def test_the_basis_rank_follows_the_table_and_the_unstored_classes():
+    assert CompactTopKEncoding(50, 5, tail_shape="flat").tail_rank == 0  # no row to deviate from
+    assert CompactTopKEncoding(10, 3).tail_rank == 6  # C - k - 1: more would describe nothing
+    assert CompactTopKEncoding(10, 10).tail_rank == 0
+    with pytest.raises(LogitcacheError, match="tail_rank must be at most 64"):
+        CompactTopKEncoding(500, 10, tail_rank=65)
+
+
 def test_a_row_never_seen_on_top_falls_back_to_the_probes_mean():
-    enc = CompactTopKEncoding(6, 3)
+    enc = CompactTopKEncoding(6, 3, tail_rank=0)
     lp = torch.log_softmax(torch.tensor([[5.0, 1, 0, 0, 0, -3], [4.0, 0, 2, 0, 0, 0]]), dim=1)
     table = enc.fit_table(lp).float()
     assert torch.allclose(table[0], lp.mean(0), atol=1e-2) and torch.allclose(table[5], lp.mean(0), atol=1e-2)
@@ -95,14 +142,15 @@ def test_build_fits_the_table_on_a_probe_and_every_read_path_adds_the_samples_ro
     record = cache.meta["table"]
     assert record["array"] == TABLE and record["probe"] == len(tiny)  # 64 per class, at most the dataset
     table = cache.table()
-    assert table.shape == (10, 10) and table.dtype == torch.float16
+    assert table.shape == (10 + 6, 10) and table.dtype == torch.float16  # the rows, then a basis of rank C - k - 1
     # the table is the teacher's mean log-probabilities over view 0's probe, by top class
     views = lc.build.ReplayedViews(tiny, helpers.heavy_augment(), 3)
     with torch.inference_mode():
         lp = torch.log_softmax(helpers.tiny_teacher()(torch.stack([views[i] for i in range(len(tiny))])), dim=1)
     assert torch.equal(table, cache.encoding.fit_table(lp))
     whole = cache.read(1)
-    assert torch.equal(whole["tail_shape"], table[whole["ids"][:, 0].long()])
+    coef = whole["tail_coef"].float() * whole["tail_coef_scale"].float()[:, None]
+    assert torch.equal(whole["tail_shape"], table[whole["ids"][:, 0].long()].float() + coef @ table[10:].float())
     assert "tail_shape" not in cache.read(1, fields_only=True)
     for memory_mb in (4096, 0):  # the view in shared memory, and read by chunk
         ds = lc.CachedKDDataset(tiny, cache, augment=helpers.heavy_augment(), memory_mb=memory_mb)
@@ -154,7 +202,7 @@ def test_inspect_reports_the_table(table_store):
     assert r.exit_code == 0, r.output
     info = json.loads(r.output)
     assert info["encoding_params"]["tail_shape"] == "table"
-    assert info["table"]["probe"] == 240 and info["arrays"][TABLE]["shape"] == [10, 10]
+    assert info["table"]["probe"] == 240 and info["arrays"][TABLE]["shape"] == [16, 10]
 
 
 def test_dry_run_counts_the_table_and_its_probe():
@@ -165,7 +213,7 @@ def test_dry_run_counts_the_table_and_its_probe():
         helpers.tiny_teacher(), tiny, augment=helpers.heavy_augment(), views=2, chunk_rows=64, encoding="topk8", k=3,
         batch_size=16, workers=0,
     )  # fmt: skip
-    assert est.table_probe == 240 and est.table_bytes == 2 * 10 * 10
+    assert est.table_probe == 240 and est.table_bytes == 2 * 16 * 10
     flat = estimate_build(
         helpers.tiny_teacher(), tiny, augment=helpers.heavy_augment(), views=2, chunk_rows=64, encoding="topk8", k=3,
         batch_size=16, workers=0, tail_shape="flat",

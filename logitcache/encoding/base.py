@@ -145,6 +145,8 @@ class Encoding:
         raise NotImplementedError
 
     def encode(self, logits: Tensor, generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        """The stored fields of a batch of teacher ``logits``. An encoding that keeps a table (``table_shape``) is
+        also given the cache's as ``table=`` (the stored one, which the reader decodes with)."""
         raise NotImplementedError
 
     @staticmethod

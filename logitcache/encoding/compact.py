@@ -20,6 +20,7 @@ LAYOUT = Option(2, "topk8 / headtail: how the 8-bit log-probabilities are stored
 TAIL_SHAPES = ("table", "flat")
 MAX_TABLE_CLASSES = 4096  # a C x C float16 table: 34 MB at 4096 classes, 954 MB at 21,841
 PROBE_PER_CLASS = 64
+MAX_TAIL_RANK = 64
 
 
 def compact_id_dtype(num_classes: int) -> np.dtype:
@@ -57,6 +58,14 @@ class CompactTopKEncoding(Encoding):
     of eight seeds, one of which collapsed; 8 pp with the flat tail; at 11% of ``full``'s bytes either way). A row
     can make an unstored class likelier than the k-th stored one (at T = 4, 4% of those samples decode with a tail
     class on top); capping it there gave better targets offline but worse students (-2.1 pp), so the decode does not.
+
+    A row is the teacher's *usual* tail for a top class; each sample's own differs from it. ``tail_rank`` r (default
+    8 since session 9) stores that difference too, as r int8 coefficients (``tail_coef``, with a float16 scale) of a
+    basis fitted on the same probe: the leading principal directions of the probe's deviations from their rows, kept
+    as r more rows of the table. A teacher's logits are a linear map of its penultimate features, so a few directions
+    hold most of what a row misses: on the 100-class pairs teacher, KL at T = 4 0.0005 with r = 8 against 0.022 with
+    the row alone, for 10 more bytes per sample (benchmarks/RESULTS.md). How much r directions hold depends on the
+    teacher: more classes and wider features need more.
     """
 
     name = "topk8"
@@ -72,8 +81,17 @@ class CompactTopKEncoding(Encoding):
             "flat (equally).",
             absent="flat",
         ),
+        "tail_rank": Option(
+            8,
+            "topk8 with the tail table: also store each sample's own deviation from its row, as this many int8 "
+            "coefficients of a basis fitted on the same probe (tail_rank + 2 B/sample; at most C - k - 1 are used); "
+            "0 keeps the row alone.",
+            absent=0,
+            low=0,
+        ),
     }
     field_names = frozenset({"ids", "q", "scale", "tail", "tail_soft8"})
+    optional_field_names = frozenset({"tail_coef", "tail_coef_scale"})
 
     def validate(self) -> None:
         check_layout(self.name, self.layout)
@@ -90,8 +108,15 @@ class CompactTopKEncoding(Encoding):
                 f"large above {MAX_TABLE_CLASSES} classes; use tail_shape=flat, or headtail for the tail's shape"
             )
 
+        if self.tail_rank > MAX_TAIL_RANK:
+            raise LogitcacheError(f"topk8: tail_rank must be at most {MAX_TAIL_RANK}, got {self.tail_rank}")
+        # The basis describes deviations from a table row, over the C - k unstored classes less their offset: more
+        # coefficients than that describe nothing, so the rank is lowered to it (and to 0 without a table).
+        self.tail_rank = min(self.tail_rank, max(0, self.num_classes - self.k - 1)) if self.tail_shape == "table" else 0
+
     def table_shape(self) -> tuple[int, ...] | None:
-        return (self.num_classes, self.num_classes) if self.tail_shape == "table" else None
+        # rows 0 .. C-1: the mean row per top-1 class; then the tail basis, one row per coefficient
+        return (self.num_classes + self.tail_rank, self.num_classes) if self.tail_shape == "table" else None
 
     def probe_size(self, num_samples: int) -> int:
         # 64 per class on average: a row's means then carry 1/8 of the per-sample spread (rarely-top classes less)
@@ -106,12 +131,26 @@ class CompactTopKEncoding(Encoding):
         sums = torch.zeros(num_classes, num_classes, dtype=torch.float64).index_add_(0, top1, lp)
         counts = torch.bincount(top1, minlength=num_classes).double()[:, None]
         overall = lp.mean(0, keepdim=True).expand(num_classes, -1)
-        return torch.where(counts > 0, sums / counts.clamp(min=1), overall).to(torch.float16)
+        rows = torch.where(counts > 0, sums / counts.clamp(min=1), overall).to(torch.float16)
+        if not self.tail_rank:
+            return rows
+        # The basis: the leading principal directions of the probe's deviations from their rows (each centred, as
+        # the decode renormalises the tail). A teacher's logits are a linear map of its features, so a few
+        # directions hold most of what the rows miss (benchmarks/RESULTS.md).
+        dev = lp - rows.double()[top1]
+        dev = dev - dev.mean(1, keepdim=True)
+        _, vectors = torch.linalg.eigh(dev.T @ dev)  # ascending eigenvalues
+        basis = vectors[:, -self.tail_rank :].flip(1).T
+        return torch.cat([rows, basis.to(torch.float16)])
 
     def per_sample(self, fields: dict[str, Tensor], table: Tensor | None) -> dict[str, Tensor]:
         if table is None or self.k == self.num_classes:
             return {}
-        return {"tail_shape": table[fields["ids"][..., 0].long()]}  # ids are sorted: the first is the top class
+        shape = table[fields["ids"][..., 0].long()]  # ids are sorted: the first is the top class
+        if "tail_coef" in fields:
+            coef = fields["tail_coef"].float() * fields["tail_coef_scale"].float()[..., None]
+            shape = shape.float() + coef @ table[self.num_classes :].float()
+        return {"tail_shape": shape}
 
     def entries(self) -> int:
         return self.k
@@ -126,9 +165,19 @@ class CompactTopKEncoding(Encoding):
             "scale": Field((), np.dtype("float16")),
             "tail": Field((), np.dtype("float16")),
             "tail_soft8": Field((len(SOFT_TAIL_BETAS),), np.dtype("uint8")),
+            **(
+                {
+                    "tail_coef": Field((self.tail_rank,), np.dtype("int8")),
+                    "tail_coef_scale": Field((), np.dtype("float16")),
+                }
+                if self.tail_rank
+                else {}
+            ),
         }
 
-    def encode(self, logits: Tensor, generator: torch.Generator | None = None) -> dict[str, Tensor]:
+    def encode(
+        self, logits: Tensor, generator: torch.Generator | None = None, table: Tensor | None = None
+    ) -> dict[str, Tensor]:
         full = TopKEncoding(self.num_classes, self.k, True).encode(logits)
         lp = torch.log_softmax(logits.float(), dim=-1).topk(self.k, dim=-1).values  # exact, not the float16 copy
         spread = (lp[:, :1] - lp[:, -1:]).clamp(min=1e-3)
@@ -153,7 +202,26 @@ class CompactTopKEncoding(Encoding):
             "scale": scale[:, 0].to(torch.float16),
             "tail": tail.to(torch.float16),
             "tail_soft8": pos.to(torch.uint8),
+            **(self._tail_coefficients(logits, full["ids"].long(), table) if self.tail_rank else {}),
         }
+
+    def _tail_coefficients(self, logits: Tensor, ids: Tensor, table: Tensor | None) -> dict[str, Tensor]:
+        """Each sample's deviation from its row, as least-squares coefficients of the table's basis over the unstored
+        classes (plus a free offset, which the decode's normalisation absorbs), in int8 with a per-sample scale."""
+        if table is None:
+            raise LogitcacheError("topk8 with tail_rank encodes against the cache's table; none was given")
+        c, r = self.num_classes, self.tail_rank
+        rows, basis = table[:c].float(), table[c:].float()
+        dev = torch.log_softmax(logits.float(), dim=-1) - rows[ids[:, 0]]
+        unstored = torch.ones_like(dev).scatter_(1, ids, 0.0)
+        m = torch.cat([basis.T, torch.ones(c, 1)], dim=1)  # [C, r + 1]
+        weighted = m.T[None] * unstored[:, None, :]  # [N, r + 1, C]
+        gram = weighted @ m + 1e-6 * torch.eye(r + 1)
+        coef = torch.linalg.solve(gram, (weighted @ dev[..., None]))[:, :r, 0]
+        scale = (coef.abs().amax(1) / 127).to(torch.float16)
+        steps = scale.float()[:, None]
+        q = torch.where(steps > 0, torch.round(coef / steps.clamp(min=1e-30)), 0.0).clamp(-127, 127)
+        return {"tail_coef": q.to(torch.int8), "tail_coef_scale": scale}
 
     @staticmethod
     def q_values(targets: dict[str, Tensor]) -> Tensor:
