@@ -201,7 +201,8 @@ def test_inspect_reports_the_table(table_store):
     r = CliRunner().invoke(app, ["inspect", str(table_store), "--json"])
     assert r.exit_code == 0, r.output
     info = json.loads(r.output)
-    assert info["encoding_params"]["tail_shape"] == "table"
+    assert info["encoding_params"]["tail_shape"] == "table" and info["encoding_params"]["tail_rank"] == 6
+    assert info["arrays"]["tail_coef"]["shape"] == [2, 240, 6]
     assert info["table"]["probe"] == 240 and info["arrays"][TABLE]["shape"] == [16, 10]
 
 
@@ -220,3 +221,23 @@ def test_dry_run_counts_the_table_and_its_probe():
     )  # fmt: skip
     assert flat.table_probe == 0 and flat.table_bytes == 0
     assert np.isclose(est.total_bytes - est.table_bytes, est.samples * est.bytes_per_sample)
+
+
+def test_a_table_store_from_before_the_basis_reads_with_its_rows_alone(tmp_path):
+    import zarr
+
+    from logitcache.store import META_DIGEST, metadata_digest
+
+    tiny, out = helpers.tiny_dataset(), tmp_path / "c"
+    lc.build_cache(helpers.tiny_teacher(), tiny, out, augment=helpers.heavy_augment(), tail_rank=0, **BUILD)
+    before = lc.open_cache(out).read(1)
+    g = zarr.open_group(str(out), mode="r+")
+    meta = dict(g.attrs["logitcache"])
+    del meta["encoding"]["params"]["tail_rank"]  # as session 8 wrote it
+    meta[META_DIGEST] = metadata_digest(meta)
+    g.attrs["logitcache"] = meta
+    cache = lc.open_cache(out)
+    assert cache.encoding.tail_rank == 0 and cache.table().shape == (10, 10)
+    after = cache.read(1)
+    assert "tail_coef" not in after and torch.equal(after["tail_shape"], before["tail_shape"])
+    assert verify_cache(cache, helpers.tiny_teacher(), tiny, augment=helpers.heavy_augment(), samples=20).ok
