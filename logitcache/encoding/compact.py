@@ -21,6 +21,7 @@ TAIL_SHAPES = ("table", "flat")
 MAX_TABLE_CLASSES = 4096  # a C x C float16 table: 34 MB at 4096 classes, 954 MB at 21,841
 PROBE_PER_CLASS = 64
 MAX_TAIL_RANK = 64
+FIT_BLOCK = 8192  # probe rows per block when fitting the table
 
 
 def compact_id_dtype(num_classes: int) -> np.dtype:
@@ -126,20 +127,26 @@ class CompactTopKEncoding(Encoding):
         """Row c: the teacher's mean log-probability of every class over the probe samples whose top class is c (the
         probe's overall mean for a class that is never on top). Float16: ~0.01-nat steps, far below its spread."""
         num_classes = log_probs.shape[1]
-        lp = log_probs.double()
-        top1 = lp.argmax(1)
-        sums = torch.zeros(num_classes, num_classes, dtype=torch.float64).index_add_(0, top1, lp)
+        top1 = log_probs.argmax(1)
+        # float64 sums, a block of the probe at a time: a whole float64 copy of it is 8.6 GB at 4096 classes
+        blocks = list(zip(log_probs.split(FIT_BLOCK), top1.split(FIT_BLOCK)))
+        sums = torch.zeros(num_classes, num_classes, dtype=torch.float64)
+        for lp, top in blocks:
+            sums.index_add_(0, top, lp.double())
         counts = torch.bincount(top1, minlength=num_classes).double()[:, None]
-        overall = lp.mean(0, keepdim=True).expand(num_classes, -1)
+        overall = (sums.sum(0) / len(log_probs))[None].expand(num_classes, -1)
         rows = torch.where(counts > 0, sums / counts.clamp(min=1), overall).to(torch.float16)
         if not self.tail_rank:
             return rows
         # The basis: the leading principal directions of the probe's deviations from their rows (each centred, as
         # the decode renormalises the tail). A teacher's logits are a linear map of its features, so a few
         # directions hold most of what the rows miss (benchmarks/RESULTS.md).
-        dev = lp - rows.double()[top1]
-        dev = dev - dev.mean(1, keepdim=True)
-        _, vectors = torch.linalg.eigh(dev.T @ dev)  # ascending eigenvalues
+        scatter = torch.zeros(num_classes, num_classes, dtype=torch.float64)
+        for lp, top in blocks:
+            dev = lp.double() - rows.double()[top]
+            dev -= dev.mean(1, keepdim=True)
+            scatter += dev.T @ dev
+        _, vectors = torch.linalg.eigh(scatter)  # ascending eigenvalues
         basis = vectors[:, -self.tail_rank :].flip(1).T
         return torch.cat([rows, basis.to(torch.float16)])
 
