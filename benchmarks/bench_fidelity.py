@@ -270,6 +270,7 @@ def main() -> None:
         default="encodings",
         help="the students100 part's configs",
     )
+    ap.add_argument("--only", default=None, help="targets part: only the configurations of this encoding")
     ap.add_argument("--quick", action="store_true", help="~1 minute smoke run, not recorded")
     args = ap.parse_args()
     out = OUT / "fidelity"
@@ -287,6 +288,9 @@ def main() -> None:
     configs_10 = [c for c in CONFIGS_10 if c[2] == "blosc-lz4"][::3] if args.quick else CONFIGS_10
     firsts = list({c[0]: c for c in reversed(CONFIGS_100)}.values())  # the first configuration of each encoding
     configs_100 = [c for c in firsts if c[0] in ("full", "topk8", "headtail")] if args.quick else CONFIGS_100
+    if args.only:
+        configs_10 = [c for c in configs_10 if c[0] == args.only]
+        configs_100 = [c for c in configs_100 if c[0] in (args.only, "full")]
     if "targets" in parts:
         sections.append(fidelity("Fashion-MNIST", ds, tf, specs.resolve_teacher(fm_teacher), configs_10, out / "fm"))
 
