@@ -389,12 +389,11 @@ def main() -> None:
                 ("full", {"seed": 1}, "blosc-lz4"),
                 ("topk8", {"k": 10, "tail_shape": "table", "tail_rank": 0}, "blosc-lz4"),
             ],
-            # each sample's own tail: the table's row plus 8 coefficients of a basis (session 9), against the row alone
+            # each sample's own tail: the row and 8 basis coefficients (session 9); the row alone: table-vs-control
             "basis": [
                 ("full", {}, "blosc-lz4"),
                 ("full", {"seed": 1}, "blosc-lz4"),
                 ("topk8", {"k": 10, "tail_rank": 8}, "blosc-lz4"),
-                ("topk8", {"k": 10, "tail_shape": "table", "tail_rank": 0}, "blosc-lz4"),
             ],
             # topk8's tail spread as the teacher usually spreads it (the tail table, session 8) against flat
             "prior": [
