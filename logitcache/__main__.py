@@ -1,5 +1,5 @@
 """``python -m logitcache ...`` (and ``torchrun -m logitcache ...``) runs the command-line app."""
 
-from cli.main import main
+from .cli import main
 
 main()

@@ -40,7 +40,7 @@ KD_MODES = ("none", "cached", "online")
 
 
 def _option(default: Any, help: str, **cli: Any) -> Any:
-    """A ``TrainConfig`` field and its help; ``logitcache train``'s options are derived from these (cli/main.py).
+    """A ``TrainConfig`` field and its help; ``logitcache train``'s options are derived from these (logitcache/cli).
 
     ``cli`` keys: ``choices`` (allowed values), ``low`` (smallest value), ``flag`` (a boolean's one flag, e.g.
     ``--overwrite``; ``--quiet`` for ``progress`` inverts it), ``short`` (its one-letter alias).

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 import helpers
 import logitcache as lc
-from cli.main import app
+from logitcache.cli import app
 from conftest import HELPERS
 from logitcache.errors import LogitcacheError
 from logitcache.mix import Mix, draw, mixed_view

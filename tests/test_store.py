@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 import helpers
 import logitcache as lc
-from cli.main import app
+from logitcache.cli import app
 from conftest import HELPERS, cli_build_args
 from logitcache.errors import LogitcacheError
 

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 import helpers
 import logitcache as lc
-from cli.main import app
+from logitcache.cli import app
 from logitcache.encoding import CompactTopKEncoding, dense_log_probs
 from logitcache.errors import LogitcacheError
 from logitcache.store import TABLE, DamagedCache

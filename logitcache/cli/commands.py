@@ -10,7 +10,7 @@ from typing import Callable, Optional
 import typer
 from rich.console import Console
 
-from cli.options import choices, config_parameters, encoding_parameters, flag_of, plain, with_parameters
+from .options import choices, config_parameters, encoding_parameters, flag_of, plain, with_parameters
 from logitcache.encoding import ENCODINGS
 from logitcache.mix import MIX_MODES
 from logitcache.store import CODECS
@@ -51,8 +51,20 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
     err.print(f"[yellow]warning:[/] {message}", highlight=False)
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from logitcache.version import __version__
+
+        out.print(f"logitcache {__version__}", highlight=False)
+        raise typer.Exit()
+
+
 @app.callback()
-def _setup() -> None:
+def _setup(
+    version: bool = typer.Option(
+        False, "--version", callback=_print_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
     import warnings
 
     import torch
