@@ -8,7 +8,6 @@ included, with any sampler (``DistributedSampler`` too): call it before iteratin
 from __future__ import annotations
 
 import os
-import shutil
 import threading
 import warnings
 from collections import OrderedDict
@@ -16,16 +15,17 @@ from collections.abc import Iterator, Mapping
 from typing import Any, Callable
 
 import torch
-from torch.utils.data import Dataset, get_worker_info
+from torch.utils.data import Dataset, DistributedSampler
 from torch.utils.data._utils.collate import default_collate_fn_map
 
+from . import procs
 from .compat import compatibility
 from .datasets import labels_of
 from .encoding.base import torch_dtype
 from .errors import LogitcacheError
 from .mix import Mix, mixed_view, soft_label
 from .replay import replay_view
-from .ring import WindowRing
+from .ring import PROCESS_SLOTS, WindowRing, process_slot
 from .sampler import ChunkShuffleSampler
 from .specs import recorded_augment
 from .store import Cache, open_cache
@@ -127,40 +127,85 @@ class CachedKDDataset(ReplayDataset):
         self._chunk_bytes = max(1, sum(t.nbytes for t in cache.read_chunk(0, 0).values()))
         self._max_chunks = max(1, int(max_cache_mb * 2**20 // self._chunk_bytes))
         # rows decoded from the store, per process slot (main = 0, worker w = w + 1): read amplification
-        self.rows_read = torch.zeros(65, dtype=torch.int64).share_memory_()
-        # Up to two buffers for whole views, allocated before any worker forks so that every worker maps the same
+        self.rows_read = torch.zeros(PROCESS_SLOTS, dtype=torch.int64).share_memory_()
+        # Publication of shared buffers to the workers (the views here, the ring's windows): tags written under it.
+        self._lock = procs.shared_lock()
+        # Up to two buffers for whole views, allocated before any worker starts so that every worker maps the same
         # pages: the epoch's view, and (when two fit memory_mb) the next epoch's, read in the background meanwhile.
-        # _holds[b] is the view buffer b holds, -1 while it is empty or being filled: nothing half-filled is served.
+        # _holds[b] is the view buffer b holds, -1 while it is empty or being filled; _fills[b] counts its fills.
         self._buffers: list[dict[str, torch.Tensor]] = []
         self._holds = torch.full((2,), -1, dtype=torch.int64).share_memory_()
+        self._fills = torch.zeros(2, dtype=torch.int64).share_memory_()
         self._prefetch: threading.Thread | None = None
         self._sampler: ChunkShuffleSampler | None = None
         self._ring: WindowRing | None = None
         self._prefetch_error: BaseException | None = None
+        self._closed = False
         nbytes = cache.view_nbytes()
-        wanted = 2 if prefetch and cache.num_views > 1 and 2 * nbytes <= memory_mb * 2**20 else 1
-        if nbytes <= memory_mb * 2**20 and _shared_memory_fits(wanted * nbytes):
-            for _ in range(wanted):
-                self._buffers.append(
-                    {
-                        name: torch.empty((cache.num_samples, *f.shape), dtype=torch_dtype(f.dtype)).share_memory_()
-                        for name, f in cache.encoding.fields().items()
-                    }
-                )
+        fit = int(memory_mb * 2**20 // max(1, nbytes))  # whole views within memory_mb (the same on every rank)
+        options = [n for n in ((2,) if prefetch and cache.num_views > 1 and fit >= 2 else ()) + (1,) if n <= fit]
+        wanted = procs.place("one view of targets", [*options, 0], lambda n: n * nbytes) if options else 0
+        if wanted:
+            self._buffers = procs.allocate("one view of targets", lambda: self._view_buffers(wanted)) or []
+
+    def _view_buffers(self, count: int) -> list[dict[str, torch.Tensor]]:
+        fields = self.cache.encoding.fields().items()
+        shape = (self.cache.num_samples,)
+        return [
+            {name: torch.empty((*shape, *f.shape), dtype=torch_dtype(f.dtype)).share_memory_() for name, f in fields}
+            for _ in range(count)
+        ]
+
+    def sampler(
+        self, *, num_replicas: int = 1, rank: int = 0, seed: int = 0, window: int = 8
+    ) -> DistributedSampler | ChunkShuffleSampler:
+        """The sampler this dataset's read path wants, the same kind on every rank (the placement is agreed): a
+        shuffled ``DistributedSampler`` (``drop_last``) when each view is served from memory, else
+        ``chunk_sampler()``. Call it before the DataLoader starts its workers."""
+        if self.in_memory:
+            return DistributedSampler(
+                self, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True
+            )
+        return self.chunk_sampler(window=window, num_replicas=num_replicas, rank=rank, seed=seed)
 
     def chunk_sampler(
-        self, *, window: int = 8, num_replicas: int = 1, rank: int = 0, seed: int = 0, ring: bool = True
+        self,
+        *,
+        window: int = 8,
+        num_replicas: int = 1,
+        rank: int = 0,
+        seed: int = 0,
+        ring: bool = True,
+        stall_s: float = 120.0,
     ) -> ChunkShuffleSampler:
         """The chunk-aware shuffle for this dataset (``set_epoch`` sets its epoch too). When the view is read by chunk
         (not ``in_memory``) and ``ring``, its windows are read once per rank into shared memory for the workers:
-        call this before the DataLoader starts its workers, and iterate every epoch in full."""
+        call this before the DataLoader starts its workers, and iterate every epoch in full. A worker that waits
+        ``stall_s`` seconds for a window without any progress stops with an error naming it. ``ring=False`` removes
+        a ring made by an earlier call."""
         sampler = ChunkShuffleSampler(
             len(self), self.cache.chunk_rows, window=window, num_replicas=num_replicas, rank=rank, seed=seed
         )
         self._sampler = sampler
+        if self._ring is not None:
+            self._ring.stop()
+            self._ring = None
         if ring and not self.in_memory:
             fields = {n: (f.shape, torch_dtype(f.dtype)) for n, f in self.cache.encoding.fields().items()}
-            self._ring = WindowRing(sampler, fields, self.cache.read_chunks, self.rows_read)
+            row_bytes = sum(
+                int(torch.Size(s).numel()) * torch.empty((), dtype=d).element_size() for s, d in fields.values()
+            )
+            slots = WindowRing.SLOTS
+            if procs.place(
+                "the ring of windows", [1, 0], lambda n: n * slots * sampler.window * sampler.chunk_rows * row_bytes
+            ):
+                self._ring = procs.allocate(
+                    "the ring of windows",
+                    lambda: WindowRing(
+                        sampler, fields, self.cache.read_chunks, self.rows_read, self._lock, stall_s=stall_s,
+                        name=str(self.cache.path),
+                    ),
+                )  # fmt: skip
         return sampler
 
     @property
@@ -173,7 +218,13 @@ class CachedKDDataset(ReplayDataset):
         """Whether the next epoch's view is read in the background during this one (two views fit ``memory_mb``)."""
         return len(self._buffers) == 2
 
+    @property
+    def ring_serves(self) -> bool:
+        """Whether a ring of windows (``chunk_sampler()``) reads this dataset's chunks for its workers."""
+        return self._ring is not None
+
     def set_epoch(self, epoch: int) -> None:
+        self._open()
         super().set_epoch(epoch)
         if self._sampler is not None:
             self._sampler.set_epoch(epoch)
@@ -191,31 +242,74 @@ class CachedKDDataset(ReplayDataset):
             self._fill(self._spare(avoid=upcoming), view)
         if self.prefetches and self._buffer_of(upcoming) is None:
             spare = self._spare(avoid=view)
-            self._holds[spare] = -1  # before the thread starts: never served while it is being filled
-            self._prefetch = threading.Thread(target=self._prefetch_into, args=(spare, upcoming), daemon=True)
+            self._unpublish(spare)  # before the thread starts: never served while it is being filled
+            self._prefetch = threading.Thread(
+                target=self._prefetch_into, args=(spare, upcoming), name="logitcache-prefetch", daemon=True
+            )
             self._prefetch.start()
 
+    def close(self) -> None:
+        """Stop the background reads and release the shared buffers; the dataset then reads by chunk. ``train``
+        calls it when a run ends, however it ends; ``with CachedKDDataset(...) as ds:`` does the same."""
+        self._closed = True
+        if self._ring is not None:
+            self._ring.stop()
+        if self._prefetch is not None:
+            self._prefetch.join()
+            self._prefetch, self._prefetch_error = None, None
+        with self._lock:
+            self._holds.fill_(-1)
+        self._buffers, self._ring = [], None
+
+    def __enter__(self) -> "CachedKDDataset":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _open(self) -> None:
+        if self._closed:
+            raise LogitcacheError("this CachedKDDataset was closed; make a new one to train again")
+
+    def __getstate__(self) -> dict:
+        # What a DataLoader worker needs (spawn/forkserver pickle it): the shared tensors travel as shared memory,
+        # the lock as its name, the store as its path; no thread, no error, no chunk cache.
+        return {**self.__dict__, "_prefetch": None, "_prefetch_error": None, "_chunks": OrderedDict()}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._pid = os.getpid()  # the store was opened anew by unpickling it
+
     def _buffer_of(self, view: int) -> int | None:
-        for b in range(len(self._buffers)):
-            if int(self._holds[b]) == view:
-                return b
-        return None
+        with self._lock:
+            return next((b for b in range(len(self._buffers)) if int(self._holds[b]) == view), None)
 
     def _spare(self, avoid: int) -> int:
         """A buffer to fill: one not holding view ``avoid`` (the one to keep) when there are two."""
-        return next((b for b in range(len(self._buffers)) if int(self._holds[b]) != avoid), 0)
+        with self._lock:
+            return next((b for b in range(len(self._buffers)) if int(self._holds[b]) != avoid), 0)
+
+    def _unpublish(self, b: int) -> None:
+        with self._lock:
+            self._holds[b] = -1
+            self._fills[b] += 1
 
     def _fill(self, b: int, view: int) -> None:
-        """The whole view, read in order (a few dozen chunks per call, each checked against its digest)."""
-        self._holds[b] = -1
+        """The whole view, read in order (a few dozen chunks per call, each checked against its digest); published
+        under the lock once complete, so a worker never serves a half-filled buffer."""
+        self._unpublish(b)
         buffer, block = self._buffers[b], self.cache.chunk_rows * 32
         for start in range(0, self.cache.num_samples, block):
+            if self._closed:  # close() during a prefetch: leave the buffer unpublished
+                return
             stop = min(start + block, self.cache.num_samples)
-            rows = self.cache.read(view, start, stop, fields_only=True)
-            for name, t in buffer.items():
-                t[start:stop] = rows[name]
+            with procs.reading():
+                rows = self.cache.read(view, start, stop, fields_only=True)
+                for name, t in buffer.items():
+                    t[start:stop] = rows[name]
         self.rows_read[0] += self.cache.num_samples
-        self._holds[b] = view
+        with self._lock:
+            self._holds[b] = view
 
     def _prefetch_into(self, b: int, view: int) -> None:
         try:
@@ -252,22 +346,38 @@ class CachedKDDataset(ReplayDataset):
         self, indices: list[int], view: int, labels: torch.Tensor | None, served: bool
     ) -> dict[str, torch.Tensor]:
         # served: a request of the loader's order (the ring serves it, when it serves this epoch's view)
-        b = self._buffer_of(view)
-        epoch = self.epoch
-        ring = self._ring if served and b is None and view == self.view_of(epoch) else None
-        if ring is not None and ring.serves(epoch):
-            batch = self.cache.with_constants(ring.take(indices, epoch))
-        elif b is not None:
-            idx = torch.as_tensor(indices, dtype=torch.int64)
-            batch = self.cache.with_constants({name: t[idx] for name, t in self._buffers[b].items()})
-        else:
-            self._own_handle()
-            batch = self.cache.take(view, indices, self._chunk)
-            if ring is not None:
-                ring.count(len(indices))
+        batch = self._from_memory(indices, view)
+        if batch is None:
+            epoch = self.epoch
+            ring = self._ring if served and view == self.view_of(epoch) else None
+            if ring is not None and ring.serves(epoch):
+                batch = self.cache.with_constants(ring.take(indices, epoch))
+            else:
+                self._own_handle()
+                batch = self.cache.take(view, indices, self._chunk)
+                if ring is not None:
+                    ring.count(len(indices))
         if labels is not None:
             batch[_LABELS] = labels
         return packed(batch)
+
+    def _from_memory(self, indices: list[int], view: int) -> dict[str, torch.Tensor] | None:
+        """The rows from the shared view buffer holding ``view``, or None. A seqlock: the buffer's (view, fill) is
+        read under the lock before and after the copy, so rows copied while ``set_epoch`` refilled it are dropped
+        (the caller then reads them by chunk), never served."""
+        with self._lock:
+            held = [(int(self._holds[b]), int(self._fills[b])) for b in range(len(self._buffers))]
+        b = next((b for b, (v, _) in enumerate(held) if v == view), None)
+        if b is None:
+            return None
+        rows = self._gather_rows(b, torch.as_tensor(indices, dtype=torch.int64))
+        with self._lock:
+            if (int(self._holds[b]), int(self._fills[b])) != held[b]:
+                return None
+        return self.cache.with_constants(rows)
+
+    def _gather_rows(self, b: int, idx: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {name: t[idx] for name, t in self._buffers[b].items()}
 
     def _own_handle(self) -> None:
         if os.getpid() != self._pid:  # a forked DataLoader worker: open its own store handle, lazily
@@ -279,8 +389,7 @@ class CachedKDDataset(ReplayDataset):
         rows = self._chunks.get(key)
         if rows is None:
             rows = self.cache.read_chunk(view, chunk)
-            info = get_worker_info()
-            self.rows_read[info.id + 1 if info else 0] += len(next(iter(rows.values())))
+            self.rows_read[process_slot()] += len(next(iter(rows.values())))
             self._chunks[key] = rows
             if len(self._chunks) > self._max_chunks:
                 self._chunks.popitem(last=False)
@@ -308,24 +417,6 @@ class CachedKDDataset(ReplayDataset):
             (image, LabelRow(label, folded, row) if fold else label, TargetRow(batch, row))
             for row, (image, label) in enumerate(samples)
         ]
-
-
-def _shared_memory_fits(nbytes: int) -> bool:
-    """Whether /dev/shm (where shared tensors live on Linux) has room: containers often mount only 64 MB there, and
-    writing past its end kills the process with SIGBUS instead of raising."""
-    try:
-        free = shutil.disk_usage("/dev/shm").free
-    except OSError:  # no /dev/shm (not Linux): torch shares memory another way
-        return True
-    if nbytes * 1.1 > free:
-        warnings.warn(
-            f"one view of targets needs {nbytes / 2**20:,.0f} MiB of shared memory and /dev/shm has "
-            f"{free / 2**20:,.0f} MiB free; reading by chunks instead (slower when shuffled; in Docker, raise "
-            "--shm-size)",
-            stacklevel=4,
-        )
-        return False
-    return True
 
 
 def packed(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

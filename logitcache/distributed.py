@@ -69,6 +69,15 @@ def agree(ok: bool) -> bool:
     return bool(flag.item())
 
 
+def all_min(value: int) -> int:
+    """The smallest ``value`` over all ranks: a decision every rank must share (the most cautious one wins)."""
+    if not is_distributed():
+        return value
+    t = _control_tensor([value], torch.int64)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t.item())
+
+
 def all_sum(*values: float) -> list[float]:
     if not is_distributed():
         return list(values)

@@ -1,4 +1,4 @@
-"""Windows of a chunk-shuffled epoch, read once per rank into memory the DataLoader workers share (issue 15).
+"""Windows of a chunk-shuffled epoch, read once per rank into memory the DataLoader workers share.
 
 ``ChunkShuffleSampler`` serves a rank's share of an epoch one *window* (``window`` chunks' rows) at a time. Left to
 themselves the workers would each decode every chunk of a window (the DataLoader deals a window's batches to all of
@@ -9,43 +9,71 @@ window it holds has been served.
 
 Integrity (the student never gets another sample's target): a slot's tag says which (epoch, window) it holds and is
 cleared before the slot is rewritten; a worker checks the tag before and after it copies rows (a seqlock), so a copy
-that raced a refill is refused, never served. Requests the ring cannot serve in order (another sampler, the same
-rows twice, an epoch abandoned midway) end in a ``LogitcacheError`` that says so, never in other rows' targets.
+that raced a refill is refused, never served. Tags are written and read under a lock shared by every process
+(``procs.shared_lock``): its acquire and release are the barriers that order the window's data before its tag for
+the reader, on weakly ordered CPUs too (aarch64), where plain stores to shared memory may become visible out of order.
+Requests the ring cannot serve in order (another sampler, the same rows twice, an epoch abandoned midway) end in a
+``LogitcacheError`` that says so, never in other rows' targets.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 import time
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch.utils.data import get_worker_info
 
+from . import procs
 from .errors import LogitcacheError
 from .sampler import ChunkShuffleSampler
 
-_PROCS = 65  # process slots of the counters: the main process, and up to 64 workers
+MAX_WORKERS = 256
+PROCESS_SLOTS = MAX_WORKERS + 1  # per-process counters: the main process, and each DataLoader worker
 
 
-def _me() -> int:
+def process_slot() -> int:
+    """This process's counter slot: 0 in the main process, worker ``w``'s is ``w + 1``."""
     info = get_worker_info()
-    return info.id + 1 if info else 0
+    if info is None:
+        return 0
+    if info.id >= MAX_WORKERS:
+        raise LogitcacheError(
+            f"DataLoader worker {info.id}: a CachedKDDataset serves at most {MAX_WORKERS} workers per loader"
+        )
+    return info.id + 1
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 class WindowRing:
+    SLOTS = 3  # one window served, one read ahead, one being refilled
+
     def __init__(
         self,
         sampler: ChunkShuffleSampler,
         fields: dict[str, tuple[tuple[int, ...], torch.dtype]],
         read_chunks: Callable[[int, list[int]], list[dict[str, torch.Tensor]]],
         rows_read: torch.Tensor,
-        slots: int = 3,
+        lock: Any,
+        slots: int = SLOTS,
         stall_s: float = 120.0,
+        name: str = "",
     ):
         if slots < 2:
             raise ValueError("a ring needs at least 2 slots (one served while the next is read)")
         self.sampler, self.read_chunks, self.rows_read, self.stall_s = sampler, read_chunks, rows_read, stall_s
+        self.lock, self.name, self.owner = lock, name, os.getpid()
         self.span = sampler.window * sampler.chunk_rows
         self.buffers = [
             {
@@ -54,16 +82,18 @@ class WindowRing:
             }
             for _ in range(slots)
         ]
-        # tags[s]: the key (epoch, window) slot s holds, -1 while it is empty or being written
+        # tags[s]: the key (epoch, window) slot s holds, -1 while it is empty or being written (under self.lock)
         self.tags = torch.full((slots,), -1, dtype=torch.int64).share_memory_()
         # served[s, p]: rows of slot s's window that process p has copied out (each written by its own process only)
-        self.served = torch.zeros((slots, _PROCS), dtype=torch.int64).share_memory_()
-        self.total = torch.zeros(_PROCS, dtype=torch.int64).share_memory_()  # rows served this epoch
+        self.served = torch.zeros((slots, PROCESS_SLOTS), dtype=torch.int64).share_memory_()
+        self.total = torch.zeros(PROCESS_SLOTS, dtype=torch.int64).share_memory_()  # rows served this epoch
+        self.pids = torch.zeros(PROCESS_SLOTS, dtype=torch.int64).share_memory_()  # the process that owns each slot
         self.largest = torch.zeros(1, dtype=torch.int64).share_memory_()  # the largest request (a batch) seen
         self.epoch = torch.full((1,), -1, dtype=torch.int64).share_memory_()  # the epoch being served, -1: none yet
         self.active = torch.zeros(1, dtype=torch.int64).share_memory_()  # 1: the ring serves it, 0: read by chunk
         self.failed = torch.zeros(1, dtype=torch.int64).share_memory_()  # the filler died: its message's length
         self.message = torch.zeros(4096, dtype=torch.uint8).share_memory_()
+        self.waiting = torch.zeros(1, dtype=torch.int64).share_memory_()  # 1: the filler waits for a slot to be freed
         self._view = -1
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
@@ -71,8 +101,8 @@ class WindowRing:
         self._starts: tuple[int, torch.Tensor] | None = None  # (epoch, chunk starts), per process
 
     def __getstate__(self) -> dict:
-        # a worker started by spawn gets the shared tensors; the filler thread stays with the main process
-        return {**self.__dict__, "_thread": None, "_stop": None, "_error": None}
+        # a worker started by spawn or forkserver gets the shared tensors and the lock; the filler thread stays here
+        return {**self.__dict__, "_thread": None, "_stop": None, "_error": None, "_starts": None}
 
     @property
     def slots(self) -> int:
@@ -92,6 +122,8 @@ class WindowRing:
         """Serve ``epoch`` (reading ``view``) from the ring; False when it cannot, because the previous epoch was left
         midway (its leftover requests, which persistent workers still run, would be counted against this one): then
         this epoch reads by chunk."""
+        if self._thread is not None and int(self.epoch[0]) == epoch and int(self.total.sum()) == 0:
+            return True  # set_epoch again before anything of this epoch was served: the filler goes on
         self.stop()
         if self._error is not None:
             error, self._error = self._error, None
@@ -99,7 +131,8 @@ class WindowRing:
         # every row of the previous epoch served but the last partial batch a loader may drop
         previous_complete = int(self.epoch[0]) < 0 or int(self.total.sum()) + int(self.largest[0]) > len(self.sampler)
         self.active[0] = 0
-        self.tags.fill_(-1)
+        with self.lock:
+            self.tags.fill_(-1)
         self.served.zero_()
         self.total.zero_()
         self.failed.zero_()
@@ -108,7 +141,9 @@ class WindowRing:
             return False
         self._view, self._stop = view, threading.Event()
         self.active[0] = 1
-        self._thread = threading.Thread(target=self._fill_all, args=(epoch, self._stop), daemon=True)
+        self._thread = threading.Thread(
+            target=self._fill_all, args=(epoch, self._stop), name="logitcache-ring", daemon=True
+        )
         self._thread.start()
         return True
 
@@ -130,7 +165,8 @@ class WindowRing:
                 slot, lo, hi = w % self.slots, w * self.span, w * self.span + self._rows_in(w)
                 if w >= self.slots and not self._wait_free(slot, self._rows_in(w - self.slots), stop):
                     return
-                self.tags[slot] = -1  # before any write: a reader that sees this tag does not use the slot
+                with self.lock:
+                    self.tags[slot] = -1  # before any write: a reader that sees this tag does not use the slot
                 self.served[slot].zero_()  # every row of the window it held was served: their counts are complete
                 parts = []  # (chunk, first, last): chunk c's rows [first, last) of the rank's share are this window's
                 while at < len(order) and starts[order[at]] < hi:
@@ -142,7 +178,8 @@ class WindowRing:
                         break  # the chunk continues in the next window
                     at += 1
                 wanted = [c for c, _, _ in parts if carry is None or c != carry[0]]
-                rows = dict(zip(wanted, self.read_chunks(self._view, wanted)))  # one concurrent read per window
+                with procs.reading():  # no fork while this thread is inside the store's I/O
+                    rows = dict(zip(wanted, self.read_chunks(self._view, wanted)))  # one concurrent read per window
                 self.rows_read[0] += sum(sizes[c] for c in wanted)
                 if carry is not None:
                     rows.setdefault(*carry)
@@ -151,7 +188,8 @@ class WindowRing:
                     for name, t in buffer.items():
                         t[first - lo : last - lo] = rows[c][name][first - starts[c] : last - starts[c]]
                 carry = (parts[-1][0], rows[parts[-1][0]]) if parts else None
-                self.tags[slot] = self._key(epoch, w)
+                with self.lock:  # its release orders the rows above before the tag, for every reader
+                    self.tags[slot] = self._key(epoch, w)
         except BaseException as e:  # the waiting workers raise its message; set_epoch raises the error itself
             self._error = e
             text = (str(e) or type(e).__name__).encode()[: len(self.message)]
@@ -161,10 +199,14 @@ class WindowRing:
     def _wait_free(self, slot: int, rows: int, stop: threading.Event) -> bool:
         # the filler is two windows ahead while it waits here (most of the epoch): polling every 5 ms costs the
         # training process next to nothing and leaves the next window dozens of batches to be read in
-        while int(self.served[slot].sum()) < rows:
-            if stop.wait(0.005):
-                return False
-        return True
+        self.waiting[0] = 1
+        try:
+            while int(self.served[slot].sum()) < rows:
+                if stop.wait(0.005):
+                    return False
+            return True
+        finally:
+            self.waiting[0] = 0
 
     # --- any process -----------------------------------------------------------------------------------------------
     def serves(self, epoch: int) -> bool:
@@ -172,7 +214,7 @@ class WindowRing:
 
     def count(self, rows: int) -> None:
         """Rows of the epoch served by chunk instead (how the next epoch knows this one was not left midway)."""
-        self.total[_me()] += rows
+        self.total[self._claim()] += rows
         if rows > int(self.largest[0]):
             self.largest[0] = rows
 
@@ -188,7 +230,7 @@ class WindowRing:
                 f"sample {int(idx[outside][0])} is not in this rank's share of epoch {epoch}: targets read through the "
                 "chunk-shuffle ring must be requested in the order of the dataset's own chunk_sampler()"
             )
-        me = _me()
+        me = self._claim()
         if len(idx) > int(self.largest[0]):
             self.largest[0] = len(idx)
         window = pos // self.span
@@ -207,16 +249,33 @@ class WindowRing:
         slot, key = window % self.slots, self._key(epoch, window)
         self._wait_for(slot, key, epoch, window)
         rows = {name: t[offsets] for name, t in self.buffers[slot].items()}
-        if int(self.tags[slot]) != key:  # the slot was rewritten while we copied: those rows are not ours
+        with self.lock:
+            moved = int(self.tags[slot]) != key
+        if moved:  # the slot was rewritten while we copied: those rows are not ours
             raise LogitcacheError(self._out_of_order(epoch, window))
         self.served[slot, me] += len(offsets)
         self.total[me] += len(offsets)
         return rows
 
+    def _claim(self) -> int:
+        """This process's counter slot, checked to be its own: two loaders iterating one dataset at once would share
+        worker slots and lose counts."""
+        me, pid = process_slot(), os.getpid()
+        holder = int(self.pids[me])
+        if holder != pid:
+            if holder and _alive(holder):
+                raise LogitcacheError(
+                    f"two DataLoaders read targets from one CachedKDDataset at once (process {pid} and {holder} are "
+                    f"both its worker {me - 1}); give each loader its own dataset"
+                )
+            self.pids[me] = pid
+        return me
+
     def _wait_for(self, slot: int, key: int, epoch: int, window: int) -> None:
-        last, since = None, time.monotonic()
+        last, since, waited = None, time.monotonic(), time.monotonic()
         while True:
-            tag = int(self.tags[slot])
+            with self.lock:
+                tag = int(self.tags[slot])
             if tag == key:
                 return
             if self.failed[0]:
@@ -225,11 +284,22 @@ class WindowRing:
                 raise LogitcacheError(bytes(self.message[: int(self.failed[0])].tolist()).decode(errors="replace"))
             if tag > key or not self.serves(epoch):  # the slot has moved past this window: it was freed
                 raise LogitcacheError(self._out_of_order(epoch, window))
+            if get_worker_info() is not None and os.getppid() != self.owner:
+                raise LogitcacheError(
+                    f"the training process {self.owner} that reads the ring of {self.name or 'the store'} has exited; "
+                    "this DataLoader worker stops"
+                )
             state = (tag, int(self.served.sum()))
             if state != last:
                 last, since = state, time.monotonic()
-            elif time.monotonic() - since > self.stall_s:
+            elif time.monotonic() - since > self.stall_s and self.waiting[0]:  # the filler waits for us: a deadlock
                 raise LogitcacheError(self._out_of_order(epoch, window) + f" (nothing moved for {self.stall_s:g} s)")
+            elif time.monotonic() - since > self.stall_s:
+                raise LogitcacheError(
+                    f"waited {time.monotonic() - waited:.0f} s for window {window} of epoch {epoch} of "
+                    f"{self.name or 'the store'} and nothing moved for {self.stall_s:g} s (the store reads that "
+                    "slowly, or the training process stopped serving; chunk_sampler(stall_s=...) sets the limit)"
+                )
             time.sleep(0.0005)
 
     def _out_of_order(self, epoch: int, window: int) -> str:

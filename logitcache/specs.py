@@ -7,6 +7,7 @@ written by ``logitcache train``. Everything resolves to plain objects that the P
 from __future__ import annotations
 
 import importlib
+import importlib.abc
 import importlib.util
 import json
 import sys
@@ -25,6 +26,28 @@ from .models import Ensemble, small_resnet
 MODEL_FILE, MODEL_SPEC_FILE = "model.safetensors", "model.json"
 
 
+_USER_MODULE = "_logitcache_file_"  # + the file's resolved path, hex-encoded: the same name in every process
+
+
+class _UserFiles(importlib.abc.MetaPathFinder):
+    """Imports ``path/file.py`` specs under a name that encodes the file's path, so that any process can import the
+    module again by name: objects defined in the file pickle by reference and reach DataLoader workers started by
+    spawn or forkserver, which import ``logitcache`` (and with it this finder) before they unpickle the dataset."""
+
+    def find_spec(self, name: str, path: Any = None, target: Any = None) -> Any:
+        if not name.startswith(_USER_MODULE) or "." in name:
+            return None
+        try:
+            file = bytes.fromhex(name[len(_USER_MODULE) :]).decode()
+        except ValueError:
+            return None
+        return importlib.util.spec_from_file_location(name, file)
+
+
+if not any(isinstance(f, _UserFiles) for f in sys.meta_path):
+    sys.meta_path.append(_UserFiles())
+
+
 def load_callable(spec: str) -> Callable[..., Any]:
     """``pkg.module:name`` or ``path/to/file.py:name`` -> the object."""
     target, sep, attr = spec.rpartition(":")
@@ -34,17 +57,12 @@ def load_callable(spec: str) -> Callable[..., Any]:
         path = Path(target)
         if not path.is_file():
             raise LogitcacheError(f"{spec}: file {path} does not exist")
-        mod_name = f"_logitcache_user_{abs(hash(str(path.resolve())))}"
-        module = sys.modules.get(mod_name)
-        if module is None:
-            loader_spec = importlib.util.spec_from_file_location(mod_name, path)
-            module = importlib.util.module_from_spec(loader_spec)
-            sys.modules[mod_name] = module  # registered first: DataLoader workers under spawn can re-import it
-            try:
-                loader_spec.loader.exec_module(module)
-            except Exception as e:
-                del sys.modules[mod_name]
-                raise LogitcacheError(f"{spec}: importing {path} failed: {type(e).__name__}: {e}") from None
+        mod_name = _USER_MODULE + str(path.resolve()).encode().hex()
+        try:
+            module = importlib.import_module(mod_name)
+        except Exception as e:
+            sys.modules.pop(mod_name, None)
+            raise LogitcacheError(f"{spec}: importing {path} failed: {type(e).__name__}: {e}") from None
     else:
         try:
             module = importlib.import_module(target)

@@ -37,6 +37,7 @@ from .sampler import ChunkShuffleSampler
 from .store import open_cache
 
 KD_MODES = ("none", "cached", "online")
+START_METHODS = ("fork", "spawn", "forkserver")
 
 
 def _option(default: Any, help: str, **cli: Any) -> Any:
@@ -112,6 +113,12 @@ class TrainConfig:
     warmup: float = _option(0.05, "Fraction of steps with linear warm-up, then cosine decay.")
     batch_size: int = _option(128, "Global batch size (split over torchrun ranks).", low=1)
     workers: int = _option(2, "DataLoader worker processes.", low=0)
+    start_method: str | None = _option(
+        None,
+        "How DataLoader workers start: fork, spawn or forkserver; default: the platform's (fork on Linux before "
+        "Python 3.14, forkserver from 3.14, spawn on macOS). Every one serves exactly the cached views.",
+        choices=START_METHODS,
+    )
     device: str = _option("auto", "auto (CUDA when present), cpu or cuda.")
     limit: int | None = _option(None, "Train on the first N samples only (must match the cache).", low=1)
     test_limit: int | None = _option(None, "Evaluate on the first N test samples only.", low=1)
@@ -136,7 +143,9 @@ class TrainConfig:
 
 
 # Options that do not change what a run computes: a resumed run may differ in these.
-_RESUMABLE_CHANGES = ("out", "overwrite", "resume", "progress", "workers", "device", "target_accuracy", "eval_every")
+_RESUMABLE_CHANGES = (
+    "out", "overwrite", "resume", "progress", "workers", "start_method", "device", "target_accuracy", "eval_every",
+)  # fmt: skip
 
 
 @dataclass
@@ -319,6 +328,8 @@ def train(cfg: TrainConfig) -> RunResult:
     finally:
         if metrics_file is not None:
             metrics_file.close()
+        if isinstance(run.train_ds, CachedKDDataset):
+            run.train_ds.close()  # its background reads stop here, however the run ends
     result.final_accuracy = result.metrics[-1]["test_accuracy"]
     result.teacher_forwards = result.metrics[-1]["teacher_forwards"]
     return result
@@ -372,11 +383,10 @@ def _setup(cfg: TrainConfig) -> _Run:
         )
 
     persistent = cfg.workers > 0
+    context = cfg.start_method if cfg.workers > 0 else None
     # Each epoch's order is a function of (seed, epoch) alone, so a resumed run shuffles as the uninterrupted one did.
-    if isinstance(train_ds, CachedKDDataset) and not train_ds.in_memory:
-        sampler: DistributedSampler | ChunkShuffleSampler = train_ds.chunk_sampler(
-            window=cfg.shuffle_window, num_replicas=world, rank=rank, seed=cfg.seed
-        )
+    if isinstance(train_ds, CachedKDDataset):  # its read path's sampler, the same kind on every rank
+        sampler = train_ds.sampler(num_replicas=world, rank=rank, seed=cfg.seed, window=cfg.shuffle_window)
     else:
         sampler = DistributedSampler(
             train_ds, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed, drop_last=True
@@ -389,12 +399,16 @@ def _setup(cfg: TrainConfig) -> _Run:
         persistent_workers=persistent,
         drop_last=True,
         pin_memory=device.type == "cuda",
+        multiprocessing_context=context,
     )
     if len(loader) == 0:
         raise LogitcacheError(f"--batch-size {cfg.batch_size} is larger than the training set ({len(train_ds)})")
     # Each rank evaluates every world-th test sample (no padding, no duplicates); the counts are summed.
     test_shard = Subset(test_ds, range(rank, len(test_ds), world)) if world > 1 else test_ds
-    test_loader = DataLoader(test_shard, batch_size=512, num_workers=cfg.workers, persistent_workers=persistent)
+    test_loader = DataLoader(
+        test_shard, batch_size=512, num_workers=cfg.workers, persistent_workers=persistent,
+        multiprocessing_context=context,
+    )  # fmt: skip
 
     opt = torch.optim.SGD(
         model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0, weight_decay=cfg.weight_decay
@@ -433,8 +447,9 @@ def _train_epoch(run: _Run, epoch: int, state: RunState, forwards: int, last_acc
         f" | test acc {last_accuracy:.4f}" if last_accuracy is not None else ""
     )
     samples = len(run.loader) * run.loader.batch_size * run.world
+    batches = iter(run.loader)  # workers start (first epoch) before the progress bar's thread does
     with progress_bar(label, samples, cfg.progress and run.lead) as advance:
-        for batch in run.loader:
+        for batch in batches:
             x, y = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
             for group in run.opt.param_groups:
                 group["lr"] = _lr_at(state.step, run.total_steps, cfg.lr, cfg.warmup)

@@ -1,0 +1,118 @@
+"""Stress: many short cached-KD trainings in every process layout, each under a timeout; counts hangs and failures.
+
+Layouts: torchrun with 2 ranks (gloo) and forked DataLoader workers, and one process with workers started by fork,
+spawn and forkserver. Every run reads a real Fashion-MNIST cache whose next view is prefetched during each epoch (the
+case where a background read may be under way when workers start). The target is 0 hangs and 0 failures.
+
+    python benchmarks/bench_processes.py --runs 50
+    python benchmarks/bench_processes.py --runs 20 --layouts torchrun --code /path/to/another/checkout  # compare
+
+``--code`` runs the trainings with another checkout's logitcache (PYTHONPATH), e.g. an earlier commit, to show what
+the layout did before a change; every run's command, exit code and time go to bench-out/processes/runs.jsonl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from rich.table import Table
+
+from _common import OUT, console, record, show, trained_teacher
+
+LAYOUTS = ("torchrun", "fork", "spawn", "forkserver")
+
+
+def _cache(teacher: str, limit: int) -> Path:
+    out = OUT / f"processes-cache-{limit}"
+    if not (out / "zarr.json").is_file():
+        from logitcache import build_cache, specs
+
+        ds = specs.resolve_dataset("fashion-mnist", limit=limit)
+        tf, _ = specs.resolve_augment("pad-crop-flip", ds)
+        build_cache(specs.resolve_teacher(teacher), ds, out, augment=tf, views=3, encoding="full", chunk_rows=512,
+                    overwrite=True, progress=False,
+                    specs={"teacher": teacher, "dataset": "fashion-mnist", "augment": "pad-crop-flip"})  # fmt: skip
+    return out
+
+
+def _command(layout: str, cache: Path, run: Path, limit: int, epochs: int) -> list[str]:
+    train = ["train", "--kd", "cached", "--cache", str(cache), "--out", str(run), "--overwrite", "--limit",
+             str(limit), "--test-limit", "500", "--model", "small-resnet8-w4", "--epochs", str(epochs),
+             "--batch-size", "128", "--workers", "2", "-q"]  # fmt: skip
+    if layout == "torchrun":
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                "-m", "logitcache", *train]  # fmt: skip
+    return [sys.executable, "-m", "logitcache", *train, "--start-method", layout]
+
+
+def _once(cmd: list[str], env: dict, timeout: float) -> tuple[str, float, str]:
+    start = time.perf_counter()
+    # A session of its own: a hung run is killed with every rank and worker.
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # fmt: skip
+    try:
+        _, err = proc.communicate(timeout=timeout)
+        outcome = "ok" if proc.returncode == 0 else "failed"
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        _, err = proc.communicate()
+        outcome = "hung"
+    return outcome, time.perf_counter() - start, (err or "")[-1500:]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", type=int, default=50, help="Trainings per layout.")
+    ap.add_argument("--layouts", default=",".join(LAYOUTS), help="Comma-separated subset of " + ", ".join(LAYOUTS))
+    ap.add_argument("--limit", type=int, default=2048, help="Fashion-MNIST samples per training.")
+    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--timeout", type=float, default=120.0, help="Seconds before a run counts as hung.")
+    ap.add_argument("--code", help="Run another checkout's logitcache (its root, put first on PYTHONPATH).")
+    ap.add_argument("--quick", action="store_true", help="2 runs of each layout on 512 samples, not recorded.")
+    args = ap.parse_args()
+    if args.quick:
+        args.runs, args.limit, args.epochs = 2, 512, 2
+    layouts = [x for x in args.layouts.split(",") if x]
+    teacher = trained_teacher(limit=2000, epochs=1, model="small-resnet8-w4")
+    cache = _cache(teacher, args.limit)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # 2 ranks x (1 + 2 workers) processes share the cores
+    if args.code:
+        env["PYTHONPATH"] = os.pathsep.join([args.code, env.get("PYTHONPATH", "")])
+    log_dir = OUT / "processes"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    counts = {layout: {"ok": 0, "failed": 0, "hung": 0, "seconds": []} for layout in layouts}
+    with open(log_dir / "runs.jsonl", "a") as log:
+        for i in range(args.runs):  # layouts interleaved, so drift on the machine hits all alike
+            for layout in layouts:
+                cmd = _command(layout, cache, log_dir / f"run-{layout}", args.limit, args.epochs)
+                outcome, seconds, err = _once(cmd, env, args.timeout)
+                c = counts[layout]
+                c[outcome] += 1
+                c["seconds"].append(seconds)
+                log.write(json.dumps({"layout": layout, "run": i, "outcome": outcome, "seconds": round(seconds, 1),
+                                      "code": args.code, "stderr": err if outcome != "ok" else ""}) + "\n")  # fmt: skip
+                log.flush()
+                if outcome != "ok":
+                    console.print(f"[red]{layout} run {i}: {outcome}[/] {err.strip().splitlines()[-1:] or ''}")
+            console.print(f"[dim]round {i + 1}/{args.runs}: " + ", ".join(
+                f"{k} {v['ok']} ok {v['failed']} failed {v['hung']} hung" for k, v in counts.items()))  # fmt: skip
+    table = Table(title=f"{args.runs} cached-KD trainings per layout ({args.limit} Fashion-MNIST samples, "
+                  f"{args.epochs} epochs, next view prefetched; hung = no exit within {args.timeout:g} s)")  # fmt: skip
+    for col in ("layout", "runs", "ok", "failed", "hung", "median s"):
+        table.add_column(col, justify="right")
+    for layout, c in counts.items():
+        s = sorted(c["seconds"])
+        table.add_row(layout, str(args.runs), str(c["ok"]), str(c["failed"]), str(c["hung"]), f"{s[len(s) // 2]:.1f}")
+    body = show(table) + (f"\ncode: {args.code}" if args.code else "")
+    record("Process layouts under stress (bench_processes.py)", body, args.quick)
+
+
+if __name__ == "__main__":
+    main()
