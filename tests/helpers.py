@@ -130,3 +130,33 @@ class _NaNOnRank1(nn.Module):
 
 def nan_on_rank1_teacher() -> nn.Module:
     return _NaNOnRank1()
+
+
+def store_contents(path) -> tuple[dict[str, np.ndarray], dict]:
+    """Every array of a store and its metadata, less what differs between two builds of the same cache: the creation
+    time, the digest over the metadata, and object addresses in the augmentation's repr."""
+    import json
+    import re
+
+    import zarr
+
+    g = zarr.open_group(str(path), mode="r")
+    arrays = {name: a[...] for name, a in g.arrays()}
+    meta = json.loads(json.dumps(dict(g.attrs)))["logitcache"]
+    meta.pop("created")
+    meta.pop("metadata_sha256")
+    meta["augment"]["repr"] = re.sub(r" at 0x[0-9a-f]+", "", meta["augment"]["repr"])
+    return arrays, meta
+
+
+def assert_same_store(a, b, ignore: tuple[str, ...] = ()) -> None:
+    """Two stores hold the same arrays, bit for bit and dtype for dtype, and the same metadata (but ``ignore``'s
+    top-level keys)."""
+    (arrays_a, meta_a), (arrays_b, meta_b) = store_contents(a), store_contents(b)
+    for key in ignore:
+        meta_a.pop(key), meta_b.pop(key)
+    assert sorted(arrays_a) == sorted(arrays_b)
+    for name in arrays_a:
+        x, y = arrays_a[name], arrays_b[name]
+        assert x.dtype == y.dtype and x.shape == y.shape and x.tobytes() == y.tobytes(), name
+    assert meta_a == meta_b, [k for k in {*meta_a, *meta_b} if meta_a.get(k) != meta_b.get(k)]

@@ -115,6 +115,13 @@ def test_a_damaged_chunk_is_named_on_every_read_path(store, attack):
     ring.set_epoch(1)
     with pytest.raises(DamagedCache, match="view 1, chunk 2"):
         list(DataLoader(ring, batch_size=16, sampler=sampler))
+    # DataLoader workers that read the chunks themselves (their own store handles) name it too
+    by_chunk = lc.CachedKDDataset(_tiny(), cache, augment=_heavy(), memory_mb=0)
+    sampler = by_chunk.chunk_sampler(window=2, ring=False)
+    by_chunk.set_epoch(1)
+    with pytest.raises(DamagedCache, match="view 1, chunk 2") as e:
+        list(DataLoader(by_chunk, batch_size=16, sampler=sampler, num_workers=2))
+    assert "in DataLoader worker process" in str(e.value) and int(by_chunk.rows_read[0]) == 0  # a worker read it
 
 
 @pytest.fixture(scope="module")
@@ -167,7 +174,8 @@ def test_a_chunk_replaced_by_another_valid_chunk_is_caught_by_the_digest(store, 
 
 def test_training_on_a_store_with_a_deleted_chunk_stops_with_one_line(store, tmp_path):
     _file(store, "tail", 0, 3).unlink()
-    r = _cli(*TRAIN, "--cache", store, "--out", tmp_path / "run", "--workers", "2")
+    # over the memory budget: the ring reads in the training process and its workers stop with its message
+    r = _cli(*TRAIN, "--cache", store, "--out", tmp_path / "run", "--workers", "2", "--target-memory-mb", "0")
     assert r.returncode == 2
     lines = [line for line in r.stderr.splitlines() if line.strip() and not line.startswith("warning:")]
     assert "Traceback" not in r.stderr and len(lines) == 1, r.stderr

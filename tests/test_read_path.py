@@ -212,12 +212,28 @@ def test_train_over_the_budget_uses_the_chunk_shuffle(built_cache, tmp_path):
         out=str(tmp_path / "r"), dataset=f"{HELPERS}:tiny_dataset", model="small-resnet8-w4", epochs=2,
         batch_size=32, workers=2, progress=False, kd="cached", cache=str(built_cache), target_memory_mb=0,
     )  # fmt: skip
+    import sys
     import warnings
 
-    with warnings.catch_warnings():  # the ring serves every epoch: none falls back to reading by chunk
-        warnings.filterwarnings("error", message=".*left midway")
-        result = lc.train(cfg)
+    train_mod, seen = sys.modules["logitcache.train"], []
+    setup = train_mod._setup
+
+    def recorded(cfg):
+        run = setup(cfg)
+        seen.append((run.train_ds, run.train_ds.ring_serves))
+        return run
+
+    train_mod._setup = recorded
+    try:
+        with warnings.catch_warnings():  # the ring serves every epoch: none falls back to reading by chunk
+            warnings.filterwarnings("error", message=".*left midway")
+            result = lc.train(cfg)
+    finally:
+        train_mod._setup = setup
     assert result.metrics[-1]["train_loss"] > 0
+    ((ds, ring),) = seen
+    assert ring and not ds.in_memory  # the path claimed ...
+    assert int(ds.rows_read[0]) == 2 * len(ds) and int(ds.rows_read[1:].sum()) == 0  # ... is the path taken
     import json
 
     assert json.loads((tmp_path / "r" / "config.json").read_text())["target_memory_mb"] == 0
