@@ -242,7 +242,7 @@ def _metadata(
     inner_chunk_rows: int | None,
     mix: Mix,
 ) -> dict:
-    """The group attributes (FORMAT.md): identity, fingerprints and versions, all plain JSON."""
+    """The group attributes (docs/format.md): identity, fingerprints and versions, all plain JSON."""
     inputs = inputs_of(dataset, augment, seed, views, labels, mix=mix)
     meta = {
         "format_version": store.FORMAT_VERSION,
@@ -278,7 +278,7 @@ def build_cache(
     augment: Callable[[Any], torch.Tensor],
     views: int = 1,
     seed: int = 0,
-    encoding: str = "topk",
+    encoding: str = "auto",
     codec: str = "blosc-lz4",
     batch_size: int = 256,
     chunk_rows: int = 1024,
@@ -296,8 +296,9 @@ def build_cache(
 ) -> store.Cache:
     """Run ``teacher`` over ``views`` replayed augmentations of every sample of ``dataset`` and store soft targets.
 
-    ``encoding`` names a registered encoding (``logitcache.encoding.ENCODINGS``); ``options`` are its options (e.g.
-    ``k=10, soft_tail=True`` for ``topk``; ``samples``, ``tau`` for ``sampled``; ``floor`` for ``quantized``), the
+    ``encoding`` names a registered encoding (``logitcache.encoding.ENCODINGS``), or ``auto`` (``full`` up to 32
+    classes, ``topk8`` with its tail table above: ``logitcache.encoding.auto_encoding``); ``options`` are its options
+    (e.g. ``k=10, soft_tail=True`` for ``topk``; ``samples``, ``tau`` for ``sampled``; ``floor`` for ``quantized``), the
     rest taking their defaults. ``mix`` (``logitcache.mix.Mix``): the teacher labels Mixup/CutMix images, mixed per
     sample as ``logitcache.mix`` replays them. ``specs`` records how the teacher/dataset/augmentation were named
     (CLI specs), so that tools can re-create them. Returns the opened cache. Interrupting it (Ctrl-C, kill) loses at

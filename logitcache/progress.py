@@ -45,3 +45,11 @@ def progress_bar(
     ) as bar:
         task = bar.add_task(label, total=total)
         yield lambda n: bar.advance(task, n)
+
+
+def note(text: str, enabled: bool = True) -> None:
+    """One dim line on stderr (what a command chose for the user), or nothing when progress is off."""
+    if enabled:
+        from rich.console import Console
+
+        Console(stderr=True, soft_wrap=True).print(f"[dim]{text}[/]", highlight=False)

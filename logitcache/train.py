@@ -14,7 +14,7 @@ import os
 import shutil
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,7 @@ from .errors import LogitcacheError, user_message
 from .fingerprint import versions
 from .losses import kd_loss, kd_loss_dense
 from .mix import MIX_MODES, Mix
-from .progress import progress_bar
+from .progress import note, progress_bar
 from .sampler import ChunkShuffleSampler
 from .store import open_cache
 
@@ -54,7 +54,10 @@ class TrainConfig:
     """One training run. Every field is also an option of ``logitcache train`` (``kd_weight`` -> ``--kd-weight``)."""
 
     out: str = _option("", "Run directory to write (config, metrics, weights); it can teach the next run.")
-    dataset: str = _option("fashion-mnist", "Same dataset specs as `build`.")
+    dataset: str | None = _option(
+        None,
+        "As `build --dataset`. Default: the cache's (its first N samples) with --kd cached, else fashion-mnist.",
+    )
     model: str = _option(
         "small-resnet8",
         "small-resnet8/14/20[-wW], timm:NAME (pip install 'logitcache[timm]'), a torchvision model name, or "
@@ -69,18 +72,17 @@ class TrainConfig:
     )
     cache: str | None = _option(None, "Cache written by `logitcache build` (for --kd cached).")
     teacher: str | None = _option(None, "Run directory or teacher spec (for --kd online).")
-    # KD defaults from benchmarks/bench_recipe.py (RESULTS.md, recipe study): at half the budget, T = 2 with equal
-    # weight on labels and teacher finished best (+1.35 pp over scratch); every T in {1, 2, 4} at weight 0.5 beat
-    # scratch; the former default (T = 4, weight 0.9) was the only recipe that finished below scratch.
+    # KD defaults from the recipe study (benchmarks/bench_recipe.py, RESULTS.md): T = 2 with equal weight on labels
+    # and teacher finishes best at a reduced budget; a high T with a high weight finishes below training without KD.
     kd_weight: float = _option(
         0.5,
         "a in loss = (1 - a) * CE + a * T^2 * KL. The defaults (T 2, a 0.5) finished best in the recipe study "
         "(benchmarks/RESULTS.md); high T with a high a fell below training without KD.",
     )
     temperature: float = _option(2.0, "Distillation temperature T.")
-    # KD for the first half only (Blakeney et al.: KD early in training works best): measured equal to KD throughout at
-    # reduced budgets (+1.34 vs +1.35 pp at half), and better at the full budget (-0.40 vs -0.94 pp vs scratch,
-    # 3 seeds, bench_sequence.py), where KD throughout holds a run at its teacher's level; it also halves online KD.
+    # KD for the first half only (Blakeney et al.: KD early in training works best): as good as KD throughout at
+    # reduced budgets and better at the full budget, where KD throughout holds a run at its teacher's level
+    # (bench_sequence.py, RESULTS.md); it also halves online KD's teacher passes.
     kd_until: float = _option(
         0.5,
         "Apply KD for the first fraction F of training steps only, then labels alone: KD helps most early, and late "
@@ -183,6 +185,28 @@ def _validate(cfg: TrainConfig) -> None:
         raise LogitcacheError("--batch-size must be >= 1 and --lr > 0")
     if cfg.resume and cfg.overwrite:
         raise LogitcacheError("--resume continues a run and --overwrite replaces it: pass one of them")
+
+
+def _with_recorded_data(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` with its dataset named: given, or for --kd cached the one the cache records (its first N samples, N
+    the cache's length, unless --limit is given), else Fashion-MNIST. What was taken from the cache is said in one
+    line; the run's config.json records the result."""
+    if cfg.dataset is not None:
+        return cfg
+    if cfg.kd != "cached":
+        return replace(cfg, dataset="fashion-mnist")
+    meta = open_cache(cfg.cache).meta
+    spec = meta["dataset"]["spec"]
+    if spec is None:
+        raise LogitcacheError("the cache was built from Python on a dataset object, not a spec: pass --dataset")
+    limit = cfg.limit or meta["dataset"]["length"]
+    taken = [f"dataset {spec} (first {limit:,} samples)"]
+    if cfg.augment is None:
+        taken.append(f"augmentation {meta['augment']['spec']}")
+    if cfg.mix is None:
+        taken.append(f"mixing {Mix.from_meta(meta.get('mix')).mode}")
+    note("from the cache: " + ", ".join(taken), cfg.progress and distributed.rank() == 0)
+    return replace(cfg, dataset=spec, limit=limit)
 
 
 def _prepare_run_dir(path: Path, overwrite: bool) -> None:
@@ -292,6 +316,7 @@ class _Run:
 def train(cfg: TrainConfig) -> RunResult:
     """Train one run as configured and write its run directory; returns the metrics and the target-accuracy time."""
     _validate(cfg)
+    cfg = _with_recorded_data(cfg)
     run = _setup(cfg)
     state = load_checkpoint(run.run_dir, run.trained, run.opt) if cfg.resume else RunState()
     result = RunResult(str(run.run_dir), 0.0)

@@ -25,6 +25,8 @@ def cli_build_args(chunk_rows: int, workers: int) -> list[str]:
         f"{HELPERS}:heavy_augment",
         "--views",
         "2",
+        "--encoding",
+        "topk",
         "--k",
         "3",
         "--batch-size",
@@ -59,5 +61,6 @@ def built_cache(tmp_path_factory, tiny):
         workers=0,
         progress=False,
         specs={"augment": f"{HELPERS}:heavy_augment", "dataset": f"{HELPERS}:tiny_dataset"},
+        encoding="topk",
     )
     return out

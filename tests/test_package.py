@@ -109,7 +109,7 @@ def test_installed_command_builds_and_trains(installed, tmp_path):
     assert "train" in _run(installed, tmp_path, installed / "bin" / "python", "-m", "logitcache", "--help").stdout
     data = ["--dataset", f"{HELPERS}:tiny_dataset"]
     _run(installed, tmp_path, cmd, "build", *data, "--teacher", f"{HELPERS}:tiny_teacher", "--out", "c",
-         "--augment", f"{HELPERS}:light_augment", "--views", "2", "--k", "3", "--workers", "0", "-q")  # fmt: skip
+         "--augment", f"{HELPERS}:light_augment", "--views", "2", "--workers", "0", "-q")  # fmt: skip
     _run(installed, tmp_path, cmd, "train", *data, "--kd", "cached", "--cache", "c", "--out", "run",
          "--model", "small-resnet8-w4", "--epochs", "1", "--batch-size", "32", "--workers", "0", "-q")  # fmt: skip
     assert (tmp_path / "run" / "model.safetensors").is_file()

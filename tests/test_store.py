@@ -17,7 +17,7 @@ from logitcache.cli import app
 from conftest import HELPERS, cli_build_args
 from logitcache.errors import LogitcacheError
 
-BUILD = dict(views=2, seed=5, k=3, batch_size=16, chunk_rows=32, workers=0, progress=False)
+BUILD = dict(views=2, seed=5, encoding="topk", k=3, batch_size=16, chunk_rows=32, workers=0, progress=False)
 
 
 def test_store_is_plain_zarr_v3(built_cache):
@@ -203,8 +203,9 @@ def _cli_build(tmp_path, *extra, teacher=f"{HELPERS}:tiny_teacher", dataset=f"{H
         ("missing module", {"teacher": "no_such_pkg.mod:fn"}, [], "cannot import"),
         ("missing file", {"teacher": "nowhere/teacher.py:fn"}, [], "does not exist"),
         ("wrong return type", {"teacher": f"{HELPERS}:not_a_module"}, [], "not a torch.nn.Module"),
-        ("k too large", {}, ["--k", "11"], "k must be between 1"),
-        ("k below 1", {}, ["--k", "0"], "greater than or equal to 1"),
+        ("k too large", {}, ["--encoding", "topk", "--k", "11"], "k must be between 1"),
+        ("k below 1", {}, ["--encoding", "topk", "--k", "0"], "greater than or equal to 1"),
+        ("k without its encoding", {}, ["--k", "3"], "name the encoding"),
         ("labels outside classes", {"teacher": "helpers_small:five_class_teacher"}, [], "outside the teacher"),
         ("NaN teacher", {"teacher": f"{HELPERS}:nan_teacher"}, [], "NaN"),
         ("missing weights", {}, ["--teacher-weights", "/nonexistent.safetensors"], "does not exist"),
@@ -318,7 +319,7 @@ def test_dry_run_estimates_the_size_and_writes_nothing(tmp_path, tiny):
     est = estimate_build(helpers.tiny_teacher(), tiny, augment=helpers.heavy_augment(), views=2, chunk_rows=64,
                          k=3, batch_size=16, workers=0)  # fmt: skip
     lc.build_cache(helpers.tiny_teacher(), tiny, tmp_path / "c", augment=helpers.heavy_augment(), views=2,
-                   chunk_rows=64, k=3, batch_size=16, workers=0, progress=False)  # fmt: skip
+                   chunk_rows=64, k=3, batch_size=16, workers=0, progress=False, encoding="topk")  # fmt: skip
     cache = lc.open_cache(tmp_path / "c")
     # the chunks' bytes (the metadata documents are a fixed few KB, which the estimate leaves out)
     stored = sum(
@@ -378,3 +379,33 @@ def test_topk8_layouts_decode_alike_at_100_classes():
     assert not torch.equal(t1["tail_soft8"], t2["tail_soft8"])
     for temperature in (1.0, 2.0, 4.0, 8.0):
         assert torch.equal(lc.to_probs(t1, temperature), lc.to_probs(t2, temperature))
+
+
+@pytest.mark.parametrize(
+    "classes, name, k",
+    [(4, "full", None), (10, "full", None), (32, "full", None), (33, "topk8", 10), (5000, "headtail", 10)],
+)
+def test_the_default_encoding_fits_the_number_of_classes(classes, name, k):
+    from logitcache.encoding import make_encoding
+
+    enc = make_encoding("auto", classes)
+    assert enc.name == name and getattr(enc, "k", None) == k
+    assert make_encoding("topk", 4).k == 4 and make_encoding("headtail", 6).k == 5  # defaults never above C allows
+    assert make_encoding("topk", 40, {"k": 7}).k == 7
+
+
+def test_the_default_build_of_a_four_class_folder_stores_every_class(tmp_path):
+    from PIL import Image
+
+    for c in range(4):
+        (tmp_path / "data" / f"class{c}").mkdir(parents=True)
+        for i in range(6):
+            Image.new("L", (16, 16), color=40 * c + i).save(tmp_path / "data" / f"class{c}" / f"{i}.png")
+    (tmp_path / "teacher.py").write_text(
+        "from logitcache.models import SmallResNet\ndef four():\n    return SmallResNet(8, 4, 3, 4)\n"
+    )
+    result = runner.invoke(app, ["build", "--teacher", f"{tmp_path / 'teacher.py'}:four", "--dataset",
+                                 f"imagefolder:{tmp_path / 'data'}", "--out", str(tmp_path / "c"), "--views", "1",
+                                 "--workers", "0", "-q"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert lc.open_cache(tmp_path / "c").encoding.name == "full"

@@ -40,6 +40,7 @@ def teacher_cache(tmp_path_factory, teacher_run):
         workers=0,
         progress=False,
         specs={"augment": f"{HELPERS}:light_augment", "teacher": teacher_run.run_dir},
+        encoding="topk",
     )
     return out
 
@@ -331,3 +332,14 @@ def test_an_ensemble_of_run_directories_is_a_teacher(teacher_run, tmp_path):
         assert torch.allclose(ensemble(x).exp(), mean_probs, atol=1e-5)
     with pytest.raises(LogitcacheError, match="not run directories: nope"):
         specs.resolve_teacher(f"{teacher_run.run_dir},nope")
+
+
+def test_cached_training_takes_the_dataset_from_the_cache_and_says_so(built_cache, tmp_path):
+    args = ["train", "--kd", "cached", "--cache", str(built_cache), "--out", str(tmp_path / "r"),
+            "--model", "small-resnet8-w4", "--epochs", "1", "--batch-size", "32", "--workers", "0"]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    said = [line for line in result.output.splitlines() if "from the cache:" in line]
+    assert len(said) == 1 and "tiny_dataset (first 240 samples)" in said[0] and "heavy_augment" in said[0]
+    config = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert config["dataset"] == DATASET and config["limit"] == 240 and config["augment"].endswith(":heavy_augment")

@@ -11,7 +11,8 @@ import typer
 from rich.console import Console
 
 from .options import choices, config_parameters, encoding_parameters, flag_of, plain, with_parameters
-from logitcache.encoding import ENCODINGS
+from logitcache.encoding import AUTO, ENCODINGS
+from logitcache.encoding.registry import FEW_CLASSES
 from logitcache.mix import MIX_MODES
 from logitcache.store import CODECS
 from logitcache.train import TrainConfig
@@ -98,9 +99,13 @@ def _build_options(
     ),
     views: int = typer.Option(4, min=1, help="Augmented views stored per image; epoch e trains on view e % views."),
     seed: int = typer.Option(0, help="Base seed: view v of sample i is replayed from hash(seed, v, i)."),
-    encoding: choices("Encoding", ENCODINGS) = typer.Option(  # type: ignore[valid-type]
-        "topk",
-        help=" ".join(f"{name}: {cls.summary}." for name, cls in ENCODINGS.items()),
+    encoding: choices("Encoding", [AUTO, *ENCODINGS]) = typer.Option(  # type: ignore[valid-type]
+        AUTO,
+        help=f"auto: full up to {FEW_CLASSES} classes (every probability), topk8 with its tail table and basis above "
+        "(closest to full for its bytes in the fidelity study), headtail beyond 4096; with an encoding's options, "
+        "name the encoding. "
+        + " ".join(f"{name}: {cls.summary}." for name, cls in ENCODINGS.items())
+        + " k is never above what the classes allow unless given.",
     ),
     codec: choices("Codec", CODECS) = typer.Option(  # type: ignore[valid-type]
         "blosc-lz4", help="Compression (every codec adds a crc32c checksum)."
@@ -152,7 +157,7 @@ def _build_options(
 def _build(**opts) -> None:
     opts = plain(opts)
     encoding = opts["encoding"]
-    own = ENCODINGS[encoding].options
+    own = ENCODINGS[encoding].options if encoding != AUTO else {}
     given = {key: opts.pop(key) for key in ENCODING_OPTIONS}
     given = {key: value for key, value in given.items() if value is not None}
 
@@ -160,6 +165,11 @@ def _build(**opts) -> None:
         from logitcache import build_cache, distributed, specs
         from logitcache.errors import LogitcacheError
 
+        if encoding == AUTO and given:
+            raise LogitcacheError(
+                f"{', '.join(flag_of(k) for k in given)}: name the encoding these options belong to (--encoding ...); "
+                "auto chooses the encoding from the number of classes"
+            )
         foreign = [key for key in given if key not in own]
         if foreign:
             owners = {key: [n for n, c in ENCODINGS.items() if key in c.options] for key in foreign}

@@ -1,4 +1,4 @@
-"""Soft targets <-> compact arrays, one module per encoding (FORMAT.md describes what each stores).
+"""Soft targets <-> compact arrays, one module per encoding (docs/format.md describes what each stores).
 
 An encoding turns a batch of teacher logits ``[B, C]`` into a dict of fixed-shape arrays (the "fields" stored per
 sample) and such a dict, as a collated batch, back into teacher log-probabilities or a KD loss. Adding one is a new
@@ -6,8 +6,8 @@ sample) and such a dict, as a collated batch, back into teacher log-probabilitie
 """
 
 from .base import MIN_TAIL, Encoding, Field, Option, id_dtype
-from .registry import CONSTANT_KEYS, ENCODINGS, dense_log_probs, encoding_class, encoding_of, make_encoding, register
-from .registry import to_probs
+from .registry import AUTO, CONSTANT_KEYS, ENCODINGS, auto_encoding, dense_log_probs, encoding_class, encoding_of
+from .registry import make_encoding, register, to_probs
 
 # Imported for their @register; this order is the CLI's order of choices.
 from .full import FullEncoding  # isort: skip
@@ -18,6 +18,7 @@ from .compact import CompactTopKEncoding  # isort: skip
 from .headtail import HeadTailEncoding  # isort: skip
 
 __all__ = [
+    "AUTO",
     "CONSTANT_KEYS",
     "ENCODINGS",
     "MIN_TAIL",
@@ -32,6 +33,7 @@ __all__ = [
     "QuantizedEncoding",
     "SampledEncoding",
     "TopKEncoding",
+    "auto_encoding",
     "dense_log_probs",
     "encoding_class",
     "encoding_of",

@@ -26,18 +26,40 @@ def encoding_class(name: str) -> type[Encoding]:
     return ENCODINGS[name]
 
 
+AUTO = "auto"
+FEW_CLASSES = 32  # up to here every class is stored (``full``: 2 B per class); above, topk8 with its tail table
+
+
+def auto_encoding(num_classes: int) -> str:
+    """The default encoding for ``num_classes``: ``full`` where classes are few (every probability, a few dozen bytes
+    per sample), ``topk8`` with its tail table and basis where they are many (the encoding the fidelity study finds
+    closest to ``full`` for its bytes: docs, choosing an encoding), and ``headtail`` beyond the classes a tail table
+    can hold, where sampled tail classes keep the tail's shape."""
+    from .compact import MAX_TABLE_CLASSES
+
+    if num_classes <= FEW_CLASSES:
+        return "full"
+    return "topk8" if num_classes <= MAX_TABLE_CLASSES else "headtail"
+
+
 def make_encoding(name: str, num_classes: int, options: dict | None = None) -> Encoding:
-    """A new encoding for a build; options not given take their defaults.
+    """A new encoding for a build; options not given take their defaults, ``k`` never above what the classes allow
+    (``num_classes``; ``headtail``, which needs a tail, ``num_classes - 1``). ``name="auto"`` chooses by the number
+    of classes (``auto_encoding``).
 
     Options of the *other* registered encodings are ignored, so one set of options can serve a loop over encodings
     (the CLI refuses them instead, as there they are a user's mistake); a name no encoding knows is an error.
     """
     options = dict(options or {})
+    if name == AUTO:
+        name = auto_encoding(num_classes)
     known = {key for cls in ENCODINGS.values() for key in cls.options}
     unknown = sorted(set(options) - known)
     if unknown:
         raise LogitcacheError(f"no encoding has the option(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
     cls = encoding_class(name)
+    if "k" in cls.options and "k" not in options:  # the default k fits the classes
+        options["k"] = min(cls.options["k"].default, num_classes - (name == "headtail"))
     return cls(num_classes, **{k: v for k, v in options.items() if k in cls.options})
 
 
