@@ -135,7 +135,7 @@ def test_the_ring_reuses_each_slot_many_times(tiny, tmp_path):
     # only once every row of the window it held has been served (3 epochs, 2 workers, batches across windows).
     out = tmp_path / "c"
     lc.build_cache(helpers.tiny_teacher(), tiny, out, augment=helpers.heavy_augment(), views=1, seed=7, k=3,
-                   batch_size=16, chunk_rows=16, workers=0, progress=False)  # fmt: skip
+                   batch_size=16, chunk_rows=16, workers=0, progress=False, encoding="topk")  # fmt: skip
     ds = lc.CachedKDDataset(tiny, out, augment=helpers.heavy_augment(), memory_mb=0)
     sampler = ds.chunk_sampler(window=1, seed=2)
     loader = DataLoader(ds, batch_size=10, sampler=sampler, num_workers=2, persistent_workers=True)
