@@ -89,7 +89,7 @@ class CachedKDDataset(ReplayDataset):
     recorded fingerprint is refused (``allow_mismatch=True`` turns that into a warning, at your own risk). ``mix``
     defaults to the cache's Mixup/CutMix (then ``label`` is the mixed label vector); another one is refused.
 
-    Reading (issue 15, benchmarks/bench_scale.py): when one view's targets fit ``memory_mb``, ``set_epoch`` reads the
+    Reading: when one view's targets fit ``memory_mb``, ``set_epoch`` reads the
     epoch's view sequentially, once, into shared memory that every DataLoader worker of this process (one copy per
     rank) serves from: each chunk is read once per epoch whatever the shuffle; when two views fit, the next epoch's is
     read in the background during this one (``prefetch=False`` turns that off), so an epoch does not wait for it.
@@ -137,7 +137,7 @@ class CachedKDDataset(ReplayDataset):
         self._holds = torch.full((2,), -1, dtype=torch.int64).share_memory_()
         self._fills = torch.zeros(2, dtype=torch.int64).share_memory_()
         self._prefetch: threading.Thread | None = None
-        self._sampler: ChunkShuffleSampler | None = None
+        self._sampler: DistributedSampler | ChunkShuffleSampler | None = None
         self._ring: WindowRing | None = None
         self._prefetch_error: BaseException | None = None
         self._closed = False
@@ -161,11 +161,12 @@ class CachedKDDataset(ReplayDataset):
     ) -> DistributedSampler | ChunkShuffleSampler:
         """The sampler this dataset's read path wants, the same kind on every rank (the placement is agreed): a
         shuffled ``DistributedSampler`` (``drop_last``) when each view is served from memory, else
-        ``chunk_sampler()``. Call it before the DataLoader starts its workers."""
+        ``chunk_sampler()``. Call it before the DataLoader starts its workers; ``set_epoch`` sets its epoch too."""
         if self.in_memory:
-            return DistributedSampler(
+            self._sampler = DistributedSampler(
                 self, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True
             )
+            return self._sampler
         return self.chunk_sampler(window=window, num_replicas=num_replicas, rank=rank, seed=seed)
 
     def chunk_sampler(
@@ -273,8 +274,8 @@ class CachedKDDataset(ReplayDataset):
 
     def __getstate__(self) -> dict:
         # What a DataLoader worker needs (spawn/forkserver pickle it): the shared tensors travel as shared memory,
-        # the lock as its name, the store as its path; no thread, no error, no chunk cache.
-        return {**self.__dict__, "_prefetch": None, "_prefetch_error": None, "_chunks": OrderedDict()}
+        # the lock as its name, the store as its path; no thread, no error, no chunk cache, no sampler.
+        return {**self.__dict__, "_prefetch": None, "_prefetch_error": None, "_chunks": OrderedDict(), "_sampler": None}
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
@@ -438,7 +439,7 @@ class TargetRow(Mapping):
     """One sample's cached target as a read-only mapping ``field -> tensor``, a row of its batch's tensors.
 
     Why not a dict of per-sample tensors: through DataLoader workers each extra tensor per sample costs a split, a
-    stack and an inter-process copy; measured, that made the loader 17% slower than images alone. The default collate
+    stack and an inter-process copy, enough to slow the loader next to images alone. The default collate
     (``torch.utils.data.default_collate``, extended below for this type) returns the batch tensors themselves when it
     gets a whole batch's rows in order, and stacks the rows otherwise.
     """

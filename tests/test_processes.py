@@ -239,3 +239,27 @@ def test_too_many_workers_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(ring, "get_worker_info", lambda: type("Info", (), {"id": ring.MAX_WORKERS})())
     with pytest.raises(LogitcacheError, match=f"at most {ring.MAX_WORKERS} workers"):
         ring.process_slot()
+
+
+def test_a_worker_waiting_on_the_ring_stops_when_its_parent_is_gone(built_cache, tiny, monkeypatch):
+    from logitcache import ring as ring_mod
+
+    ds = lc.CachedKDDataset(tiny, built_cache, memory_mb=0)
+    ds.chunk_sampler(window=1)
+    ring = ds._ring
+    ring.epoch[0], ring.active[0] = 0, 1  # epoch 0 served, nothing filled yet: a worker would wait
+    ring.owner = os.getpid()  # not this "worker"'s parent: as if the training process had died
+    monkeypatch.setattr(ring_mod, "get_worker_info", lambda: type("Info", (), {"id": 0})())
+    with pytest.raises(LogitcacheError, match="has exited"):
+        ring._wait_for(0, ring._key(0, 0), 0, 0)
+    ds.close()
+
+
+def test_a_stall_names_the_store_the_window_and_the_wait(built_cache, tiny):
+    ds = lc.CachedKDDataset(tiny, built_cache, memory_mb=0)
+    ds.chunk_sampler(window=1, stall_s=0.2)
+    ring = ds._ring
+    ring.epoch[0], ring.active[0] = 0, 1  # the filler is not running: nothing moves, and it is not waiting for us
+    with pytest.raises(LogitcacheError, match=r"window 1 of epoch 0 of .*nothing moved for 0.2 s.*stall_s"):
+        ring._wait_for(1, ring._key(0, 1), 0, 1)
+    ds.close()
