@@ -206,7 +206,7 @@ def _report(
             f"cached KD does not reach run 1's accuracy ({target:.4f}) at a reduced budget here (best: "
             f"{cached.mean(best):.4f} at {best / plan.full_epochs:.2g}x; scratch at the full budget "
             f"{sweep_target:.4f}): in this short regime KD buys accuracy at a given budget, not the full-budget "
-            "accuracy sooner (README, 'Does it pay?')",
+            "accuracy sooner (docs/evidence.md, 'What KD buys')",
             highlight=False,
         )
     console.print(

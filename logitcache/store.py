@@ -1,4 +1,4 @@
-"""The on-disk cache: a Zarr v3 group. The format is specified in FORMAT.md; this module is its only writer and reader.
+"""The on-disk cache: a Zarr v3 group, specified in docs/format.md; this module is its only writer and reader.
 
 Work is done in *units*: one chunk of rows of one view. A unit's arrays are written first, then its digest (a crc32
 of the decoded rows), then its flag in the ``complete`` array; all are whole-chunk writes, which LocalStore makes
@@ -380,7 +380,7 @@ class Cache:
     def read_chunks(self, view: int, chunks: Sequence[int]) -> list[dict[str, torch.Tensor]]:
         """The stored fields of whole units ``chunks`` of ``view`` (scattered, any order; ``with_constants`` completes
         them), each checked against its digest, all fetched and decoded concurrently: the ring reads a window of
-        shuffled units this way (one call per unit and field costs about 3x more, measured on 8-unit windows)."""
+        shuffled units this way (one call per unit and field costs several times more)."""
         if not 0 <= view < self.num_views:
             raise LogitcacheError(f"view {view} out of range: the cache holds {self.num_views} views")
         spans = [self.layout.rows(c) for c in chunks]

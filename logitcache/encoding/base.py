@@ -124,7 +124,7 @@ class Encoding:
     # --- a table stored once per cache (optional) ----------------------------------------------------------------
     def table_shape(self) -> tuple[int, ...] | None:
         """Shape of the table this encoding keeps once per cache (fitted on a probe of the teacher before the build;
-        the ``tail_table`` array of FORMAT.md), or None: most encodings keep everything per sample."""
+        the ``tail_table`` array of docs/format.md), or None: most encodings keep everything per sample."""
         return None
 
     def probe_size(self, num_samples: int) -> int:

@@ -38,10 +38,9 @@ class CompactTopKEncoding(Encoding):
 
     - ``q`` (uint8, k - 2 values): the log-probabilities below the top one, as ``lp_j = lp_0 - q_j * scale`` with
       ``scale = (lp_0 - lp_{k-1}) / 255``: ``q_0 = 0`` and ``q_{k-1} = 255`` hold by construction and are not stored;
-      the rounding error is at most ``scale / 2`` in log space. Layout 2 (the default since session 6) stores the
-      steps ``q_j - q_{j-1}`` instead, the same numbers: sorted values' steps are small and compress better (the field
-      6% smaller with blosc-lz4, 19% with zstd; benchmarks/RESULTS.md); stores of layout 1 (recorded without
-      ``layout``) still read;
+      the rounding error is at most ``scale / 2`` in log space. Layout 2 (the default) stores the steps
+      ``q_j - q_{j-1}`` instead, the same numbers: sorted values' steps are small and compress better; stores of
+      layout 1 (recorded without ``layout``) still read;
     - ``scale`` and ``tail`` (float16); ``lp_0`` itself is not stored: the k probabilities and the tail sum to one;
     - ``ids`` in the narrowest integer type (uint8 up to 256 classes);
     - ``tail_soft8`` (uint8 x 3): ``log sum_j p_j^beta`` over the unstored classes lies between ``beta * tail`` and
@@ -50,23 +49,20 @@ class CompactTopKEncoding(Encoding):
 
     Decoding rebuilds a ``topk`` target and uses its tail rule and KL, so it trains like ``topk`` at any temperature.
 
-    The unstored classes' share (``tail_shape``): ``table`` (the default since session 8) spreads the tail's softened
-    mass over them in the shape the teacher usually gives them when the sample's top class is c: a C x C table of the
-    teacher's mean log-probabilities per top-1 class, fitted on a probe of view 0 before the build (``probe_size``)
-    and stored once per cache (``tail_table``, FORMAT.md); the reader adds each sample's row to its target. ``flat``
-    (stores that predate the option) spreads it equally, which at high T teaches a shape the teacher never had
-    (benchmarks/RESULTS.md, 100 classes, T = 4, k = 10: students 1.1 pp below ``full``'s with the table in the median
-    of eight seeds, one of which collapsed; 8 pp with the flat tail; at 11% of ``full``'s bytes either way). A row
-    can make an unstored class likelier than the k-th stored one (at T = 4, 4% of those samples decode with a tail
-    class on top); capping it there gave better targets offline but worse students (-2.1 pp), so the decode does not.
+    The unstored classes' share (``tail_shape``): ``table`` (the default) spreads the tail's softened mass over them
+    in the shape the teacher usually gives them when the sample's top class is c: a C x C table of the teacher's mean
+    log-probabilities per top-1 class, fitted on a probe of view 0 before the build (``probe_size``) and stored once
+    per cache (``tail_table``, docs/format.md); the reader adds each sample's row to its target. ``flat`` (what stores
+    without the option hold) spreads it equally, which at high T teaches a shape the teacher never had. A row can
+    make an unstored class likelier than the k-th stored one; the decode keeps it so, because capping it there gives
+    better targets offline but trains worse students (docs: choosing an encoding).
 
     A row is the teacher's *usual* tail for a top class; each sample's own differs from it. ``tail_rank`` r (default
-    8 since session 9) stores that difference too, as r int8 coefficients (``tail_coef``, with a float16 scale) of a
-    basis fitted on the same probe: the leading principal directions of the probe's deviations from their rows, kept
-    as r more rows of the table. A teacher's logits are a linear map of its penultimate features, so a few directions
-    hold most of what a row misses: on the 100-class pairs teacher, KL at T = 4 0.0005 with r = 8 against 0.022 with
-    the row alone, for 10 more bytes per sample (benchmarks/RESULTS.md). How much r directions hold depends on the
-    teacher: more classes and wider features need more.
+    8) stores that difference too, as r int8 coefficients (``tail_coef``, with a float16 scale) of a basis fitted on
+    the same probe: the leading principal directions of the probe's deviations from their rows, kept as r more rows
+    of the table. A teacher's logits are a linear map of its penultimate features, so a few directions hold most of
+    what a row misses, for r + 2 more bytes per sample; how much r directions hold depends on the teacher (more
+    classes and wider features need more). The fidelity figures are in benchmarks/RESULTS.md.
     """
 
     name = "topk8"

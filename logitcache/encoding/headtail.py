@@ -44,7 +44,7 @@ class HeadTailEncoding(Encoding):
     its log-probability (8 bits against a per-sample scale). The draws are systematic (``draws``; independent in
     stores that predate the option): unbiased like independent draws, with each count within 1 of its expectation.
     Layout 3 (``layout``, not a user's choice) keeps the slots in class order and stores their ids as gaps: the same
-    numbers in 9-11% fewer bytes (benchmarks/RESULTS.md).
+    numbers in fewer bytes (benchmarks/RESULTS.md).
 
     The draws follow the tail at temperature ``tau`` (``p_j^(1/tau)``, renormalised; ``tau`` = 1 in stores that
     predate the option). Decoding at any temperature T: the head as ``topk`` decodes it; the tail's total softened
@@ -52,7 +52,7 @@ class HeadTailEncoding(Encoding):
     class weighted by ``count * p_j^(1/T - 1/tau)`` (importance weights: the draws follow ``p_j^(1/tau)``, the target
     is ``p_j^(1/T)``). At T = tau the weights are the counts, RS-KD's unbiased estimate; elsewhere it is the ratio
     estimator (the weights rescaled to the known total), consistent in S but noisier the further T is from tau
-    (measured in benchmarks/RESULTS.md: draw at the temperature you train with). Classes never drawn get no mass:
+    (benchmarks/RESULTS.md: draw at the temperature you train with). Classes never drawn get no mass:
     KL(teacher || decoded) is infinite by construction, as for ``sampled``, but the KD gradient is unbiased at
     T = tau and nearly so elsewhere.
     """

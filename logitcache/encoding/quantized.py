@@ -16,10 +16,10 @@ class QuantizedEncoding(Encoding):
     """All C log-probabilities in 8 bits: ``logp ~= -q * scale`` with one float32 ``scale`` per sample.
 
     Log-probabilities below ``-floor`` are clipped to it; the error is at most ``scale / 2 <= floor / 510`` in log
-    space (a relative error of at most ~8% per probability at the default floor of 40, ~2% at T = 4). The floor was
-    20 until session 8: softening raises what it clips (e^-30 at T = 4 is e^-7.5), and at 100 classes, T = 4, five
-    seeds, students trained 1.3 pp better with floor 40 (-0.2 pp of ``full``) than with 20 (benchmarks/RESULTS.md).
-    C + 4 bytes per sample; decoding renormalises the rounded distribution.
+    space (a relative error of at most ~8% per probability at the default floor of 40, ~2% at T = 4). The floor is
+    deep because softening raises what it clips (e^-30 at T = 4 is e^-7.5): a shallower floor trains measurably
+    worse students at high T (benchmarks/RESULTS.md). C + 4 bytes per sample; decoding renormalises the rounded
+    distribution.
     """
 
     name = "quantized"
