@@ -22,7 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from logitcache import TrainConfig, specs  # noqa: E402
 from logitcache.fingerprint import versions  # noqa: E402
 
-RESULTS = Path(__file__).parent / "RESULTS.md"
+RESULTS = Path(__file__).parent / "RESULTS.md"  # curated by question, by hand
+RECORDS = Path(__file__).parent / "RECORDS.md"  # every recorded run, appended by record()
 OUT = Path(os.environ.get("LOGITCACHE_BENCH_OUT", "bench-out"))
 console = Console()
 
@@ -89,9 +90,10 @@ def show(table: Table) -> str:
 
 
 def record(title: str, body: str, quick: bool) -> None:
-    """Append a result block with the exact command and machine to RESULTS.md (quick runs are not recorded)."""
+    """Append a result block with the exact command and machine to RECORDS.md (quick runs are not recorded); the
+    section of RESULTS.md that answers the benchmark's question is then updated by hand from it."""
     if quick:
-        console.print("[dim](--quick: not recorded in RESULTS.md)")
+        console.print("[dim](--quick: not recorded)")
         return
     command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0])] + sys.argv[1:])
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -99,9 +101,9 @@ def record(title: str, body: str, quick: bool) -> None:
         f"\n## {title}\n\n- date: {stamp}\n- command: `{command}`\n- machine: {machine()}\n\n"
         f"```\n{body.rstrip()}\n```\n"
     )
-    with open(RESULTS, "a") as f:
+    with open(RECORDS, "a") as f:
         f.write(block)
-    console.print(f"[green]recorded in {RESULTS}")
+    console.print(f"[green]recorded in {RECORDS}[/]; its question's section in {RESULTS.name} cites the latest record")
 
 
 def trained_teacher(limit: int = 10000, epochs: int = 2, model: str = "small-resnet8") -> str:
@@ -123,7 +125,7 @@ def trained_teacher(limit: int = 10000, epochs: int = 2, model: str = "small-res
 
 
 # Settings that do not change what a run computes (a run with other values of these is the same run).
-_NOT_IDENTITY = ("out", "overwrite", "progress", "workers", "resume", "device", "target_accuracy")
+_NOT_IDENTITY = ("out", "overwrite", "progress", "workers", "start_method", "resume", "device", "target_accuracy")
 # Fields added after earlier runs were keyed: at these values they change nothing (every benchmark view fits the
 # memory budget; no mixing), so they are left out of the key and those runs stay shared.
 _NEUTRAL = {

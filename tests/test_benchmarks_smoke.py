@@ -15,7 +15,7 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
     "script", sorted(p.name for p in BENCH.glob("bench_*.py") if p.name not in ("bench_models.py", "bench_data.py"))
 )
 def test_benchmark_quick_mode(script, tmp_path):
-    results = (BENCH / "RESULTS.md").read_text()
+    before = {name: (BENCH / name).read_text() for name in ("RESULTS.md", "RECORDS.md")}
     env = {**os.environ, "LOGITCACHE_BENCH_OUT": str(tmp_path)}
     r = subprocess.run(
         [sys.executable, str(BENCH / script), "--quick"],
@@ -27,4 +27,4 @@ def test_benchmark_quick_mode(script, tmp_path):
     )
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     assert "not recorded" in r.stdout
-    assert (BENCH / "RESULTS.md").read_text() == results  # quick runs never touch the recorded results
+    assert {name: (BENCH / name).read_text() for name in before} == before  # quick runs never touch the records
