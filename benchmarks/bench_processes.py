@@ -1,11 +1,12 @@
 """Stress: many short cached-KD trainings in every process layout, each under a timeout; counts hangs and failures.
 
 Layouts: torchrun with 2 ranks (gloo) and forked DataLoader workers, and one process with workers started by fork,
-spawn and forkserver. Every run reads a real Fashion-MNIST cache whose next view is prefetched during each epoch (the
-case where a background read may be under way when workers start). The target is 0 hangs and 0 failures.
+spawn and forkserver. Every run reads a real Fashion-MNIST cache with background reads under way when workers start:
+even runs hold each view in shared memory and prefetch the next one during the epoch, odd runs read it through the
+ring of windows (``--target-memory-mb 0``). The target is 0 hangs and 0 failures.
 
     python benchmarks/bench_processes.py --runs 50
-    python benchmarks/bench_processes.py --runs 20 --layouts torchrun --code /path/to/another/checkout  # compare
+    python benchmarks/bench_processes.py --runs 30 --layouts torchrun --code /path/to/another/checkout  # compare
 
 ``--code`` runs the trainings with another checkout's logitcache (PYTHONPATH), e.g. an earlier commit, to show what
 the layout did before a change; every run's command, exit code and time go to bench-out/processes/runs.jsonl.
@@ -30,22 +31,24 @@ LAYOUTS = ("torchrun", "fork", "spawn", "forkserver")
 
 
 def _cache(teacher: str, limit: int) -> Path:
-    out = OUT / f"processes-cache-{limit}"
+    out = OUT / f"processes-cache-{limit}-64"
     if not (out / "zarr.json").is_file():
         from logitcache import build_cache, specs
 
         ds = specs.resolve_dataset("fashion-mnist", limit=limit)
         tf, _ = specs.resolve_augment("pad-crop-flip", ds)
-        build_cache(specs.resolve_teacher(teacher), ds, out, augment=tf, views=3, encoding="full", chunk_rows=512,
+        build_cache(specs.resolve_teacher(teacher), ds, out, augment=tf, views=3, encoding="full", chunk_rows=64,
                     overwrite=True, progress=False,
                     specs={"teacher": teacher, "dataset": "fashion-mnist", "augment": "pad-crop-flip"})  # fmt: skip
     return out
 
 
-def _command(layout: str, cache: Path, run: Path, limit: int, epochs: int) -> list[str]:
+def _command(layout: str, cache: Path, run: Path, limit: int, epochs: int, ring: bool) -> list[str]:
     train = ["train", "--kd", "cached", "--cache", str(cache), "--out", str(run), "--overwrite", "--limit",
              str(limit), "--test-limit", "500", "--model", "small-resnet8-w4", "--epochs", str(epochs),
              "--batch-size", "128", "--workers", "2", "-q"]  # fmt: skip
+    if ring:  # the view over the memory budget: 8 windows of one chunk through a ring of 3
+        train += ["--target-memory-mb", "0", "--shuffle-window", "1"]
     if layout == "torchrun":
         return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
                 "-m", "logitcache", *train]  # fmt: skip
@@ -71,14 +74,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=50, help="Trainings per layout.")
     ap.add_argument("--layouts", default=",".join(LAYOUTS), help="Comma-separated subset of " + ", ".join(LAYOUTS))
-    ap.add_argument("--limit", type=int, default=2048, help="Fashion-MNIST samples per training.")
-    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--limit", type=int, default=512, help="Fashion-MNIST samples per training.")
+    ap.add_argument("--epochs", type=int, default=1, help="Epochs per training (workers start once per loader).")
     ap.add_argument("--timeout", type=float, default=120.0, help="Seconds before a run counts as hung.")
     ap.add_argument("--code", help="Run another checkout's logitcache (its root, put first on PYTHONPATH).")
     ap.add_argument("--quick", action="store_true", help="2 runs of each layout on 512 samples, not recorded.")
     args = ap.parse_args()
     if args.quick:
-        args.runs, args.limit, args.epochs = 2, 512, 2
+        args.runs, args.limit, args.epochs = 2, 512, 1
     layouts = [x for x in args.layouts.split(",") if x]
     teacher = trained_teacher(limit=2000, epochs=1, model="small-resnet8-w4")
     cache = _cache(teacher, args.limit)
@@ -91,12 +94,13 @@ def main() -> None:
     with open(log_dir / "runs.jsonl", "a") as log:
         for i in range(args.runs):  # layouts interleaved, so drift on the machine hits all alike
             for layout in layouts:
-                cmd = _command(layout, cache, log_dir / f"run-{layout}", args.limit, args.epochs)
+                cmd = _command(layout, cache, log_dir / f"run-{layout}", args.limit, args.epochs, ring=i % 2 == 1)
                 outcome, seconds, err = _once(cmd, env, args.timeout)
                 c = counts[layout]
                 c[outcome] += 1
                 c["seconds"].append(seconds)
-                log.write(json.dumps({"layout": layout, "run": i, "outcome": outcome, "seconds": round(seconds, 1),
+                log.write(json.dumps({"layout": layout, "run": i, "ring": i % 2 == 1, "outcome": outcome,
+                                      "seconds": round(seconds, 1),
                                       "code": args.code, "stderr": err if outcome != "ok" else ""}) + "\n")  # fmt: skip
                 log.flush()
                 if outcome != "ok":
@@ -104,7 +108,8 @@ def main() -> None:
             console.print(f"[dim]round {i + 1}/{args.runs}: " + ", ".join(
                 f"{k} {v['ok']} ok {v['failed']} failed {v['hung']} hung" for k, v in counts.items()))  # fmt: skip
     table = Table(title=f"{args.runs} cached-KD trainings per layout ({args.limit} Fashion-MNIST samples, "
-                  f"{args.epochs} epochs, next view prefetched; hung = no exit within {args.timeout:g} s)")  # fmt: skip
+                  f"{args.epochs} epoch(s); half with the next view prefetched, half through the ring; hung = no exit "
+                  f"within {args.timeout:g} s)")  # fmt: skip
     for col in ("layout", "runs", "ok", "failed", "hung", "median s"):
         table.add_column(col, justify="right")
     for layout, c in counts.items():

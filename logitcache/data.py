@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import threading
+import weakref
 import warnings
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping
@@ -144,7 +145,7 @@ class CachedKDDataset(ReplayDataset):
         nbytes = cache.view_nbytes()
         fit = int(memory_mb * 2**20 // max(1, nbytes))  # whole views within memory_mb (the same on every rank)
         options = [n for n in ((2,) if prefetch and cache.num_views > 1 and fit >= 2 else ()) + (1,) if n <= fit]
-        wanted = procs.place("one view of targets", [*options, 0], lambda n: n * nbytes) if options else 0
+        wanted = procs.place("one view of targets", [*options, 0], lambda n: n * nbytes)  # collective: every rank
         if wanted:
             self._buffers = procs.allocate("one view of targets", lambda: self._view_buffers(wanted)) or []
 
@@ -207,6 +208,8 @@ class CachedKDDataset(ReplayDataset):
                         name=str(self.cache.path),
                     ),
                 )  # fmt: skip
+                if self._ring is not None:  # a dataset dropped without close() stops its filler too
+                    weakref.finalize(self, self._ring.stop)
         return sampler
 
     @property
@@ -258,8 +261,11 @@ class CachedKDDataset(ReplayDataset):
         if self._prefetch is not None:
             self._prefetch.join()
             self._prefetch, self._prefetch_error = None, None
-        with self._lock:
-            self._holds.fill_(-1)
+        try:
+            with self._lock:
+                self._holds.fill_(-1)
+        except LogitcacheError:  # a process died holding the lock: nothing will read these buffers again
+            pass
         self._buffers, self._ring = [], None
 
     def __enter__(self) -> "CachedKDDataset":

@@ -24,11 +24,12 @@ from contextlib import contextmanager
 from typing import TypeVar
 
 from . import distributed
+from .errors import LogitcacheError
 
 T = TypeVar("T")
 
 _cond = threading.Condition()
-_forking = False
+_forking = 0  # forks under way (threads may fork at once)
 _inside: set[int] = set()  # idents of the threads inside a read
 _hooked = False
 
@@ -57,7 +58,7 @@ def _before_fork() -> None:
     global _forking
     me = threading.get_ident()
     with _cond:
-        _forking = True
+        _forking += 1
         while _inside - {me}:  # a read in the forking thread itself cannot be waited for
             _cond.wait()
 
@@ -65,21 +66,49 @@ def _before_fork() -> None:
 def _after_fork() -> None:
     global _forking
     with _cond:
-        _forking = False
+        _forking -= 1
         _cond.notify_all()
 
 
 def _in_child() -> None:
     global _cond, _forking, _inside
-    _cond, _forking, _inside = threading.Condition(), False, set()  # the reading threads do not exist here
+    _cond, _forking, _inside = threading.Condition(), 0, set()  # the reading threads do not exist here
 
 
-def shared_lock():
+LOCK_TIMEOUT_S = 60.0
+
+
+class SharedLock:
     """A lock that DataLoader workers share under every start method: a named POSIX semaphore (the spawn context's
-    kind, which stays openable by name where fork's is unlinked at once), passed to workers as they start.
-    Acquiring and releasing it are full memory barriers on every CPU, which is what makes a tag written under it a
-    correct publication of the data written before (weakly ordered CPUs such as aarch64 included)."""
-    return multiprocessing.get_context("spawn").Lock()
+    kind, which stays openable by name where fork's is unlinked at once), passed to workers as they start. Holding it
+    orders memory: what one process wrote before releasing it is seen by the next process that acquires it, on
+    weakly ordered CPUs too (aarch64), which is what makes a tag written under it a correct publication of the data
+    written before. Critical sections are a few reads and writes of small tensors, so a lock not free within
+    ``LOCK_TIMEOUT_S`` means a process died holding it: that is an error, not a wait forever."""
+
+    def __init__(self) -> None:
+        try:
+            self._lock = multiprocessing.get_context("spawn").Lock()
+        except OSError as e:  # no writable /dev/shm for named semaphores
+            raise LogitcacheError(
+                f"cannot create a lock shared with DataLoader workers ({e.strerror or e}); on Linux, /dev/shm must "
+                "be writable"
+            ) from None
+
+    def __enter__(self) -> "SharedLock":
+        if not self._lock.acquire(timeout=LOCK_TIMEOUT_S):
+            raise LogitcacheError(
+                f"a lock shared with the DataLoader workers was not released within {LOCK_TIMEOUT_S:g} s: a worker "
+                "or the training process died while holding it; restart the run (--resume keeps finished epochs)"
+            )
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._lock.release()
+
+
+def shared_lock() -> SharedLock:
+    return SharedLock()
 
 
 def shm_free() -> int | None:
@@ -106,7 +135,8 @@ def place(what: str, options: list[int], nbytes: Callable[[int], int]) -> int:
     if chosen != options[0] and distributed.rank() == 0:
         warnings.warn(
             f"{what} needs {nbytes(options[0]) / 2**20:,.0f} MiB of shared memory per process x {ranks} process(es) "
-            f"on this node, and /dev/shm has {(free or 0) / 2**20:,.0f} MiB free on the tightest rank; "
+            f"on this node, and /dev/shm has {(free or 0) / 2**20:,.0f} MiB free (on this rank; all ranks agree on the "
+            "most cautious choice); "
             + ("reading by chunks instead (slower when shuffled" if chosen == 0 else "using less of it (slower")
             + "; in Docker, raise --shm-size)",
             stacklevel=3,
@@ -119,10 +149,12 @@ def allocate(what: str, make: Callable[[], T]) -> T | None:
     after all, e.g. another job took the space meanwhile): then all ranks fall back together."""
     try:
         made, error = make(), None
-    except RuntimeError as e:  # torch: "unable to allocate shared memory ..." (or mmap/ftruncate failures)
+    except Exception as e:  # torch: "unable to allocate shared memory ..." (or mmap/ftruncate failures)
         made, error = None, e
-    if distributed.all_min(0 if made is None else 1) == 1:
+    if distributed.all_min(0 if made is None else 1) == 1:  # every rank reaches this collective, whatever failed
         return made
+    if error is not None and not isinstance(error, RuntimeError):
+        raise error
     if distributed.rank() == 0 or error is not None:
         warnings.warn(f"{what}: shared memory could not be allocated ({error or 'on another rank'}); reading by "
                       "chunks instead on every rank", stacklevel=3)  # fmt: skip

@@ -11,7 +11,8 @@ Integrity (the student never gets another sample's target): a slot's tag says wh
 cleared before the slot is rewritten; a worker checks the tag before and after it copies rows (a seqlock), so a copy
 that raced a refill is refused, never served. Tags are written and read under a lock shared by every process
 (``procs.shared_lock``): its acquire and release are the barriers that order the window's data before its tag for
-the reader, on weakly ordered CPUs too (aarch64), where plain stores to shared memory may become visible out of order.
+the reader (what one process wrote before releasing the lock, the next to acquire it sees), on weakly ordered CPUs too
+(aarch64), where plain stores to shared memory may become visible out of order.
 Requests the ring cannot serve in order (another sampler, the same rows twice, an epoch abandoned midway) end in a
 ``LogitcacheError`` that says so, never in other rows' targets.
 """
@@ -101,8 +102,9 @@ class WindowRing:
         self._starts: tuple[int, torch.Tensor] | None = None  # (epoch, chunk starts), per process
 
     def __getstate__(self) -> dict:
-        # a worker started by spawn or forkserver gets the shared tensors and the lock; the filler thread stays here
-        return {**self.__dict__, "_thread": None, "_stop": None, "_error": None, "_starts": None}
+        # a worker started by spawn or forkserver gets the shared tensors and the lock; the filler (its thread and
+        # what it reads with) stays with the training process
+        return {**self.__dict__, "read_chunks": None, "_thread": None, "_stop": None, "_error": None, "_starts": None}
 
     @property
     def slots(self) -> int:
@@ -148,10 +150,12 @@ class WindowRing:
         return True
 
     def stop(self) -> None:
+        """Stop the filler; workers still waiting on this ring stop with an error instead of waiting."""
         if self._thread is not None:
             self._stop.set()
             self._thread.join()
             self._thread = None
+        self.active[0] = 0
 
     def _fill_all(self, epoch: int, stop: threading.Event) -> None:
         try:
@@ -178,23 +182,24 @@ class WindowRing:
                         break  # the chunk continues in the next window
                     at += 1
                 wanted = [c for c, _, _ in parts if carry is None or c != carry[0]]
-                with procs.reading():  # no fork while this thread is inside the store's I/O
+                with procs.reading():  # no fork while this thread is inside the store's I/O or its copy
                     rows = dict(zip(wanted, self.read_chunks(self._view, wanted)))  # one concurrent read per window
+                    if carry is not None:
+                        rows.setdefault(*carry)
+                    buffer = self.buffers[slot]
+                    for c, first, last in parts:
+                        for name, t in buffer.items():
+                            t[first - lo : last - lo] = rows[c][name][first - starts[c] : last - starts[c]]
                 self.rows_read[0] += sum(sizes[c] for c in wanted)
-                if carry is not None:
-                    rows.setdefault(*carry)
-                buffer = self.buffers[slot]
-                for c, first, last in parts:
-                    for name, t in buffer.items():
-                        t[first - lo : last - lo] = rows[c][name][first - starts[c] : last - starts[c]]
                 carry = (parts[-1][0], rows[parts[-1][0]]) if parts else None
                 with self.lock:  # its release orders the rows above before the tag, for every reader
                     self.tags[slot] = self._key(epoch, w)
         except BaseException as e:  # the waiting workers raise its message; set_epoch raises the error itself
             self._error = e
             text = (str(e) or type(e).__name__).encode()[: len(self.message)]
-            self.message[: len(text)] = torch.frombuffer(bytearray(text), dtype=torch.uint8)
-            self.failed[0] = len(text)
+            with self.lock:  # the message before its length, for every reader
+                self.message[: len(text)] = torch.frombuffer(bytearray(text), dtype=torch.uint8)
+                self.failed[0] = len(text)
 
     def _wait_free(self, slot: int, rows: int, stop: threading.Event) -> bool:
         # the filler is two windows ahead while it waits here (most of the epoch): polling every 5 ms costs the
@@ -273,6 +278,7 @@ class WindowRing:
 
     def _wait_for(self, slot: int, key: int, epoch: int, window: int) -> None:
         last, since, waited = None, time.monotonic(), time.monotonic()
+        checked = waited
         while True:
             with self.lock:
                 tag = int(self.tags[slot])
@@ -281,14 +287,18 @@ class WindowRing:
             if self.failed[0]:
                 if self._error is not None:  # the filler's own process: its error itself (e.g. DamagedCache)
                     raise self._error
-                raise LogitcacheError(bytes(self.message[: int(self.failed[0])].tolist()).decode(errors="replace"))
+                with self.lock:
+                    text = bytes(self.message[: int(self.failed[0])].tolist())
+                raise LogitcacheError(text.decode(errors="replace"))
             if tag > key or not self.serves(epoch):  # the slot has moved past this window: it was freed
                 raise LogitcacheError(self._out_of_order(epoch, window))
-            if get_worker_info() is not None and os.getppid() != self.owner:
-                raise LogitcacheError(
-                    f"the training process {self.owner} that reads the ring of {self.name or 'the store'} has exited; "
-                    "this DataLoader worker stops"
-                )
+            if time.monotonic() - checked > 0.25 and get_worker_info() is not None:  # the training process alive?
+                checked = time.monotonic()
+                if not _alive(self.owner):
+                    raise LogitcacheError(
+                        f"the training process {self.owner} that reads the ring of {self.name or 'the store'} has "
+                        "exited; this DataLoader worker stops"
+                    )
             state = (tag, int(self.served.sum()))
             if state != last:
                 last, since = state, time.monotonic()

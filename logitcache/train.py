@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import multiprocessing as mp
 import os
 import shutil
 import time
@@ -409,6 +410,10 @@ def _setup(cfg: TrainConfig) -> _Run:
 
     persistent = cfg.workers > 0
     context = cfg.start_method if cfg.workers > 0 else None
+    default = mp.get_start_method(allow_none=True) or mp.get_all_start_methods()[0]
+    if cfg.workers and (context or default) == "forkserver":
+        # workers forked from a server that imported torch and logitcache once start in a fraction of a second
+        mp.get_context("forkserver").set_forkserver_preload(["logitcache"])
     # Each epoch's order is a function of (seed, epoch) alone, so a resumed run shuffles as the uninterrupted one did.
     if isinstance(train_ds, CachedKDDataset):  # its read path's sampler, the same kind on every rank
         sampler = train_ds.sampler(num_replicas=world, rank=rank, seed=cfg.seed, window=cfg.shuffle_window)

@@ -4,9 +4,12 @@ racing a copy is never served; background reads never overlap a fork; lifetimes 
 
 from __future__ import annotations
 
+import multiprocessing
 import os
+import subprocess
 import sys
 import threading
+import time
 import warnings
 
 import pytest
@@ -21,6 +24,7 @@ from logitcache.errors import LogitcacheError
 
 DATASET = f"{HELPERS}:tiny_dataset"
 BATCH = 16
+multiprocessing.get_context("forkserver").set_forkserver_preload(["logitcache"])  # as train does: fast workers
 
 
 def _dataset(cache, path: str, **kw) -> tuple[lc.CachedKDDataset, torch.utils.data.Sampler]:
@@ -69,6 +73,30 @@ def test_every_start_method_serves_the_teachers_views_and_targets(built_cache, m
         assert (workers_read > 0) == (path == "chunk"), "the read path claimed is not the one taken"
         if path == "ring":
             assert int(ds.rows_read[0]) >= len(ds)
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn", "forkserver"])
+def test_workers_that_wait_for_a_slow_ring_serve_its_windows(built_cache, method):
+    """The filler slower than the workers (every window's read delayed past the workers' check that the training
+    process is alive), so each worker waits on the ring; under forkserver that process is not a worker's parent."""
+    cache = lc.open_cache(built_cache)
+    read_chunks = cache.read_chunks
+
+    def slow(view, chunks):
+        time.sleep(0.4)
+        return read_chunks(view, chunks)
+
+    cache.read_chunks = slow
+    ds, sampler = _dataset(cache, "ring")
+    loader = DataLoader(ds, batch_size=BATCH, sampler=sampler, num_workers=2, persistent_workers=True,
+                        multiprocessing_context=method)  # fmt: skip
+    with ds:
+        for epoch in range(2):
+            ds.set_epoch(epoch)
+            order, view = list(sampler), ds.view_of(epoch)
+            for b, (_, _, targets) in enumerate(loader):
+                want = _expected(cache, view, order[b * BATCH : (b + 1) * BATCH])
+                assert all(torch.equal(targets[n], t) for n, t in want.items()), (method, epoch, b)
 
 
 def test_a_refill_during_a_copy_is_never_served(built_cache, tiny):
@@ -248,7 +276,9 @@ def test_a_worker_waiting_on_the_ring_stops_when_its_parent_is_gone(built_cache,
     ds.chunk_sampler(window=1)
     ring = ds._ring
     ring.epoch[0], ring.active[0] = 0, 1  # epoch 0 served, nothing filled yet: a worker would wait
-    ring.owner = os.getpid()  # not this "worker"'s parent: as if the training process had died
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    ring.owner = gone.pid  # as if the training process had died (exited and reaped)
     monkeypatch.setattr(ring_mod, "get_worker_info", lambda: type("Info", (), {"id": 0})())
     with pytest.raises(LogitcacheError, match="has exited"):
         ring._wait_for(0, ring._key(0, 0), 0, 0)
