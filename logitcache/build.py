@@ -263,9 +263,9 @@ def _metadata(
         "versions": versions(),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
-    if mix.active:  # recorded only when used: stores without mixing are as before
+    if mix.active:  # recorded only when used: a store without mixing has no "mix"
         meta["mix"] = inputs["mix"]
-    if inner_chunk_rows:  # likewise: unsharded stores are as before
+    if inner_chunk_rows:  # likewise: an unsharded store has no "inner_chunk_rows"
         meta["inner_chunk_rows"] = inner_chunk_rows
     return meta
 
