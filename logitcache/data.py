@@ -119,8 +119,7 @@ class CachedKDDataset(ReplayDataset):
         meta = cache.meta
         if augment is None:
             augment = recorded_augment(meta, base)
-        recorded_mix = Mix.from_meta(meta.get("mix"))
-        super().__init__(base, augment, meta["seed"], cache.num_views, mix or recorded_mix, cache.num_classes)
+        super().__init__(base, augment, meta["seed"], cache.num_views, mix or cache.mix, cache.num_classes)
         self.cache = cache
         self._pid = os.getpid()
         self._check(base, meta, allow_mismatch)

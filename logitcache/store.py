@@ -32,6 +32,7 @@ from zarr.core.sync import sync  # zarr's own bridge from blocking code to its e
 
 from .encoding import Encoding, Field, encoding_class, id_dtype
 from .errors import LogitcacheError
+from .mix import Mix
 
 # 2: top-k stores tail_soft. 3: per-unit digests, chunks always written, a digest of the metadata.
 FORMAT_VERSION = 3
@@ -524,6 +525,11 @@ class Cache:
             except DamagedCache as e:
                 bad.append((v, c, e.why))
         return bad
+
+    @property
+    def mix(self) -> Mix:
+        """The Mixup/CutMix the teacher's images were mixed with (``Mix()``, none, for a store without mixing)."""
+        return Mix.from_meta(self.meta.get("mix"))
 
     def labels(self) -> torch.Tensor:
         """The dataset labels recorded at build time (``[N]``)."""

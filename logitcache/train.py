@@ -196,7 +196,8 @@ def _with_recorded_data(cfg: TrainConfig) -> TrainConfig:
         return cfg
     if cfg.kd != "cached":
         return replace(cfg, dataset="fashion-mnist")
-    meta = open_cache(cfg.cache).meta
+    cache = open_cache(cfg.cache)
+    meta = cache.meta
     spec = meta["dataset"]["spec"]
     if spec is None:
         raise LogitcacheError("the cache was built from Python on a dataset object, not a spec: pass --dataset")
@@ -205,7 +206,7 @@ def _with_recorded_data(cfg: TrainConfig) -> TrainConfig:
     if cfg.augment is None:
         taken.append(f"augmentation {meta['augment']['spec']}")
     if cfg.mix is None:
-        taken.append(f"mixing {Mix.from_meta(meta.get('mix')).mode}")
+        taken.append(f"mixing {cache.mix.mode}")
     note("from the cache: " + ", ".join(taken), cfg.progress and distributed.rank() == 0)
     return replace(cfg, dataset=spec, limit=limit)
 
@@ -375,7 +376,7 @@ def _setup(cfg: TrainConfig) -> _Run:
     augment_spec = cfg.augment or (cache.meta["augment"]["spec"] if cache else None) or "pad-crop-flip"
     train_tf, eval_tf = specs.resolve_augment(augment_spec, base)
     if cfg.mix is None:  # the cache's mixing (the images its teacher labelled), else none
-        mix = Mix.from_meta(cache.meta.get("mix")) if cache is not None else Mix()
+        mix = cache.mix if cache is not None else Mix()
     else:
         mix = Mix(cfg.mix, cfg.mix_alpha, cfg.cutmix_alpha, cfg.mix_prob, cfg.switch_prob)
     if cache is not None:

@@ -19,7 +19,7 @@ from torch.utils.data import Dataset
 from .compat import compatibility
 from .encoding import dense_log_probs
 from .errors import LogitcacheError
-from .mix import Mix, mixed_view
+from .mix import mixed_view
 from .specs import recorded_augment, resolve_device
 from .store import Cache, open_cache
 
@@ -91,7 +91,7 @@ def verify_cache(
     teacher = teacher.eval().to(dev)
     encoding = cache.encoding
     temperature = encoding.stored_temperature
-    mix = Mix.from_meta(meta.get("mix"))  # the teacher labelled the mixed images
+    mix = cache.mix  # the teacher labelled the mixed images
     pairs = [p for p in _pick_pairs(cache, samples, seed) if (p[0], p[1] // cache.chunk_rows) not in bad_units]
     table = {"table": cache.table()} if encoding.table_shape() is not None else {}
     agree, excess = 0, []
