@@ -9,7 +9,8 @@ ring of windows (``--target-memory-mb 0``). The target is 0 hangs and 0 failures
     python benchmarks/bench_processes.py --runs 30 --layouts torchrun --code /path/to/another/checkout  # compare
 
 ``--code`` runs the trainings with another checkout's logitcache (PYTHONPATH), e.g. an earlier commit, to show what
-the layout did before a change; every run's command, exit code and time go to bench-out/processes/runs.jsonl.
+the layout did before a change; every run's outcome and time go to bench-out/processes/runs.jsonl, and the stacks of
+a hung run's processes (with py-spy installed) to bench-out/processes/hung-LAYOUT-RUN.txt.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -55,16 +57,51 @@ def _command(layout: str, cache: Path, run: Path, limit: int, epochs: int, ring:
     return [sys.executable, "-m", "logitcache", *train, "--start-method", layout]
 
 
-def _once(cmd: list[str], env: dict, timeout: float) -> tuple[str, float, str]:
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (torchrun starts its ranks in sessions of their own, so killing torchrun's process
+    group leaves them running: they are found through /proc before anything is killed)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def _stacks(pids: list[int]) -> str:
+    """Python and native stacks of hung processes, when py-spy is installed (the evidence of what a hang waits on)."""
+    spy = shutil.which("py-spy")
+    if spy is None:
+        return "(py-spy not installed: no stacks)"
+    dumps = []
+    for pid in pids:
+        r = subprocess.run([spy, "dump", "--native", "--pid", str(pid)], capture_output=True, text=True, timeout=60)
+        dumps.append(r.stdout[-4000:] or r.stderr[-500:])
+    return "\n".join(dumps)
+
+
+def _once(cmd: list[str], env: dict, timeout: float, stacks_to: Path) -> tuple[str, float, str]:
     start = time.perf_counter()
-    # A session of its own: a hung run is killed with every rank and worker.
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)  # fmt: skip
     try:
         _, err = proc.communicate(timeout=timeout)
         outcome = "ok" if proc.returncode == 0 else "failed"
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        below = _descendants(proc.pid)
+        stacks_to.write_text(_stacks(below))
+        for pid in [proc.pid, *below]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         _, err = proc.communicate()
         outcome = "hung"
     return outcome, time.perf_counter() - start, (err or "")[-1500:]
@@ -95,7 +132,7 @@ def main() -> None:
         for i in range(args.runs):  # layouts interleaved, so drift on the machine hits all alike
             for layout in layouts:
                 cmd = _command(layout, cache, log_dir / f"run-{layout}", args.limit, args.epochs, ring=i % 2 == 1)
-                outcome, seconds, err = _once(cmd, env, args.timeout)
+                outcome, seconds, err = _once(cmd, env, args.timeout, log_dir / f"hung-{layout}-{i}.txt")
                 c = counts[layout]
                 c[outcome] += 1
                 c["seconds"].append(seconds)

@@ -302,8 +302,10 @@ class CachedKDDataset(ReplayDataset):
 
     def _fill(self, b: int, view: int) -> None:
         """The whole view, read in order (a few dozen chunks per call, each checked against its digest); published
-        under the lock once complete, so a worker never serves a half-filled buffer."""
-        self._unpublish(b)
+        under the lock once complete, so a worker never serves a half-filled buffer. On the prefetch thread every
+        torch and store call runs inside procs.reading(): a fork never catches it mid-call."""
+        with procs.reading():
+            self._unpublish(b)
         buffer, block = self._buffers[b], self.cache.chunk_rows * 32
         for start in range(0, self.cache.num_samples, block):
             if self._closed:  # close() during a prefetch: leave the buffer unpublished
@@ -313,9 +315,11 @@ class CachedKDDataset(ReplayDataset):
                 rows = self.cache.read(view, start, stop, fields_only=True)
                 for name, t in buffer.items():
                     t[start:stop] = rows[name]
-        self.rows_read[0] += self.cache.num_samples
-        with self._lock:
-            self._holds[b] = view
+                del rows
+        with procs.reading():
+            self.rows_read[0] += self.cache.num_samples
+            with self._lock:
+                self._holds[b] = view
 
     def _prefetch_into(self, b: int, view: int) -> None:
         try:

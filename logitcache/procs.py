@@ -1,11 +1,14 @@
-"""What crosses processes: background reads that never overlap a fork, a lock every start method shares, and
+"""What crosses processes: background work that never overlaps a fork, a lock every start method shares, and
 shared-memory placement decided once for all ranks of a job.
 
-Forking while another thread is inside a read hands the child locks that no thread of the child will release
-(zarr's and fsspec's, the allocator's, CPython's own): the child can hang. ``reading()`` brackets each read of
-logitcache's background threads (the next view's prefetch, the ring's filler); an ``os.register_at_fork`` hook waits
-until no thread is inside one and holds new ones back until the fork is done. Threads are only paused, never
-stopped, so whoever forks (a DataLoader starting its workers, the user's own code) needs to do nothing.
+Forking while another thread is inside a call hands the child locks that no thread of the child will release: the
+child can hang. Measured (benchmarks/RESULTS.md, process layouts): a DataLoader worker forked while the ring's
+filler made its first call of a torch function inherited glibc's exit-handler lock held (the call was registering
+the destructor of a function-local static), and hung at its own first call of another torch function. So every
+torch and store call of logitcache's background threads (the next view's prefetch, the ring's filler) runs inside
+``reading()``; an ``os.register_at_fork`` hook waits until no thread is inside one and holds new ones back until the
+fork is done. Threads are only paused, never stopped, so whoever forks (a DataLoader starting its workers, the
+user's own code) needs to do nothing.
 
 Shared memory (``/dev/shm`` on Linux) is per node, and every rank of a node allocates at the same moment: a rank
 that decided alone could fit where its neighbours do not, and ranks on different read paths no longer split an epoch
@@ -36,7 +39,8 @@ _hooked = False
 
 @contextmanager
 def reading() -> Iterator[None]:
-    """One read of a background thread: a fork of this process waits until it is over, and it waits for a fork."""
+    """A stretch of a background thread's work with torch or the store: a fork of this process waits until it is
+    over, and it waits for a fork under way."""
     global _hooked
     me = threading.get_ident()
     with _cond:

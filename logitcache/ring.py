@@ -158,20 +158,21 @@ class WindowRing:
         self.active[0] = 0
 
     def _fill_all(self, epoch: int, stop: threading.Event) -> None:
+        # Everything this thread does with torch or the store runs inside procs.reading(), released only while it
+        # sleeps: a fork of the training process must never catch it mid-call (a first call of a torch function
+        # registers an exit handler under a libc lock that a forked child would inherit held; RESULTS.md).
         try:
-            starts = self.sampler.chunk_starts(epoch)
-            order = torch.argsort(starts).tolist()
-            sizes = self.sampler.chunk_sizes().tolist()
-            starts = starts.tolist()
+            with procs.reading():
+                starts = self.sampler.chunk_starts(epoch)
+                order = torch.argsort(starts).tolist()
+                sizes = self.sampler.chunk_sizes().tolist()
+                starts = starts.tolist()
             carry: tuple[int, dict[str, torch.Tensor]] | None = None  # a chunk that spans two windows, read once
             at = 0  # index into order: the first chunk that may still have rows for the next window
             for w in range(self._windows()):
                 slot, lo, hi = w % self.slots, w * self.span, w * self.span + self._rows_in(w)
                 if w >= self.slots and not self._wait_free(slot, self._rows_in(w - self.slots), stop):
                     return
-                with self.lock:
-                    self.tags[slot] = -1  # before any write: a reader that sees this tag does not use the slot
-                self.served[slot].zero_()  # every row of the window it held was served: their counts are complete
                 parts = []  # (chunk, first, last): chunk c's rows [first, last) of the rank's share are this window's
                 while at < len(order) and starts[order[at]] < hi:
                     c = order[at]
@@ -182,7 +183,10 @@ class WindowRing:
                         break  # the chunk continues in the next window
                     at += 1
                 wanted = [c for c, _, _ in parts if carry is None or c != carry[0]]
-                with procs.reading():  # no fork while this thread is inside the store's I/O or its copy
+                with procs.reading():
+                    with self.lock:
+                        self.tags[slot] = -1  # before any write: a reader that sees this tag does not use the slot
+                    self.served[slot].zero_()  # every row of the window it held was served: the counts are complete
                     rows = dict(zip(wanted, self.read_chunks(self._view, wanted)))  # one concurrent read per window
                     if carry is not None:
                         rows.setdefault(*carry)
@@ -190,28 +194,32 @@ class WindowRing:
                     for c, first, last in parts:
                         for name, t in buffer.items():
                             t[first - lo : last - lo] = rows[c][name][first - starts[c] : last - starts[c]]
-                self.rows_read[0] += sum(sizes[c] for c in wanted)
-                carry = (parts[-1][0], rows[parts[-1][0]]) if parts else None
-                with self.lock:  # its release orders the rows above before the tag, for every reader
-                    self.tags[slot] = self._key(epoch, w)
+                    self.rows_read[0] += sum(sizes[c] for c in wanted)
+                    carry = (parts[-1][0], rows[parts[-1][0]]) if parts else None
+                    with self.lock:  # its release orders the rows above before the tag, for every reader
+                        self.tags[slot] = self._key(epoch, w)
         except BaseException as e:  # the waiting workers raise its message; set_epoch raises the error itself
             self._error = e
             text = (str(e) or type(e).__name__).encode()[: len(self.message)]
-            with self.lock:  # the message before its length, for every reader
+            with procs.reading(), self.lock:  # the message before its length, for every reader
                 self.message[: len(text)] = torch.frombuffer(bytearray(text), dtype=torch.uint8)
                 self.failed[0] = len(text)
 
     def _wait_free(self, slot: int, rows: int, stop: threading.Event) -> bool:
         # the filler is two windows ahead while it waits here (most of the epoch): polling every 5 ms costs the
         # training process next to nothing and leaves the next window dozens of batches to be read in
-        self.waiting[0] = 1
+        with procs.reading():
+            self.waiting[0] = 1
         try:
-            while int(self.served[slot].sum()) < rows:
+            while True:
+                with procs.reading():
+                    if int(self.served[slot].sum()) >= rows:
+                        return True
                 if stop.wait(0.005):
                     return False
-            return True
         finally:
-            self.waiting[0] = 0
+            with procs.reading():
+                self.waiting[0] = 0
 
     # --- any process -----------------------------------------------------------------------------------------------
     def serves(self, epoch: int) -> bool:
