@@ -83,7 +83,7 @@ def _stacks(pids: list[int]) -> str:
     dumps = []
     for pid in pids:
         r = subprocess.run([spy, "dump", "--native", "--pid", str(pid)], capture_output=True, text=True, timeout=60)
-        dumps.append(r.stdout[-4000:] or r.stderr[-500:])
+        dumps.append(r.stdout or r.stderr[-500:])  # whole: the main thread of a stuck process is what matters
     return "\n".join(dumps)
 
 
