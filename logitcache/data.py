@@ -193,13 +193,8 @@ class CachedKDDataset(ReplayDataset):
             self._ring = None
         if ring and not self.in_memory:
             fields = {n: (f.shape, torch_dtype(f.dtype)) for n, f in self.cache.encoding.fields().items()}
-            row_bytes = sum(
-                int(torch.Size(s).numel()) * torch.empty((), dtype=d).element_size() for s, d in fields.values()
-            )
-            slots = WindowRing.SLOTS
-            if procs.place(
-                "the ring of windows", [1, 0], lambda n: n * slots * sampler.window * sampler.chunk_rows * row_bytes
-            ):
+            ring_bytes = self.cache.view_nbytes() // len(self) * WindowRing.SLOTS * sampler.window * sampler.chunk_rows
+            if procs.place("the ring of windows", [1, 0], lambda n: n * ring_bytes):
                 self._ring = procs.allocate(
                     "the ring of windows",
                     lambda: WindowRing(
