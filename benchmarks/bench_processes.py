@@ -84,13 +84,18 @@ def _stacks(pids: list[int]) -> str:
     for pid in pids:
         r = subprocess.run([spy, "dump", "--native", "--pid", str(pid)], capture_output=True, text=True, timeout=60)
         dumps.append(r.stdout or r.stderr[-500:])  # whole: the main thread of a stuck process is what matters
+        if shutil.which("gdb"):  # native frames py-spy cannot place (a process stuck before its Python threads)
+            g = subprocess.run(["gdb", "-p", str(pid), "-batch", "-ex", "thread apply all bt"],
+                               capture_output=True, text=True, timeout=120)  # fmt: skip
+            frames = [ln for ln in g.stdout.splitlines() if ln.startswith(("#", "Thread"))]
+            dumps.append(f"gdb {pid}:\n" + "\n".join(frames))
     return "\n".join(dumps)
 
 
-def _once(cmd: list[str], env: dict, timeout: float, stacks_to: Path) -> tuple[str, float, str]:
+def _once(cmd: list[str], env: dict, timeout: float, stacks_to: Path, cwd: str | None) -> tuple[str, float, str]:
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)  # fmt: skip
+                            start_new_session=True, cwd=cwd)  # fmt: skip
     try:
         _, err = proc.communicate(timeout=timeout)
         outcome = "ok" if proc.returncode == 0 else "failed"
@@ -114,25 +119,26 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=512, help="Fashion-MNIST samples per training.")
     ap.add_argument("--epochs", type=int, default=1, help="Epochs per training (workers start once per loader).")
     ap.add_argument("--timeout", type=float, default=120.0, help="Seconds before a run counts as hung.")
-    ap.add_argument("--code", help="Run another checkout's logitcache (its root, put first on PYTHONPATH).")
+    ap.add_argument("--code", help="Run another checkout's logitcache (its root: the runs start there, so that "
+                    "`python -m logitcache` imports it, and it is put first on PYTHONPATH).")  # fmt: skip
     ap.add_argument("--quick", action="store_true", help="2 runs of each layout on 512 samples, not recorded.")
     args = ap.parse_args()
     if args.quick:
         args.runs, args.limit, args.epochs = 2, 512, 1
     layouts = [x for x in args.layouts.split(",") if x]
     teacher = trained_teacher(limit=2000, epochs=1, model="small-resnet8-w4")
-    cache = _cache(teacher, args.limit)
+    cache = _cache(teacher, args.limit).resolve()  # absolute: with --code the runs start in another folder
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # 2 ranks x (1 + 2 workers) processes share the cores
     if args.code:
         env["PYTHONPATH"] = os.pathsep.join([args.code, env.get("PYTHONPATH", "")])
-    log_dir = OUT / "processes"
+    log_dir = (OUT / "processes").resolve()
     log_dir.mkdir(parents=True, exist_ok=True)
     counts = {layout: {"ok": 0, "failed": 0, "hung": 0, "seconds": []} for layout in layouts}
     with open(log_dir / "runs.jsonl", "a") as log:
         for i in range(args.runs):  # layouts interleaved, so drift on the machine hits all alike
             for layout in layouts:
                 cmd = _command(layout, cache, log_dir / f"run-{layout}", args.limit, args.epochs, ring=i % 2 == 1)
-                outcome, seconds, err = _once(cmd, env, args.timeout, log_dir / f"hung-{layout}-{i}.txt")
+                outcome, seconds, err = _once(cmd, env, args.timeout, log_dir / f"hung-{layout}-{i}.txt", args.code)
                 c = counts[layout]
                 c[outcome] += 1
                 c["seconds"].append(seconds)

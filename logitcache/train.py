@@ -198,13 +198,13 @@ def _with_recorded_data(cfg: TrainConfig) -> TrainConfig:
         return replace(cfg, dataset="fashion-mnist")
     cache = open_cache(cfg.cache)
     meta = cache.meta
-    spec = meta["dataset"]["spec"]
+    spec = meta.dataset.spec
     if spec is None:
         raise LogitcacheError("the cache was built from Python on a dataset object, not a spec: pass --dataset")
-    limit = cfg.limit or meta["dataset"]["length"]
+    limit = cfg.limit or meta.dataset.length
     taken = [f"dataset {spec} (first {limit:,} samples)"]
     if cfg.augment is None:
-        taken.append(f"augmentation {meta['augment']['spec']}")
+        taken.append(f"augmentation {meta.augment.spec}")
     if cfg.mix is None:
         taken.append(f"mixing {cache.mix.mode}")
     note("from the cache: " + ", ".join(taken), cfg.progress and distributed.rank() == 0)
@@ -268,7 +268,7 @@ def _run_config(cfg: TrainConfig, augment_spec: str, device: torch.device, cache
         "device": str(device),
         "world_size": distributed.world_size(),
         "cache_fingerprint": (
-            {"path": cache.path, "teacher_sha256": cache.meta["teacher"]["sha256"], "created": cache.meta["created"]}
+            {"path": cache.path, "teacher_sha256": cache.meta.teacher.sha256, "created": cache.meta.created}
             if cache
             else None
         ),
@@ -373,7 +373,7 @@ def _setup(cfg: TrainConfig) -> _Run:
     if cache is not None:
         cache.encoding.check_temperature(cfg.temperature)
         _warn_if_tail_dominates(cache, cfg.temperature)
-    augment_spec = cfg.augment or (cache.meta["augment"]["spec"] if cache else None) or "pad-crop-flip"
+    augment_spec = cfg.augment or (cache.meta.augment.spec if cache else None) or "pad-crop-flip"
     train_tf, eval_tf = specs.resolve_augment(augment_spec, base)
     if cfg.mix is None:  # the cache's mixing (the images its teacher labelled), else none
         mix = cache.mix if cache is not None else Mix()
@@ -440,6 +440,11 @@ def _setup(cfg: TrainConfig) -> _Run:
         test_shard, batch_size=512, num_workers=cfg.workers, persistent_workers=persistent,
         multiprocessing_context=context,
     )  # fmt: skip
+    if persistent:
+        # Its workers start now, before the dataset's background threads exist: forked later, after an epoch, a
+        # worker of this loader hung under torchrun (benchmarks/RESULTS.md, process layouts). The few batches they
+        # load now are dropped when the first evaluation resets the iterator.
+        iter(test_loader)
 
     opt = torch.optim.SGD(
         model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0, weight_decay=cfg.weight_decay
