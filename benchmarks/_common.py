@@ -190,7 +190,7 @@ def cache_for(teacher: str, dataset: str, augment: str, limit: int, views: int, 
 
         c = open_cache(out)
         # views are a pure function of (seed, view, index): a cache with more views holds the same first ``views``
-        same = c.meta["teacher"]["spec"] == teacher and c.num_views >= views and c.meta.get("mix") == mix.to_meta()
+        same = c.meta.teacher.spec == teacher and c.num_views >= views and c.meta.mix == mix
         if c.is_complete and same:
             return str(out)
     ds = specs.resolve_dataset(dataset, limit=limit)

@@ -222,7 +222,7 @@ def students(
         # (tail_rank 0, the value of stores from before the option, is left out: those runs keep their tags)
         held = {k: v for k, v in cache.encoding.params().items() if k != "layout" and (k, v) != ("tail_rank", 0)}
         # the views' seed too when it is not the default (tags of earlier runs, all at seed 0, stay as they were)
-        held_by = [enc, held, cache.num_views] + ([cache.meta["seed"]] if cache.meta["seed"] else [])
+        held_by = [enc, held, cache.num_views] + ([cache.meta.seed] if cache.meta.seed else [])
         tag = hashlib.sha256(json.dumps(held_by, sort_keys=True).encode()).hexdigest()[:8]
         accs = [student(key, seed, tag=tag, kd="cached", cache=str(cache.path)) for seed in seeds]
         results[key] = accs

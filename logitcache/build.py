@@ -9,6 +9,7 @@ depend on which run, resume or rank computed it.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import math
 import os
@@ -30,6 +31,7 @@ from .compat import differences, inputs_of
 from .datasets import labels_of
 from .encoding import Encoding, make_encoding
 from .errors import LogitcacheError
+from .meta import AugmentRecord, CacheMeta, EncodingRecord, TeacherRecord
 from .fingerprint import teacher_sha256, versions
 from .mix import Mix, mixed_view
 from .progress import progress_bar
@@ -37,12 +39,6 @@ from .replay import replay_view, sample_seed
 from .specs import resolve_device
 
 _ENCODE_SALT = 0x5EED_E4C0
-
-# Settings whose change makes an existing cache a different cache (resume is refused, --overwrite needed).
-_IDENTITY = (
-    "num_samples", "num_views", "num_classes", "chunk_rows", "inner_chunk_rows", "batch_size", "seed", "encoding",
-    "codec", "mix",
-)  # fmt: skip
 
 
 class ReplayedViews(Dataset):
@@ -92,27 +88,24 @@ def _teacher_logits(teacher: nn.Module, x: torch.Tensor, device: torch.device) -
     return out.float().cpu()
 
 
-def _check_compatible(path: str, existing: dict, meta: dict) -> None:
+def _check_compatible(path: str, existing: CacheMeta, meta: CacheMeta) -> None:
     """``--resume`` into an existing store: the same settings, teacher, dataset and augmentation, or a refusal."""
-    for key in _IDENTITY:
-        if existing.get(key) != meta.get(key):
+    was, now = existing.identity(), meta.identity()
+    for key in CacheMeta.IDENTITY:
+        if was[key] != now[key]:
             raise LogitcacheError(
-                f"{path} was built with {key}={existing.get(key)!r}, this build has "
-                f"{meta.get(key)!r}; pass --overwrite to replace it"
+                f"{path} was built with {key}={was[key]!r}, this build has {now[key]!r}; pass --overwrite to replace it"
             )
-    if existing["teacher"].get("sha256") != meta["teacher"].get("sha256"):
+    if existing.teacher.sha256 != meta.teacher.sha256:
         raise LogitcacheError(f"{path} was built with a different teacher; pass --overwrite to replace it")
-    for diff in differences(
-        existing,
-        {"dataset": meta["dataset"], "augment_fingerprint": meta["augment"]["fingerprint"], "mix": meta.get("mix")},
-    ):
+    for diff in differences(existing.inputs(), meta.inputs()):
         what = "a different augmentation" if diff.what == "augmentation" else "a different dataset"
         raise LogitcacheError(f"{path} was built with {what} ({diff}); pass --overwrite to replace it")
 
 
 def _open_output(
     out: str,
-    meta: dict,
+    meta: CacheMeta,
     fields: dict,
     codec: str,
     labels: np.ndarray,
@@ -127,7 +120,8 @@ def _open_output(
         if overwrite:
             store.remove_store(out)
         elif resume:
-            _check_compatible(out, dict(store.open_group(out, mode="r").attrs[store.ATTR_KEY]), meta)
+            recorded = CacheMeta.from_json(dict(store.open_group(out, mode="r").attrs[store.ATTR_KEY]), out)
+            _check_compatible(out, recorded, meta)
             if repair:
                 _mark_damaged_units(out, labels)
             return store.open_group(out, mode="r+")
@@ -151,16 +145,16 @@ def _open_output(
     if fitted is None:
         return store.create_store(out, meta, fields, codec, labels)
     table, probe = fitted
-    return store.create_store(out, {**meta, "table": store.table_meta(table, probe)}, fields, codec, labels, table)
+    return store.create_store(out, meta.with_table(store.table_meta(table, probe)), fields, codec, labels, table)
 
 
 def _mark_damaged_units(out: str, labels: np.ndarray) -> None:
     """``--repair``: every complete unit whose chunks fail their checks is marked unfinished, so that the resume that
     follows recomputes exactly those (to the same bytes); damaged labels are rewritten from the dataset."""
     cache = store.open_cache(out)
-    if cache.meta["format_version"] < 3:
+    if cache.meta.format_version < 3:
         raise LogitcacheError(
-            f"{out} has format version {cache.meta['format_version']}, which records no digests, so damage cannot be "
+            f"{out} has format version {cache.meta.format_version}, which records no digests, so damage cannot be "
             "told from data; rebuild it with --overwrite"
         )
     damaged = [(v, c, why) for v, c, why in cache.scan() if not why.startswith("incomplete")]
@@ -241,33 +235,29 @@ def _metadata(
     chunk_rows: int,
     inner_chunk_rows: int | None,
     mix: Mix,
-) -> dict:
-    """The group attributes (docs/format.md): identity, fingerprints and versions, all plain JSON."""
+) -> CacheMeta:
+    """The group attributes (docs/format.md): identity, fingerprints and versions."""
     inputs = inputs_of(dataset, augment, seed, views, labels, mix=mix)
-    meta = {
-        "format_version": store.FORMAT_VERSION,
-        "num_samples": len(dataset),
-        "num_views": views,
-        "num_classes": encoding.num_classes,
-        "chunk_rows": chunk_rows,
-        "batch_size": batch_size,
-        "seed": seed,
-        "codec": codec,
-        "encoding": {"name": encoding.name, "params": encoding.params()},
-        "values": encoding.values,
-        "temperature": encoding.stored_temperature,
-        "view_rule": "epoch e uses view e % num_views",
-        "augment": {"spec": specs.get("augment"), "repr": repr(augment), "fingerprint": inputs["augment_fingerprint"]},
-        "teacher": {"spec": specs.get("teacher"), "class": type(teacher).__name__, "sha256": teacher_sha256(teacher)},
-        "dataset": {"spec": specs.get("dataset"), **inputs["dataset"]},
-        "versions": versions(),
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
-    if mix.active:  # recorded only when used: a store without mixing has no "mix"
-        meta["mix"] = inputs["mix"]
-    if inner_chunk_rows:  # likewise: an unsharded store has no "inner_chunk_rows"
-        meta["inner_chunk_rows"] = inner_chunk_rows
-    return meta
+    return CacheMeta(
+        format_version=store.FORMAT_VERSION,
+        num_samples=len(dataset),
+        num_views=views,
+        num_classes=encoding.num_classes,
+        chunk_rows=chunk_rows,
+        batch_size=batch_size,
+        seed=seed,
+        codec=codec,
+        encoding=EncodingRecord(encoding.name, encoding.params()),
+        values=encoding.values,
+        temperature=encoding.stored_temperature,
+        augment=AugmentRecord(specs.get("augment"), repr(augment), inputs.fingerprint),
+        teacher=TeacherRecord(specs.get("teacher"), type(teacher).__name__, teacher_sha256(teacher)),
+        dataset=dataclasses.replace(inputs.dataset, spec=specs.get("dataset")),
+        versions=versions(),
+        created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        inner_chunk_rows=inner_chunk_rows or None,
+        mix=mix,
+    )
 
 
 def build_cache(
@@ -412,7 +402,7 @@ def _fit_table(
 
 def _open_on_rank0(
     out: str,
-    meta: dict,
+    meta: CacheMeta,
     enc: Encoding,
     codec: str,
     labels: np.ndarray,

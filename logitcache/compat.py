@@ -12,6 +12,7 @@ from typing import Any, Callable
 from torch.utils.data import Dataset
 
 from .fingerprint import dataset_fingerprint
+from .meta import CacheMeta, DatasetRecord, Inputs
 from .mix import Mix
 from .replay import Mismatch, fingerprint_mismatch, replay_fingerprint
 
@@ -31,27 +32,28 @@ class Difference:
 
 def inputs_of(
     dataset: Dataset, augment: Callable[[Any], Any], seed: int, views: int, labels=None, mix: Mix | None = None
-) -> dict:
+) -> Inputs:
     """What a cache records about its inputs (the ``dataset``, ``augment.fingerprint`` and ``mix`` attributes)."""
     mix = mix or Mix()
-    return {
-        "dataset": dataset_fingerprint(dataset, labels),
-        "augment_fingerprint": replay_fingerprint(augment, dataset, seed, views, mix),
-        "mix": mix.to_meta(),
-    }
+    return Inputs(
+        DatasetRecord(**dataset_fingerprint(dataset, labels)),
+        replay_fingerprint(augment, dataset, seed, views, mix),
+        mix,
+    )
 
 
-def differences(meta: dict, inputs: dict) -> list[Difference]:
-    """Every way ``inputs`` (from ``inputs_of``) differ from what the cache's metadata ``meta`` recorded."""
-    recorded, fresh = meta["dataset"], inputs["dataset"]
-    if fresh["length"] != recorded["length"]:
+def differences(recorded: Inputs, fresh: Inputs, built_with: str = "") -> list[Difference]:
+    """Every way ``fresh`` inputs differ from the ``recorded`` ones (a cache's ``CacheMeta.inputs()``);
+    ``built_with`` names the cache's augmentation in the message."""
+    if fresh.dataset.length != recorded.dataset.length:
         return [
             Difference(
-                "length", f"the dataset has {fresh['length']} samples but the cache was built on {recorded['length']}"
+                "length",
+                f"the dataset has {fresh.dataset.length} samples but the cache was built on {recorded.dataset.length}",
             )
         ]
     out = []
-    built, given = Mix.from_meta(meta.get("mix")), Mix.from_meta(inputs.get("mix"))
+    built, given = recorded.mix, fresh.mix
     if built != given:
         out.append(
             Difference(
@@ -60,14 +62,14 @@ def differences(meta: dict, inputs: dict) -> list[Difference]:
                 "labelled other images (train with the cache's mixing options, or rebuild)",
             )
         )
-    if fresh["labels_sha256"] != recorded["labels_sha256"]:
+    if fresh.dataset.labels_sha256 != recorded.dataset.labels_sha256:
         out.append(
             Difference(
                 "labels",
                 "the dataset's labels differ from the ones the cache was built on (another dataset, split or order)",
             )
         )
-    if fresh["samples_sha256"] != recorded["samples_sha256"]:
+    if fresh.dataset.samples_sha256 != recorded.dataset.samples_sha256:
         out.append(
             Difference(
                 "images",
@@ -76,25 +78,22 @@ def differences(meta: dict, inputs: dict) -> list[Difference]:
             )
         )
     # The replayed pixels decide, not repr(): a user transform's repr may hold a memory address.
-    bad = fingerprint_mismatch(meta["augment"]["fingerprint"], inputs["augment_fingerprint"])
+    bad = fingerprint_mismatch(recorded.fingerprint, fresh.fingerprint)
     if bad and built == given:  # with other mixing the images differ anyway; that difference is named above
-        out.append(
-            Difference(
-                "augmentation",
-                f"the augmentation does not replay the views the teacher labelled ({bad}); the cache was built with "
-                f"{meta['augment']['spec'] or meta['augment']['repr']}",
-                bad,
-            )
-        )
+        message = f"the augmentation does not replay the views the teacher labelled ({bad})"
+        if built_with:
+            message += f"; the cache was built with {built_with}"
+        out.append(Difference("augmentation", message, bad))
     return out
 
 
 def compatibility(
-    meta: dict, dataset: Dataset, augment: Callable[[Any], Any], mix: Mix | None = None
+    meta: CacheMeta, dataset: Dataset, augment: Callable[[Any], Any], mix: Mix | None = None
 ) -> list[Difference]:
     """Every way ``dataset``, ``augment`` and ``mix`` differ from what the cache was built on; empty when
     compatible. ``mix=None``: the mixing the cache records."""
-    mix = Mix.from_meta(meta.get("mix")) if mix is None else mix
-    if len(dataset) != meta["dataset"]["length"]:  # fingerprints of another length would be meaningless
-        return differences(meta, {"dataset": {"length": len(dataset)}, "augment_fingerprint": [], "mix": None})
-    return differences(meta, inputs_of(dataset, augment, meta["seed"], meta["num_views"], mix=mix))
+    mix = meta.mix if mix is None else mix
+    if len(dataset) != meta.dataset.length:  # fingerprints of another length would be meaningless
+        return differences(meta.inputs(), Inputs(DatasetRecord(len(dataset), "", ""), [], mix))
+    fresh = inputs_of(dataset, augment, meta.seed, meta.num_views, mix=mix)
+    return differences(meta.inputs(), fresh, meta.augment.spec or meta.augment.repr)

@@ -22,6 +22,7 @@ from torch.utils.data._utils.collate import default_collate_fn_map
 from . import procs
 from .compat import compatibility
 from .datasets import labels_of
+from .meta import CacheMeta
 from .encoding.base import torch_dtype
 from .errors import LogitcacheError
 from .mix import Mix, mixed_view, soft_label
@@ -119,7 +120,7 @@ class CachedKDDataset(ReplayDataset):
         meta = cache.meta
         if augment is None:
             augment = recorded_augment(meta, base)
-        super().__init__(base, augment, meta["seed"], cache.num_views, mix or cache.mix, cache.num_classes)
+        super().__init__(base, augment, meta.seed, cache.num_views, mix or cache.mix, cache.num_classes)
         self.cache = cache
         self._pid = os.getpid()
         self._check(base, meta, allow_mismatch)
@@ -330,7 +331,7 @@ class CachedKDDataset(ReplayDataset):
             error, self._prefetch_error = self._prefetch_error, None
             raise error
 
-    def _check(self, base: Dataset, meta: dict, allow_mismatch: bool) -> None:
+    def _check(self, base: Dataset, meta: CacheMeta, allow_mismatch: bool) -> None:
         for diff in compatibility(meta, base, self.augment, self.mix):
             if diff.what != "augmentation" or not allow_mismatch:
                 raise LogitcacheError(str(diff))

@@ -15,6 +15,7 @@ def inspect_cache(cache: Cache | str | os.PathLike, stats_rows: int = 20000) -> 
     """A JSON-ready summary. Teacher statistics use the first ``stats_rows`` samples of each view (whole chunks)."""
     cache = cache if isinstance(cache, Cache) else open_cache(cache)
     meta = cache.meta
+    recorded = meta.to_json()
     done = cache.completion()
     arrays = {}
     table = [TABLE] if cache.encoding.table_shape() is not None else []
@@ -34,19 +35,19 @@ def inspect_cache(cache: Cache | str | os.PathLike, stats_rows: int = 20000) -> 
     entries = cache.encoding.entries()
     summary = {
         "path": cache.path,
-        "format_version": meta["format_version"],
+        "format_version": meta.format_version,
         "chunk_digests": cache.has_digests,  # version 3: damage to any chunk is detected on read
         "encoding": cache.encoding.name,
         "encoding_params": cache.encoding.params(),
-        "codec": meta["codec"],
-        "values": meta["values"],
-        "temperature": meta["temperature"],
+        "codec": meta.codec,
+        "values": meta.values,
+        "temperature": meta.temperature,
         "num_views": cache.num_views,
         "num_samples": cache.num_samples,
         "num_classes": cache.num_classes,
         "chunk_rows": cache.chunk_rows,
-        "inner_chunk_rows": meta.get("inner_chunk_rows"),  # null: not sharded
-        "seed": meta["seed"],
+        "inner_chunk_rows": meta.inner_chunk_rows,  # null: not sharded
+        "seed": meta.seed,
         "complete": bool(done.all()),
         "completion_per_view": [round(float(row.mean()), 4) for row in done],
         "bytes_on_disk": sum(a["stored_bytes"] for a in arrays.values()),
@@ -55,12 +56,12 @@ def inspect_cache(cache: Cache | str | os.PathLike, stats_rows: int = 20000) -> 
         "bytes_per_kept_entry": round(field_stored / (cache.num_views * cache.num_samples * entries), 4),
         "compression_ratio": round(field_raw / field_stored, 3) if field_stored else None,
         "arrays": arrays,
-        "table": meta.get("table"),  # an encoding's per-cache table (topk8's tail table): its probe and digest
-        "teacher": meta["teacher"],
-        "dataset": meta["dataset"],
-        "augment": {k: v for k, v in meta["augment"].items() if k != "fingerprint"},
-        "versions": meta["versions"],
-        "created": meta["created"],
+        "table": recorded.get("table"),  # an encoding's per-cache table (topk8's tail table): its probe and digest
+        "teacher": recorded["teacher"],
+        "dataset": recorded["dataset"],
+        "augment": {"spec": meta.augment.spec, "repr": meta.augment.repr},
+        "versions": meta.versions,
+        "created": meta.created,
         "views": _teacher_stats(cache, done, stats_rows),
     }
     return summary

@@ -21,6 +21,7 @@ from torch.utils.data import Dataset
 from . import augment as aug
 from .datasets import BUILTIN, Head, image_folder
 from .errors import LogitcacheError
+from .meta import CacheMeta
 from .models import Ensemble, small_resnet
 
 MODEL_FILE, MODEL_SPEC_FILE = "model.safetensors", "model.json"
@@ -298,12 +299,12 @@ def resolve_device(device: str) -> torch.device:
     return dev
 
 
-def recorded_augment(meta: dict, base: Dataset) -> Callable[[Any], torch.Tensor]:
+def recorded_augment(meta: CacheMeta, base: Dataset) -> Callable[[Any], torch.Tensor]:
     """The training transform a cache was built with, from the spec its metadata records."""
-    spec = meta["augment"]["spec"]
+    spec = meta.augment.spec
     if spec is None:
         raise LogitcacheError(
             "the cache was built from Python with a transform object; pass the same transform as "
-            f"augment= (recorded: {meta['augment']['repr']})"
+            f"augment= (recorded: {meta.augment.repr})"
         )
     return resolve_augment(spec, base)[0]

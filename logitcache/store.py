@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import errno
 import hashlib
-import json
 import os
 import shutil
 import zlib
@@ -32,6 +31,7 @@ from zarr.core.sync import sync  # zarr's own bridge from blocking code to its e
 
 from .encoding import Encoding, Field, encoding_class, id_dtype
 from .errors import LogitcacheError
+from .meta import DIGEST_KEY, CacheMeta, TableRecord, json_digest
 from .mix import Mix
 
 # 2: top-k stores tail_soft. 3: per-unit digests, chunks always written, a digest of the metadata.
@@ -42,7 +42,7 @@ COMPLETE = "complete"
 DIGESTS = "digests"
 LABELS = "labels"
 TABLE = "tail_table"
-META_DIGEST = "metadata_sha256"
+META_DIGEST = DIGEST_KEY
 OUT_OF_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG)
 CODECS = ("blosc-lz4", "zstd", "none")
 
@@ -114,20 +114,20 @@ def remove_store(path: str | os.PathLike) -> None:
 
 def create_store(
     path: str | os.PathLike,
-    meta: dict[str, Any],
+    meta: CacheMeta,
     fields: dict[str, Field],
     codec: str,
     labels: np.ndarray,
     table: np.ndarray | None = None,
 ) -> zarr.Group:
     """A new, empty store (units to be written by ``write_unit``); ``table``: the encoding's per-cache table, whose
-    digest ``meta`` records under ``"table"`` (``table_meta``)."""
-    layout = Layout(meta["num_views"], meta["num_samples"], meta["chunk_rows"])
+    digest ``meta`` records (``table_meta``)."""
+    layout = meta_layout(meta)
     try:
         group = open_group(path, mode="w")
     except OSError as e:
         raise LogitcacheError(f"cannot create the cache at {path}: {e.strerror or e}") from None
-    inner = meta.get("inner_chunk_rows")
+    inner = meta.inner_chunk_rows
     for name, field in fields.items():
         group.create_array(
             name,
@@ -162,7 +162,7 @@ def create_store(
     )
     group.create_array(
         LABELS,
-        data=labels.astype(id_dtype(meta["num_classes"])),
+        data=labels.astype(id_dtype(meta.num_classes)),
         chunks=(layout.chunk_rows,),
         compressors=_compressors(codec, 2),
         dimension_names=("sample",),
@@ -170,7 +170,7 @@ def create_store(
     if table is not None:
         group.create_array(TABLE, data=table, chunks=table.shape, compressors=_compressors(codec, table.dtype.itemsize))
     # Attributes last: a store without them is not a cache, so a crash during creation leaves nothing "valid".
-    group.attrs[ATTR_KEY] = {**meta, META_DIGEST: metadata_digest(meta)}
+    group.attrs[ATTR_KEY] = meta.attribute()
     return group
 
 
@@ -179,15 +179,13 @@ def table_digest(table: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(table).tobytes()).hexdigest()
 
 
-def table_meta(table: np.ndarray, probe: int) -> dict[str, Any]:
+def table_meta(table: np.ndarray, probe: int) -> TableRecord:
     """What the attributes record about an encoding's table: its probe and its digest."""
-    return {"array": TABLE, "probe": probe, "sha256": table_digest(table)}
+    return TableRecord(TABLE, probe, table_digest(table))
 
 
-def metadata_digest(meta: dict[str, Any]) -> str:
-    """sha256 of the metadata as canonical JSON (without the digest itself): an edited attribute is detected."""
-    body = {k: v for k, v in meta.items() if k != META_DIGEST}
-    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+def meta_layout(meta: CacheMeta) -> Layout:
+    return Layout(meta.num_views, meta.num_samples, meta.chunk_rows)
 
 
 def unit_digest(rows: dict[str, np.ndarray]) -> int:
@@ -244,12 +242,12 @@ class Cache:
     def __init__(self, path: str | os.PathLike, group: zarr.Group):
         self.path = str(path)
         self.group = group
-        self.meta: dict[str, Any] = dict(group.attrs[ATTR_KEY])
-        self._check_metadata_digest()  # before anything is read from the metadata
-        self.layout = Layout(self.meta["num_views"], self.meta["num_samples"], self.meta["chunk_rows"])
-        recorded = self.meta["encoding"]
-        self.encoding: Encoding = encoding_class(recorded["name"]).from_store(
-            self.meta["num_classes"], recorded["params"]
+        attrs = dict(group.attrs[ATTR_KEY])
+        self._check_metadata_digest(attrs)  # before anything is read from the metadata
+        self.meta = CacheMeta.from_json(attrs, str(path))
+        self.layout = meta_layout(self.meta)
+        self.encoding: Encoding = encoding_class(self.meta.encoding.name).from_store(
+            self.meta.num_classes, self.meta.encoding.params
         )
         self.field_names = sorted(self.encoding.fields())
         members = set(group.array_keys())
@@ -262,12 +260,10 @@ class Cache:
         self._table: torch.Tensor | None = None
         self._validate(members)
 
-    def _check_metadata_digest(self) -> None:
-        version = self.meta.get("format_version", 0)
-        recorded = self.meta.get(META_DIGEST)
-        if (isinstance(version, int) and version >= 3 or recorded is not None) and recorded != metadata_digest(
-            self.meta
-        ):
+    def _check_metadata_digest(self, attrs: dict[str, Any]) -> None:
+        version = attrs.get("format_version", 0)
+        recorded = attrs.get(META_DIGEST)
+        if (isinstance(version, int) and version >= 3 or recorded is not None) and recorded != json_digest(attrs):
             raise LogitcacheError(
                 f"{self.path}: the cache's metadata (Zarr attributes) were edited after the build, so nothing in it "
                 "can be trusted; rebuild it with `logitcache build ... --overwrite`"
@@ -275,11 +271,11 @@ class Cache:
 
     def _validate(self, members: set[str]) -> None:
         """The attributes must describe these arrays: an edited attribute or a mixed-up store is refused here."""
-        if self.meta.get("format_version", 0) >= 3 and not self.has_digests:
+        if self.meta.format_version >= 3 and not self.has_digests:
             raise LogitcacheError(f"{self.path} is damaged: the '{DIGESTS}' array is missing; rebuild with --overwrite")
         fields = self.encoding.fields()
         v, n, rows, chunks = self.num_views, self.num_samples, self.chunk_rows, self.layout.num_chunks
-        inner = self.meta.get("inner_chunk_rows")
+        inner = self.meta.inner_chunk_rows
         expected = {
             name: ((v, n, *f.shape), (1, inner or rows, *f.shape), f.dtype, (1, rows, *f.shape) if inner else None)
             for name, f in fields.items()
@@ -290,7 +286,7 @@ class Cache:
             expected[DIGESTS] = ((v, chunks), (1, 1), np.dtype("uint32"), None)
         table = self.encoding.table_shape()
         if table is not None:
-            if TABLE not in members or "table" not in self.meta:
+            if TABLE not in members or self.meta.table is None:
                 raise LogitcacheError(
                     f"{self.path} is damaged: its encoding keeps a table ('{TABLE}') and the store has none recorded "
                     "or stored; rebuild it with `logitcache build ... --overwrite`"
@@ -315,7 +311,7 @@ class Cache:
 
     num_samples = property(lambda self: self.layout.num_samples)
     num_views = property(lambda self: self.layout.num_views)
-    num_classes = property(lambda self: self.meta["num_classes"])
+    num_classes = property(lambda self: self.meta.num_classes)
     chunk_rows = property(lambda self: self.layout.chunk_rows)
 
     def completion(self) -> np.ndarray:
@@ -419,7 +415,7 @@ class Cache:
         if self._table is None and self.encoding.table_shape() is not None:
             try:
                 table = np.ascontiguousarray(self.group[TABLE][...])
-                differs = table_digest(table) != self.meta["table"]["sha256"]
+                differs = self.meta.table is None or table_digest(table) != self.meta.table.sha256
                 why = "its contents differ from the digest recorded at build time" if differs else ""
             except Exception as e:  # a crc32c or decompression failure (a missing chunk file reads as zeros: digest)
                 why = f"it cannot be decoded ({_first_line(e)})"
@@ -529,7 +525,7 @@ class Cache:
     @property
     def mix(self) -> Mix:
         """The Mixup/CutMix the teacher's images were mixed with (``Mix()``, none, for a store without mixing)."""
-        return Mix.from_meta(self.meta.get("mix"))
+        return self.meta.mix
 
     def labels(self) -> torch.Tensor:
         """The dataset labels recorded at build time (``[N]``)."""

@@ -97,7 +97,7 @@ def verify_cache(
     agree, excess = 0, []
     for b in range(0, len(pairs), batch_size):
         batch = pairs[b : b + batch_size]
-        images = torch.stack([mixed_view(augment, dataset, meta["seed"], v, i, mix)[0] for v, i in batch])
+        images = torch.stack([mixed_view(augment, dataset, meta.seed, v, i, mix)[0] for v, i in batch])
         with torch.inference_mode():
             logits = teacher(images.to(dev)).float().cpu()
         stored = _gather(cache, batch)
@@ -138,7 +138,7 @@ def verify_storage(cache: Cache | str | os.PathLike) -> VerifyReport:
     report.checked = cache.num_views * cache.layout.num_chunks
     if not cache.has_digests:
         report.problems.append(
-            f"format version {cache.meta['format_version']} records no per-chunk digests: a missing chunk cannot be "
+            f"format version {cache.meta.format_version} records no per-chunk digests: a missing chunk cannot be "
             "told from zeros; rebuild with --overwrite to get them"
         )
     return report

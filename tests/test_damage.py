@@ -256,7 +256,7 @@ def test_a_deleted_metadata_digest_is_refused(store):
 
 def test_attributes_that_contradict_the_arrays_are_refused(store):
     # Even with a matching metadata digest (a deliberate rewrite), arrays must fit the attributes.
-    from logitcache.store import META_DIGEST, metadata_digest
+    from logitcache.meta import DIGEST_KEY as META_DIGEST, json_digest as metadata_digest
 
     meta = _edit_attrs(store, chunk_rows=16)
     _edit_attrs(store, **{META_DIGEST: metadata_digest(meta)})

@@ -61,7 +61,7 @@ def test_two_rank_build_equals_single_process_bitwise(single, tmp_path):
     out = tmp_path / "two"
     _run(BUILD + ["--teacher", f"{HELPERS}:tiny_teacher", "--out", str(out)], nproc=2)
     _same_bytes(single, out)
-    assert lc.open_cache(out).meta["num_views"] == 2
+    assert lc.open_cache(out).meta.num_views == 2
 
 
 def test_two_rank_topk8_build_with_its_tail_table_equals_single_process_bitwise(tmp_path):

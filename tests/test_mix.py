@@ -138,6 +138,6 @@ def test_cli_build_records_the_mixing(tmp_path):
     args = cli_build_args(chunk_rows=64, workers=0) + ["--teacher", f"{HELPERS}:tiny_teacher", "--out", str(out)]
     r = CliRunner().invoke(app, args + ["--mix", "mixup", "--mix-alpha", "0.4", "--mix-prob", "0.5"])
     assert r.exit_code == 0, r.output
-    assert lc.open_cache(out).meta["mix"] == {
+    assert lc.open_cache(out).meta.to_json()["mix"] == {
         "mode": "mixup", "alpha": 0.4, "cutmix_alpha": 1.0, "prob": 0.5, "switch_prob": 0.5,
     }  # fmt: skip

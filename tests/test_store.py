@@ -333,7 +333,7 @@ def test_topk8_layout_2_stores_steps_and_layout_1_stores_still_read(tmp_path, ti
     # numbers, smaller after compression). A store written before layouts existed has no "layout" (nor "tail_shape":
     # its tail is flat; nor "tail_rank") in its encoding's parameters and holds the values: it must decode to exactly
     # the targets a layout 2 store with a flat tail holds.
-    from logitcache.store import META_DIGEST, metadata_digest
+    from logitcache.meta import DIGEST_KEY as META_DIGEST, json_digest as metadata_digest
 
     build = dict(BUILD, encoding="topk8", k=5, tail_shape="flat")
     new, old = tmp_path / "new", tmp_path / "old"

@@ -139,8 +139,8 @@ def table_store(tmp_path_factory):
 def test_build_fits_the_table_on_a_probe_and_every_read_path_adds_the_samples_row(table_store):
     tiny = helpers.tiny_dataset()
     cache = lc.open_cache(table_store)
-    record = cache.meta["table"]
-    assert record["array"] == TABLE and record["probe"] == len(tiny)  # 64 per class, at most the dataset
+    record = cache.meta.table
+    assert record.array == TABLE and record.probe == len(tiny)  # 64 per class, at most the dataset
     table = cache.table()
     assert table.shape == (10 + 6, 10) and table.dtype == torch.float16  # the rows, then a basis of rank C - k - 1
     # the table is the teacher's mean log-probabilities over view 0's probe, by top class
@@ -226,7 +226,7 @@ def test_dry_run_counts_the_table_and_its_probe():
 def test_a_table_store_from_before_the_basis_reads_with_its_rows_alone(tmp_path):
     import zarr
 
-    from logitcache.store import META_DIGEST, metadata_digest
+    from logitcache.meta import DIGEST_KEY as META_DIGEST, json_digest as metadata_digest
 
     tiny, out = helpers.tiny_dataset(), tmp_path / "c"
     lc.build_cache(helpers.tiny_teacher(), tiny, out, augment=helpers.heavy_augment(), tail_rank=0, **BUILD)
