@@ -2,13 +2,25 @@
 
 from .version import __version__  # noqa: F401  (the package version, re-exported)
 
-from .build import build_cache
+from .build import build, build_cache
+from .config import BuildConfig
 from .encoding import to_probs
 from .errors import LogitcacheError
 from .replay import replay, replay_view, sample_seed
 from .store import Cache, open_cache
 
-__all__ = ["build_cache", "open_cache", "Cache", "to_probs", "replay", "replay_view", "sample_seed", "LogitcacheError"]
+__all__ = [
+    "build",
+    "build_cache",
+    "BuildConfig",
+    "open_cache",
+    "Cache",
+    "to_probs",
+    "replay",
+    "replay_view",
+    "sample_seed",
+    "LogitcacheError",
+]
 
 from .data import CachedKDDataset, ReplayDataset
 from .losses import kd_loss, kd_loss_dense

@@ -18,7 +18,8 @@ import warnings
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, Iterator, NamedTuple
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Iterator, NamedTuple
 
 import numpy as np
 import torch
@@ -29,14 +30,15 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from . import distributed, store
 from .compat import differences, inputs_of
 from .datasets import labels_of
-from .encoding import Encoding, make_encoding
+from .config import BuildConfig
+from .encoding import AUTO, ENCODINGS, Encoding, make_encoding
 from .errors import LogitcacheError
 from .meta import AugmentRecord, CacheMeta, EncodingRecord, TeacherRecord
 from .fingerprint import teacher_sha256, versions
 from .mix import Mix, mixed_view
 from .progress import progress_bar
 from .replay import replay_view, sample_seed
-from .specs import resolve_device
+from .specs import resolve_augment, resolve_dataset, resolve_device, resolve_teacher
 
 _ENCODE_SALT = 0x5EED_E4C0
 
@@ -78,14 +80,34 @@ def plan_batches(layout: store.Layout, units: list[tuple[int, int]], batch_size:
     return plan
 
 
-def _teacher_logits(teacher: nn.Module, x: torch.Tensor, device: torch.device) -> torch.Tensor:
-    out = teacher(x.to(device, non_blocking=True))
-    if not isinstance(out, torch.Tensor) or out.ndim != 2:
-        raise LogitcacheError(
-            f"the teacher must return logits of shape [batch, classes]; it returned "
-            f"{type(out).__name__}{tuple(out.shape) if isinstance(out, torch.Tensor) else ''}"
-        )
-    return out.float().cpu()
+def teacher_pass(
+    teacher: nn.Module,
+    images: Dataset,
+    device: torch.device,
+    *,
+    batch_size: int = 1,
+    batches: Iterable[list[int]] | None = None,
+    workers: int = 0,
+) -> Iterator[torch.Tensor]:
+    """The teacher's logits (float32, on the CPU) for ``images``, batch by batch in order: the one way the build,
+    its table's probe, the build's first check and ``verify`` run a teacher. ``batches``: the indices of each batch
+    (else consecutive batches of ``batch_size``). Workers decode and augment; the teacher runs here. The workers
+    start at the call, before the caller's progress bar starts its thread."""
+    order = {"batch_sampler": batches} if batches is not None else {"batch_size": batch_size}
+    loader = iter(DataLoader(images, num_workers=workers, pin_memory=device.type == "cuda", **order))
+    return _logits(teacher, loader, device)
+
+
+def _logits(teacher: nn.Module, loader: Iterator[torch.Tensor], device: torch.device) -> Iterator[torch.Tensor]:
+    for x in loader:
+        with torch.inference_mode():
+            out = teacher(x.to(device, non_blocking=True))
+        if not isinstance(out, torch.Tensor) or out.ndim != 2:
+            raise LogitcacheError(
+                f"the teacher must return logits of shape [batch, classes]; it returned "
+                f"{type(out).__name__}{tuple(out.shape) if isinstance(out, torch.Tensor) else ''}"
+            )
+        yield out.float().cpu()
 
 
 def _check_compatible(path: str, existing: CacheMeta, meta: CacheMeta) -> None:
@@ -103,17 +125,8 @@ def _check_compatible(path: str, existing: CacheMeta, meta: CacheMeta) -> None:
         raise LogitcacheError(f"{path} was built with {what} ({diff}); pass --overwrite to replace it")
 
 
-def _open_output(
-    out: str,
-    meta: CacheMeta,
-    fields: dict,
-    codec: str,
-    labels: np.ndarray,
-    fit_table: Callable[[], tuple[np.ndarray, int] | None],
-    resume: bool,
-    overwrite: bool,
-    repair: bool,
-) -> zarr.Group:
+def _open_output(job: "_Build", meta: CacheMeta, *, resume: bool, overwrite: bool, repair: bool) -> zarr.Group:
+    out, labels = job.out, job.labels
     if repair and not resume:
         raise LogitcacheError("--repair works on an existing cache: pass it together with --resume")
     if store.is_store(out):
@@ -141,11 +154,12 @@ def _open_output(
             raise LogitcacheError(f"cannot create {out}: {e.strerror or e}") from None
         if not os.access(path, os.W_OK):
             raise LogitcacheError(f"{out} is not writable")
-    fitted = fit_table()  # before the store is created: an interrupt here leaves no store behind
+    fields = job.encoding.fields()
+    fitted = _fit_table(job)  # before the store is created: an interrupt here leaves no store behind
     if fitted is None:
-        return store.create_store(out, meta, fields, codec, labels)
+        return store.create_store(out, meta, fields, job.codec, labels)
     table, probe = fitted
-    return store.create_store(out, meta.with_table(store.table_meta(table, probe)), fields, codec, labels, table)
+    return store.create_store(out, meta.with_table(store.table_meta(table, probe)), fields, job.codec, labels, table)
 
 
 def _mark_damaged_units(out: str, labels: np.ndarray) -> None:
@@ -220,44 +234,95 @@ def _out_of_space(out: str, error: OSError, group: zarr.Group, fields: dict, lay
     )
 
 
-def _metadata(
-    encoding: Encoding,
-    dataset: Dataset,
-    labels: np.ndarray,
-    augment,
-    teacher: nn.Module,
-    specs: dict,
-    *,
-    views: int,
-    seed: int,
-    codec: str,
-    batch_size: int,
-    chunk_rows: int,
-    inner_chunk_rows: int | None,
-    mix: Mix,
-) -> CacheMeta:
+def _metadata(job: "_Build") -> CacheMeta:
     """The group attributes (docs/format.md): identity, fingerprints and versions."""
-    inputs = inputs_of(dataset, augment, seed, views, labels, mix=mix)
+    images, layout, encoding, specs = job.images, job.layout, job.encoding, job.specs
+    inputs = inputs_of(images.dataset, images.transform, images.seed, layout.num_views, job.labels, mix=images.mix)
     return CacheMeta(
         format_version=store.FORMAT_VERSION,
-        num_samples=len(dataset),
-        num_views=views,
+        num_samples=layout.num_samples,
+        num_views=layout.num_views,
         num_classes=encoding.num_classes,
-        chunk_rows=chunk_rows,
-        batch_size=batch_size,
-        seed=seed,
-        codec=codec,
+        chunk_rows=layout.chunk_rows,
+        batch_size=job.batch_size,
+        seed=images.seed,
+        codec=job.codec,
         encoding=EncodingRecord(encoding.name, encoding.params()),
         values=encoding.values,
         temperature=encoding.stored_temperature,
-        augment=AugmentRecord(specs.get("augment"), repr(augment), inputs.fingerprint),
-        teacher=TeacherRecord(specs.get("teacher"), type(teacher).__name__, teacher_sha256(teacher)),
+        augment=AugmentRecord(specs.get("augment"), repr(images.transform), inputs.fingerprint),
+        teacher=TeacherRecord(specs.get("teacher"), type(job.teacher).__name__, teacher_sha256(job.teacher)),
         dataset=dataclasses.replace(inputs.dataset, spec=specs.get("dataset")),
         versions=versions(),
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        inner_chunk_rows=inner_chunk_rows or None,
-        mix=mix,
+        inner_chunk_rows=job.inner_chunk_rows,
+        mix=images.mix,
     )
+
+
+@dataclass
+class _Build:
+    """One build's resolved inputs, which its steps share: the teacher and where it runs, the images it labels, the
+    store's layout and encoding, and the settings of the pass."""
+
+    out: str
+    teacher: nn.Module
+    device: torch.device
+    images: "ReplayedViews"
+    layout: store.Layout
+    encoding: Encoding
+    labels: np.ndarray
+    codec: str
+    batch_size: int
+    workers: int
+    progress: bool
+    inner_chunk_rows: int | None
+    table_probe: int
+    specs: dict[str, str | None]
+
+
+def build(cfg: BuildConfig) -> store.Cache:
+    """The build ``cfg`` names (what ``logitcache build`` runs): its teacher, dataset and augmentation resolved from
+    their specs, then ``build_cache``."""
+    check_encoding_options(cfg.encoding, cfg.options)
+    dataset = resolve_dataset(cfg.dataset, train=True, limit=cfg.limit)
+    augment, _ = resolve_augment(cfg.augment, dataset)
+    teacher = resolve_teacher(cfg.teacher, cfg.teacher_weights)
+    return build_cache(teacher, dataset, cfg.out, augment=augment, **build_arguments(cfg))
+
+
+def build_arguments(cfg: BuildConfig) -> dict[str, Any]:
+    """``build_cache``'s keyword arguments for ``cfg`` (the specs recorded, the mixing as a ``Mix``)."""
+    return dict(
+        views=cfg.views, seed=cfg.seed, encoding=cfg.encoding, codec=cfg.codec, batch_size=cfg.batch_size,
+        chunk_rows=cfg.chunk_rows, inner_chunk_rows=cfg.inner_chunk_rows, workers=cfg.workers, device=cfg.device,
+        resume=cfg.resume, overwrite=cfg.overwrite, repair=cfg.repair, progress=cfg.progress,
+        table_probe=cfg.table_probe, mix=Mix(cfg.mix, cfg.mix_alpha, cfg.cutmix_alpha, cfg.mix_prob, cfg.switch_prob),
+        specs={"teacher": cfg.teacher, "dataset": cfg.dataset, "augment": cfg.augment}, **cfg.options,
+    )  # fmt: skip
+
+
+def check_encoding_options(encoding: str, options: dict[str, Any]) -> None:
+    """Options belong to the named encoding: with ``auto`` none may be given, and another encoding's are refused."""
+    if encoding == AUTO and options:
+        raise LogitcacheError(
+            f"{', '.join(flag_of(k) for k in options)}: name the encoding these options belong to (--encoding ...); "
+            "auto chooses the encoding from the number of classes"
+        )
+    own = ENCODINGS[encoding].options if encoding in ENCODINGS else {}
+    foreign = [key for key in options if key not in own]
+    if foreign and encoding in ENCODINGS:
+        owners = {key: [n for n, c in ENCODINGS.items() if key in c.options] for key in foreign}
+        raise LogitcacheError(
+            "; ".join(
+                f"{flag_of(k)} is an option of --encoding {' / '.join(owners[k]) or 'no encoding'}" for k in foreign
+            )
+            + f", not of {encoding}"
+        )
+
+
+def flag_of(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
 def build_cache(
@@ -266,25 +331,26 @@ def build_cache(
     out: str | os.PathLike,
     *,
     augment: Callable[[Any], torch.Tensor],
-    views: int = 1,
-    seed: int = 0,
-    encoding: str = "auto",
-    codec: str = "blosc-lz4",
-    batch_size: int = 256,
-    chunk_rows: int = 1024,
-    inner_chunk_rows: int | None = None,
-    workers: int = 2,
-    device: str = "auto",
-    resume: bool = False,
-    overwrite: bool = False,
-    repair: bool = False,
-    progress: bool = True,
+    views: int = BuildConfig.views,
+    seed: int = BuildConfig.seed,
+    encoding: str = BuildConfig.encoding,
+    codec: str = BuildConfig.codec,
+    batch_size: int = BuildConfig.batch_size,
+    chunk_rows: int = BuildConfig.chunk_rows,
+    inner_chunk_rows: int | None = BuildConfig.inner_chunk_rows,
+    workers: int = BuildConfig.workers,
+    device: str = BuildConfig.device,
+    resume: bool = BuildConfig.resume,
+    overwrite: bool = BuildConfig.overwrite,
+    repair: bool = BuildConfig.repair,
+    progress: bool = BuildConfig.progress,
     specs: dict[str, str | None] | None = None,
     mix: Mix | None = None,
-    table_probe: int | None = None,
+    table_probe: int | None = BuildConfig.table_probe,
     **options: Any,
 ) -> store.Cache:
     """Run ``teacher`` over ``views`` replayed augmentations of every sample of ``dataset`` and store soft targets.
+    The defaults are ``BuildConfig``'s (``logitcache build``'s); ``build(cfg)`` runs a build from specs.
 
     ``encoding`` names a registered encoding (``logitcache.encoding.ENCODINGS``), or ``auto`` (``full`` up to 32
     classes, ``topk8`` with its tail table above: ``logitcache.encoding.auto_encoding``); ``options`` are its options
@@ -316,17 +382,16 @@ def build_cache(
         )
     dev = resolve_device(device)
     teacher = teacher.eval().to(dev)
-    labels, num_classes = _probe(teacher, dataset, augment, seed, dev)
+    images = ReplayedViews(dataset, augment, seed, mix)
+    labels, num_classes = _probe(teacher, images, dev)
     enc = make_encoding(encoding, num_classes, options)
-    meta = _metadata(
-        enc, dataset, labels, augment, teacher, specs, views=views, seed=seed, codec=codec, batch_size=batch_size,
-        chunk_rows=chunk_rows, inner_chunk_rows=inner_chunk_rows, mix=mix or Mix(),
+    job = _Build(
+        out, teacher, dev, images, store.Layout(views, len(dataset), chunk_rows), enc, labels, codec, batch_size,
+        workers, progress, inner_chunk_rows or None,
+        min(len(dataset), table_probe) if table_probe else enc.probe_size(len(dataset)), specs,
     )  # fmt: skip
-    views_of = ReplayedViews(dataset, augment, seed, mix)
-    probe = min(len(dataset), table_probe) if table_probe else enc.probe_size(len(dataset))
-    fit = lambda: _fit_table(teacher, views_of, enc, probe, dev, batch_size, workers, progress)  # noqa: E731
-    group = _open_on_rank0(out, meta, enc, codec, labels, fit, resume=resume, overwrite=overwrite, repair=repair)
-    layout = store.Layout(views, len(dataset), chunk_rows)
+    group = _open_on_rank0(job, _metadata(job), resume=resume, overwrite=overwrite, repair=repair)
+    layout = job.layout
     opened = store.Cache(out, group)
     done = opened.completion()
     units = [(v, c) for v in range(views) for c in range(layout.num_chunks) if not done[v, c]]
@@ -334,7 +399,7 @@ def build_cache(
         _warn_if_disk_too_small(out, enc, views, len(dataset))
     writer = UnitWriter(group, enc, layout, seed, opened.has_digests, opened.table())
     try:
-        _run_teacher(teacher, views_of, dev, units, layout, batch_size, workers, writer, progress)
+        _run_teacher(job, units, writer)
         writer.flush()
     except OSError as e:
         if e.errno not in store.OUT_OF_SPACE:
@@ -353,76 +418,55 @@ def _check_arguments(**values: int) -> None:
             raise LogitcacheError(f"{name} must be >= {low}, got {value}")
 
 
-def _probe(teacher: nn.Module, dataset: Dataset, augment, seed: int, dev: torch.device) -> tuple[np.ndarray, int]:
+def _probe(teacher: nn.Module, images: "ReplayedViews", dev: torch.device) -> tuple[np.ndarray, int]:
     """The labels and the teacher's number of classes, from one replayed image; user mistakes caught here."""
-    if len(dataset) == 0:
+    if images.n == 0:
         raise LogitcacheError("the dataset is empty")
-    labels = labels_of(dataset)
-    probe = replay_view(augment, dataset[0][0], seed, 0, 0)
+    labels = labels_of(images.dataset)
+    probe = replay_view(images.transform, images.dataset[0][0], images.seed, 0, 0)
     if not isinstance(probe, torch.Tensor):
         raise LogitcacheError(f"the augmentation must return a tensor; it returned {type(probe).__name__}")
-    with torch.inference_mode():
-        try:
-            num_classes = _teacher_logits(teacher, probe[None], dev).shape[1]
-        except LogitcacheError:
-            raise
-        except Exception as e:
-            raise LogitcacheError(
-                f"the teacher failed on the first image (shape {tuple(probe.shape)}): "
-                f"{type(e).__name__}: {str(e).splitlines()[0]}"
-            ) from None
+    try:
+        num_classes = next(teacher_pass(teacher, [probe], dev)).shape[1]
+    except LogitcacheError:
+        raise
+    except Exception as e:
+        raise LogitcacheError(
+            f"the teacher failed on the first image (shape {tuple(probe.shape)}): "
+            f"{type(e).__name__}: {str(e).splitlines()[0]}"
+        ) from None
     if labels.min() < 0 or labels.max() >= num_classes:
         bad = int(np.argmax((labels < 0) | (labels >= num_classes)))
         raise LogitcacheError(f"label {labels[bad]} of sample {bad} is outside the teacher's {num_classes} classes")
     return labels, num_classes
 
 
-def _fit_table(
-    teacher: nn.Module,
-    views: ReplayedViews,
-    enc: Encoding,
-    probe_samples: int,
-    dev: torch.device,
-    batch_size: int,
-    workers: int,
-    progress: bool,
-) -> tuple[np.ndarray, int] | None:
+def _fit_table(job: _Build) -> tuple[np.ndarray, int] | None:
     """The encoding's per-cache table and its probe size, fitted on the teacher's outputs for the first samples of
     view 0 (None when it keeps none). Run once, by the process that creates the store: a resume keeps the stored one."""
-    if enc.table_shape() is None:
+    if job.encoding.table_shape() is None:
         return None
-    probe = Subset(views, range(max(1, probe_samples)))
+    probe = Subset(job.images, range(max(1, job.table_probe)))
     out = []
-    with progress_bar("tail table probe", len(probe), progress) as advance, torch.inference_mode():
-        for images in DataLoader(probe, batch_size=batch_size, num_workers=workers):
-            out.append(torch.log_softmax(_teacher_logits(teacher, images, dev), dim=-1))
-            advance(len(images))
-    return enc.fit_table(torch.cat(out)).numpy(), len(probe)
+    with progress_bar("tail table probe", len(probe), job.progress) as advance:
+        for logits in teacher_pass(job.teacher, probe, job.device, batch_size=job.batch_size, workers=job.workers):
+            out.append(torch.log_softmax(logits, dim=-1))
+            advance(len(logits))
+    return job.encoding.fit_table(torch.cat(out)).numpy(), len(probe)
 
 
-def _open_on_rank0(
-    out: str,
-    meta: CacheMeta,
-    enc: Encoding,
-    codec: str,
-    labels: np.ndarray,
-    fit_table: Callable[[], tuple[np.ndarray, int] | None],
-    *,
-    resume: bool,
-    overwrite: bool,
-    repair: bool,
-) -> zarr.Group:
+def _open_on_rank0(job: _Build, meta: CacheMeta, *, resume: bool, overwrite: bool, repair: bool) -> zarr.Group:
     """Rank 0 alone creates or validates the store; the other ranks open it once it agrees."""
     group = None
     if distributed.rank() == 0:
         try:
-            group = _open_output(out, meta, enc.fields(), codec, labels, fit_table, resume, overwrite, repair)
+            group = _open_output(job, meta, resume=resume, overwrite=overwrite, repair=repair)
         except BaseException:
             distributed.agree(False)
             raise
     if not distributed.agree(True):
         raise LogitcacheError("rank 0 could not open the output store (see its error)")
-    return group if group is not None else store.open_group(out, mode="r+")
+    return group if group is not None else store.open_group(job.out, mode="r+")
 
 
 def _warn_if_disk_too_small(out: str, enc: Encoding, views: int, samples: int) -> None:
@@ -480,41 +524,25 @@ class UnitWriter:
         self.pool.shutdown(wait=True)
 
 
-def _run_teacher(
-    teacher: nn.Module,
-    views: ReplayedViews,
-    dev: torch.device,
-    units: list[tuple[int, int]],
-    layout: store.Layout,
-    batch_size: int,
-    workers: int,
-    writer: UnitWriter,
-    progress: bool,
-) -> None:
+def _run_teacher(job: _Build, units: list[tuple[int, int]], writer: UnitWriter) -> None:
     """The teacher over the units' batches; a unit's logits go to the writer when its last batch is done."""
+    layout = job.layout
     n = layout.num_samples
     planned: deque[PlannedBatch] = deque()
 
     def batches() -> Iterator[list[int]]:
         # Units are claimed lazily, so under torchrun a rank takes the next unit only when it needs work.
         for unit in distributed.claim(units, "build-units"):
-            for batch in plan_batches(layout, [unit], batch_size):
+            for batch in plan_batches(layout, [unit], job.batch_size):
                 planned.append(batch)
                 yield batch.indices
 
-    loader = DataLoader(
-        views, batch_sampler=batches(), num_workers=workers,
-        pin_memory=dev.type == "cuda",
-    )  # fmt: skip
     total_rows = sum(layout.rows(c)[1] - layout.rows(c)[0] for _, c in units) // distributed.world_size()
     pieces: list[torch.Tensor] = []
-    with (
-        progress_bar("build", total_rows, enabled=progress and distributed.rank() == 0) as advance,
-        torch.inference_mode(),
-    ):
-        for x in loader:
+    logits_of = teacher_pass(job.teacher, job.images, job.device, batches=batches(), workers=job.workers)
+    with progress_bar("build", total_rows, enabled=job.progress and distributed.rank() == 0) as advance:
+        for logits in logits_of:
             batch = planned.popleft()  # the loader keeps the sampler's order
-            logits = _teacher_logits(teacher, x, dev)
             finite = torch.isfinite(logits).all(dim=1)
             if not finite.all():
                 bad = batch.indices[int((~finite).nonzero()[0])]

@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from .build import build_cache
+from .config import BuildConfig
 from .datasets import Head
 from .store import open_cache
 
@@ -45,8 +46,8 @@ def estimate_build(
     dataset: Dataset,
     *,
     augment: Callable[[Any], torch.Tensor],
-    views: int = 1,
-    chunk_rows: int = 1024,
+    views: int = BuildConfig.views,
+    chunk_rows: int = BuildConfig.chunk_rows,
     **build_kwargs: Any,
 ) -> BuildEstimate:
     """Estimate what ``build_cache(teacher, dataset, augment=augment, views=views, **build_kwargs)`` will write and

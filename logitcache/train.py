@@ -26,124 +26,17 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from . import distributed, specs
 from .checkpoint import RunState, load_checkpoint, save_checkpoint
+from .config import KD_MODES, TrainConfig
 from .data import CachedKDDataset, ReplayDataset
 from .datasets import labels_of
 from .encoding import TAIL_MODES
 from .errors import LogitcacheError, user_message
 from .fingerprint import versions
 from .losses import kd_loss, kd_loss_dense
-from .mix import MIX_MODES, Mix
+from .mix import Mix
 from .progress import note, progress_bar
 from .sampler import ChunkShuffleSampler
 from .store import open_cache
-
-KD_MODES = ("none", "cached", "online")
-START_METHODS = ("fork", "spawn", "forkserver")
-
-
-def _option(default: Any, help: str, **cli: Any) -> Any:
-    """A ``TrainConfig`` field and its help; ``logitcache train``'s options are derived from these (logitcache/cli).
-
-    ``cli`` keys: ``choices`` (allowed values), ``low`` (smallest value), ``flag`` (a boolean's one flag, e.g.
-    ``--overwrite``; ``--quiet`` for ``progress`` inverts it), ``short`` (its one-letter alias).
-    """
-    return field(default=default, metadata={"help": help, **cli})
-
-
-@dataclass
-class TrainConfig:
-    """One training run. Every field is also an option of ``logitcache train`` (``kd_weight`` -> ``--kd-weight``)."""
-
-    out: str = _option("", "Run directory to write (config, metrics, weights); it can teach the next run.")
-    dataset: str | None = _option(
-        None,
-        "As `build --dataset`. Default: the cache's (its first N samples) with --kd cached, else fashion-mnist.",
-    )
-    model: str = _option(
-        "small-resnet8",
-        "small-resnet8/14/20[-wW], timm:NAME (pip install 'logitcache[timm]'), a torchvision model name, or "
-        "pkg.module:fn (fn(num_classes=, in_channels=) returns a module).",
-    )
-    epochs: int = _option(5, "Training epochs (a complete warm-up + cosine schedule).", low=1)
-    kd: str = _option(
-        "none",
-        "none: plain training. cached: targets from --cache. online: run --teacher on every batch (the baseline the "
-        "cache beats).",
-        choices=KD_MODES,
-    )
-    cache: str | None = _option(None, "Cache written by `logitcache build` (for --kd cached).")
-    teacher: str | None = _option(None, "Run directory or teacher spec (for --kd online).")
-    # KD defaults from the recipe study (benchmarks/bench_recipe.py, RESULTS.md): T = 2 with equal weight on labels
-    # and teacher finishes best at a reduced budget; a high T with a high weight finishes below training without KD.
-    kd_weight: float = _option(
-        0.5,
-        "a in loss = (1 - a) * CE + a * T^2 * KL. The defaults (T 2, a 0.5) finished best in the recipe study "
-        "(benchmarks/RESULTS.md); high T with a high a fell below training without KD.",
-    )
-    temperature: float = _option(2.0, "Distillation temperature T.")
-    # KD for the first half only (Blakeney et al.: KD early in training works best): as good as KD throughout at
-    # reduced budgets and better at the full budget, where KD throughout holds a run at its teacher's level
-    # (bench_sequence.py, RESULTS.md); it also halves online KD's teacher passes.
-    kd_until: float = _option(
-        0.5,
-        "Apply KD for the first fraction F of training steps only, then labels alone: KD helps most early, and late "
-        "KD holds a run near its teacher (benchmarks/RESULTS.md); 1 = throughout.",
-    )
-    kd_tail: str = _option(
-        "uniform",
-        "Top-k caches: uniform (spread the leftover mass over the other classes) or bucket (one 'rest' class).",
-        choices=TAIL_MODES,
-    )
-    augment: str | None = _option(
-        None,
-        "Training augmentation (as `build --augment`); default: the cache's for --kd cached, else pad-crop-flip.",
-    )
-    mix: str | None = _option(
-        None,
-        "Mixup/CutMix, mixed per sample (timm's meaning of the options): none, mixup, cutmix or both. Default: the "
-        "cache's for --kd cached (the teacher labelled the mixed images), else none.",
-        choices=MIX_MODES,
-    )
-    mix_alpha: float = _option(0.8, "Mixup's Beta(alpha, alpha).")
-    cutmix_alpha: float = _option(1.0, "CutMix's Beta(alpha, alpha).")
-    mix_prob: float = _option(1.0, "Probability that a sample is mixed at all.")
-    switch_prob: float = _option(0.5, "With --mix both: probability of CutMix rather than Mixup.")
-    seed: int = _option(0, "Seeds initialisation, shuffling and (without a cache) augmentation.")
-    lr: float = _option(0.1, "Peak learning rate (SGD, nesterov momentum, warm-up then cosine).")
-    momentum: float = _option(0.9, "SGD momentum (nesterov when > 0).")
-    weight_decay: float = _option(5e-4, "L2 weight decay.")
-    label_smoothing: float = _option(0.0, "Label smoothing of the cross-entropy term.")
-    warmup: float = _option(0.05, "Fraction of steps with linear warm-up, then cosine decay.")
-    batch_size: int = _option(128, "Global batch size (split over torchrun ranks).", low=1)
-    workers: int = _option(2, "DataLoader worker processes.", low=0)
-    start_method: str | None = _option(
-        None,
-        "How DataLoader workers start: fork, spawn or forkserver; default: the platform's (fork on Linux before "
-        "Python 3.14, forkserver from 3.14, spawn on macOS). Every one serves exactly the cached views.",
-        choices=START_METHODS,
-    )
-    device: str = _option("auto", "auto (CUDA when present), cpu or cuda.")
-    limit: int | None = _option(None, "Train on the first N samples only (must match the cache).", low=1)
-    test_limit: int | None = _option(None, "Evaluate on the first N test samples only.", low=1)
-    eval_every: int = _option(
-        1, "Evaluate after every N-th epoch and the last (evaluation can cost more than a short epoch).", low=1
-    )
-    target_memory_mb: float = _option(
-        4096,
-        "Memory per rank for one view of cached targets: a view that fits is read once per epoch into memory shared "
-        "by the DataLoader workers; a larger one is shuffled chunk-aware (logitcache.sampler.ChunkShuffleSampler) "
-        "and read window by window, once per rank, into a ring of 3 windows the workers share.",
-    )
-    shuffle_window: int = _option(
-        8, "Chunks whose samples are shuffled together when the view does not fit --target-memory-mb.", low=1
-    )
-    target_accuracy: float | None = _option(None, "Report the epoch and time the test accuracy first reaches X (0-1).")
-    overwrite: bool = _option(False, "Replace an existing run directory.", flag="--overwrite")
-    resume: bool = _option(
-        False, "Continue an interrupted run after its last finished epoch (same settings).", flag="--resume"
-    )
-    progress: bool = _option(True, "No progress bars.", flag="--quiet", short="-q")
-
 
 # Options that do not change what a run computes: a resumed run may differ in these.
 _RESUMABLE_CHANGES = (

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from .build import teacher_pass
 from .compat import compatibility
 from .encoding import dense_log_probs
 from .errors import LogitcacheError
@@ -60,6 +61,20 @@ def _pick_pairs(cache: Cache, samples: int, seed: int) -> list[tuple[int, int]]:
     return sorted(pairs)
 
 
+class _Views(Dataset):
+    """The images the teacher labelled for the given (view, sample) pairs, replayed and mixed as at build time."""
+
+    def __init__(self, pairs: list[tuple[int, int]], augment, dataset: Dataset, seed: int, mix) -> None:
+        self.pairs, self.augment, self.dataset, self.seed, self.mix = pairs, augment, dataset, seed, mix
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, j: int) -> torch.Tensor:
+        v, i = self.pairs[j]
+        return mixed_view(self.augment, self.dataset, self.seed, v, i, self.mix)[0]
+
+
 def verify_cache(
     cache: Cache | str | os.PathLike,
     teacher: nn.Module,
@@ -95,11 +110,9 @@ def verify_cache(
     pairs = [p for p in _pick_pairs(cache, samples, seed) if (p[0], p[1] // cache.chunk_rows) not in bad_units]
     table = {"table": cache.table()} if encoding.table_shape() is not None else {}
     agree, excess = 0, []
-    for b in range(0, len(pairs), batch_size):
+    images = _Views(pairs, augment, dataset, meta.seed, mix)
+    for b, logits in zip(range(0, len(pairs), batch_size), teacher_pass(teacher, images, dev, batch_size=batch_size)):
         batch = pairs[b : b + batch_size]
-        images = torch.stack([mixed_view(augment, dataset, meta.seed, v, i, mix)[0] for v, i in batch])
-        with torch.inference_mode():
-            logits = teacher(images.to(dev)).float().cpu()
         stored = _gather(cache, batch)
         fresh = cache.with_constants(encoding.encode(logits, torch.Generator().manual_seed(0), **table))
         fresh_log_p = torch.log_softmax(logits / temperature, dim=-1)

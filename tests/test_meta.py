@@ -62,3 +62,34 @@ def test_a_missing_key_is_named(tmp_path):
     stored["seed"], stored["teacher"] = 0, {"spec": None}
     with pytest.raises(LogitcacheError, match="malformed"):
         CacheMeta.from_json(stored, "c")
+
+
+def _cli_defaults(command: str) -> dict:
+    import typer.main
+
+    from logitcache.cli import app
+
+    click_command = typer.main.get_command(app).commands[command]
+    return {p.name: p.default for p in click_command.params}
+
+
+def test_build_options_and_defaults_come_from_build_config_alone():
+    import dataclasses
+    import inspect
+
+    from logitcache.config import BuildConfig
+
+    cli = _cli_defaults("build")
+    fields = {f.name: f for f in dataclasses.fields(BuildConfig) if f.metadata.get("cli", True)}
+    for name, f in fields.items():
+        key = "quiet" if name == "progress" else name
+        assert key in cli, name
+        if f.default is not dataclasses.MISSING and name not in ("teacher", "dataset", "out", "progress"):
+            assert cli[key] == f.default, name  # required ones have no default; --quiet inverts progress
+    # the Python API takes the same defaults: one source (the CLI's --views and build_cache's views agree)
+    params = inspect.signature(lc.build_cache).parameters
+    shared = [name for name in params if name in fields and name not in ("teacher", "dataset", "out", "augment", "mix")]
+    assert len(shared) >= 12
+    for name in shared:
+        assert params[name].default == fields[name].default, name
+    assert params["views"].default == cli["views"] == BuildConfig.views

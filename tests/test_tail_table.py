@@ -3,6 +3,7 @@ class. Fitted on a probe before the build, stored once, added to every target by
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ from typer.testing import CliRunner
 
 import helpers
 import logitcache as lc
+from logitcache.build import ReplayedViews
 from logitcache.cli import app
 from logitcache.encoding import CompactTopKEncoding, dense_log_probs
 from logitcache.errors import LogitcacheError
@@ -144,7 +146,7 @@ def test_build_fits_the_table_on_a_probe_and_every_read_path_adds_the_samples_ro
     table = cache.table()
     assert table.shape == (10 + 6, 10) and table.dtype == torch.float16  # the rows, then a basis of rank C - k - 1
     # the table is the teacher's mean log-probabilities over view 0's probe, by top class
-    views = lc.build.ReplayedViews(tiny, helpers.heavy_augment(), 3)
+    views = ReplayedViews(tiny, helpers.heavy_augment(), 3)
     with torch.inference_mode():
         lp = torch.log_softmax(helpers.tiny_teacher()(torch.stack([views[i] for i in range(len(tiny))])), dim=1)
     assert torch.equal(table, cache.encoding.fit_table(lp))
@@ -170,7 +172,7 @@ def test_resume_keeps_the_stored_table(table_store, tmp_path, monkeypatch):
     def refit(*args, **kwargs):
         raise AssertionError("a resume must not fit the table again")
 
-    monkeypatch.setattr(lc.build, "_fit_table", refit)
+    monkeypatch.setattr(sys.modules["logitcache.build"], "_fit_table", refit)
     tiny = helpers.tiny_dataset()
     lc.build_cache(helpers.tiny_teacher(), tiny, out, augment=helpers.heavy_augment(), resume=True, **BUILD)
     assert (out / TABLE).joinpath("c", "0", "0").read_bytes() == before

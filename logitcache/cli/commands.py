@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from inspect import signature
 import os
 from pathlib import Path
 from typing import Callable, Optional
@@ -10,12 +9,9 @@ from typing import Callable, Optional
 import typer
 from rich.console import Console
 
-from .options import choices, config_parameters, encoding_parameters, flag_of, plain, with_parameters
-from logitcache.encoding import AUTO, ENCODINGS
-from logitcache.encoding.registry import FEW_CLASSES
-from logitcache.mix import MIX_MODES
-from logitcache.store import CODECS
-from logitcache.train import TrainConfig
+from .options import config_parameters, encoding_parameters, plain, with_parameters
+from logitcache.encoding import ENCODINGS
+from logitcache.config import BuildConfig, TrainConfig
 
 app = typer.Typer(
     add_completion=False,
@@ -77,138 +73,23 @@ def _setup(
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 0)) or max(1, (os.cpu_count() or 1) // local))
 
 
-def _build_options(
-    teacher: str = typer.Option(
-        ...,
-        help="Run directory from `logitcache train`, several run directories separated by commas (an ensemble of "
-        "earlier runs: the mean of their probabilities), timm:NAME (with --teacher-weights), pkg.module:fn, "
-        "path/file.py:fn (fn() returns an nn.Module), or a torchvision model name.",
-    ),
-    dataset: str = typer.Option(
-        ...,
-        help="fashion-mnist, mnist, cifar10, cifar100, imagefolder:PATH, or "
-        "pkg.module:fn / file.py:fn (fn(train=True) returns (image, label) pairs).",
-    ),
-    out_path: str = typer.Option(
-        ..., "--out", help="Folder of the Zarr store to write, or an fsspec URL (s3://bucket/path, ...)."
-    ),
-    augment: str = typer.Option(
-        "pad-crop-flip",
-        help="pad-crop-flip, rrc-flip, none, timm:POLICY (timm's training transform with that auto-augment policy, "
-        "e.g. timm:rand-m9-mstd0.5), or pkg.module:fn / file.py:fn (fn() returns a transform from image to tensor).",
-    ),
-    views: int = typer.Option(4, min=1, help="Augmented views stored per image; epoch e trains on view e % views."),
-    seed: int = typer.Option(0, help="Base seed: view v of sample i is replayed from hash(seed, v, i)."),
-    encoding: choices("Encoding", [AUTO, *ENCODINGS]) = typer.Option(  # type: ignore[valid-type]
-        AUTO,
-        help=f"auto: full up to {FEW_CLASSES} classes (every probability), topk8 with its tail table and basis above "
-        "(closest to full for its bytes in the fidelity study), headtail beyond 4096; with an encoding's options, "
-        "name the encoding. "
-        + " ".join(f"{name}: {cls.summary}." for name, cls in ENCODINGS.items())
-        + " k is never above what the classes allow unless given.",
-    ),
-    codec: choices("Codec", CODECS) = typer.Option(  # type: ignore[valid-type]
-        "blosc-lz4", help="Compression (every codec adds a crc32c checksum)."
-    ),
-    mix: choices("Mix", MIX_MODES) = typer.Option(  # type: ignore[valid-type]
-        "none",
-        help="Mixup/CutMix per sample (timm's meaning of the options): the teacher labels the mixed images, and "
-        "`train` replays the same ones; recorded in the store.",
-    ),
-    mix_alpha: float = typer.Option(0.8, help="Mixup's Beta(alpha, alpha)."),
-    cutmix_alpha: float = typer.Option(1.0, help="CutMix's Beta(alpha, alpha)."),
-    mix_prob: float = typer.Option(1.0, help="Probability that a sample is mixed at all."),
-    switch_prob: float = typer.Option(0.5, help="With --mix both: probability of CutMix rather than Mixup."),
-    teacher_weights: Optional[Path] = typer.Option(None, help="State dict (.safetensors or weights-only torch file)."),
-    batch_size: int = typer.Option(
-        256, min=1, help="Teacher batch size (part of the cache identity: resume needs the same)."
-    ),
-    chunk_rows: int = typer.Option(
-        1024, min=1, help="Samples per unit: one object per field, the unit of work, resume and reads."
-    ),
-    inner_chunk_rows: Optional[int] = typer.Option(
-        None,
-        min=1,
-        help="Store each unit as a Zarr v3 shard of inner chunks of N rows (N divides --chunk-rows): with a large "
-        "--chunk-rows, fewer objects for an object store while other Zarr readers can still fetch a few rows.",
-    ),
-    workers: int = typer.Option(2, min=0, help="DataLoader worker processes for decoding and augmentation."),
-    device: str = typer.Option("auto", help="auto (CUDA when present), cpu or cuda."),
-    limit: Optional[int] = typer.Option(None, min=1, help="Use the first N samples of the dataset only."),
-    resume: bool = typer.Option(False, "--resume", help="Finish an interrupted build; complete chunks are kept."),
-    repair: bool = typer.Option(
-        False,
-        "--repair",
-        help="With --resume: first check every stored chunk (checksums, missing files, digests) and recompute the "
-        "damaged ones too; the result equals an undamaged build, byte for byte.",
-    ),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing cache at --out."),
-    dry_run: bool = typer.Option(
-        False,
-        "--dry-run",
-        help="Write nothing: estimate the store's size and the build's time here from two short probe builds "
-        "(the first 1 and 3 chunks of view 0).",
-    ),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
-) -> None:
-    """The options of `build` that are not an encoding's own (those come from the encodings, see below)."""
-
-
 def _build(**opts) -> None:
     opts = plain(opts)
-    encoding = opts["encoding"]
-    own = ENCODINGS[encoding].options if encoding != AUTO else {}
+    opts["progress"] = not opts.pop("quiet")
     given = {key: opts.pop(key) for key in ENCODING_OPTIONS}
-    given = {key: value for key, value in given.items() if value is not None}
+    opts["options"] = {key: value for key, value in given.items() if value is not None}
 
     def go() -> None:
-        from logitcache import build_cache, distributed, specs
-        from logitcache.errors import LogitcacheError
+        from logitcache import BuildConfig, distributed
+        from logitcache.build import build, check_encoding_options
 
-        if encoding == AUTO and given:
-            raise LogitcacheError(
-                f"{', '.join(flag_of(k) for k in given)}: name the encoding these options belong to (--encoding ...); "
-                "auto chooses the encoding from the number of classes"
-            )
-        foreign = [key for key in given if key not in own]
-        if foreign:
-            owners = {key: [n for n, c in ENCODINGS.items() if key in c.options] for key in foreign}
-            raise LogitcacheError(
-                "; ".join(f"{flag_of(k)} is an option of --encoding {' / '.join(owners[k])}" for k in foreign)
-                + f", not of {encoding}"
-            )
+        cfg = BuildConfig(**opts)
+        check_encoding_options(cfg.encoding, cfg.options)
         distributed.init_from_env()  # under torchrun: join the process group
-        ds = specs.resolve_dataset(opts["dataset"], train=True, limit=opts["limit"])
-        train_tf, _ = specs.resolve_augment(opts["augment"], ds)
-        model = specs.resolve_teacher(opts["teacher"], opts["teacher_weights"])
-        from logitcache.mix import Mix
-
-        mix = Mix(opts["mix"], opts["mix_alpha"], opts["cutmix_alpha"], opts["mix_prob"], opts["switch_prob"])
-        if opts["dry_run"]:
-            _dry_run(model, ds, train_tf, opts, encoding, {**given, "mix": mix})
+        if cfg.dry_run:
+            _dry_run(cfg)
             return
-        cache = build_cache(
-            model,
-            ds,
-            opts["out_path"],
-            mix=mix,
-            augment=train_tf,
-            views=opts["views"],
-            seed=opts["seed"],
-            encoding=encoding,
-            codec=opts["codec"],
-            batch_size=opts["batch_size"],
-            chunk_rows=opts["chunk_rows"],
-            inner_chunk_rows=opts["inner_chunk_rows"],
-            workers=opts["workers"],
-            device=opts["device"],
-            resume=opts["resume"],
-            overwrite=opts["overwrite"],
-            repair=opts["repair"],
-            progress=not opts["quiet"],
-            specs={"teacher": opts["teacher"], "dataset": opts["dataset"], "augment": opts["augment"]},
-            **given,
-        )
+        cache = build(cfg)
         if distributed.rank() != 0:
             return
         out.print(
@@ -219,18 +100,18 @@ def _build(**opts) -> None:
     _run(go)
 
 
-def _dry_run(model, ds, augment, opts: dict, encoding: str, given: dict) -> None:
-    from logitcache.build import size_text
+def _dry_run(cfg) -> None:
+    from logitcache import specs
+    from logitcache.build import build_arguments, size_text
     from logitcache.estimate import estimate_build
 
-    est = estimate_build(
-        model, ds, augment=augment, views=opts["views"], chunk_rows=opts["chunk_rows"], seed=opts["seed"],
-        encoding=encoding, codec=opts["codec"], batch_size=opts["batch_size"], workers=opts["workers"],
-        device=opts["device"], **given,
-    )  # fmt: skip
+    ds = specs.resolve_dataset(cfg.dataset, train=True, limit=cfg.limit)
+    augment, _ = specs.resolve_augment(cfg.augment, ds)
+    teacher = specs.resolve_teacher(cfg.teacher, cfg.teacher_weights)
+    est = estimate_build(teacher, ds, augment=augment, **build_arguments(cfg))
     minutes = est.total_seconds / 60
     out.print(
-        f"dry run, nothing written: {opts['views']} views x {len(ds):,} samples, encoding {encoding}\n"
+        f"dry run, nothing written: {cfg.views} views x {len(ds):,} samples, encoding {cfg.encoding}\n"
         f"  store: about {size_text(est.total_bytes)} ({est.bytes_per_sample:.1f} B per sample and view, compressed)\n"
         f"  build time on this machine: about {minutes:.1f} min ({est.seconds_per_sample * 1e6:.0f} us per sample "
         f"and view + {est.startup_seconds:.1f} s start-up"
@@ -243,8 +124,9 @@ _ENCODING_PARAMS = encoding_parameters(ENCODINGS)
 ENCODING_OPTIONS = [p.name for p in _ENCODING_PARAMS]
 app.command(
     name="build",
-    help="Run the teacher once over every image x view and store its soft targets in a Zarr v3 store.",
-)(with_parameters(_build, [*signature(_build_options).parameters.values(), *_ENCODING_PARAMS]))
+    help="Run the teacher once over every image x view and store its soft targets in a Zarr v3 store. Every option "
+    "but an encoding's own is a field of logitcache.BuildConfig, whose defaults these are.",
+)(with_parameters(_build, [*config_parameters(BuildConfig, required=("teacher", "dataset", "out")), *_ENCODING_PARAMS]))
 
 
 def _train(**opts) -> None:

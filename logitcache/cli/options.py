@@ -1,7 +1,8 @@
 """Typer options derived from the library's own declarations, so a new option is one edit in the library.
 
 ``logitcache train``'s options come from ``TrainConfig``'s fields (their help and CLI hints live in field metadata);
-``logitcache build``'s encoding options from the encodings' ``Option`` declarations.
+``logitcache build``'s from ``BuildConfig``'s, and its encoding options from the encodings' ``Option``
+declarations.
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ def config_parameters(cls: type, required: tuple[str, ...] = ()) -> list[inspect
     params = []
     for f in dataclasses.fields(cls):
         meta = dict(f.metadata)
+        if not meta.get("cli", True):
+            continue
         tp = _optional(hints[f.name])
         name, decls, default = f.name, [flag_of(f.name)], f.default
         if "flag" in meta:  # a boolean with one flag; "--quiet" style flags invert the field
