@@ -8,7 +8,6 @@ included, with any sampler (``DistributedSampler`` too): call it before iteratin
 from __future__ import annotations
 
 import os
-import threading
 import weakref
 import warnings
 from collections import OrderedDict
@@ -22,15 +21,16 @@ from torch.utils.data._utils.collate import default_collate_fn_map
 from . import procs
 from .compat import compatibility
 from .datasets import labels_of
-from .meta import CacheMeta
 from .encoding.base import torch_dtype
 from .errors import LogitcacheError
+from .meta import CacheMeta
 from .mix import Mix, mixed_view, soft_label
 from .replay import replay_view
 from .ring import PROCESS_SLOTS, WindowRing, process_slot
 from .sampler import ChunkShuffleSampler
 from .specs import recorded_augment
 from .store import Cache, open_cache
+from .views import SharedViews
 
 
 class ReplayDataset(Dataset):
@@ -131,31 +131,20 @@ class CachedKDDataset(ReplayDataset):
         self.rows_read = torch.zeros(PROCESS_SLOTS, dtype=torch.int64).share_memory_()
         # Publication of shared buffers to the workers (the views here, the ring's windows): tags written under it.
         self._lock = procs.shared_lock()
-        # Up to two buffers for whole views, allocated before any worker starts so that every worker maps the same
-        # pages: the epoch's view, and (when two fit memory_mb) the next epoch's, read in the background meanwhile.
-        # _holds[b] is the view buffer b holds, -1 while it is empty or being filled; _fills[b] counts its fills.
-        self._buffers: list[dict[str, torch.Tensor]] = []
-        self._holds = torch.full((2,), -1, dtype=torch.int64).share_memory_()
-        self._fills = torch.zeros(2, dtype=torch.int64).share_memory_()
-        self._prefetch: threading.Thread | None = None
+        # Whole views in shared memory (logitcache.views) when one fits memory_mb: the epoch's, and when two fit the
+        # next epoch's, read in the background meanwhile.
+        self._views: SharedViews | None = None
         self._sampler: DistributedSampler | ChunkShuffleSampler | None = None
         self._ring: WindowRing | None = None
-        self._prefetch_error: BaseException | None = None
         self._closed = False
         nbytes = cache.view_nbytes()
         fit = int(memory_mb * 2**20 // max(1, nbytes))  # whole views within memory_mb (the same on every rank)
         options = [n for n in ((2,) if prefetch and cache.num_views > 1 and fit >= 2 else ()) + (1,) if n <= fit]
         wanted = procs.place("one view of targets", [*options, 0], lambda n: n * nbytes)  # collective: every rank
         if wanted:
-            self._buffers = procs.allocate("one view of targets", lambda: self._view_buffers(wanted)) or []
-
-    def _view_buffers(self, count: int) -> list[dict[str, torch.Tensor]]:
-        fields = self.cache.encoding.fields().items()
-        shape = (self.cache.num_samples,)
-        return [
-            {name: torch.empty((*shape, *f.shape), dtype=torch_dtype(f.dtype)).share_memory_() for name, f in fields}
-            for _ in range(count)
-        ]
+            self._views = procs.allocate(
+                "one view of targets", lambda: SharedViews(cache, wanted, self._lock, self.rows_read)
+            )
 
     def sampler(
         self, *, num_replicas: int = 1, rank: int = 0, seed: int = 0, window: int = 8
@@ -210,12 +199,12 @@ class CachedKDDataset(ReplayDataset):
     @property
     def in_memory(self) -> bool:
         """Whether one view's targets fit ``memory_mb``, so each epoch's view is served from shared memory."""
-        return bool(self._buffers)
+        return self._views is not None
 
     @property
     def prefetches(self) -> bool:
         """Whether the next epoch's view is read in the background during this one (two views fit ``memory_mb``)."""
-        return len(self._buffers) == 2
+        return self._views is not None and self._views.prefetches
 
     @property
     def ring_serves(self) -> bool:
@@ -233,19 +222,8 @@ class CachedKDDataset(ReplayDataset):
                 "the ring of windows resumes with the next complete epoch",
                 stacklevel=2,
             )
-        if not self._buffers:
-            return
-        self._join_prefetch()
-        view, upcoming = self.view_of(epoch), self.view_of(epoch + 1)
-        if self._buffer_of(view) is None:
-            self._fill(self._spare(avoid=upcoming), view)
-        if self.prefetches and self._buffer_of(upcoming) is None:
-            spare = self._spare(avoid=view)
-            self._unpublish(spare)  # before the thread starts: never served while it is being filled
-            self._prefetch = threading.Thread(
-                target=self._prefetch_into, args=(spare, upcoming), name="logitcache-prefetch", daemon=True
-            )
-            self._prefetch.start()
+        if self._views is not None:
+            self._views.set_epoch(self.view_of(epoch), self.view_of(epoch + 1))
 
     def close(self) -> None:
         """Stop the background reads and release the shared buffers; the dataset then reads by chunk. ``train``
@@ -253,15 +231,12 @@ class CachedKDDataset(ReplayDataset):
         self._closed = True
         if self._ring is not None:
             self._ring.stop()
-        if self._prefetch is not None:
-            self._prefetch.join()
-            self._prefetch, self._prefetch_error = None, None
-        try:
-            with self._lock:
-                self._holds.fill_(-1)
-        except LogitcacheError:  # a process died holding the lock: nothing will read these buffers again
-            pass
-        self._buffers, self._ring = [], None
+        if self._views is not None:
+            try:
+                self._views.close()
+            except LogitcacheError:  # a process died holding the lock: nothing will read these buffers again
+                pass
+        self._views, self._ring = None, None
 
     def __enter__(self) -> "CachedKDDataset":
         return self
@@ -275,61 +250,12 @@ class CachedKDDataset(ReplayDataset):
 
     def __getstate__(self) -> dict:
         # What a DataLoader worker needs (spawn/forkserver pickle it): the shared tensors travel as shared memory,
-        # the lock as its name, the store as its path; no thread, no error, no chunk cache, no sampler.
-        return {**self.__dict__, "_prefetch": None, "_prefetch_error": None, "_chunks": OrderedDict(), "_sampler": None}
+        # the lock as its name, the store as its path; no chunk cache, no sampler (the views drop their thread).
+        return {**self.__dict__, "_chunks": OrderedDict(), "_sampler": None}
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         self._pid = os.getpid()  # the store was opened anew by unpickling it
-
-    def _buffer_of(self, view: int) -> int | None:
-        with self._lock:
-            return next((b for b in range(len(self._buffers)) if int(self._holds[b]) == view), None)
-
-    def _spare(self, avoid: int) -> int:
-        """A buffer to fill: one not holding view ``avoid`` (the one to keep) when there are two."""
-        with self._lock:
-            return next((b for b in range(len(self._buffers)) if int(self._holds[b]) != avoid), 0)
-
-    def _unpublish(self, b: int) -> None:
-        with self._lock:
-            self._holds[b] = -1
-            self._fills[b] += 1
-
-    def _fill(self, b: int, view: int) -> None:
-        """The whole view, read in order (a few dozen chunks per call, each checked against its digest); published
-        under the lock once complete, so a worker never serves a half-filled buffer. On the prefetch thread every
-        torch and store call runs inside procs.reading(): a fork never catches it mid-call."""
-        with procs.reading():
-            self._unpublish(b)
-        buffer, block = self._buffers[b], self.cache.chunk_rows * 32
-        for start in range(0, self.cache.num_samples, block):
-            if self._closed:  # close() during a prefetch: leave the buffer unpublished
-                return
-            stop = min(start + block, self.cache.num_samples)
-            with procs.reading():
-                rows = self.cache.read(view, start, stop, fields_only=True)
-                for name, t in buffer.items():
-                    t[start:stop] = rows[name]
-                del rows
-        with procs.reading():
-            self.rows_read[0] += self.cache.num_samples
-            with self._lock:
-                self._holds[b] = view
-
-    def _prefetch_into(self, b: int, view: int) -> None:
-        try:
-            self._fill(b, view)
-        except BaseException as e:  # raised in the training thread, at the next set_epoch
-            self._prefetch_error = e
-
-    def _join_prefetch(self) -> None:
-        if self._prefetch is not None:
-            self._prefetch.join()
-            self._prefetch = None
-        if self._prefetch_error is not None:
-            error, self._prefetch_error = self._prefetch_error, None
-            raise error
 
     def _check(self, base: Dataset, meta: CacheMeta, allow_mismatch: bool) -> None:
         for diff in compatibility(meta, base, self.augment, self.mix):
@@ -368,22 +294,8 @@ class CachedKDDataset(ReplayDataset):
         return packed(batch)
 
     def _from_memory(self, indices: list[int], view: int) -> dict[str, torch.Tensor] | None:
-        """The rows from the shared view buffer holding ``view``, or None. A seqlock: the buffer's (view, fill) is
-        read under the lock before and after the copy, so rows copied while ``set_epoch`` refilled it are dropped
-        (the caller then reads them by chunk), never served."""
-        with self._lock:
-            held = [(int(self._holds[b]), int(self._fills[b])) for b in range(len(self._buffers))]
-        b = next((b for b, (v, _) in enumerate(held) if v == view), None)
-        if b is None:
-            return None
-        rows = self._gather_rows(b, torch.as_tensor(indices, dtype=torch.int64))
-        with self._lock:
-            if (int(self._holds[b]), int(self._fills[b])) != held[b]:
-                return None
-        return self.cache.with_constants(rows)
-
-    def _gather_rows(self, b: int, idx: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {name: t[idx] for name, t in self._buffers[b].items()}
+        rows = self._views.gather(indices, view) if self._views is not None else None
+        return self.cache.with_constants(rows) if rows is not None else None
 
     def _own_handle(self) -> None:
         if os.getpid() != self._pid:  # a forked DataLoader worker: open its own store handle, lazily

@@ -21,6 +21,7 @@ import logitcache as lc
 from conftest import HELPERS
 from logitcache import procs, specs
 from logitcache.errors import LogitcacheError
+from logitcache.views import SharedViews
 
 DATASET = f"{HELPERS}:tiny_dataset"
 BATCH = 16
@@ -100,7 +101,7 @@ def test_workers_that_wait_for_a_slow_ring_serve_its_windows(built_cache, method
 
 
 def test_a_refill_during_a_copy_is_never_served(built_cache, tiny):
-    class Raced(lc.CachedKDDataset):
+    class Raced(SharedViews):
         """set_epoch refills the buffer while a worker is between its check and its copy (forced, not timed)."""
 
         race_to: int | None = None
@@ -108,16 +109,17 @@ def test_a_refill_during_a_copy_is_never_served(built_cache, tiny):
         def _gather_rows(self, b, idx):
             if self.race_to is not None:
                 view, self.race_to = self.race_to, None
-                self._fill(b, view)
+                self.fill(b, view)
             return super()._gather_rows(b, idx)
 
-    ds = Raced(tiny, built_cache, prefetch=False)
+    ds = lc.CachedKDDataset(tiny, built_cache, prefetch=False)
     assert ds.in_memory and not ds.prefetches
+    ds._views.__class__ = Raced
     ds.set_epoch(0)
     indices = list(range(5, 40))
     raced_rows = ds.targets(indices, 1)  # what the buffer holds after the refill: view 1's rows
     ds.set_epoch(0)
-    ds.race_to = 1
+    ds._views.race_to = 1
     got = ds.targets(indices, 0)
     want = _expected(ds.cache, 0, indices)
     assert any(not torch.equal(raced_rows[n], want[n]) for n in want)  # the race would have served other rows
@@ -162,10 +164,10 @@ def _rank_main(rank: int, init: str, cache_path: str, out: str, failure: str) ->
             procs.shm_free = lambda: 0  # this rank's /dev/shm is full
         if rank == 1 and failure == "allocation":
 
-            def fail(self, count):
+            def fail(cache, count):
                 raise RuntimeError("unable to allocate shared memory")
 
-            lc.CachedKDDataset._view_buffers = fail
+            SharedViews.allocate = staticmethod(fail)
         with warnings.catch_warnings(record=True):
             warnings.simplefilter("always")
             ds = lc.CachedKDDataset(specs.resolve_dataset(DATASET), cache_path)

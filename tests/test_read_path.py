@@ -34,19 +34,19 @@ def test_the_shared_view_serves_exactly_what_direct_reads_return(built_cache, ti
         )
     # each epoch read its view once, sequentially, in the main process (with prefetch: epoch 4's view as well, during
     # epoch 3); no worker decoded a chunk
-    ds._join_prefetch()
+    ds._views.join()
     assert int(ds.rows_read[0]) == (5 if prefetch else 4) * len(tiny) and int(ds.rows_read[1:].sum()) == 0
 
 
 def test_prefetch_reads_the_next_view_during_the_epoch_and_never_serves_it_half_filled(built_cache, tiny):
     ds = lc.CachedKDDataset(tiny, built_cache)
     ds.set_epoch(0)
-    ds._join_prefetch()
-    assert sorted(ds._holds.tolist()) == [0, 1]  # epoch 0's view, and epoch 1's read ahead
+    ds._views.join()
+    assert sorted(ds._views.holds.tolist()) == [0, 1]  # epoch 0's view, and epoch 1's read ahead
     reads = int(ds.rows_read[0])
     ds.set_epoch(1)  # served from the prefetched buffer: nothing read now but epoch 2's view, in the background
-    ds._join_prefetch()
-    assert int(ds.rows_read[0]) == reads + len(tiny) and sorted(ds._holds.tolist()) == [1, 2]
+    ds._views.join()
+    assert int(ds.rows_read[0]) == reads + len(tiny) and sorted(ds._views.holds.tolist()) == [1, 2]
     assert torch.equal(ds.targets(list(range(240)), 1)["ids"], lc.open_cache(built_cache).read(1)["ids"])
 
 

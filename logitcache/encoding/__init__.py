@@ -14,7 +14,7 @@ from .full import FullEncoding  # isort: skip
 from .topk import SOFT_TAIL_BETAS, TAIL_MODES, TopKEncoding, topk_kept_mass  # isort: skip
 from .sampled import SampledEncoding  # isort: skip
 from .quantized import QuantizedEncoding  # isort: skip
-from .compact import CompactTopKEncoding  # isort: skip
+from .topk8 import CompactTopKEncoding  # isort: skip
 from .headtail import HeadTailEncoding  # isort: skip
 
 __all__ = [

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from ..errors import LogitcacheError
 from .base import Encoding, Field, Option, num_classes_of, torch_dtype
-from .compact import CompactTopKEncoding, check_layout, compact_id_dtype
+from .topk8 import CompactTopKEncoding, check_layout, compact_id_dtype
 from .registry import register
 from .sampled import TAU
 from .topk import TopKEncoding

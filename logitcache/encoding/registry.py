@@ -35,7 +35,7 @@ def auto_encoding(num_classes: int) -> str:
     per sample), ``topk8`` with its tail table and basis where they are many (the encoding the fidelity study finds
     closest to ``full`` for its bytes: docs, choosing an encoding), and ``headtail`` beyond the classes a tail table
     can hold, where sampled tail classes keep the tail's shape."""
-    from .compact import MAX_TABLE_CLASSES
+    from .topk8 import MAX_TABLE_CLASSES
 
     if num_classes <= FEW_CLASSES:
         return "full"
