@@ -19,7 +19,7 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, NamedTuple
+from typing import Any, Callable, Iterable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from . import distributed, store
 from .compat import differences, inputs_of
-from .datasets import labels_of
+from .datasets import dataset_len, labels_of
 from .config import BuildConfig
 from .encoding import AUTO, ENCODINGS, Encoding, make_encoding
 from .errors import LogitcacheError
@@ -48,7 +48,7 @@ class ReplayedViews(Dataset):
     ``mix`` is active): the image the teacher labels."""
 
     def __init__(self, dataset: Dataset, transform: Callable[[Any], torch.Tensor], seed: int, mix: Mix | None = None):
-        self.dataset, self.transform, self.seed, self.n = dataset, transform, seed, len(dataset)
+        self.dataset, self.transform, self.seed, self.n = dataset, transform, seed, dataset_len(dataset)
         self.mix = mix or Mix()
 
     def __len__(self) -> int:
@@ -82,7 +82,7 @@ def plan_batches(layout: store.Layout, units: list[tuple[int, int]], batch_size:
 
 def teacher_pass(
     teacher: nn.Module,
-    images: Dataset,
+    images: Dataset | Sequence[torch.Tensor],
     device: torch.device,
     *,
     batch_size: int = 1,
@@ -94,7 +94,8 @@ def teacher_pass(
     (else consecutive batches of ``batch_size``). Workers decode and augment; the teacher runs here. The workers
     start at the call, before the caller's progress bar starts its thread."""
     order = {"batch_sampler": batches} if batches is not None else {"batch_size": batch_size}
-    loader = iter(DataLoader(images, num_workers=workers, pin_memory=device.type == "cuda", **order))
+    # DataLoader reads any indexable sequence, though its annotation names Dataset alone
+    loader = iter(DataLoader(images, num_workers=workers, pin_memory=device.type == "cuda", **order))  # type: ignore[arg-type]
     return _logits(teacher, loader, device)
 
 
@@ -133,7 +134,7 @@ def _open_output(job: "_Build", meta: CacheMeta, *, resume: bool, overwrite: boo
         if overwrite:
             store.remove_store(out)
         elif resume:
-            recorded = CacheMeta.from_json(dict(store.open_group(out, mode="r").attrs[store.ATTR_KEY]), out)
+            recorded = CacheMeta.from_json(store.store_attributes(store.open_group(out, mode="r")), out)
             _check_compatible(out, recorded, meta)
             if repair:
                 _mark_damaged_units(out, labels)
@@ -177,13 +178,14 @@ def _mark_damaged_units(out: str, labels: np.ndarray) -> None:
         raise LogitcacheError(f"{out} is damaged beyond units ({whole[0]}); rebuild it with --overwrite")
     group = store.open_group(out, mode="r+")
     for v, c, _ in damaged:
-        group[store.COMPLETE][v, c] = 0
+        store.member_array(group, store.COMPLETE)[v, c] = 0
     try:
         labels_ok = np.array_equal(cache.labels().numpy(), labels)
     except LogitcacheError:
         labels_ok = False
     if not labels_ok:
-        group[store.LABELS][...] = labels.astype(group[store.LABELS].dtype)
+        stored_labels = store.member_array(group, store.LABELS)
+        stored_labels[...] = labels.astype(stored_labels.dtype)
     if damaged or not labels_ok:
         listed = "; ".join(f"view {v}, chunk {c}: {why}" for v, c, why in damaged[:5])
         more = f" and {len(damaged) - 5} more" if len(damaged) > 5 else ""
@@ -218,7 +220,7 @@ def _out_of_space(out: str, error: OSError, group: zarr.Group, fields: dict, lay
     raw = raw_bytes(fields, layout.num_views, layout.num_samples)
     need = f"up to {size_text(raw)} (before compression)"
     try:
-        stored = sum(group[name].nbytes_stored() for name in fields)
+        stored = sum(store.member_array(group, name).nbytes_stored() for name in fields)
         if done:
             estimate = size_text(stored / done * total)
             need = f"about {estimate} (from the {done} chunks written), at most {size_text(raw)}"
@@ -385,10 +387,11 @@ def build_cache(
     images = ReplayedViews(dataset, augment, seed, mix)
     labels, num_classes = _probe(teacher, images, dev)
     enc = make_encoding(encoding, num_classes, options)
+    num_samples = dataset_len(dataset)
     job = _Build(
-        out, teacher, dev, images, store.Layout(views, len(dataset), chunk_rows), enc, labels, codec, batch_size,
+        out, teacher, dev, images, store.Layout(views, num_samples, chunk_rows), enc, labels, codec, batch_size,
         workers, progress, inner_chunk_rows or None,
-        min(len(dataset), table_probe) if table_probe else enc.probe_size(len(dataset)), specs,
+        min(num_samples, table_probe) if table_probe else enc.probe_size(num_samples), specs,
     )  # fmt: skip
     group = _open_on_rank0(job, _metadata(job), resume=resume, overwrite=overwrite, repair=repair)
     layout = job.layout
@@ -396,7 +399,7 @@ def build_cache(
     done = opened.completion()
     units = [(v, c) for v in range(views) for c in range(layout.num_chunks) if not done[v, c]]
     if not done.any():
-        _warn_if_disk_too_small(out, enc, views, len(dataset))
+        _warn_if_disk_too_small(out, enc, views, num_samples)
     writer = UnitWriter(group, enc, layout, seed, opened.has_digests, opened.table())
     try:
         _run_teacher(job, units, writer)

@@ -11,6 +11,7 @@ from typing import Any, Callable
 
 from torch.utils.data import Dataset
 
+from .datasets import dataset_len
 from .fingerprint import dataset_fingerprint
 from .meta import CacheMeta, DatasetRecord, Inputs
 from .mix import Mix
@@ -93,7 +94,7 @@ def compatibility(
     """Every way ``dataset``, ``augment`` and ``mix`` differ from what the cache was built on; empty when
     compatible. ``mix=None``: the mixing the cache records."""
     mix = meta.mix if mix is None else mix
-    if len(dataset) != meta.dataset.length:  # fingerprints of another length would be meaningless
-        return differences(meta.inputs(), Inputs(DatasetRecord(len(dataset), "", ""), [], mix))
+    if dataset_len(dataset) != meta.dataset.length:  # fingerprints of another length would be meaningless
+        return differences(meta.inputs(), Inputs(DatasetRecord(dataset_len(dataset), "", ""), [], mix))
     fresh = inputs_of(dataset, augment, meta.seed, meta.num_views, mix=mix)
     return differences(meta.inputs(), fresh, meta.augment.spec or meta.augment.repr)

@@ -20,7 +20,7 @@ from torch.utils.data._utils.collate import default_collate_fn_map
 
 from . import procs
 from .compat import compatibility
-from .datasets import labels_of
+from .datasets import dataset_len, labels_of
 from .encoding.base import torch_dtype
 from .errors import LogitcacheError
 from .meta import CacheMeta
@@ -68,7 +68,7 @@ class ReplayDataset(Dataset):
         return epoch % self.num_views if self.num_views else epoch
 
     def __len__(self) -> int:
-        return len(self.base)
+        return dataset_len(self.base)
 
     def image(self, index: int, view: int) -> tuple[torch.Tensor, int | torch.Tensor]:
         if self.mix.active:
@@ -330,9 +330,9 @@ class CachedKDDataset(ReplayDataset):
         labels = [label for _, label in samples]
         fold = all(type(label) is int for label in labels)
         batch = self._targets(indices, view, torch.tensor(labels, dtype=torch.int64) if fold else None, served=True)
-        folded = batch.pop(_LABELS, None)
+        folded = batch.pop(_LABELS, None)  # present exactly when the labels are folded in: every label an int
         return [
-            (image, LabelRow(label, folded, row) if fold else label, TargetRow(batch, row))
+            (image, label if folded is None else LabelRow(int(label), folded, row), TargetRow(batch, row))
             for row, (image, label) in enumerate(samples)
         ]
 
@@ -387,6 +387,9 @@ def collate_target_rows(rows: list[TargetRow], *, collate_fn_map: dict | None = 
 class LabelRow(int):
     """A sample's integer label that also knows its place in its batch's label tensor (which shares the targets'
     buffer). It is an ``int`` in every other respect, so a user's own collate_fn sees plain labels."""
+
+    batch: torch.Tensor
+    row: int
 
     def __new__(cls, value: int, batch: torch.Tensor, row: int):
         label = super().__new__(cls, value)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import gzip
 import os
+from collections.abc import Sized
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -15,6 +17,11 @@ from .errors import LogitcacheError
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 DOWNLOAD_ROOT = Path(os.environ.get("LOGITCACHE_DATA", Path.home() / ".cache" / "logitcache" / "data"))
+
+
+def dataset_len(dataset: Dataset) -> int:
+    """``len(dataset)``: a map-style dataset has ``__len__``, which ``torch.utils.data.Dataset`` does not declare."""
+    return len(cast(Sized, dataset))
 
 
 def _read_idx(path: Path) -> np.ndarray:
@@ -83,9 +90,9 @@ def image_folder(path: str, train: bool = True) -> Dataset:
 def labels_of(dataset: Dataset) -> np.ndarray:
     """All labels as int64, from ``.targets`` when the dataset has it, else by reading every sample."""
     targets = getattr(dataset, "targets", None)
-    if targets is not None and len(targets) == len(dataset):
+    if targets is not None and len(targets) == dataset_len(dataset):
         return np.asarray(targets, dtype=np.int64)
-    return np.asarray([int(dataset[i][1]) for i in range(len(dataset))], dtype=np.int64)
+    return np.asarray([int(dataset[i][1]) for i in range(dataset_len(dataset))], dtype=np.int64)
 
 
 class Head(Dataset):
@@ -94,9 +101,9 @@ class Head(Dataset):
     def __init__(self, dataset: Dataset, n: int):
         if n < 1:
             raise LogitcacheError(f"the sample limit must be >= 1, got {n}")
-        self.dataset, self.n = dataset, min(n, len(dataset))
+        self.dataset, self.n = dataset, min(n, dataset_len(dataset))
         targets = getattr(dataset, "targets", None)
-        if targets is not None and len(targets) == len(dataset):
+        if targets is not None and len(targets) == dataset_len(dataset):
             self.targets = np.asarray(targets, dtype=np.int64)[: self.n]
 
     def __len__(self) -> int:

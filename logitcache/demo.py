@@ -14,6 +14,7 @@ import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
@@ -49,7 +50,7 @@ def run_demo(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     plan = QUICK if quick else FULL
-    common = dict(
+    common: dict[str, Any] = dict(
         dataset="fashion-mnist",
         lr=0.05,  # the benchmarks' learning rate (at 0.1 these short runs are noisier)
         model=plan.model,
@@ -190,14 +191,14 @@ def _report(
             "during training[/]",
             highlight=False,
         )
-    epochs = cached.epochs_to(target)
+    to_target = cached.epochs_to(target)
     sweep_target = scratch.mean(plan.full_epochs)
-    summary["cached_epochs_to_target"] = epochs
+    summary["cached_epochs_to_target"] = to_target
     summary["scratch_full_budget_mean"] = sweep_target
-    if epochs:
+    if to_target:
         console.print(
-            f"[bold green]cached KD reaches run 1's accuracy at {epochs / plan.full_epochs:.2g}x the budget "
-            f"({epochs} of {plan.full_epochs} epochs: {plan.full_epochs / epochs:.1f}x sooner)[/]",
+            f"[bold green]cached KD reaches run 1's accuracy at {to_target / plan.full_epochs:.2g}x the budget "
+            f"({to_target} of {plan.full_epochs} epochs: {plan.full_epochs / to_target:.1f}x sooner)[/]",
             highlight=False,
         )
     else:

@@ -18,8 +18,8 @@ from torch.utils.data import Dataset
 
 from .build import build_cache
 from .config import BuildConfig
-from .datasets import Head
-from .store import open_cache
+from .datasets import Head, dataset_len
+from .store import member_array, open_cache
 
 
 @dataclass
@@ -52,7 +52,7 @@ def estimate_build(
 ) -> BuildEstimate:
     """Estimate what ``build_cache(teacher, dataset, augment=augment, views=views, **build_kwargs)`` will write and
     how long it will take here, from probe builds of the first one and three chunks (nothing is kept)."""
-    sizes = sorted({min(len(dataset), chunk_rows), min(len(dataset), 3 * chunk_rows)})
+    sizes = sorted({min(dataset_len(dataset), chunk_rows), min(dataset_len(dataset), 3 * chunk_rows)})
     runs = []
     for n in sizes:
         with tempfile.TemporaryDirectory(prefix="logitcache-probe-") as tmp:
@@ -65,15 +65,17 @@ def estimate_build(
             )  # fmt: skip
             seconds = time.perf_counter() - start
             cache = open_cache(f"{tmp}/probe")
-            stored = sum(cache.group[name].nbytes_stored() for name in cache.field_names)
+            stored = sum(member_array(cache.group, name).nbytes_stored() for name in cache.field_names)
             runs.append((n, seconds, stored))
     enc = cache.encoding
     table = enc.table_shape()
     table_bytes = 2 * math.prod(table) if table else 0  # float16, before compression
-    probe = min(len(dataset), build_kwargs.get("table_probe") or enc.probe_size(len(dataset)))
+    probe = min(dataset_len(dataset), build_kwargs.get("table_probe") or enc.probe_size(dataset_len(dataset)))
     table_probe = probe if table else 0
     (n1, t1, b1), (n2, t2, b2) = runs[0], runs[-1]
     # slopes: the arrays' metadata documents and the start-up are paid once, not per sample
     seconds = max((t2 - t1) / (n2 - n1), 0.0) if n2 > n1 else t1 / n1
     nbytes = max((b2 - b1) / (n2 - n1), 0.0) if n2 > n1 else b1 / n1
-    return BuildEstimate(len(dataset) * views, nbytes, seconds, max(0.0, t1 - seconds * n1), table_bytes, table_probe)
+    return BuildEstimate(
+        dataset_len(dataset) * views, nbytes, seconds, max(0.0, t1 - seconds * n1), table_bytes, table_probe
+    )

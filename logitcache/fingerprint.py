@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from .datasets import labels_of
+from .datasets import dataset_len, labels_of
 from .version import __version__
 
 SAMPLE_POINTS = 8
@@ -34,7 +34,7 @@ def _image_bytes(image) -> bytes:
 def dataset_fingerprint(dataset: Dataset, labels: np.ndarray | None = None) -> dict:
     """Length, a hash of all labels, and a hash of a few raw samples spread over the dataset (catches reordering)."""
     labels = labels_of(dataset) if labels is None else labels
-    n = len(dataset)
+    n = dataset_len(dataset)
     samples = hashlib.sha256()
     for j in range(min(SAMPLE_POINTS, n)):
         i = j * (n - 1) // max(SAMPLE_POINTS - 1, 1)

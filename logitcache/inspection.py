@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import numpy as np
 import torch
 
 from .encoding import dense_log_probs
-from .store import COMPLETE, DIGESTS, LABELS, TABLE, Cache, open_cache
+from .store import COMPLETE, DIGESTS, LABELS, TABLE, Cache, member_array, open_cache
 
 
 def inspect_cache(cache: Cache | str | os.PathLike, stats_rows: int = 20000) -> dict:
@@ -17,10 +18,10 @@ def inspect_cache(cache: Cache | str | os.PathLike, stats_rows: int = 20000) -> 
     meta = cache.meta
     recorded = meta.to_json()
     done = cache.completion()
-    arrays = {}
+    arrays: dict[str, dict[str, Any]] = {}
     table = [TABLE] if cache.encoding.table_shape() is not None else []
     for name in [*cache.field_names, LABELS, *([DIGESTS] if cache.has_digests else []), COMPLETE, *table]:
-        arr = cache.group[name]
+        arr = member_array(cache.group, name)
         stored = arr.nbytes_stored()
         arrays[name] = {
             "shape": list(arr.shape),

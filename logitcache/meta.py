@@ -128,7 +128,7 @@ class CacheMeta:
             elif f.name == "dataset":
                 value = {"spec": value.spec, "length": value.length, "labels_sha256": value.labels_sha256,
                          "samples_sha256": value.samples_sha256}  # fmt: skip
-            elif dataclasses.is_dataclass(value):
+            elif dataclasses.is_dataclass(value) and not isinstance(value, type):  # a record, not a class
                 value = dataclasses.asdict(value)
             if value is not None or f.name not in ("inner_chunk_rows", "mix", "table"):
                 out[f.name] = value

@@ -19,6 +19,7 @@ from typing import Any, Callable
 import torch
 from torch.utils.data import Dataset
 
+from .datasets import dataset_len
 from .errors import LogitcacheError
 from .replay import replay_view, sample_seed
 
@@ -104,7 +105,7 @@ def mixed_view(
     image = replay_view(transform, dataset[index][0], seed, view, index)
     if not mix.active:
         return image, Draw(index, 1.0)
-    d = draw(mix, seed, view, index, len(dataset), *image.shape[-2:])
+    d = draw(mix, seed, view, index, dataset_len(dataset), *image.shape[-2:])
     if d.lam == 1.0 and d.box is None:
         return image, d
     other = replay_view(transform, dataset[d.partner][0], seed, view, d.partner)

@@ -163,10 +163,10 @@ class WindowRing:
         # registers an exit handler under a libc lock that a forked child would inherit held; RESULTS.md).
         try:
             with procs.reading():
-                starts = self.sampler.chunk_starts(epoch)
-                order = torch.argsort(starts).tolist()
+                chunk_starts = self.sampler.chunk_starts(epoch)
+                order = torch.argsort(chunk_starts).tolist()
                 sizes = self.sampler.chunk_sizes().tolist()
-                starts = starts.tolist()
+                starts = chunk_starts.tolist()
             carry: tuple[int, dict[str, torch.Tensor]] | None = None  # a chunk that spans two windows, read once
             at = 0  # index into order: the first chunk that may still have rows for the next window
             for w in range(self._windows()):

@@ -171,7 +171,7 @@ def timm_augment(policy: str, channels: int, size: int) -> tuple[Callable[[Any],
     transform. timm draws from Python's ``random`` and torch, both seeded by the replay, so it replays exactly."""
     from timm.data import create_transform
 
-    common = dict(input_size=(channels, size, size), mean=(0.5,) * channels, std=(0.5,) * channels)
+    common: dict[str, Any] = dict(input_size=(channels, size, size), mean=(0.5,) * channels, std=(0.5,) * channels)
     try:
         train = create_transform(is_training=True, auto_augment=policy or None, **common)
         evaluation = create_transform(is_training=False, crop_pct=1.0, **common)
@@ -196,7 +196,7 @@ class _Gray:
 def build_model(spec: str, num_classes: int, in_channels: int) -> nn.Module:
     """A fresh model: ``small-resnet...``, ``timm:NAME``, a torchvision model name, or ``fn(num_classes=,
     in_channels=)``."""
-    model = small_resnet(spec, num_classes, in_channels)
+    model: object = small_resnet(spec, num_classes, in_channels)  # a user's callable may return anything: checked below
     if model is None and spec.startswith("timm:"):
         model = _timm_model(spec[len("timm:") :], num_classes=num_classes, in_chans=in_channels)
     elif model is None and ":" in spec:

@@ -89,6 +89,7 @@ def _with_recorded_data(cfg: TrainConfig) -> TrainConfig:
         return cfg
     if cfg.kd != "cached":
         return replace(cfg, dataset="fashion-mnist")
+    assert cfg.cache is not None  # _validate: --kd cached needs --cache
     cache = open_cache(cfg.cache)
     meta = cache.meta
     spec = meta.dataset.spec
@@ -259,10 +260,14 @@ def _setup(cfg: TrainConfig) -> _Run:
     """Datasets (with the cache's checks), model, teacher, run directory, DDP, loaders and optimizer."""
     device = specs.resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
+    assert cfg.dataset is not None  # named by _with_recorded_data
     base = specs.resolve_dataset(cfg.dataset, train=True, limit=cfg.limit)
     test_base = specs.resolve_dataset(cfg.dataset, train=False, limit=cfg.test_limit)
 
-    cache = open_cache(cfg.cache) if cfg.kd == "cached" else None
+    cache = None
+    if cfg.kd == "cached":
+        assert cfg.cache is not None  # _validate: --kd cached needs --cache
+        cache = open_cache(cfg.cache)
     if cache is not None:
         cache.encoding.check_temperature(cfg.temperature)
         _warn_if_tail_dominates(cache, cfg.temperature)
@@ -283,7 +288,10 @@ def _setup(cfg: TrainConfig) -> _Run:
     in_channels = int(train_ds.image(0, 0)[0].shape[0])
     num_classes = cache.num_classes if cache else int(labels_of(base).max()) + 1
     model = specs.build_model(cfg.model, num_classes, in_channels=in_channels).to(device)
-    teacher = specs.resolve_teacher(cfg.teacher).to(device) if cfg.kd == "online" else None
+    teacher = None
+    if cfg.kd == "online":
+        assert cfg.teacher is not None  # _validate: --kd online needs --teacher
+        teacher = specs.resolve_teacher(cfg.teacher).to(device)
 
     # Under torchrun: DDP, one shard of every epoch per rank, and rank 0 alone writes the run directory.
     rank, world = distributed.rank(), distributed.world_size()
@@ -375,6 +383,7 @@ def _train_epoch(run: _Run, epoch: int, state: RunState, forwards: int, last_acc
     label = f"epoch {epoch + 1}/{cfg.epochs}" + (
         f" | test acc {last_accuracy:.4f}" if last_accuracy is not None else ""
     )
+    assert run.loader.batch_size is not None  # _setup builds the loader with a batch size
     samples = len(run.loader) * run.loader.batch_size * run.world
     batches = iter(run.loader)  # workers start (first epoch) before the progress bar's thread does
     with progress_bar(label, samples, cfg.progress and run.lead) as advance:

@@ -18,6 +18,7 @@ from torch.utils.data import Dataset
 
 from .build import teacher_pass
 from .compat import compatibility
+from .datasets import dataset_len
 from .encoding import dense_log_probs
 from .errors import LogitcacheError
 from .mix import mixed_view
@@ -92,13 +93,15 @@ def verify_cache(
     ``kl_tolerance`` the extra KL(fresh || stored reconstruction) beyond what the encoding itself loses."""
     cache = cache if isinstance(cache, Cache) else open_cache(cache)
     meta, report = cache.meta, VerifyReport()
-    if len(dataset) != cache.num_samples:  # nothing can be compared
-        raise LogitcacheError(f"the dataset has {len(dataset)} samples but the cache was built on {cache.num_samples}")
+    if dataset_len(dataset) != cache.num_samples:  # nothing can be compared
+        raise LogitcacheError(
+            f"the dataset has {dataset_len(dataset)} samples but the cache was built on {cache.num_samples}"
+        )
     augment = augment if augment is not None else recorded_augment(meta, dataset)
-    for diff in compatibility(meta, dataset, augment):
-        report.problems.append(str(diff))
-        if diff.replay is not None and report.first_bad is None:
-            report.first_bad = (diff.replay.view, diff.replay.index)
+    for mismatch in compatibility(meta, dataset, augment):
+        report.problems.append(str(mismatch))
+        if mismatch.replay is not None and report.first_bad is None:
+            report.first_bad = (mismatch.replay.view, mismatch.replay.index)
 
     bad_units = _report_storage(cache, report)
 

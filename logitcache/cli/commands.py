@@ -103,6 +103,7 @@ def _build(**opts) -> None:
 def _dry_run(cfg) -> None:
     from logitcache import specs
     from logitcache.build import build_arguments, size_text
+    from logitcache.datasets import dataset_len
     from logitcache.estimate import estimate_build
 
     ds = specs.resolve_dataset(cfg.dataset, train=True, limit=cfg.limit)
@@ -111,7 +112,7 @@ def _dry_run(cfg) -> None:
     est = estimate_build(teacher, ds, augment=augment, **build_arguments(cfg))
     minutes = est.total_seconds / 60
     out.print(
-        f"dry run, nothing written: {cfg.views} views x {len(ds):,} samples, encoding {cfg.encoding}\n"
+        f"dry run, nothing written: {cfg.views} views x {dataset_len(ds):,} samples, encoding {cfg.encoding}\n"
         f"  store: about {size_text(est.total_bytes)} ({est.bytes_per_sample:.1f} B per sample and view, compressed)\n"
         f"  build time on this machine: about {minutes:.1f} min ({est.seconds_per_sample * 1e6:.0f} us per sample "
         f"and view + {est.startup_seconds:.1f} s start-up"

@@ -10,11 +10,14 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import typing
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from enum import Enum
 
 import typer
+
+if TYPE_CHECKING:
+    from ..encoding import Encoding
 
 
 def flag_of(name: str) -> str:
@@ -64,7 +67,7 @@ def config_parameters(cls: type, required: tuple[str, ...] = ()) -> list[inspect
     return params
 
 
-def encoding_parameters(encodings: dict[str, type]) -> list[inspect.Parameter]:
+def encoding_parameters(encodings: dict[str, type[Encoding]]) -> list[inspect.Parameter]:
     """The options of every registered encoding. Their CLI default is None (not given), so that an option of another
     encoding than the chosen one can be refused; the library fills in the encoding's own defaults."""
     params, seen = [], set()
@@ -78,7 +81,7 @@ def encoding_parameters(encodings: dict[str, type]) -> list[inspect.Parameter]:
             kwargs: dict[str, Any] = {"help": f"{opt.help} (default: {shown})", "show_default": False}
             if opt.low is not None:
                 kwargs["min"] = opt.low
-            tp = Optional[type(opt.default)]
+            tp: Any = Optional[type(opt.default)]  # built at run time: Typer reads it, a type checker cannot
             params.append(
                 inspect.Parameter(
                     key, inspect.Parameter.KEYWORD_ONLY, default=typer.Option(None, *decls, **kwargs), annotation=tp

@@ -82,7 +82,7 @@ class Encoding:
             raise LogitcacheError(f"encoding {self.name} has no option {', '.join(unknown)} (its options: {takes})")
         self.num_classes = num_classes
         for key, opt in self.options.items():
-            value = options.get(key, opt.default)
+            value: Any = options.get(key, opt.default)  # converted to the default's type below
             value = type(opt.default)(value) if value is not None else value
             if opt.low is not None and value < opt.low:
                 raise LogitcacheError(f"{self.name}: {key} must be >= {opt.low:g}, got {value}")

@@ -76,6 +76,12 @@ class HeadTailEncoding(Encoding):
     }
     field_names = CompactTopKEncoding.field_names | {"tail_ids", "tail_counts", "tail_q", "tail_scale"}
     deterministic = False
+    # the options' values, set by ``Encoding.__init__``
+    k: int
+    tail_samples: int
+    tau: float
+    draws: str
+    layout: int
 
     def validate(self) -> None:
         check_layout(self.name, self.layout, newest=3)

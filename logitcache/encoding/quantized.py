@@ -27,6 +27,8 @@ class QuantizedEncoding(Encoding):
     values = "log-probs"
     options = {"floor": Option(40.0, "quantized: lowest log-probability kept (clipped below).")}
     field_names = frozenset({"q", "scale"})
+    # the option's value, set by ``Encoding.__init__``
+    floor: float
 
     def validate(self) -> None:
         if self.floor <= 0:

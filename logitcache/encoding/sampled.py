@@ -37,6 +37,9 @@ class SampledEncoding(Encoding):
     }
     field_names = frozenset({"ids", "counts"})
     deterministic = False
+    # the options' values, set by ``Encoding.__init__``
+    samples: int
+    tau: float
 
     def validate(self) -> None:
         if self.tau <= 0:

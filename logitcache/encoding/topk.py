@@ -44,6 +44,9 @@ class TopKEncoding(Encoding):
     }
     field_names = frozenset({"logprobs", "ids", "tail"})
     optional_field_names = frozenset({"tail_soft"})
+    # the options' values, set by ``Encoding.__init__``
+    k: int
+    soft_tail: bool
 
     def validate(self) -> None:
         if not 1 <= self.k <= self.num_classes:

@@ -89,6 +89,11 @@ class CompactTopKEncoding(Encoding):
     }
     field_names = frozenset({"ids", "q", "scale", "tail", "tail_soft8"})
     optional_field_names = frozenset({"tail_coef", "tail_coef_scale"})
+    # the options' values, set by ``Encoding.__init__``
+    k: int
+    layout: int
+    tail_shape: str
+    tail_rank: int
 
     def validate(self) -> None:
         check_layout(self.name, self.layout)

@@ -8,8 +8,10 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Literal
 
 import numpy as np
 import zarr
@@ -70,8 +72,32 @@ def is_url(path: str | os.PathLike) -> bool:
     return "://" in str(path)
 
 
-def open_group(path: str | os.PathLike, mode: str) -> zarr.Group:
+# zarr's access modes: read, read/write, create or open, overwrite, create (fail if present)
+Mode = Literal["r", "r+", "a", "w", "w-"]
+
+
+def open_group(path: str | os.PathLike, mode: Mode) -> zarr.Group:
     return zarr.open_group(str(path), mode=mode)
+
+
+def member_array(group: zarr.Group, name: str) -> zarr.Array:
+    """The array ``name`` of a store's group (a missing one raises KeyError, as ``group[name]`` does); a member that
+    is a group instead is a LogitcacheError: the store is damaged or foreign."""
+    member = group[name]
+    if not isinstance(member, zarr.Array):
+        raise LogitcacheError(f"{group.store_path}: '{name}' is a group, not an array; the store is damaged or foreign")
+    return member
+
+
+def store_attributes(group: zarr.Group) -> dict[str, Any]:
+    """A copy of the store's logitcache attributes (``ATTR_KEY``, a missing one raises KeyError); a value that is not
+    a JSON object is a LogitcacheError: the store is damaged or foreign."""
+    attrs = group.attrs[ATTR_KEY]
+    if not isinstance(attrs, Mapping):
+        raise LogitcacheError(
+            f"{group.store_path}: the '{ATTR_KEY}' attribute is not a JSON object; the store is damaged"
+        )
+    return dict(attrs)
 
 
 def is_store(path: str | os.PathLike) -> bool:
@@ -182,8 +208,8 @@ def write_unit(
     version 2 or older, which has none), then its completion flag."""
     start, stop = rows
     for name in field_names:
-        group[name][view, start:stop] = data[name]
+        member_array(group, name)[view, start:stop] = data[name]
     if digests:
-        rows_as_stored = {name: np.asarray(data[name], dtype=group[name].dtype) for name in field_names}
-        group[DIGESTS][view, chunk] = unit_digest(rows_as_stored)
-    group[COMPLETE][view, chunk] = 1
+        rows_as_stored = {name: np.asarray(data[name], dtype=member_array(group, name).dtype) for name in field_names}
+        member_array(group, DIGESTS)[view, chunk] = unit_digest(rows_as_stored)
+    member_array(group, COMPLETE)[view, chunk] = 1

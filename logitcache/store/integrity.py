@@ -20,7 +20,7 @@ def unit_digest(rows: dict[str, np.ndarray]) -> int:
     """crc32 of a unit's decoded rows, field by field in name order (what `write_unit` records and reads check)."""
     crc = 0
     for name in sorted(rows):
-        crc = zlib.crc32(np.ascontiguousarray(rows[name]).view(np.uint8).reshape(-1), crc)
+        crc = zlib.crc32(np.ascontiguousarray(rows[name]).view(np.uint8).reshape(-1).data, crc)
     return crc
 
 

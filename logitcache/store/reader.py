@@ -20,7 +20,8 @@ from ..errors import LogitcacheError
 from ..meta import CacheMeta, json_digest
 from ..mix import Mix
 from .format import (
-    ATTR_KEY, COMPLETE, DIGESTS, LABELS, META_DIGEST, READABLE_VERSIONS, TABLE, is_url, meta_layout, open_group,
+    ATTR_KEY, COMPLETE, DIGESTS, LABELS, META_DIGEST, READABLE_VERSIONS, TABLE, is_url, member_array, meta_layout,
+    open_group, store_attributes,
 )  # fmt: skip
 from .integrity import DamagedCache, repair_hint, table_digest, unit_digest
 
@@ -35,7 +36,7 @@ class Cache:
     def __init__(self, path: str | os.PathLike, group: zarr.Group):
         self.path = str(path)
         self.group = group
-        attrs = dict(group.attrs[ATTR_KEY])
+        attrs = store_attributes(group)
         self._check_metadata_digest(attrs)  # before anything is read from the metadata
         self.meta = CacheMeta.from_json(attrs, str(path))
         self.layout = meta_layout(self.meta)
@@ -47,9 +48,9 @@ class Cache:
         missing = [n for n in (*self.field_names, COMPLETE, LABELS) if n not in members]
         if missing:
             raise LogitcacheError(f"{path} is damaged or from another version: missing array(s) {', '.join(missing)}")
-        self._arrays = {name: group[name] for name in self.field_names}
+        self._arrays = {name: member_array(group, name) for name in self.field_names}
         self.has_digests = DIGESTS in members
-        self._digests: dict[int, np.ndarray] = {}
+        self._digests: dict[int, np.ndarray | None] = {}  # None: the view's digest chunk cannot be read
         self._table: torch.Tensor | None = None
         self._validate(members)
 
@@ -69,7 +70,8 @@ class Cache:
         fields = self.encoding.fields()
         v, n, rows, chunks = self.num_views, self.num_samples, self.chunk_rows, self.layout.num_chunks
         inner = self.meta.inner_chunk_rows
-        expected = {
+        # per array: shape, chunks, dtype (None: any), shards (None: unsharded)
+        expected: dict[str, tuple[tuple[int, ...], tuple[int, ...], np.dtype | None, tuple[int, ...] | None]] = {
             name: ((v, n, *f.shape), (1, inner or rows, *f.shape), f.dtype, (1, rows, *f.shape) if inner else None)
             for name, f in fields.items()
         }
@@ -86,7 +88,7 @@ class Cache:
                 )
             expected[TABLE] = (table, table, np.dtype("float16"), None)
         for name, (shape, chunk_shape, dtype, shard_shape) in expected.items():
-            arr = self.group[name]
+            arr = member_array(self.group, name)
             problems = []
             if tuple(arr.shape) != shape:
                 problems.append(f"shape {tuple(arr.shape)}, expected {shape}")
@@ -109,9 +111,9 @@ class Cache:
 
     def completion(self) -> np.ndarray:
         """``[views, chunks]`` booleans: which units are complete (a flag that cannot be read counts as not)."""
-        flags = self.group[COMPLETE]
+        flags = member_array(self.group, COMPLETE)
         try:
-            return flags[...].astype(bool)
+            return np.asarray(flags[...]).astype(bool)
         except Exception:  # one damaged flag chunk: find it unit by unit, and treat it as unfinished work
             done = np.zeros(flags.shape, dtype=bool)
             for v, c in np.ndindex(*flags.shape):
@@ -207,7 +209,7 @@ class Cache:
         """The encoding's per-cache table (None when it keeps none), checked against its digest once per handle."""
         if self._table is None and self.encoding.table_shape() is not None:
             try:
-                table = np.ascontiguousarray(self.group[TABLE][...])
+                table = np.ascontiguousarray(member_array(self.group, TABLE)[...])
                 differs = self.meta.table is None or table_digest(table) != self.meta.table.sha256
                 why = "its contents differ from the digest recorded at build time" if differs else ""
             except Exception as e:  # a crc32c or decompression failure (a missing chunk file reads as zeros: digest)
@@ -264,14 +266,14 @@ class Cache:
     def _unit_digest(self, view: int, chunk: int) -> int | None:
         if view not in self._digests:
             try:
-                self._digests[view] = self.group[DIGESTS][view, :]
+                self._digests[view] = np.asarray(member_array(self.group, DIGESTS)[view, :])
             except Exception:
                 self._digests[view] = None  # a damaged digest chunk: find which, unit by unit
         row = self._digests[view]
         if row is not None:
             return int(row[chunk])
         try:
-            return int(self.group[DIGESTS][view, chunk])
+            return int(np.asarray(member_array(self.group, DIGESTS)[view, chunk]))
         except Exception as e:
             raise self._damaged(DIGESTS, view, chunk, f"its digest cannot be read ({_first_line(e)})") from None
 
@@ -280,7 +282,7 @@ class Cache:
         reads as fill values too); asked only after a digest mismatch, so the common path costs no extra request."""
         from zarr.core.sync import sync
 
-        for name, arr in [*self._arrays.items(), (DIGESTS, self.group[DIGESTS])]:
+        for name, arr in [*self._arrays.items(), (DIGESTS, member_array(self.group, DIGESTS))]:
             key = f"{arr.store_path.path}/{arr.metadata.encode_chunk_key((view, chunk, *([0] * (arr.ndim - 2))))}"
             store = arr.store_path.store
             if not sync(store.exists(key)) or sync(store.getsize(key)) == 0:
@@ -323,7 +325,7 @@ class Cache:
     def labels(self) -> torch.Tensor:
         """The dataset labels recorded at build time (``[N]``)."""
         try:
-            return torch.from_numpy(self.group[LABELS][...].astype(np.int64))
+            return torch.from_numpy(np.asarray(member_array(self.group, LABELS)[...]).astype(np.int64))
         except Exception as e:
             raise DamagedCache(
                 f"cache {self.path} is damaged: array '{LABELS}' cannot be read ({_first_line(e)}); "
@@ -336,7 +338,7 @@ class Cache:
         return {"path": self.path}
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__(state["path"], open_group(state["path"], mode="r"))
+        type(self).__init__(self, state["path"], open_group(state["path"], mode="r"))
 
     def reopened(self) -> "Cache":
         return Cache(self.path, open_group(self.path, mode="r"))
@@ -366,7 +368,7 @@ def open_cache(path: str | os.PathLike) -> Cache:
         ) from None
     if ATTR_KEY not in group.attrs:
         raise LogitcacheError(f"{path} is a Zarr group without logitcache metadata (an unfinished or foreign store)")
-    version = group.attrs[ATTR_KEY].get("format_version")
+    version = store_attributes(group).get("format_version")
     if version not in READABLE_VERSIONS:
         raise LogitcacheError(
             f"{path} has format version {version}; this logitcache reads versions "
