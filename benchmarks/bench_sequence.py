@@ -25,9 +25,10 @@ from pathlib import Path
 
 from rich.table import Table
 
-from _common import OUT, cache_for, console, record, run_once, show
-from logitcache import TrainConfig, build_cache, specs
+from _common import OUT, console, record, run_once, show
+from logitcache import BuildConfig, TrainConfig, build_cache, specs
 from logitcache.budgets import Arm, budget_epochs, plot_budgets
+from logitcache.sequence import Sequence
 
 
 def floats(text: str) -> list[float]:
@@ -46,7 +47,7 @@ def main() -> None:
         "--throughout-budgets",
         type=floats,
         default=floats("0.5,0.625,0.75,0.875,1.0"),
-        help="cached KD for all steps (the default until session 5; the default now is the first half)",
+        help="cached KD for all steps (the default is the first half)",
     )
     ap.add_argument("--online-budget", type=float, default=0.5)
     ap.add_argument("--seeds", type=int, default=3)
@@ -198,17 +199,8 @@ def main() -> None:
 
 
 def best_teacher_sweep(args, seeds, run1, run1_cache, kd_epochs, trained) -> list[str]:
-    """Part C: per seed, the sweep's members in order, each distilled from the best finished run so far."""
-    caches = {run1.run_dir: str(run1_cache.path)}
-
-    def cache_of(run_dir: str) -> str:
-        if run_dir not in caches:  # a new best: one build of its targets (counted in the sweep's cost)
-            out = OUT / f"sequence-cache-best-{Path(run_dir).name}"
-            caches[run_dir] = cache_for(
-                run_dir, "fashion-mnist", "pad-crop-flip", args.samples, run1_cache.num_views, out
-            )
-        return caches[run_dir]
-
+    """Part C: per seed, the sweep's members in order, each distilled from the best finished run so far: a
+    ``logitcache.sequence.Sequence`` (policy ``best``) names the teacher and builds each new teacher's cache once."""
     table = Table(title=f"C. the sweep in order, each member distilled from the best run so far, {kd_epochs} epochs")
     cols = (
         "lr",
@@ -221,27 +213,35 @@ def best_teacher_sweep(args, seeds, run1, run1_cache, kd_epochs, trained) -> lis
     )
     for col in cols:
         table.add_column(col, justify="right")
-    diffs, builds = [], 0
+    build = BuildConfig(dataset="fashion-mnist", augment="pad-crop-flip", limit=args.samples,
+                        views=run1_cache.num_views, encoding="full", workers=args.workers, progress=False)  # fmt: skip
+    diffs, extra_builds = [], 0
     for seed in seeds[: args.sweep_seeds]:
-        best_dir, best_acc = run1.run_dir, run1.final_accuracy
+        # one sequence per seed, kept between invocations like the benchmark's runs (members already recorded reused)
+        seq = Sequence(OUT / f"sequence-best-{args.samples}-{args.model}-seed{seed}", build=build)
+        if seq.member("run1") is None:
+            seq.record(run1.run_dir, name="run1")
         for lr in args.sweep_lrs:
             a, b, c = Arm("best"), Arm("run 1"), Arm("scratch")
-            builds += best_dir not in caches
-            member = trained(a, kd_epochs / args.epochs, seed, lr, kd="cached", cache=cache_of(best_dir))
+            (teacher,) = seq.teacher()
+            kd = {k: v for k, v in seq.next_run().items() if k in ("kd", "cache")}  # data: the benchmark's own
+            member = trained(a, kd_epochs / args.epochs, seed, lr, **kd)
             trained(b, kd_epochs / args.epochs, seed, lr, kd="cached", cache=str(run1_cache.path))
             trained(c, 1.0, seed, lr)
+            name = f"lr={lr:g}"
+            if seq.member(name) is None:
+                seq.record(member.run_dir, name=name, settings={"lr": lr})
             acc = a.mean(kd_epochs)
             diffs.append((acc - b.mean(kd_epochs)) * 100)
             table.add_row(
-                f"{lr:g}", str(seed), f"{Path(best_dir).name[:18]} ({best_acc:.4f})", f"{acc:.4f}",
+                f"{lr:g}", str(seed), f"{teacher.name} ({teacher.metric:.4f})", f"{acc:.4f}",
                 f"{b.mean(kd_epochs):.4f}", f"{c.mean(args.epochs):.4f}", f"{diffs[-1]:+.2f}",
             )  # fmt: skip
-            if acc > best_acc:  # this member is the sweep's best so far: the next one learns from it
-                best_dir, best_acc = member.run_dir, acc
+        extra_builds += len(seq.builds) - 1  # run 1's own cache is rebuilt inside the sequence: not an extra teacher
     return [
         show(table),
         f"best-so-far teacher - run 1 as teacher: mean {statistics.mean(diffs):+.2f} pp over {len(diffs)} members "
-        f"(extra builds: {builds})",
+        f"(builds for new teachers: {extra_builds})",
     ]
 
 

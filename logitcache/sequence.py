@@ -1,0 +1,467 @@
+"""A sequence of training runs that teach each other (a hyperparameter sweep, periodic retraining): which finished run
+teaches the next, one cache per teacher, built once, and what the whole sequence cost.
+
+A sequence is a folder every process of the sweep can reach (a local disk, or a filesystem machines share):
+
+- ``members.jsonl``: one line per finished run (its run directory, metric, wall time, teacher passes, teacher);
+- ``builds.jsonl``: one line per finished cache build (its teacher, wall time, teacher passes);
+- ``caches/<teacher>/``: the cache of each teacher, and ``caches/<teacher>.lock`` while one process builds it.
+
+The teacher is a pure function of the recorded members (in the order they were recorded) and the policy, so every
+process names the same teacher without asking the others. Building is claimed by creating the lock file (atomic,
+``O_EXCL``); the builder refreshes it while it works, others wait for the cache (or take the previous one); a lock
+left by a builder that died (its process gone, or not refreshed for ``stale_s``) is taken over, and the build resumes
+where it stopped. Sweep engines (a plain loop, Optuna, Ray Tune, a W&B agent) call this API from their workers; the
+sequence schedules nothing itself. ``logitcache sweep`` runs a grid through it on one machine.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .config import BuildConfig
+from .errors import LogitcacheError
+
+POLICIES = ("best", "fixed", "ensemble")
+MEMBERS, BUILDS, CACHES = "members.jsonl", "builds.jsonl", "caches"
+
+
+@dataclass(frozen=True)
+class Member:
+    """One finished run: ``metric`` (higher is better: the final test accuracy unless given), its wall time and
+    teacher forward passes (online KD's; a cache's are counted once, in its build), the teacher it learned from
+    (a teacher key, None from scratch) and the settings that tell it apart."""
+
+    name: str
+    run_dir: str
+    metric: float
+    seconds: float
+    samples: int  # training samples seen (epochs x training set): the unit of the from-scratch estimate
+    teacher_forwards: int = 0
+    teacher: str | None = None
+    settings: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class BuildRecord:
+    """One finished build of a teacher's cache."""
+
+    teacher: str
+    members: tuple[str, ...]
+    path: str
+    seconds: float
+    teacher_forwards: int
+
+
+@dataclass(frozen=True)
+class Policy:
+    """Which recorded runs teach. ``best``: the best run so far, replaced only by a run better by more than
+    ``margin`` (a new cache is built only when it pays); ``fixed``: the run named ``member``; ``ensemble``: the
+    ``size`` best runs so far (mean of their probabilities), a run entering only when it beats the weakest by more
+    than ``margin``. Spec strings: ``best``, ``best:0.005``, ``fixed:NAME``, ``ensemble:3``, ``ensemble:3:0.005``."""
+
+    kind: str = "best"
+    margin: float = 0.0
+    member: str | None = None
+    size: int = 3
+
+    @classmethod
+    def parse(cls, spec: str) -> "Policy":
+        kind, _, rest = spec.partition(":")
+        try:
+            if kind == "best":
+                return cls("best", float(rest or 0))
+            if kind == "fixed" and rest:
+                return cls("fixed", member=rest)
+            if kind == "ensemble":
+                size, _, margin = rest.partition(":")
+                return cls("ensemble", float(margin or 0), size=int(size or 3))
+        except ValueError:
+            pass
+        raise LogitcacheError(
+            f"unknown teacher policy {spec!r}: use best, best:MARGIN, fixed:MEMBER, ensemble:N or ensemble:N:MARGIN"
+        )
+
+    def choose(self, members: list[Member]) -> tuple[Member, ...]:
+        """The teaching runs after ``members`` (in recorded order); empty before the first one."""
+        if self.kind == "fixed":
+            return tuple(m for m in members if m.name == self.member)[:1]
+        chosen: list[Member] = []
+        size = 1 if self.kind == "best" else self.size
+        for m in members:
+            if len(chosen) < size:
+                chosen.append(m)
+                continue
+            weakest = min(chosen, key=lambda c: c.metric)
+            if m.metric > weakest.metric + self.margin:
+                chosen[chosen.index(weakest)] = m
+        return tuple(sorted(chosen, key=lambda c: c.name))
+
+
+def teacher_key(members: tuple[Member, ...]) -> str:
+    """The folder name of a teacher's cache: its members' names, made safe for a path."""
+    return "+".join(re.sub(r"[^A-Za-z0-9._=-]+", "_", m.name) for m in members)
+
+
+class Sequence:
+    """The sequence in folder ``root``. ``build``: how each teacher's cache is built (dataset, augmentation, views,
+    encoding, ...; its ``teacher`` and ``out`` are the sequence's), ``policy`` which runs teach (``Policy`` or its
+    spec string). ``stale_s``: a lock not refreshed for that long is a dead builder's."""
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        *,
+        build: BuildConfig | None = None,
+        policy: Policy | str = "best",
+        stale_s: float = 120.0,
+        poll_s: float = 1.0,
+    ):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        (self.root / CACHES).mkdir(exist_ok=True)
+        self.build_config = build or BuildConfig(dataset="fashion-mnist")
+        self.policy = Policy.parse(policy) if isinstance(policy, str) else policy
+        self.stale_s, self.poll_s = stale_s, poll_s
+
+    # --- what happened ---------------------------------------------------------------------------------------------
+
+    @property
+    def members(self) -> list[Member]:
+        return [Member(**row) for row in _read_jsonl(self.root / MEMBERS)]
+
+    @property
+    def builds(self) -> list[BuildRecord]:
+        return [BuildRecord(**{**row, "members": tuple(row["members"])}) for row in _read_jsonl(self.root / BUILDS)]
+
+    def member(self, name: str) -> Member | None:
+        return next((m for m in self.members if m.name == name), None)
+
+    def record(
+        self,
+        run_dir: str | os.PathLike,
+        *,
+        name: str | None = None,
+        metric: float | None = None,
+        settings: dict[str, Any] | None = None,
+    ) -> Member:
+        """Record a finished run (a ``logitcache train`` run directory): its metric (default: the final test
+        accuracy), wall time, samples, teacher passes and teacher come from its own records. A name already recorded
+        is refused: a member is recorded once."""
+        run = Path(run_dir)
+        try:
+            config = json.loads((run / "config.json").read_text())
+            rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        except (OSError, ValueError) as e:
+            raise LogitcacheError(f"{run} is not a finished `logitcache train` run: {e}") from None
+        if not rows or len(rows) != config["epochs"]:
+            raise LogitcacheError(f"{run} has not finished ({len(rows)} of {config['epochs']} epochs)")
+        last = rows[-1]
+        cache = config.get("cache") if config.get("kd") == "cached" else None
+        member = Member(
+            name=name or run.name,
+            run_dir=str(run),
+            metric=float(metric if metric is not None else last["test_accuracy"]),
+            seconds=float(last["wall_seconds"]),
+            samples=int(config["epochs"]) * _train_size(config),
+            teacher_forwards=int(last.get("teacher_forwards", 0)),
+            teacher=self._key_of_cache(cache) if cache else None,
+            settings=dict(settings or {}),
+        )
+        with _file_lock(self.root / (MEMBERS + ".lock")):
+            if self.member(member.name) is not None:
+                raise LogitcacheError(f"the sequence already has a member named {member.name!r}")
+            _append_jsonl(self.root / MEMBERS, dataclasses.asdict(member))
+        return member
+
+    # --- who teaches -----------------------------------------------------------------------------------------------
+
+    def teacher(self) -> tuple[Member, ...]:
+        """The runs that teach the next run under the policy (empty: the next run trains from scratch)."""
+        return self.policy.choose(self.members)
+
+    def cache_path(self, teacher: tuple[Member, ...]) -> Path:
+        return self.root / CACHES / teacher_key(teacher)
+
+    def cache(self, *, wait: bool = True, launch: Callable[[BuildConfig], None] | None = None) -> str | None:
+        """The path of the current teacher's complete cache, built here if no process has built it (None while no
+        run is recorded). Another process building it: wait for it, or (``wait=False``) take the newest complete
+        cache of an earlier teacher (None if there is none). ``launch(cfg)`` runs the build (default:
+        ``logitcache.build``, in this process)."""
+        teacher = self.teacher()
+        if not teacher:
+            return None
+        path = self.cache_path(teacher)
+        while True:
+            if _complete(path) and not self._lock_path(path).exists():
+                return str(path)
+            claimed = self._claim(path)
+            if claimed:
+                try:
+                    self._build(teacher, path, launch)
+                finally:
+                    claimed.release()
+                return str(path)
+            if not wait:
+                return self._previous_cache()
+            time.sleep(self.poll_s)
+
+    def next_run(self, *, wait: bool = True, launch: Callable[[BuildConfig], None] | None = None) -> dict[str, Any]:
+        """What the next run of the sequence needs, as ``TrainConfig`` fields: the sequence's data (its build's
+        dataset, limit and augmentation) and cached KD from the current teacher's cache (the library's recipe
+        otherwise: KD for the first half of training), or plain training before any run is recorded."""
+        cache = self.cache(wait=wait, launch=launch)
+        cfg = self.build_config
+        data = {"dataset": cfg.dataset, "limit": cfg.limit, "augment": cfg.augment}
+        return {**data, "kd": "none"} if cache is None else {**data, "kd": "cached", "cache": cache}
+
+    def report(self) -> "SequenceReport":
+        return SequenceReport(self.members, self.builds)
+
+    # --- building --------------------------------------------------------------------------------------------------
+
+    def _build(self, teacher: tuple[Member, ...], path: Path, launch: Callable[[BuildConfig], None] | None) -> None:
+        from .build import build
+        from .store import is_store, open_cache
+
+        cfg = dataclasses.replace(
+            self.build_config,
+            teacher=",".join(m.run_dir for m in teacher),
+            out=str(path),
+            resume=is_store(path),  # a build a dead builder left midway continues
+            overwrite=False,
+        )
+        start = time.perf_counter()
+        (launch or build)(cfg)
+        seconds = time.perf_counter() - start
+        cache = open_cache(path)
+        if not cache.is_complete:
+            raise LogitcacheError(f"the build of {path} did not finish")
+        probe = cache.meta.table.probe if cache.meta.table is not None else 0
+        record = BuildRecord(
+            teacher_key(teacher),
+            tuple(m.name for m in teacher),
+            str(path),
+            round(seconds, 3),
+            cache.num_views * cache.num_samples + probe,
+        )
+        with _file_lock(self.root / (BUILDS + ".lock")):
+            _append_jsonl(self.root / BUILDS, dataclasses.asdict(record))
+
+    def _lock_path(self, path: Path) -> Path:
+        return path.with_name(path.name + ".lock")
+
+    def _claim(self, path: Path) -> "_BuildLock | None":
+        lock = self._lock_path(path)
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            if self._stale(lock):
+                lock.unlink(missing_ok=True)  # a dead builder's: the next claim takes it over
+            return None
+        with os.fdopen(fd, "w") as f:
+            json.dump({"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}, f)
+        return _BuildLock(lock, interval=max(0.05, self.stale_s / 6))
+
+    def _stale(self, lock: Path) -> bool:
+        try:
+            owner = json.loads(lock.read_text())
+            age = time.time() - lock.stat().st_mtime
+        except (OSError, ValueError):
+            return False  # being written, or just removed
+        if owner.get("host") == socket.gethostname() and not _alive(int(owner.get("pid", 0))):
+            return True
+        return age > self.stale_s
+
+    def _previous_cache(self) -> str | None:
+        done = [b for b in self.builds if _complete(Path(b.path))]
+        return done[-1].path if done else None
+
+    def _key_of_cache(self, cache: str) -> str | None:
+        path = Path(cache).resolve()
+        return path.name if path.parent == (self.root / CACHES).resolve() else str(cache)
+
+
+@dataclass
+class SequenceReport:
+    """What the sequence cost and gave: every run and build, their sums, the best member, and the same members
+    trained from scratch (measured where a member trained from scratch, else estimated from the first such member's
+    seconds per training sample; ``estimated`` counts those)."""
+
+    members: list[Member]
+    builds: list[BuildRecord]
+
+    @property
+    def run_seconds(self) -> float:
+        return sum(m.seconds for m in self.members)
+
+    @property
+    def build_seconds(self) -> float:
+        return sum(b.seconds for b in self.builds)
+
+    @property
+    def total_seconds(self) -> float:
+        return self.run_seconds + self.build_seconds
+
+    @property
+    def teacher_forwards(self) -> int:
+        return sum(m.teacher_forwards for m in self.members) + sum(b.teacher_forwards for b in self.builds)
+
+    @property
+    def best(self) -> Member | None:
+        return max(self.members, key=lambda m: m.metric) if self.members else None
+
+    def scratch_seconds(self) -> tuple[float | None, int]:
+        """The members' total from scratch, and how many of its terms are estimates (None: no member trained from
+        scratch, so nothing to estimate from)."""
+        scratch = [m for m in self.members if m.teacher is None]
+        if not scratch:
+            return None, 0
+        per_sample = scratch[0].seconds / max(1, scratch[0].samples)
+        total, estimated = 0.0, 0
+        for m in self.members:
+            if m.teacher is None:
+                total += m.seconds
+            else:
+                total += per_sample * m.samples
+                estimated += 1
+        return total, estimated
+
+    def teacher_changes(self) -> list[int]:
+        """Positions of the members whose teacher differs from the previous member's."""
+        return [i for i in range(1, len(self.members)) if self.members[i].teacher != self.members[i - 1].teacher]
+
+    def summary(self) -> dict[str, Any]:
+        scratch, estimated = self.scratch_seconds()
+        best = self.best
+        return {
+            "members": len(self.members),
+            "builds": len(self.builds),
+            "run_seconds": round(self.run_seconds, 1),
+            "build_seconds": round(self.build_seconds, 1),
+            "total_seconds": round(self.total_seconds, 1),
+            "teacher_forwards": self.teacher_forwards,
+            "scratch_seconds": None if scratch is None else round(scratch, 1),
+            "scratch_estimated_members": estimated,
+            "best": None if best is None else {"name": best.name, "metric": best.metric, "run_dir": best.run_dir},
+        }
+
+    def plot(self, path: str | os.PathLike, title: str = "the sequence") -> bool:
+        """Each member's metric in order, the teacher changes marked; False when matplotlib is not installed."""
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            return False
+        fig, ax = plt.subplots(figsize=(max(5.0, 0.6 * len(self.members) + 2), 3.6))
+        xs = list(range(1, len(self.members) + 1))
+        teachers = [m.teacher or "from scratch" for m in self.members]
+        for name in dict.fromkeys(teachers):
+            points = [(x, m.metric) for x, m, t in zip(xs, self.members, teachers) if t == name]
+            ax.scatter([p[0] for p in points], [p[1] for p in points], label=f"teacher: {name}", zorder=3)
+        ax.plot(xs, [m.metric for m in self.members], color="0.7", zorder=1)
+        for i in self.teacher_changes():
+            ax.axvline(i + 0.5, color="0.5", linestyle=":", linewidth=1)
+        ax.set_xticks(xs, [m.name for m in self.members], rotation=30, ha="right", fontsize=7)
+        ax.set_ylabel("final test accuracy")
+        ax.set_title(title)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        return True
+
+
+class _BuildLock:
+    """A claimed build: the lock file's mtime is refreshed every ``interval`` seconds until ``release``."""
+
+    def __init__(self, path: Path, interval: float):
+        self.path, self._stop = path, threading.Event()
+        self._thread = threading.Thread(target=self._beat, args=(interval,), name="logitcache-lock", daemon=True)
+        self._thread.start()
+
+    def _beat(self, interval: float) -> None:
+        while not self._stop.wait(interval):
+            try:
+                os.utime(self.path)
+            except OSError:
+                return
+
+    def release(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.path.unlink(missing_ok=True)
+
+
+@contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """An exclusive lock (``flock``) around an append: records from concurrent processes never interleave."""
+    import fcntl
+
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _append_jsonl(path: Path, row: dict[str, Any]) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return []
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def _complete(path: Path) -> bool:
+    from .store import is_store, open_cache
+
+    if not is_store(path):
+        return False
+    try:
+        return open_cache(path).is_complete
+    except LogitcacheError:
+        return False
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _train_size(config: dict[str, Any]) -> int:
+    """The training set's size of a run, from its config (``limit``, else the cache's or the dataset's length)."""
+    if config.get("limit"):
+        return int(config["limit"])
+    from . import specs
+    from .datasets import dataset_len
+
+    return dataset_len(specs.resolve_dataset(config.get("dataset") or "fashion-mnist", train=True))

@@ -1,0 +1,187 @@
+"""Sequences of runs: the policies name the right teacher, one cache per teacher is built once however many processes
+ask, a killed sweep resumes without rerunning finished members, and the report adds up the runs' own records."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+import logitcache as lc
+from conftest import HELPERS
+from logitcache.config import BuildConfig
+from logitcache.errors import LogitcacheError
+from logitcache.sequence import Member, Policy, Sequence
+from logitcache.train import load_metrics
+
+DATASET = f"{HELPERS}:tiny_dataset"
+AUGMENT = f"{HELPERS}:light_augment"
+TRAIN = ["--set", f"dataset={DATASET}", "--set", f"augment={AUGMENT}", "--set", "model=small-resnet8-w4",
+         "--set", "epochs=2", "--set", "batch-size=32", "--set", "workers=0"]  # fmt: skip
+
+
+def _members(*metrics: float) -> list[Member]:
+    return [Member(f"m{i}", f"/runs/m{i}", acc, 1.0, 100) for i, acc in enumerate(metrics)]
+
+
+def test_best_takes_the_best_run_so_far_and_a_margin_keeps_the_teacher_until_a_run_pays():
+    runs = _members(0.80, 0.82, 0.825, 0.79, 0.84)
+    best = Policy.parse("best")
+    assert [best.choose(runs[: i + 1])[0].name for i in range(5)] == ["m0", "m1", "m2", "m2", "m4"]
+    margin = Policy.parse("best:0.01")  # m2 beats m1 by 0.005 only: no new cache for it
+    assert [margin.choose(runs[: i + 1])[0].name for i in range(5)] == ["m0", "m1", "m1", "m1", "m4"]
+    assert best.choose([]) == ()
+
+
+def test_fixed_and_ensemble_policies():
+    runs = _members(0.80, 0.82, 0.78, 0.85, 0.81)
+    fixed = Policy.parse("fixed:m2")
+    assert fixed.choose(runs[:2]) == () and fixed.choose(runs)[0].name == "m2"
+    ensemble = Policy.parse("ensemble:2")
+    assert [m.name for m in ensemble.choose(runs[:1])] == ["m0"]
+    assert [m.name for m in ensemble.choose(runs[:3])] == ["m0", "m1"]  # m2 is below both
+    assert [m.name for m in ensemble.choose(runs)] == ["m1", "m3"]  # m3 replaced m0; m4 (0.81) is below m1 (0.82)
+    close = _members(0.80, 0.82, 0.81)  # m2 beats the weakest (m0) by 0.01
+    assert [m.name for m in ensemble.choose(close)] == ["m1", "m2"]
+    assert [m.name for m in Policy.parse("ensemble:2:0.02").choose(close)] == ["m0", "m1"]
+    with pytest.raises(LogitcacheError, match="unknown teacher policy"):
+        Policy.parse("worst")
+
+
+@pytest.fixture(scope="module")
+def teacher_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("seq") / "teacher"
+    return lc.train(lc.TrainConfig(out=str(out), dataset=DATASET, augment=AUGMENT, model="small-resnet8-w4", epochs=1,
+                                   batch_size=32, workers=0, progress=False))  # fmt: skip
+
+
+_ASK = textwrap.dedent(
+    """
+    import os, sys, time
+    from logitcache.build import build
+    from logitcache.config import BuildConfig
+    from logitcache.sequence import Sequence
+
+    root, dataset, augment, run = sys.argv[1:5]
+
+    def launch(cfg):
+        with open(os.path.join(root, "launches"), "a") as f:
+            f.write(f"{os.getpid()}\\n")
+        time.sleep(2)  # the other process asks while this one builds
+        build(cfg)
+
+    seq = Sequence(root, build=BuildConfig(dataset=dataset, augment=augment, views=2, encoding="full",
+                                           batch_size=32, chunk_rows=64, workers=0, progress=False), poll_s=0.2)
+    print(seq.cache(launch=launch))
+    seq.record(run, name=os.path.basename(run))  # both record a run at once: neither line is lost
+    """
+)
+
+
+def test_two_processes_asking_at_once_build_one_cache_once(tmp_path, teacher_run):
+    import shutil
+
+    root = tmp_path / "seq"
+    seq = Sequence(root)
+    seq.record(teacher_run.run_dir, name="teacher")
+    runs = [tmp_path / "a", tmp_path / "b"]
+    for run in runs:
+        shutil.copytree(teacher_run.run_dir, run)
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _ASK, str(root), DATASET, AUGMENT, str(run)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for run in runs
+    ]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err for _, err in outputs]
+    paths = {out.strip() for out, _ in outputs}
+    assert paths == {str(root / "caches" / "teacher")}
+    assert len((root / "launches").read_text().split()) == 1  # built once
+    assert len(seq.builds) == 1 and lc.open_cache(paths.pop()).is_complete
+    assert sorted(m.name for m in seq.members) == ["a", "b", "teacher"]
+    assert not list((root / "caches").glob("*.lock"))
+
+
+def test_a_dead_builders_lock_is_taken_over_and_its_build_resumed(tmp_path, teacher_run):
+    root = tmp_path / "seq"
+    seq = Sequence(root, build=BuildConfig(dataset=DATASET, augment=AUGMENT, views=2, encoding="full", batch_size=32,
+                                           chunk_rows=64, workers=0, progress=False), poll_s=0.05)  # fmt: skip
+    seq.record(teacher_run.run_dir, name="teacher")
+    lock = root / "caches" / "teacher.lock"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    lock.write_text(json.dumps({"host": os.uname().nodename, "pid": dead.pid, "since": time.time()}))
+    assert seq.cache(wait=False) is None  # taken over on the next claim; nothing built before
+    path = seq.cache()
+    assert lc.open_cache(path).is_complete and len(seq.builds) == 1 and not lock.exists()
+
+
+def _sweep(root: Path, *extra: str) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "logitcache", "sweep", "--out", str(root), "--grid", "lr=0.05,0.1,0.2", "--views",
+           "2", "--no-plot", *TRAIN, *extra]  # fmt: skip
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def test_a_killed_sweep_resumes_without_rerunning_finished_members_and_its_report_adds_up(tmp_path):
+    root = tmp_path / "sweep"
+    first = _sweep(root)
+    members = root / "members.jsonl"
+    deadline = time.time() + 240
+    while not (members.exists() and members.read_text().strip()) and first.poll() is None:
+        assert time.time() < deadline, "the first member never finished"
+        time.sleep(0.2)
+    os.killpg(first.pid, signal.SIGKILL)  # mid-sweep: member 2's teacher cache is being built
+    first.wait()
+    done = Path(json.loads(members.read_text().splitlines()[0])["run_dir"])
+    before = (done / "metrics.jsonl").stat().st_mtime_ns
+    second = _sweep(root)
+    out, err = second.communicate(timeout=600)
+    assert second.returncode == 0, err
+    assert (done / "metrics.jsonl").stat().st_mtime_ns == before  # not trained again
+    seq = Sequence(root)
+    assert [m.name for m in seq.members] == ["lr=0.05", "lr=0.1", "lr=0.2"]
+    assert seq.members[0].teacher is None and {m.teacher for m in seq.members[1:]} <= {"lr=0.05", "lr=0.1"}
+    # the report's sums are the runs' and builds' own records
+    report = seq.report()
+    walls = [load_metrics(m.run_dir)[-1]["wall_seconds"] for m in seq.members]
+    assert report.run_seconds == pytest.approx(sum(walls))
+    caches = [lc.open_cache(b.path) for b in seq.builds]
+    assert len({b.teacher for b in seq.builds}) == len(seq.builds)  # one build per teacher
+    assert report.teacher_forwards == sum(c.num_views * c.num_samples for c in caches)  # full: no table probe
+    assert report.total_seconds == pytest.approx(sum(walls) + sum(b.seconds for b in seq.builds))
+    summary = json.loads((root / "report.json").read_text())
+    assert summary["best"]["metric"] == max(m.metric for m in seq.members)
+    assert "3 members" in out
+
+
+def test_an_optuna_study_drives_the_sequence(tmp_path):
+    optuna = pytest.importorskip("optuna")  # the optional extra: logitcache[optuna]
+    build = BuildConfig(dataset=DATASET, augment=AUGMENT, views=1, encoding="full", batch_size=32, chunk_rows=64,
+                        workers=0, progress=False)  # fmt: skip
+    seq = Sequence(tmp_path / "seq", build=build)
+
+    def objective(trial):
+        lr = trial.suggest_float("lr", 0.02, 0.2, log=True)
+        name = f"trial-{trial.number}"
+        cfg = lc.TrainConfig(out=str(tmp_path / "runs" / name), lr=lr, model="small-resnet8-w4", epochs=1,
+                             batch_size=32, workers=0, progress=False, **seq.next_run())  # fmt: skip
+        return seq.record(lc.train(cfg).run_dir, name=name, settings={"lr": lr}).metric
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction="maximize", storage=f"sqlite:///{tmp_path}/optuna.db",
+                                sampler=optuna.samplers.RandomSampler(seed=0))  # fmt: skip
+    study.optimize(objective, n_trials=3)
+    members = seq.members
+    assert [m.name for m in members] == ["trial-0", "trial-1", "trial-2"]
+    assert members[0].teacher is None and all(m.teacher for m in members[1:])
+    assert study.best_value == max(m.metric for m in members)
+    assert len(seq.builds) == len({m.teacher for m in members[1:]})
