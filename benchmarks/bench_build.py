@@ -1,7 +1,9 @@
 """Benchmark 2, build throughput: `build_cache` versus a bare loop that runs the same teacher over the same
 replayed, augmented loader (same batches, same workers) and throws the outputs away.
 
-The ratio shows how much of encoding, compression and writing is hidden behind the teacher's compute.
+The ratio shows how much of encoding, compression and writing is hidden behind the teacher's compute. With
+``--precisions fp32,bf16`` the bare loop and the full build also run in bf16 autocast, to show what bf16 does on this
+machine's device.
 """
 
 from __future__ import annotations
@@ -16,17 +18,19 @@ from torch.utils.data import DataLoader
 from _common import OUT, fashion_mnist, interleaved, median, record, show, timed
 from logitcache import build_cache, specs
 from logitcache.build import ReplayedViews, plan_batches
+from logitcache.compute import Compute
 from logitcache.store import Layout
 
 HERE = Path(__file__).resolve().parent
 
 
-def bare_loop(teacher, ds, tf, views: int, batch_size: int, chunk_rows: int, workers: int) -> None:
+def bare_loop(teacher, ds, tf, views: int, batch_size: int, chunk_rows: int, workers: int, precision: str) -> None:
     layout = Layout(views, len(ds), chunk_rows)
     units = [(v, c) for v in range(views) for c in range(layout.num_chunks)]
     plan = plan_batches(layout, units, batch_size)
     loader = DataLoader(ReplayedViews(ds, tf, 0), batch_sampler=[batch.indices for batch in plan], num_workers=workers)
-    with torch.inference_mode():
+    compute = Compute(torch.device("cpu"), precision)
+    with torch.inference_mode(), compute.autocast():
         for x in loader:
             teacher(x).float().cpu()
 
@@ -37,8 +41,10 @@ def main() -> None:
     ap.add_argument("--views", type=int, default=2)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--precisions", default="fp32,bf16", help="Teacher precisions of the bare loop and the full build.")
     ap.add_argument("--quick", action="store_true", help="~1 minute smoke run, not recorded")
     args = ap.parse_args()
+    precisions = [p for p in args.precisions.split(",") if p]
     if args.quick:
         args.samples, args.reps = 2048, 1
 
@@ -48,12 +54,12 @@ def main() -> None:
     batch, rows = 256, 1024
     n = args.views * args.samples
 
-    def build(encoding: str) -> float:
+    def build(encoding: str, precision: str = "fp32") -> float:
         return n / timed(
             lambda: build_cache(
                 teacher,
                 ds,
-                OUT / "build" / encoding,
+                OUT / "build" / f"{encoding}-{precision}",
                 augment=tf,
                 views=args.views,
                 encoding=encoding,
@@ -63,27 +69,33 @@ def main() -> None:
                 workers=args.workers,
                 overwrite=True,
                 progress=False,
+                precision=precision,
             )
         )
 
-    variants = {
-        "bare loop (teacher only)": lambda: (
-            n / timed(lambda: bare_loop(teacher, ds, tf, args.views, batch, rows, args.workers))
-        ),
-        "build, full": lambda: build("full"),
-        "build, topk k=4": lambda: build("topk"),
-        "build, quantized": lambda: build("quantized"),
-    }
+    def bare(precision: str) -> float:
+        return n / timed(lambda: bare_loop(teacher, ds, tf, args.views, batch, rows, args.workers, precision))
+
+    variants, same = {}, {}
+    for p in precisions:
+        variants[f"bare loop (teacher only), {p}"] = lambda p=p: bare(p)
+        variants[f"build, full, {p}"] = lambda p=p: build("full", p)
+        same[f"bare loop (teacher only), {p}"] = same[f"build, full, {p}"] = f"bare loop (teacher only), {p}"
+    for enc, label in (("topk", "build, topk k=4, fp32"), ("quantized", "build, quantized, fp32")):
+        variants[label] = lambda enc=enc: build(enc)
+        same[label] = "bare loop (teacher only), fp32"
     rates = interleaved(variants, args.reps)
-    base = median(rates["bare loop (teacher only)"])
+    fp32 = median(rates["bare loop (teacher only), fp32"]) if "fp32" in precisions else None
     table = Table(
         title=f"build throughput: {args.samples} Fashion-MNIST images x {args.views} views, "
-        f"small-resnet8 teacher, {args.workers} workers, {args.reps} reps (medians)"
+        f"small-resnet8 teacher, {args.workers} workers, {args.reps} reps (medians), CPU"
     )
-    for col in ("variant", "samples/s", "throughput / bare loop", "all runs (samples/s)"):
+    for col in ("variant", "samples/s", "/ bare loop, same precision", "/ bare loop, fp32", "all runs (samples/s)"):
         table.add_column(col, justify="right")
     for name, xs in rates.items():
-        table.add_row(name, f"{median(xs):,.0f}", f"{median(xs) / base:.3f}x", ", ".join(f"{x:,.0f}" for x in xs))
+        base = median(rates[same[name]]) if same[name] in rates else float("nan")
+        table.add_row(name, f"{median(xs):,.0f}", f"{median(xs) / base:.3f}x",
+                      f"{median(xs) / fp32:.3f}x" if fp32 else "-", ", ".join(f"{x:,.0f}" for x in xs))  # fmt: skip
     record("Build throughput (bench_build.py)", show(table) + "\ntarget: build >= 0.95x of the bare loop", args.quick)
 
 

@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from . import distributed, store
 from .compat import differences, inputs_of
 from .datasets import dataset_len, labels_of
+from .compute import Compute, compiled
 from .config import BuildConfig
 from .encoding import AUTO, ENCODINGS, Encoding, make_encoding
 from .errors import LogitcacheError
@@ -83,7 +84,7 @@ def plan_batches(layout: store.Layout, units: list[tuple[int, int]], batch_size:
 def teacher_pass(
     teacher: nn.Module,
     images: Dataset | Sequence[torch.Tensor],
-    device: torch.device,
+    compute: Compute,
     *,
     batch_size: int = 1,
     batches: Iterable[list[int]] | None = None,
@@ -91,18 +92,20 @@ def teacher_pass(
 ) -> Iterator[torch.Tensor]:
     """The teacher's logits (float32, on the CPU) for ``images``, batch by batch in order: the one way the build,
     its table's probe, the build's first check and ``verify`` run a teacher. ``batches``: the indices of each batch
-    (else consecutive batches of ``batch_size``). Workers decode and augment; the teacher runs here. The workers
-    start at the call, before the caller's progress bar starts its thread."""
+    (else consecutive batches of ``batch_size``). Workers decode and augment; the teacher runs here, on ``compute``'s
+    device, in its precision and memory format. The workers start at the call, before the caller's progress bar
+    starts its thread."""
     order = {"batch_sampler": batches} if batches is not None else {"batch_size": batch_size}
     # DataLoader reads any indexable sequence, though its annotation names Dataset alone
-    loader = iter(DataLoader(images, num_workers=workers, pin_memory=device.type == "cuda", **order))  # type: ignore[arg-type]
-    return _logits(teacher, loader, device)
+    pin = compute.device.type == "cuda"
+    loader = iter(DataLoader(images, num_workers=workers, pin_memory=pin, **order))  # type: ignore[arg-type]
+    return _logits(teacher, loader, compute)
 
 
-def _logits(teacher: nn.Module, loader: Iterator[torch.Tensor], device: torch.device) -> Iterator[torch.Tensor]:
+def _logits(teacher: nn.Module, loader: Iterator[torch.Tensor], compute: Compute) -> Iterator[torch.Tensor]:
     for x in loader:
-        with torch.inference_mode():
-            out = teacher(x.to(device, non_blocking=True))
+        with torch.inference_mode(), compute.autocast():
+            out = teacher(compute.inputs(x))
         if not isinstance(out, torch.Tensor) or out.ndim != 2:
             raise LogitcacheError(
                 f"the teacher must return logits of shape [batch, classes]; it returned "
@@ -239,6 +242,7 @@ def _out_of_space(out: str, error: OSError, group: zarr.Group, fields: dict, lay
 def _metadata(job: "_Build") -> CacheMeta:
     """The group attributes (docs/format.md): identity, fingerprints and versions."""
     images, layout, encoding, specs = job.images, job.layout, job.encoding, job.specs
+    module = getattr(job.teacher, "_orig_mod", job.teacher)  # a compiled teacher is its module, compiled
     inputs = inputs_of(images.dataset, images.transform, images.seed, layout.num_views, job.labels, mix=images.mix)
     return CacheMeta(
         format_version=store.FORMAT_VERSION,
@@ -253,12 +257,13 @@ def _metadata(job: "_Build") -> CacheMeta:
         values=encoding.values,
         temperature=encoding.stored_temperature,
         augment=AugmentRecord(specs.get("augment"), repr(images.transform), inputs.fingerprint),
-        teacher=TeacherRecord(specs.get("teacher"), type(job.teacher).__name__, teacher_sha256(job.teacher)),
+        teacher=TeacherRecord(specs.get("teacher"), type(module).__name__, teacher_sha256(module)),
         dataset=dataclasses.replace(inputs.dataset, spec=specs.get("dataset")),
         versions=versions(),
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         inner_chunk_rows=job.inner_chunk_rows,
         mix=images.mix,
+        precision=job.compute.precision,
     )
 
 
@@ -269,7 +274,7 @@ class _Build:
 
     out: str
     teacher: nn.Module
-    device: torch.device
+    compute: Compute
     images: "ReplayedViews"
     layout: store.Layout
     encoding: Encoding
@@ -299,6 +304,7 @@ def build_arguments(cfg: BuildConfig) -> dict[str, Any]:
         views=cfg.views, seed=cfg.seed, encoding=cfg.encoding, codec=cfg.codec, batch_size=cfg.batch_size,
         chunk_rows=cfg.chunk_rows, inner_chunk_rows=cfg.inner_chunk_rows, workers=cfg.workers, device=cfg.device,
         resume=cfg.resume, overwrite=cfg.overwrite, repair=cfg.repair, progress=cfg.progress,
+        precision=cfg.precision, channels_last=cfg.channels_last, compile=cfg.compile,
         table_probe=cfg.table_probe, mix=Mix(cfg.mix, cfg.mix_alpha, cfg.cutmix_alpha, cfg.mix_prob, cfg.switch_prob),
         specs={"teacher": cfg.teacher, "dataset": cfg.dataset, "augment": cfg.augment}, **cfg.options,
     )  # fmt: skip
@@ -349,6 +355,9 @@ def build_cache(
     specs: dict[str, str | None] | None = None,
     mix: Mix | None = None,
     table_probe: int | None = BuildConfig.table_probe,
+    precision: str = BuildConfig.precision,
+    channels_last: bool = BuildConfig.channels_last,
+    compile: bool = BuildConfig.compile,
     **options: Any,
 ) -> store.Cache:
     """Run ``teacher`` over ``views`` replayed augmentations of every sample of ``dataset`` and store soft targets.
@@ -373,6 +382,10 @@ def build_cache(
     An encoding that keeps a per-cache table (``topk8`` with ``tail_shape="table"``) has it fitted first, on the
     teacher's outputs for the first ``table_probe`` samples of view 0 (default: the encoding's choice, 64 per class),
     by the process that creates the store; a resume keeps the stored table.
+
+    ``precision`` (``auto``: bf16 autocast on a CUDA device that supports it, else fp32), ``channels_last`` and
+    ``compile`` say how the teacher runs (``logitcache.compute``); the store records the precision, and a resume
+    needs the same.
     """
     out, specs = str(out), specs or {}
     _check_arguments(views=views, batch_size=batch_size, chunk_rows=chunk_rows, workers=workers)
@@ -382,14 +395,16 @@ def build_cache(
             f"inner_chunk_rows ({inner_chunk_rows}) must divide chunk_rows ({chunk_rows}): a unit is a whole number "
             "of inner chunks"
         )
-    dev = resolve_device(device)
-    teacher = teacher.eval().to(dev)
+    compute = Compute.of(resolve_device(device), precision, channels_last)
+    teacher = compute.model(teacher.eval())
     images = ReplayedViews(dataset, augment, seed, mix)
-    labels, num_classes = _probe(teacher, images, dev)
+    labels, num_classes = _probe(teacher, images, compute)
+    if compile:
+        teacher = compiled(teacher, lambda module: _probe(module, images, compute))
     enc = make_encoding(encoding, num_classes, options)
     num_samples = dataset_len(dataset)
     job = _Build(
-        out, teacher, dev, images, store.Layout(views, num_samples, chunk_rows), enc, labels, codec, batch_size,
+        out, teacher, compute, images, store.Layout(views, num_samples, chunk_rows), enc, labels, codec, batch_size,
         workers, progress, inner_chunk_rows or None,
         min(num_samples, table_probe) if table_probe else enc.probe_size(num_samples), specs,
     )  # fmt: skip
@@ -421,7 +436,7 @@ def _check_arguments(**values: int) -> None:
             raise LogitcacheError(f"{name} must be >= {low}, got {value}")
 
 
-def _probe(teacher: nn.Module, images: "ReplayedViews", dev: torch.device) -> tuple[np.ndarray, int]:
+def _probe(teacher: nn.Module, images: "ReplayedViews", compute: Compute) -> tuple[np.ndarray, int]:
     """The labels and the teacher's number of classes, from one replayed image; user mistakes caught here."""
     if images.n == 0:
         raise LogitcacheError("the dataset is empty")
@@ -430,7 +445,7 @@ def _probe(teacher: nn.Module, images: "ReplayedViews", dev: torch.device) -> tu
     if not isinstance(probe, torch.Tensor):
         raise LogitcacheError(f"the augmentation must return a tensor; it returned {type(probe).__name__}")
     try:
-        num_classes = next(teacher_pass(teacher, [probe], dev)).shape[1]
+        num_classes = next(teacher_pass(teacher, [probe], compute)).shape[1]
     except LogitcacheError:
         raise
     except Exception as e:
@@ -452,7 +467,7 @@ def _fit_table(job: _Build) -> tuple[np.ndarray, int] | None:
     probe = Subset(job.images, range(max(1, job.table_probe)))
     out = []
     with progress_bar("tail table probe", len(probe), job.progress) as advance:
-        for logits in teacher_pass(job.teacher, probe, job.device, batch_size=job.batch_size, workers=job.workers):
+        for logits in teacher_pass(job.teacher, probe, job.compute, batch_size=job.batch_size, workers=job.workers):
             out.append(torch.log_softmax(logits, dim=-1))
             advance(len(logits))
     return job.encoding.fit_table(torch.cat(out)).numpy(), len(probe)
@@ -542,7 +557,7 @@ def _run_teacher(job: _Build, units: list[tuple[int, int]], writer: UnitWriter) 
 
     total_rows = sum(layout.rows(c)[1] - layout.rows(c)[0] for _, c in units) // distributed.world_size()
     pieces: list[torch.Tensor] = []
-    logits_of = teacher_pass(job.teacher, job.images, job.device, batches=batches(), workers=job.workers)
+    logits_of = teacher_pass(job.teacher, job.images, job.compute, batches=batches(), workers=job.workers)
     with progress_bar("build", total_rows, enabled=job.progress and distributed.rank() == 0) as advance:
         for logits in logits_of:
             batch = planned.popleft()  # the loader keeps the sampler's order

@@ -32,6 +32,7 @@ class RunState:
     wall: float = 0.0
     teacher_forwards: int = 0
     metrics: list[dict[str, Any]] = field(default_factory=list)
+    scaler: dict[str, Any] = field(default_factory=dict)  # fp16's gradient scaler, so that a resume continues it
 
 
 def save_checkpoint(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: RunState) -> None:
@@ -51,6 +52,7 @@ def save_checkpoint(run_dir: Path, model: torch.nn.Module, optimizer: torch.opti
         "teacher_forwards": str(state.teacher_forwards),
         "metrics": json.dumps(state.metrics),
         "optim_extra": json.dumps(extra),
+        "scaler": json.dumps(state.scaler),
     }
     tmp = run_dir / (CHECKPOINT_FILE + ".partial")
     save_file(tensors, str(tmp), metadata=meta)
@@ -83,4 +85,5 @@ def load_checkpoint(run_dir: Path, model: torch.nn.Module, optimizer: torch.opti
         wall=float(meta["wall"]),
         teacher_forwards=int(meta["teacher_forwards"]),
         metrics=json.loads(meta["metrics"]),
+        scaler=json.loads(meta.get("scaler", "{}")),
     )

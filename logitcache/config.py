@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from .compute import PRECISIONS
 from .encoding import AUTO, ENCODINGS, TAIL_MODES
 from .encoding.registry import FEW_CLASSES
 from .mix import MIX_MODES
@@ -96,6 +97,18 @@ class BuildConfig:
         "and 3 chunks of view 0).",
         flag="--dry-run",
     )
+    precision: str = option(
+        "auto",
+        "The teacher's precision: fp32, bf16 or fp16 (autocast); auto: bf16 on a CUDA device that supports it, else "
+        "fp32. Recorded in the store; a resume needs the same.",
+        choices=PRECISIONS,
+    )
+    channels_last: bool = option(False, "Channels-last images and teacher weights (faster convolutions on GPUs).",
+                                 flag="--channels-last")  # fmt: skip
+    compile: bool = option(
+        False, "torch.compile the teacher (where the platform cannot compile: uncompiled, with a warning).",
+        flag="--compile",
+    )  # fmt: skip
     progress: bool = option(True, "No progress bar.", flag="--quiet", short="-q")
     options: dict[str, Any] = field(default_factory=dict, metadata={"cli": False})
 
@@ -192,6 +205,18 @@ class TrainConfig:
         8, "Chunks whose samples are shuffled together when the view does not fit --target-memory-mb.", low=1
     )
     target_accuracy: float | None = option(None, "Report the epoch and time the test accuracy first reaches X (0-1).")
+    precision: str = option(
+        "auto",
+        "Autocast precision of the student's and the online teacher's passes: fp32, bf16 or fp16 (with a gradient "
+        "scaler); auto: bf16 on a CUDA device that supports it, else fp32. A resumed run keeps its precision.",
+        choices=PRECISIONS,
+    )
+    channels_last: bool = option(False, "Channels-last images and weights (faster convolutions on GPUs).",
+                                 flag="--channels-last")  # fmt: skip
+    compile: bool = option(
+        False, "torch.compile the student (where the platform cannot compile: uncompiled, with a warning).",
+        flag="--compile",
+    )  # fmt: skip
     overwrite: bool = option(False, "Replace an existing run directory.", flag="--overwrite")
     resume: bool = option(
         False, "Continue an interrupted run after its last finished epoch (same settings).", flag="--resume"

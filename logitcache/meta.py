@@ -101,6 +101,7 @@ class CacheMeta:
     versions: dict[str, str]
     created: str
     view_rule: str = VIEW_RULE
+    precision: str = "fp32"  # the teacher pass's (absent in stores built before it was recorded: fp32)
     inner_chunk_rows: int | None = None
     mix: Mix = field(default_factory=Mix)
     table: TableRecord | None = None
@@ -108,7 +109,7 @@ class CacheMeta:
     # Settings whose change makes an existing cache a different cache (a resume is refused, --overwrite needed).
     IDENTITY = (
         "num_samples", "num_views", "num_classes", "chunk_rows", "inner_chunk_rows", "batch_size", "seed",
-        "encoding", "codec", "mix",
+        "encoding", "codec", "mix", "precision",
     )  # fmt: skip
 
     @staticmethod
@@ -166,6 +167,7 @@ class CacheMeta:
                 values=str(get("values")),
                 temperature=float(get("temperature")),
                 view_rule=str(get("view_rule", VIEW_RULE)),
+                precision=str(get("precision", "fp32")),
                 augment=AugmentRecord(augment["spec"], augment["repr"], list(augment["fingerprint"])),
                 teacher=TeacherRecord(teacher.get("spec"), teacher["class"], teacher["sha256"]),
                 dataset=DatasetRecord(

@@ -128,7 +128,7 @@ class Sequence:
         stale_s: float = 120.0,
         poll_s: float = 1.0,
     ):
-        self.root = Path(root)
+        self.root = Path(root).resolve()  # records hold absolute paths: any process, any working directory
         self.root.mkdir(parents=True, exist_ok=True)
         (self.root / CACHES).mkdir(exist_ok=True)
         self.build_config = build or BuildConfig(dataset="fashion-mnist")
@@ -171,7 +171,7 @@ class Sequence:
         cache = config.get("cache") if config.get("kd") == "cached" else None
         member = Member(
             name=name or run.name,
-            run_dir=str(run),
+            run_dir=str(run.resolve()),
             metric=float(metric if metric is not None else last["test_accuracy"]),
             seconds=float(last["wall_seconds"]),
             samples=int(config["epochs"]) * _train_size(config),

@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from . import distributed, specs
 from .checkpoint import RunState, load_checkpoint, save_checkpoint
+from .compute import Compute, compiled, resolve_precision
 from .config import KD_MODES, TrainConfig
 from .data import CachedKDDataset, ReplayDataset
 from .datasets import labels_of
@@ -41,6 +42,7 @@ from .store import open_cache
 # Options that do not change what a run computes: a resumed run may differ in these.
 _RESUMABLE_CHANGES = (
     "out", "overwrite", "resume", "progress", "workers", "start_method", "device", "target_accuracy", "eval_every",
+    "channels_last", "compile",
 )  # fmt: skip
 
 
@@ -177,12 +179,17 @@ def _lr_at(step: int, total: int, base: float, warmup: float) -> float:
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, loader: DataLoader, device: torch.device) -> tuple[int, int]:
-    """``(correct, total)`` over ``loader``: counts, so that ranks' shards add up exactly."""
+def evaluate(
+    model: torch.nn.Module, loader: DataLoader, device: torch.device, compute: Compute | None = None
+) -> tuple[int, int]:
+    """``(correct, total)`` over ``loader``: counts, so that ranks' shards add up exactly. ``compute``: the run's
+    precision and memory format (default: fp32 on ``device``)."""
+    compute = compute or Compute(device)
     model.eval()
     correct = total = 0
     for x, y in loader:
-        pred = model(x.to(device)).argmax(1).cpu()
+        with compute.autocast():
+            pred = model(compute.inputs(x)).argmax(1).cpu()
         correct += int((pred == y).sum())
         total += len(y)
     return correct, total
@@ -194,6 +201,8 @@ class _Run:
 
     cfg: TrainConfig
     device: torch.device
+    compute: Compute  # the device, the precision and the memory format of the passes
+    scaler: torch.amp.GradScaler | None  # fp16 only
     run_dir: Path
     model: torch.nn.Module  # what trains (DistributedDataParallel under torchrun)
     trained: torch.nn.Module  # the bare model: evaluated and saved
@@ -215,6 +224,8 @@ def train(cfg: TrainConfig) -> RunResult:
     cfg = _with_recorded_data(cfg)
     run = _setup(cfg)
     state = load_checkpoint(run.run_dir, run.trained, run.opt) if cfg.resume else RunState()
+    if run.scaler is not None and state.scaler:
+        run.scaler.load_state_dict(state.scaler)
     result = RunResult(str(run.run_dir), 0.0)
     for row in state.metrics:
         _add_row(result, row, cfg)
@@ -240,7 +251,8 @@ def train(cfg: TrainConfig) -> RunResult:
             }
             _add_row(result, row, cfg)
             if run.lead:
-                state = RunState(epoch + 1, state.step, state.wall, int(all_forwards), result.metrics)
+                scaler = run.scaler.state_dict() if run.scaler is not None else {}
+                state = RunState(epoch + 1, state.step, state.wall, int(all_forwards), result.metrics, scaler)
                 _save_epoch(run.run_dir, run.trained, run.opt, state)
                 metrics_file.write(json.dumps(row) + "\n")
                 metrics_file.flush()
@@ -259,6 +271,8 @@ def train(cfg: TrainConfig) -> RunResult:
 def _setup(cfg: TrainConfig) -> _Run:
     """Datasets (with the cache's checks), model, teacher, run directory, DDP, loaders and optimizer."""
     device = specs.resolve_device(cfg.device)
+    cfg = replace(cfg, precision=resolve_precision(cfg.precision, device))  # recorded concrete: a resume keeps it
+    compute = Compute(device, cfg.precision, cfg.channels_last)
     torch.manual_seed(cfg.seed)
     assert cfg.dataset is not None  # named by _with_recorded_data
     base = specs.resolve_dataset(cfg.dataset, train=True, limit=cfg.limit)
@@ -287,11 +301,11 @@ def _setup(cfg: TrainConfig) -> _Run:
 
     in_channels = int(train_ds.image(0, 0)[0].shape[0])
     num_classes = cache.num_classes if cache else int(labels_of(base).max()) + 1
-    model = specs.build_model(cfg.model, num_classes, in_channels=in_channels).to(device)
+    model = compute.model(specs.build_model(cfg.model, num_classes, in_channels=in_channels))
     teacher = None
     if cfg.kd == "online":
         assert cfg.teacher is not None  # _validate: --kd online needs --teacher
-        teacher = specs.resolve_teacher(cfg.teacher).to(device)
+        teacher = compute.model(specs.resolve_teacher(cfg.teacher))
 
     # Under torchrun: DDP, one shard of every epoch per rank, and rank 0 alone writes the run directory.
     rank, world = distributed.rank(), distributed.world_size()
@@ -352,10 +366,23 @@ def _setup(cfg: TrainConfig) -> _Run:
     )
     total_steps = cfg.epochs * len(loader)
     kd_steps = int(round(cfg.kd_until * total_steps)) if cfg.kd != "none" else 0
+    if cfg.compile:  # checked by one pass in evaluation mode, which changes no statistic of the model
+        sample = compute.inputs(train_ds.image(0, 0)[0][None])
+        model = compiled(model, lambda m: _eval_pass(m, sample, compute))
+    scaler = torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None
     return _Run(
-        cfg, device, run_dir, model, trained, teacher, train_ds, sampler, loader, test_loader, opt, total_steps,
-        kd_steps, rank == 0, world,
+        cfg, device, compute, scaler, run_dir, model, trained, teacher, train_ds, sampler, loader, test_loader, opt,
+        total_steps, kd_steps, rank == 0, world,
     )  # fmt: skip
+
+
+def _eval_pass(model: torch.nn.Module, x: torch.Tensor, compute: Compute) -> None:
+    model.eval()
+    try:
+        with torch.no_grad(), compute.autocast():
+            model(x)
+    finally:
+        model.train()
 
 
 def _open_metrics(run: _Run, state: RunState):
@@ -388,15 +415,17 @@ def _train_epoch(run: _Run, epoch: int, state: RunState, forwards: int, last_acc
     batches = iter(run.loader)  # workers start (first epoch) before the progress bar's thread does
     with progress_bar(label, samples, cfg.progress and run.lead) as advance:
         for batch in batches:
-            x, y = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
+            x, y = run.compute.inputs(batch[0]), batch[1].to(device, non_blocking=True)
             for group in run.opt.param_groups:
                 group["lr"] = _lr_at(state.step, run.total_steps, cfg.lr, cfg.warmup)
-            logits = run.model(x)
+            with run.compute.autocast():
+                logits = run.model(x)
+            logits = logits.float()  # the losses in fp32, whatever the precision of the pass
             loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
             if state.step < run.kd_steps:
                 if run.teacher is not None:
-                    with torch.inference_mode():
-                        teacher_logits = run.teacher(x)
+                    with torch.inference_mode(), run.compute.autocast():
+                        teacher_logits = run.teacher(x).float()
                     forwards += len(x)
                     kd = kd_loss_dense(logits, teacher_logits.clone(), cfg.temperature)
                 else:
@@ -404,8 +433,13 @@ def _train_epoch(run: _Run, epoch: int, state: RunState, forwards: int, last_acc
                     kd = kd_loss(logits, targets, cfg.temperature, tail=cfg.kd_tail)
                 loss = (1 - cfg.kd_weight) * loss + cfg.kd_weight * kd
             run.opt.zero_grad(set_to_none=True)
-            loss.backward()
-            run.opt.step()
+            if run.scaler is not None:  # fp16: scaled so that small gradients do not underflow
+                run.scaler.scale(loss).backward()
+                run.scaler.step(run.opt)
+                run.scaler.update()
+            else:
+                loss.backward()
+                run.opt.step()
             state.step += 1
             loss_sum += loss.detach() * len(x)  # no .item(): a host sync per step stalls a GPU
             seen += len(x)
@@ -418,7 +452,7 @@ def _evaluate_epoch(run: _Run, epoch: int) -> float | None:
     distributed.broadcast_buffers(run.trained)  # every rank scores (and rank 0 saves) the same model
     if (epoch + 1) % run.cfg.eval_every and epoch + 1 != run.cfg.epochs:
         return None
-    correct, total = distributed.all_sum(*evaluate(run.trained, run.test_loader, run.device))
+    correct, total = distributed.all_sum(*evaluate(run.trained, run.test_loader, run.device, run.compute))
     return correct / total
 
 

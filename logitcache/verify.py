@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from .build import teacher_pass
+from .compute import Compute
 from .compat import compatibility
 from .datasets import dataset_len
 from .encoding import dense_log_probs
@@ -35,6 +36,7 @@ class VerifyReport:
     max_excess_kl: float = 0.0
     problems: list[str] = field(default_factory=list)
     first_bad: tuple[int, int] | None = None
+    notes: list[str] = field(default_factory=list)  # what the reader should know, not a failure
 
     @property
     def ok(self) -> bool:
@@ -88,9 +90,13 @@ def verify_cache(
     kl_tolerance: float = 1e-3,
     device: str = "auto",
     batch_size: int = 64,
+    precision: str | None = None,
+    channels_last: bool = False,
 ) -> VerifyReport:
     """Compare stored targets with a fresh teacher pass. ``atol`` bounds the stored numbers' difference,
-    ``kl_tolerance`` the extra KL(fresh || stored reconstruction) beyond what the encoding itself loses."""
+    ``kl_tolerance`` the extra KL(fresh || stored reconstruction) beyond what the encoding itself loses. The fresh
+    pass runs in the precision the store records (a bf16 teacher is compared with itself), unless ``precision``
+    names another: the report then notes it, since the two passes differ by that precision's rounding."""
     cache = cache if isinstance(cache, Cache) else open_cache(cache)
     meta, report = cache.meta, VerifyReport()
     if dataset_len(dataset) != cache.num_samples:  # nothing can be compared
@@ -105,8 +111,14 @@ def verify_cache(
 
     bad_units = _report_storage(cache, report)
 
-    dev = resolve_device(device)
-    teacher = teacher.eval().to(dev)
+    compute = Compute.of(resolve_device(device), precision or meta.precision, channels_last)
+    if compute.precision != meta.precision:
+        report.notes.append(
+            f"the cache was built with a {meta.precision} teacher and this pass runs in {compute.precision}: their "
+            f"outputs differ by {compute.precision if meta.precision == 'fp32' else meta.precision} rounding; "
+            f"verify with --precision {meta.precision} to compare like with like"
+        )
+    teacher = compute.model(teacher.eval())
     encoding = cache.encoding
     temperature = encoding.stored_temperature
     mix = cache.mix  # the teacher labelled the mixed images
@@ -114,7 +126,8 @@ def verify_cache(
     table = {"table": cache.table()} if encoding.table_shape() is not None else {}
     agree, excess = 0, []
     images = _Views(pairs, augment, dataset, meta.seed, mix)
-    for b, logits in zip(range(0, len(pairs), batch_size), teacher_pass(teacher, images, dev, batch_size=batch_size)):
+    fresh_logits = teacher_pass(teacher, images, compute, batch_size=batch_size)
+    for b, logits in zip(range(0, len(pairs), batch_size), fresh_logits):
         batch = pairs[b : b + batch_size]
         stored = _gather(cache, batch)
         fresh = cache.with_constants(encoding.encode(logits, torch.Generator().manual_seed(0), **table))

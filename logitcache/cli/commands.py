@@ -292,6 +292,9 @@ def verify(
     ),
     seed: int = typer.Option(0, help="Seed for choosing the pairs."),
     device: str = typer.Option("auto"),
+    precision: Optional[str] = typer.Option(
+        None, help="fp32, bf16 or fp16: the fresh pass's precision; default: the one the cache records."
+    ),
 ) -> None:
     """Check a cache: every chunk's storage, then the teacher re-run on replayed views; exit 1 on any problem."""
 
@@ -314,8 +317,11 @@ def verify(
         tf = specs.resolve_augment(augment, ds)[0] if augment else None
         model = specs.resolve_teacher(teacher, teacher_weights)
         report = verify_cache(
-            path, model, ds, augment=tf, samples=samples, seed=seed, atol=atol, kl_tolerance=kl_tolerance, device=device
-        )
+            path, model, ds, augment=tf, samples=samples, seed=seed, atol=atol, kl_tolerance=kl_tolerance,
+            device=device, precision=precision,
+        )  # fmt: skip
+        for note in report.notes:
+            out.print(f"[yellow]note[/]: {note}", highlight=False)
         table = Table(title=f"verify {path}")
         for col in ("pairs", "top-1 agreement", "max abs diff", "mean excess KL", "max excess KL"):
             table.add_column(col, justify="right")
