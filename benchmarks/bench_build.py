@@ -24,15 +24,14 @@ from logitcache.store import Layout
 HERE = Path(__file__).resolve().parent
 
 
-def bare_loop(teacher, ds, tf, views: int, batch_size: int, chunk_rows: int, workers: int, precision: str) -> None:
+def bare_loop(teacher, ds, tf, views: int, batch_size: int, chunk_rows: int, workers: int, compute: Compute) -> None:
     layout = Layout(views, len(ds), chunk_rows)
     units = [(v, c) for v in range(views) for c in range(layout.num_chunks)]
     plan = plan_batches(layout, units, batch_size)
     loader = DataLoader(ReplayedViews(ds, tf, 0), batch_sampler=[batch.indices for batch in plan], num_workers=workers)
-    compute = Compute(torch.device("cpu"), precision)
     with torch.inference_mode(), compute.autocast():
         for x in loader:
-            teacher(x).float().cpu()
+            teacher(compute.inputs(x)).float().cpu()
 
 
 def main() -> None:
@@ -42,6 +41,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--precisions", default="fp32,bf16", help="Teacher precisions of the bare loop and the full build.")
+    ap.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda.")
     ap.add_argument("--quick", action="store_true", help="~1 minute smoke run, not recorded")
     args = ap.parse_args()
     precisions = [p for p in args.precisions.split(",") if p]
@@ -70,11 +70,16 @@ def main() -> None:
                 overwrite=True,
                 progress=False,
                 precision=precision,
+                device=args.device,
             )
         )
 
+    device = specs.resolve_device(args.device)
+    teacher = teacher.to(device)
+
     def bare(precision: str) -> float:
-        return n / timed(lambda: bare_loop(teacher, ds, tf, args.views, batch, rows, args.workers, precision))
+        compute = Compute(device, precision)
+        return n / timed(lambda: bare_loop(teacher, ds, tf, args.views, batch, rows, args.workers, compute))
 
     variants, same = {}, {}
     for p in precisions:
@@ -88,7 +93,7 @@ def main() -> None:
     fp32 = median(rates["bare loop (teacher only), fp32"]) if "fp32" in precisions else None
     table = Table(
         title=f"build throughput: {args.samples} Fashion-MNIST images x {args.views} views, "
-        f"small-resnet8 teacher, {args.workers} workers, {args.reps} reps (medians), CPU"
+        f"small-resnet8 teacher, {args.workers} workers, {args.reps} reps (medians), {device.type}"
     )
     for col in ("variant", "samples/s", "/ bare loop, same precision", "/ bare loop, fp32", "all runs (samples/s)"):
         table.add_column(col, justify="right")

@@ -119,3 +119,18 @@ def test_what_cannot_compile_runs_uncompiled_with_one_warning(tmp_path, monkeypa
         run = lc.train(lc.TrainConfig(out=str(tmp_path / "r"), dataset=DATASET, model="small-resnet8-w4", epochs=1,
                                       batch_size=32, workers=0, progress=False, compile=True))  # fmt: skip
     assert run.final_accuracy >= 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_a_gpu_auto_is_bf16_and_the_build_stores_the_devices_pass(tmp_path):
+    device = torch.device("cuda")
+    assert resolve_precision("auto", device) == ("bf16" if torch.cuda.is_bf16_supported() else "fp32")
+    cache = _build(tmp_path / "c", device="cuda", precision="auto", channels_last=True)
+    views = ReplayedViews(helpers.tiny_dataset(), helpers.heavy_augment(), BUILD["seed"])
+    compute = Compute.of(device, "auto", channels_last=True)
+    teacher = compute.model(helpers.tiny_teacher())
+    x = torch.stack([views[i] for i in range(32)])
+    with torch.inference_mode(), compute.autocast():
+        ref = teacher(compute.inputs(x)).float().to(torch.float16).cpu()
+    assert torch.equal(cache.read(0)["logits"][:32], ref)

@@ -343,3 +343,22 @@ def test_cached_training_takes_the_dataset_from_the_cache_and_says_so(built_cach
     assert len(said) == 1 and "tiny_dataset (first 240 samples)" in said[0] and "heavy_augment" in said[0]
     config = json.loads((tmp_path / "r" / "config.json").read_text())
     assert config["dataset"] == DATASET and config["limit"] == 240 and config["augment"].endswith(":heavy_augment")
+
+
+def test_the_evaluation_loaders_workers_start_at_setup_before_any_thread(tmp_path):
+    # Forked after an epoch, while the rank's threads ran, one of them hung under torchrun (benchmarks/RESULTS.md).
+    import sys
+    import threading
+
+    module = sys.modules["logitcache.train"]
+    cfg = module._with_recorded_data(lc.TrainConfig(out=str(tmp_path / "r"), **{**COMMON, "workers": 1}))
+    before = {t.ident for t in threading.enumerate()}
+    run = module._setup(cfg)
+    try:
+        workers = run.test_loader._iterator._workers
+        assert workers and all(w.is_alive() for w in workers)
+        assert run.loader._iterator is None  # the training loader's start after set_epoch, as documented
+        started = [t.name for t in threading.enumerate() if t.ident not in before]
+        assert set(started) <= {"QueueFeederThread"}  # the loader's own queue feeder only: no logitcache thread yet
+    finally:
+        run.test_loader._iterator._shutdown_workers()
