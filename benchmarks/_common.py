@@ -130,7 +130,7 @@ _NOT_IDENTITY = ("out", "overwrite", "progress", "workers", "start_method", "res
 # memory budget; no mixing), so they are left out of the key and those runs stay shared.
 _NEUTRAL = {
     "target_memory_mb": 4096, "shuffle_window": 8, "mix": None, "mix_alpha": 0.8, "cutmix_alpha": 1.0,
-    "mix_prob": 1.0, "switch_prob": 0.5,
+    "mix_prob": 1.0, "switch_prob": 0.5, "precision": "auto", "channels_last": False, "compile": False,
 }  # fmt: skip
 _TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
 

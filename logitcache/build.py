@@ -389,12 +389,7 @@ def build_cache(
     """
     out, specs = str(out), specs or {}
     _check_arguments(views=views, batch_size=batch_size, chunk_rows=chunk_rows, workers=workers)
-    store.check_codec(codec)
-    if inner_chunk_rows is not None and (inner_chunk_rows < 1 or chunk_rows % inner_chunk_rows):
-        raise LogitcacheError(
-            f"inner_chunk_rows ({inner_chunk_rows}) must divide chunk_rows ({chunk_rows}): a unit is a whole number "
-            "of inner chunks"
-        )
+    _check_layout(codec, chunk_rows, inner_chunk_rows)
     compute = Compute.of(resolve_device(device), precision, channels_last)
     teacher = compute.model(teacher.eval())
     images = ReplayedViews(dataset, augment, seed, mix)
@@ -427,6 +422,15 @@ def build_cache(
         writer.close()  # units already handed over are complete: an interrupt loses only the current one
     distributed.barrier()
     return store.open_cache(out)
+
+
+def _check_layout(codec: str, chunk_rows: int, inner_chunk_rows: int | None) -> None:
+    store.check_codec(codec)
+    if inner_chunk_rows is not None and (inner_chunk_rows < 1 or chunk_rows % inner_chunk_rows):
+        raise LogitcacheError(
+            f"inner_chunk_rows ({inner_chunk_rows}) must divide chunk_rows ({chunk_rows}): a unit is a whole number "
+            "of inner chunks"
+        )
 
 
 def _check_arguments(**values: int) -> None:

@@ -324,6 +324,28 @@ def _setup(cfg: TrainConfig) -> _Run:
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
 
+    sampler, loader, test_loader = _loaders(cfg, train_ds, test_ds, device, rank, world)
+
+    opt = torch.optim.SGD(
+        model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0, weight_decay=cfg.weight_decay
+    )
+    total_steps = cfg.epochs * len(loader)
+    kd_steps = int(round(cfg.kd_until * total_steps)) if cfg.kd != "none" else 0
+    if cfg.compile:  # checked by one pass in evaluation mode, which changes no statistic of the model
+        sample = compute.inputs(train_ds.image(0, 0)[0][None])
+        model = compiled(model, lambda m: _eval_pass(m, sample, compute))
+    scaler = torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None
+    return _Run(
+        cfg, device, compute, scaler, run_dir, model, trained, teacher, train_ds, sampler, loader, test_loader, opt,
+        total_steps, kd_steps, rank == 0, world,
+    )  # fmt: skip
+
+
+def _loaders(
+    cfg: TrainConfig, train_ds: ReplayDataset, test_ds: ReplayDataset, device: torch.device, rank: int, world: int
+) -> tuple[DistributedSampler | ChunkShuffleSampler, DataLoader, DataLoader]:
+    """The training sampler and loader (this rank's share of every epoch) and the evaluation loader, whose workers
+    start here."""
     persistent = cfg.workers > 0
     context = cfg.start_method if cfg.workers > 0 else None
     default = mp.get_start_method(allow_none=True) or mp.get_all_start_methods()[0]
@@ -360,20 +382,7 @@ def _setup(cfg: TrainConfig) -> _Run:
         # worker of this loader hung under torchrun (benchmarks/RESULTS.md, process layouts). The few batches they
         # load now are dropped when the first evaluation resets the iterator.
         iter(test_loader)
-
-    opt = torch.optim.SGD(
-        model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0, weight_decay=cfg.weight_decay
-    )
-    total_steps = cfg.epochs * len(loader)
-    kd_steps = int(round(cfg.kd_until * total_steps)) if cfg.kd != "none" else 0
-    if cfg.compile:  # checked by one pass in evaluation mode, which changes no statistic of the model
-        sample = compute.inputs(train_ds.image(0, 0)[0][None])
-        model = compiled(model, lambda m: _eval_pass(m, sample, compute))
-    scaler = torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None
-    return _Run(
-        cfg, device, compute, scaler, run_dir, model, trained, teacher, train_ds, sampler, loader, test_loader, opt,
-        total_steps, kd_steps, rank == 0, world,
-    )  # fmt: skip
+    return sampler, loader, test_loader
 
 
 def _eval_pass(model: torch.nn.Module, x: torch.Tensor, compute: Compute) -> None:

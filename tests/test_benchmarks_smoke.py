@@ -1,7 +1,10 @@
-"""Every benchmark's --quick mode runs end to end (real Fashion-MNIST; bench_scale.py is synthetic by design); no timing
-is asserted."""
+"""Every benchmark's --quick mode runs end to end (real Fashion-MNIST; bench_scale.py is synthetic by design) and
+prints sane figures: no NaN, ratios finite and in range, the read amplification a path promises. No timing is
+asserted. The runs share one output folder, so the benchmark teacher is trained once for all of them. Marked
+``smoke``: ``pytest -m "not smoke"`` is the fast inner loop; the README's test command runs everything."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -9,22 +12,53 @@ from pathlib import Path
 import pytest
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+pytestmark = pytest.mark.smoke
+SCRIPTS = sorted(p.name for p in BENCH.glob("bench_*.py") if p.name not in ("bench_models.py", "bench_data.py"))
 
 
-@pytest.mark.parametrize(
-    "script", sorted(p.name for p in BENCH.glob("bench_*.py") if p.name not in ("bench_models.py", "bench_data.py"))
-)
-def test_benchmark_quick_mode(script, tmp_path):
+@pytest.fixture(scope="module")
+def bench_out(tmp_path_factory):
+    return tmp_path_factory.mktemp("bench-out")  # shared: trained_teacher() and run_once() reuse what is there
+
+
+def _cells(out: str, row_label: str) -> list[list[str]]:
+    """The cells of every table row of ``out`` whose text holds ``row_label``."""
+    rows = [line for line in out.splitlines() if "│" in line and row_label in line]
+    return [[c.strip() for c in line.split("│")[1:-1]] for line in rows]
+
+
+def _sane(script: str, out: str) -> None:
+    assert not re.findall(r"(?<![\w.])(nan|inf)(?![\w])", out, flags=re.IGNORECASE), "a figure is NaN or infinite"
+    for ratio in re.findall(r"(?<![\w.])(\d+\.\d+)x\b", out):
+        assert 0.02 < float(ratio) < 50, f"ratio {ratio}x out of range"
+    if script == "bench_scale.py":  # the promised single read: each decoded row served once
+        rows = _cells(out, "shared view") + _cells(out, "chunk shuffle + ring")
+        read = [r[5] for r in rows if len(r) in (7, 9)]  # the tables with a "read ampl." column (its sixth)
+        assert read and all(a == "1.00" for a in read), rows
+    if script == "bench_step.py":
+        (ratio,) = re.findall(r"cached KD: (\d+\.\d+)x the time of no KD", out)
+        assert 0.5 < float(ratio) < 2.0
+    if script == "bench_processes.py":
+        last = [line for line in out.splitlines() if line.startswith("round ")][-1]
+        assert re.findall(r"(\d+) failed (\d+) hung", last) and "0 failed 0 hung" in last and " 1 failed" not in last
+    if script == "bench_sequence.py":
+        accs = [float(a) for a in re.findall(r"\b0\.\d{4}\b", out)]
+        assert accs and all(0 < a < 1 for a in accs)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_benchmark_quick_mode(script, bench_out):
     before = {name: (BENCH / name).read_text() for name in ("RESULTS.md", "RECORDS.md")}
-    env = {**os.environ, "LOGITCACHE_BENCH_OUT": str(tmp_path)}
+    env = {**os.environ, "LOGITCACHE_BENCH_OUT": str(bench_out), "COLUMNS": "250"}  # wide tables: one row a line
     r = subprocess.run(
         [sys.executable, str(BENCH / script), "--quick"],
         env=env,
         capture_output=True,
         text=True,
         timeout=600,
-        cwd=tmp_path,
+        cwd=bench_out,
     )
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     assert "not recorded" in r.stdout
+    _sane(script, r.stdout)
     assert {name: (BENCH / name).read_text() for name in before} == before  # quick runs never touch the records
