@@ -37,6 +37,19 @@ _inside: set[int] = set()  # idents of the threads inside a read
 _hooked = False
 
 
+def alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this machine (one owned by another user counts as alive)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 @contextmanager
 def reading() -> Iterator[None]:
     """A stretch of a background thread's work with torch or the store: a fork of this process waits until it is

@@ -47,16 +47,6 @@ def process_slot() -> int:
     return info.id + 1
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 class WindowRing:
     SLOTS = 3  # one window served, one read ahead, one being refilled
 
@@ -276,7 +266,7 @@ class WindowRing:
         me, pid = process_slot(), os.getpid()
         holder = int(self.pids[me])
         if holder != pid:
-            if holder and _alive(holder):
+            if holder and procs.alive(holder):
                 raise LogitcacheError(
                     f"two DataLoaders read targets from one CachedKDDataset at once (process {pid} and {holder} are "
                     f"both its worker {me - 1}); give each loader its own dataset"
@@ -302,7 +292,7 @@ class WindowRing:
                 raise LogitcacheError(self._out_of_order(epoch, window))
             if time.monotonic() - checked > 0.25 and get_worker_info() is not None:  # the training process alive?
                 checked = time.monotonic()
-                if not _alive(self.owner):
+                if not procs.alive(self.owner):
                     raise LogitcacheError(
                         f"the training process {self.owner} that reads the ring of {self.name or 'the store'} has "
                         "exited; this DataLoader worker stops"

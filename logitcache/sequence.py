@@ -32,6 +32,7 @@ from typing import Any
 
 from .config import BuildConfig
 from .errors import LogitcacheError
+from .procs import alive
 
 POLICIES = ("best", "fixed", "ensemble")
 MEMBERS, BUILDS, CACHES = "members.jsonl", "builds.jsonl", "caches"
@@ -280,7 +281,7 @@ class Sequence:
             age = time.time() - lock.stat().st_mtime
         except (OSError, ValueError):
             return False  # being written, or just removed
-        if owner.get("host") == socket.gethostname() and not _alive(int(owner.get("pid", 0))):
+        if owner.get("host") == socket.gethostname() and not alive(int(owner.get("pid", 0))):
             return True
         return age > self.stale_s
 
@@ -443,18 +444,6 @@ def _complete(path: Path) -> bool:
         return open_cache(path).is_complete
     except LogitcacheError:
         return False
-
-
-def _alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _train_size(config: dict[str, Any]) -> int:
