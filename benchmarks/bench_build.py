@@ -3,7 +3,9 @@ replayed, augmented loader (same batches, same workers) and throws the outputs a
 
 The ratio shows how much of encoding, compression and writing is hidden behind the teacher's compute. With
 ``--precisions fp32,bf16`` the bare loop and the full build also run in bf16 autocast, to show what bf16 does on this
-machine's device.
+machine's device. ``--encode-on auto,device`` builds full and topk targets both ways: ``auto`` (on a CPU the writer
+thread encodes beside the teacher; on a GPU the device encodes) and ``device`` (the encoding right after each unit's
+last batch, on the teacher's device, its fields copied to the host while the next batch runs).
 """
 
 from __future__ import annotations
@@ -42,9 +44,13 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--precisions", default="fp32,bf16", help="Teacher precisions of the bare loop and the full build.")
     ap.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda.")
+    ap.add_argument(
+        "--encode-on", default="auto,device", help="Where the full and topk builds encode (build --encode-on)."
+    )
     ap.add_argument("--quick", action="store_true", help="~1 minute smoke run, not recorded")
     args = ap.parse_args()
     precisions = [p for p in args.precisions.split(",") if p]
+    sides = [e for e in args.encode_on.split(",") if e]
     if args.quick:
         args.samples, args.reps = 2048, 1
 
@@ -54,12 +60,12 @@ def main() -> None:
     batch, rows = 256, 1024
     n = args.views * args.samples
 
-    def build(encoding: str, precision: str = "fp32") -> float:
+    def build(encoding: str, precision: str = "fp32", encode_on: str = "auto") -> float:
         return n / timed(
             lambda: build_cache(
                 teacher,
                 ds,
-                OUT / "build" / f"{encoding}-{precision}",
+                OUT / "build" / f"{encoding}-{precision}-{encode_on}",
                 augment=tf,
                 views=args.views,
                 encoding=encoding,
@@ -71,6 +77,7 @@ def main() -> None:
                 progress=False,
                 precision=precision,
                 device=args.device,
+                encode_on=encode_on,
             )
         )
 
@@ -88,7 +95,11 @@ def main() -> None:
         same[f"bare loop (teacher only), {p}"] = same[f"build, full, {p}"] = f"bare loop (teacher only), {p}"
     for enc, label in (("topk", "build, topk k=4, fp32"), ("quantized", "build, quantized, fp32")):
         variants[label] = lambda enc=enc: build(enc)
-        same[label] = "bare loop (teacher only), fp32"
+    for side in (s for s in sides if s != "auto"):
+        for enc, label in (("full", "build, full, fp32"), ("topk", "build, topk k=4, fp32")):
+            variants[f"{label}, encode on {side}"] = lambda enc=enc, side=side: build(enc, "fp32", side)
+    for label in variants:
+        same.setdefault(label, "bare loop (teacher only), fp32")
     rates = interleaved(variants, args.reps)
     fp32 = median(rates["bare loop (teacher only), fp32"]) if "fp32" in precisions else None
     table = Table(

@@ -2,8 +2,9 @@
 
 Read top to bottom: ``build_cache`` checks its arguments, probes the teacher on one image, opens (or validates) the
 store, plans the units still to do and runs the teacher over them. DataLoader workers decode and augment (replayed
-from seeds); the main process runs the teacher; a ``UnitWriter`` thread compresses and writes each finished unit (one
-chunk of one view) while the next batches are computed. Batches never straddle a unit, so a unit's bytes do not
+from seeds); the main process runs the teacher; each finished unit (one chunk of one view) is encoded on the teacher's
+device or on a host thread and compressed and written by that thread while the next batches are computed
+(``logitcache.writer``). Batches never straddle a unit, so a unit's bytes do not
 depend on which run, resume or rank computed it.
 """
 
@@ -16,7 +17,6 @@ import os
 import shutil
 import warnings
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, NamedTuple, Sequence
@@ -38,10 +38,9 @@ from .meta import AugmentRecord, CacheMeta, EncodingRecord, TeacherRecord
 from .fingerprint import teacher_sha256, versions
 from .mix import Mix, mixed_view
 from .progress import progress_bar
-from .replay import replay_view, sample_seed
+from .replay import replay_view
 from .specs import resolve_augment, resolve_dataset, resolve_device, resolve_teacher
-
-_ENCODE_SALT = 0x5EED_E4C0
+from .writer import UnitWriter, encodes_on_device
 
 
 class ReplayedViews(Dataset):
@@ -89,20 +88,21 @@ def teacher_pass(
     batch_size: int = 1,
     batches: Iterable[list[int]] | None = None,
     workers: int = 0,
+    host: bool = True,
 ) -> Iterator[torch.Tensor]:
-    """The teacher's logits (float32, on the CPU) for ``images``, batch by batch in order: the one way the build,
-    its table's probe, the build's first check and ``verify`` run a teacher. ``batches``: the indices of each batch
-    (else consecutive batches of ``batch_size``). Workers decode and augment; the teacher runs here, on ``compute``'s
-    device, in its precision and memory format. The workers start at the call, before the caller's progress bar
-    starts its thread."""
+    """The teacher's logits (float32, on the CPU; with ``host=False`` left on the teacher's device) for ``images``,
+    batch by batch in order: the one way the build, its table's probe, the build's first check and ``verify`` run a
+    teacher. ``batches``: the indices of each batch (else consecutive batches of ``batch_size``). Workers decode and
+    augment; the teacher runs here, on ``compute``'s device, in its precision and memory format. The workers start at
+    the call, before the caller's progress bar starts its thread."""
     order = {"batch_sampler": batches} if batches is not None else {"batch_size": batch_size}
     # DataLoader reads any indexable sequence, though its annotation names Dataset alone
     pin = compute.device.type == "cuda"
     loader = iter(DataLoader(images, num_workers=workers, pin_memory=pin, **order))  # type: ignore[arg-type]
-    return _logits(teacher, loader, compute)
+    return _logits(teacher, loader, compute, host)
 
 
-def _logits(teacher: nn.Module, loader: Iterator[torch.Tensor], compute: Compute) -> Iterator[torch.Tensor]:
+def _logits(teacher: nn.Module, loader: Iterator[torch.Tensor], compute: Compute, host: bool) -> Iterator[torch.Tensor]:
     for x in loader:
         with torch.inference_mode(), compute.autocast():
             out = teacher(compute.inputs(x))
@@ -111,7 +111,7 @@ def _logits(teacher: nn.Module, loader: Iterator[torch.Tensor], compute: Compute
                 f"the teacher must return logits of shape [batch, classes]; it returned "
                 f"{type(out).__name__}{tuple(out.shape) if isinstance(out, torch.Tensor) else ''}"
             )
-        yield out.float().cpu()
+        yield out.float().cpu() if host else out.float()
 
 
 def _check_compatible(path: str, existing: CacheMeta, meta: CacheMeta) -> None:
@@ -304,7 +304,7 @@ def build_arguments(cfg: BuildConfig) -> dict[str, Any]:
         views=cfg.views, seed=cfg.seed, encoding=cfg.encoding, codec=cfg.codec, batch_size=cfg.batch_size,
         chunk_rows=cfg.chunk_rows, inner_chunk_rows=cfg.inner_chunk_rows, workers=cfg.workers, device=cfg.device,
         resume=cfg.resume, overwrite=cfg.overwrite, repair=cfg.repair, progress=cfg.progress,
-        precision=cfg.precision, channels_last=cfg.channels_last, compile=cfg.compile,
+        precision=cfg.precision, channels_last=cfg.channels_last, compile=cfg.compile, encode_on=cfg.encode_on,
         table_probe=cfg.table_probe, mix=Mix(cfg.mix, cfg.mix_alpha, cfg.cutmix_alpha, cfg.mix_prob, cfg.switch_prob),
         specs={"teacher": cfg.teacher, "dataset": cfg.dataset, "augment": cfg.augment}, **cfg.options,
     )  # fmt: skip
@@ -358,6 +358,7 @@ def build_cache(
     precision: str = BuildConfig.precision,
     channels_last: bool = BuildConfig.channels_last,
     compile: bool = BuildConfig.compile,
+    encode_on: str = BuildConfig.encode_on,
     **options: Any,
 ) -> store.Cache:
     """Run ``teacher`` over ``views`` replayed augmentations of every sample of ``dataset`` and store soft targets.
@@ -385,7 +386,8 @@ def build_cache(
 
     ``precision`` (``auto``: bf16 autocast on a CUDA device that supports it, else fp32), ``channels_last`` and
     ``compile`` say how the teacher runs (``logitcache.compute``); the store records the precision, and a resume
-    needs the same.
+    needs the same. ``encode_on`` says where the teacher's outputs are encoded (``logitcache.writer``): ``auto``, on
+    an accelerator its device, on a CPU a thread beside the teacher.
     """
     out, specs = str(out), specs or {}
     _check_arguments(views=views, batch_size=batch_size, chunk_rows=chunk_rows, workers=workers)
@@ -410,7 +412,10 @@ def build_cache(
     units = [(v, c) for v in range(views) for c in range(layout.num_chunks) if not done[v, c]]
     if not done.any():
         _warn_if_disk_too_small(out, enc, views, num_samples)
-    writer = UnitWriter(group, enc, layout, seed, opened.has_digests, opened.table())
+    on_device = encodes_on_device(encode_on, compute.device, enc)
+    writer = UnitWriter(
+        group, enc, layout, seed, opened.has_digests, opened.table(), device=compute.device, on_device=on_device
+    )
     try:
         _run_teacher(job, units, writer)
         writer.flush()
@@ -503,53 +508,9 @@ def _warn_if_disk_too_small(out: str, enc: Encoding, views: int, samples: int) -
         )
 
 
-class UnitWriter:
-    """Encodes and writes finished units on one background thread, overlapping the teacher.
-
-    At most a few units wait (back-pressure on slow disks). Sampling encodings draw from a generator seeded per unit,
-    so a unit's bytes stay a function of its inputs.
-    """
-
-    MAX_IN_FLIGHT = 4
-
-    def __init__(
-        self,
-        group: zarr.Group,
-        enc: Encoding,
-        layout: store.Layout,
-        seed: int,
-        has_digests: bool,
-        table: torch.Tensor | None = None,
-    ):
-        self.group, self.enc, self.layout, self.seed, self.has_digests = group, enc, layout, seed, has_digests
-        self.table = {"table": table} if table is not None else {}  # an encoding with a table encodes against it
-        self.field_names = sorted(enc.fields())
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="logitcache-writer")
-        self.in_flight: list[Future] = []
-
-    def submit(self, unit: tuple[int, int], logits: torch.Tensor) -> None:
-        self.in_flight.append(self.pool.submit(self._write, unit, logits))
-        while len(self.in_flight) > self.MAX_IN_FLIGHT or (self.in_flight and self.in_flight[0].done()):
-            self.in_flight.pop(0).result()  # a write's error surfaces here
-
-    def _write(self, unit: tuple[int, int], logits: torch.Tensor) -> None:
-        view, chunk = unit
-        rng = torch.Generator().manual_seed(sample_seed(self.seed ^ _ENCODE_SALT, view, chunk))
-        encoded = {name: t.numpy() for name, t in self.enc.encode(logits, rng, **self.table).items()}
-        store.write_unit(self.group, self.field_names, view, chunk, self.layout.rows(chunk), encoded, self.has_digests)
-
-    def flush(self) -> None:
-        while self.in_flight:
-            self.in_flight.pop(0).result()
-
-    def close(self) -> None:
-        self.pool.shutdown(wait=True)
-
-
 def _run_teacher(job: _Build, units: list[tuple[int, int]], writer: UnitWriter) -> None:
     """The teacher over the units' batches; a unit's logits go to the writer when its last batch is done."""
     layout = job.layout
-    n = layout.num_samples
     planned: deque[PlannedBatch] = deque()
 
     def batches() -> Iterator[list[int]]:
@@ -561,18 +522,11 @@ def _run_teacher(job: _Build, units: list[tuple[int, int]], writer: UnitWriter) 
 
     total_rows = sum(layout.rows(c)[1] - layout.rows(c)[0] for _, c in units) // distributed.world_size()
     pieces: list[torch.Tensor] = []
-    logits_of = teacher_pass(job.teacher, job.images, job.compute, batches=batches(), workers=job.workers)
+    logits_of = teacher_pass(job.teacher, job.images, job.compute, batches=batches(), workers=job.workers, host=False)
     with progress_bar("build", total_rows, enabled=job.progress and distributed.rank() == 0) as advance:
         for logits in logits_of:
             batch = planned.popleft()  # the loader keeps the sampler's order
-            finite = torch.isfinite(logits).all(dim=1)
-            if not finite.all():
-                bad = batch.indices[int((~finite).nonzero()[0])]
-                raise LogitcacheError(
-                    f"the teacher produced NaN/inf for view {bad // n}, sample {bad % n}; "
-                    "nothing was written for its chunk"
-                )
-            pieces.append(logits)
+            pieces.append(logits)  # on the teacher's device; the writer checks that they are finite
             if batch.last:
                 writer.submit(batch.unit, torch.cat(pieces))
                 pieces.clear()

@@ -15,6 +15,7 @@ from .encoding import AUTO, ENCODINGS, TAIL_MODES
 from .encoding.registry import FEW_CLASSES
 from .mix import MIX_MODES
 from .store import CODECS
+from .writer import ENCODE_ON
 
 
 def option(default: Any, help: str, **cli: Any) -> Any:
@@ -109,6 +110,13 @@ class BuildConfig:
         False, "torch.compile the teacher (where the platform cannot compile: uncompiled, with a warning).",
         flag="--compile",
     )  # fmt: skip
+    encode_on: str = option(
+        "auto",
+        "Where the teacher's outputs are encoded: device (on the teacher's device, the few bytes kept copied to the "
+        "host while the next batch runs), host (a CPU thread beside the teacher), auto (device on a GPU, host on a "
+        "CPU). The stored targets are the same either way, up to float rounding.",
+        choices=ENCODE_ON,
+    )
     progress: bool = option(True, "No progress bar.", flag="--quiet", short="-q")
     options: dict[str, Any] = field(default_factory=dict, metadata={"cli": False})
 

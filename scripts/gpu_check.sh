@@ -4,7 +4,8 @@
 #   1. the suite's GPU-marked tests (tests that skip without CUDA run here);
 #   2. a teacher, then a build equal to a torchrun build (NCCL; one rank per GPU, world size 1 through the same code
 #      path with one GPU), bitwise at fp32 and at the device's auto precision;
-#   3. build throughput against a bare teacher loop at fp32, bf16 and fp16 (benchmarks/bench_build.py);
+#   3. build throughput against a bare teacher loop at fp32, bf16 and fp16, and encoding on the GPU against encoding
+#      on the host (benchmarks/bench_build.py);
 #   4. the cached-KD step against the plain step (benchmarks/bench_step.py);
 #   5. DDP cached-KD training with --precision auto --channels-last on every GPU present;
 #   6. the sequence study at GPU scale (benchmarks/bench_sequence.py: all 60,000 Fashion-MNIST images, a wide
@@ -73,7 +74,8 @@ for name in ("ids", "logprobs", "tail", "tail_soft", "labels", "complete", "dige
 print("torchrun build == single-process build, bitwise;", dict(a.attrs["logitcache"])["precision"])
 PY
 done
-step 3-build-throughput "$PY" benchmarks/bench_build.py --precisions fp32,bf16,fp16 --device "$DEVICE" "${Q[@]}"
+step 3-build-throughput "$PY" benchmarks/bench_build.py --precisions fp32,bf16,fp16 --encode-on auto,host,device \
+  --device "$DEVICE" "${Q[@]}"
 step 4-step "$PY" benchmarks/bench_step.py "${Q[@]}"
 step 5-ddp-train torchrun --standalone --nproc-per-node "$RANKS" -m logitcache train --out "$OUT/student" \
   --kd cached --cache "$OUT/multi-auto" --epochs "$EPOCHS" "${TEST[@]}" --precision auto --channels-last \

@@ -121,6 +121,70 @@ def test_what_cannot_compile_runs_uncompiled_with_one_warning(tmp_path, monkeypa
     assert run.final_accuracy >= 0
 
 
+@pytest.mark.parametrize(
+    "encoding, options",
+    [("full", {}), ("topk8", {"k": 4, "tail_rank": 2, "table_probe": 64}), ("sampled", {"samples": 8}),
+     ("headtail", {"k": 3, "tail_samples": 4, "draws": "multinomial"})],
+)  # fmt: skip
+def test_encoding_beside_the_teacher_stores_the_same_bytes_as_on_the_writer_thread(tmp_path, encoding, options):
+    # encode_on="device" on a CPU runs the device path (encode right after the unit's last batch, copy, write on the
+    # thread) with the CPU as the device: the same bytes, draws included, as the host path
+    host = _build(tmp_path / "host", encoding=encoding, encode_on="host", **options)
+    device = _build(tmp_path / "device", encoding=encoding, encode_on="device", **options)
+    for view in range(2):
+        a, b = host.read(view, fields_only=True), device.read(view, fields_only=True)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), (encoding, view)
+
+
+@pytest.mark.parametrize("encode_on", ["host", "device"])
+def test_a_non_finite_teacher_output_is_named_whichever_side_encodes(tmp_path, encode_on):
+    # nan_teacher: the last row of every batch of 32 is NaN, so unit 0's first bad sample is 31
+    with pytest.raises(LogitcacheError, match="NaN/inf for view 0, sample 31; nothing was written"):
+        lc.build_cache(helpers.nan_teacher(), helpers.tiny_dataset(), tmp_path / "c", augment=helpers.heavy_augment(),
+                       **{**BUILD, "encode_on": encode_on})  # fmt: skip
+    assert not lc.open_cache(tmp_path / "c").completion().any()
+
+
+def test_where_a_build_encodes():
+    from logitcache.encoding import FullEncoding, make_encoding
+    from logitcache.writer import encodes_on_device
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    full = make_encoding("full", 10, {})
+    assert not encodes_on_device("auto", cpu, full) and encodes_on_device("auto", cuda, full)
+    assert encodes_on_device("device", cpu, full) and not encodes_on_device("host", cuda, full)
+
+    class HostOnly(FullEncoding):  # a user's encoding that does not declare device_side
+        device_side = False
+
+    assert not encodes_on_device("auto", cuda, HostOnly(10))
+    with pytest.raises(LogitcacheError, match="use --encode-on host"):
+        encodes_on_device("device", cuda, HostOnly(10))
+    with pytest.raises(LogitcacheError, match="unknown --encode-on"):
+        encodes_on_device("gpu", cuda, full)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("encoding, options", [("topk8", {"k": 4, "tail_rank": 2, "table_probe": 64}),
+                                               ("sampled", {"samples": 8})])  # fmt: skip
+def test_on_a_gpu_encoding_on_the_device_stores_what_the_host_encodes(tmp_path, encoding, options):
+    # the same fp32 logits encoded on the GPU (pinned copies on a side stream) and on the host thread: the draws are
+    # the same (uniforms from the CPU generator) but where the devices' softmax rounding moves a boundary, float fields
+    # within the rounding of a float16 or 8-bit step
+    kw = dict(device="cuda", precision="fp32", encoding=encoding, **options)
+    host = _build(tmp_path / "host", encode_on="host", **kw)
+    device = _build(tmp_path / "device", encode_on="device", **kw)
+    for view in range(2):
+        a, b = host.read(view, fields_only=True), device.read(view, fields_only=True)
+        for key in a:
+            if a[key].is_floating_point():
+                assert torch.allclose(a[key].float(), b[key].float(), atol=1e-2, rtol=1e-2), key
+            else:
+                same = (a[key] == b[key]).reshape(len(a[key]), -1).all(1).float().mean()
+                assert same >= 0.99, (key, same)  # a CUDA generator's draws would differ in nearly every row
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_on_a_gpu_auto_is_bf16_and_the_build_stores_the_devices_pass(tmp_path):

@@ -439,3 +439,51 @@ def test_headtail_loss_and_store_round_trip(tmp_path, tiny, tau):
     assert torch.isfinite(loss) and torch.isfinite(student.grad).all()
     assert torch.allclose(to_probs(targets, 2.0).sum(1), torch.ones(32), atol=1e-4)
     assert verify_cache(out, helpers.tiny_teacher(), tiny, augment=helpers.heavy_augment(), samples=16).ok
+
+
+def _every_encoding(num_classes: int):
+    """Each registered encoding, with the options that change how it encodes (a table, independent draws)."""
+    from logitcache.encoding import ENCODINGS
+
+    for name, cls in ENCODINGS.items():
+        yield name, cls(num_classes)
+        if name == "topk8":
+            yield "topk8 table rank 4", cls(num_classes, tail_shape="table", tail_rank=4)
+        if name == "headtail":
+            yield "headtail multinomial", cls(num_classes, draws="multinomial")
+
+
+def test_every_encoding_encodes_on_the_logits_device(logits):
+    # The build encodes on the teacher's device: every tensor an encoding makes must be made there. With "meta" as the
+    # default device, any tensor made without device= lands on meta, and mixing it with the CPU logits raises or
+    # leaves a meta tensor in the output; a correct encoding gives the same bytes as without it.
+    probe = torch.log_softmax(torch.randn(3000, 100, generator=torch.Generator().manual_seed(2)) * 3, dim=-1)
+    for name, enc in _every_encoding(100):
+        assert enc.device_side, name
+        table = {"table": enc.fit_table(probe)} if enc.table_shape() else {}
+        ref = enc.encode(logits, torch.Generator().manual_seed(5), **table)
+        with torch.device("meta"):
+            out = enc.encode(logits, torch.Generator().manual_seed(5), **table)
+        assert ref.keys() == out.keys(), name
+        for key in ref:
+            assert out[key].device.type == "cpu" and torch.equal(out[key], ref[key]), (name, key)
+
+
+def test_draws_are_the_classes_at_the_generators_uniforms_on_the_float64_cdf(logits):
+    # docs/format.md: draw u of a sample is the class where u times the total falls on the float64 cumulative
+    # distribution; the uniforms are torch.rand(B, S) from the unit's CPU generator, whichever device encodes
+    from logitcache.encoding.headtail import multinomial
+
+    probs = torch.softmax(logits / 2.0, dim=-1)
+    u = torch.rand(64, 50, generator=torch.Generator().manual_seed(9))
+    cdf = probs.double().cumsum(-1)
+    by_hand = torch.tensor([[int((cdf[b] <= u[b, s] * cdf[b, -1]).sum()) for s in range(50)] for b in range(64)])
+    assert torch.equal(multinomial(probs, 50, torch.Generator().manual_seed(9), 100), by_hand)
+    t = SampledEncoding(100, samples=50, tau=2.0).encode(logits, torch.Generator().manual_seed(9))
+    counts = torch.zeros(64, 100, dtype=torch.long).scatter_add_(1, by_hand, torch.ones_like(by_hand))
+    stored = torch.zeros(64, 100, dtype=torch.long).scatter_add_(1, t["ids"].long(), t["counts"].long())
+    assert torch.equal(stored, counts)
+    # a class of probability 0 is never drawn, even at u = 0 (the boundary belongs to the class above it)
+    from logitcache.encoding.base import inverse_cdf
+
+    assert inverse_cdf(torch.tensor([[0.0, 0.5, 0.0, 0.5]]), torch.tensor([[0.0, 0.5, 0.999]])).tolist() == [[1, 3, 3]]

@@ -56,6 +56,20 @@ def num_classes_of(targets: dict[str, Tensor]) -> int:
     return int(targets["num_classes"].reshape(-1)[0])
 
 
+def uniforms(generator: torch.Generator | None, shape: tuple[int, ...], device: torch.device) -> Tensor:
+    """Uniform numbers in [0, 1) for a sampling encoding, drawn on the generator's device (the CPU for the build's
+    per-unit generators) and moved to ``device``: the same numbers whichever device encodes."""
+    return torch.rand(shape, generator=generator, device=generator.device if generator else None).to(device)
+
+
+def inverse_cdf(probs: Tensor, points: Tensor) -> Tensor:
+    """The class at each of ``points`` (``[B, S]``, in [0, 1)) on the cumulative distribution of ``probs`` (``[B, C]``)
+    in float64, so that a device's summation order moves a draw only when a point lies within ~1e-16 of a boundary."""
+    cdf = probs.double().cumsum(-1)
+    at = torch.searchsorted(cdf, points.double() * cdf[:, -1:], right=True)
+    return at.clamp(max=probs.shape[-1] - 1)
+
+
 class Encoding:
     """Base class. A subclass owns everything about its format: its options, its per-sample ``fields``, ``encode``
     (teacher logits -> fields), ``log_probs`` (fields -> dense log-probabilities), ``kl`` (the KD loss against student
@@ -71,6 +85,10 @@ class Encoding:
     optional_field_names: ClassVar[frozenset[str]] = frozenset()  # fields a newer store adds; older stores lack them
     # Decoding is deterministic, so verify can require KL(fresh || stored) to equal the encoding's own loss.
     deterministic: ClassVar[bool] = True
+    # ``encode`` runs on the logits' device and gives the same result on any device (up to float rounding): every
+    # tensor it makes is on ``logits.device`` and its random numbers come from ``uniforms``. The build then encodes
+    # on the teacher's accelerator; an encoding without this guarantee is encoded on the CPU.
+    device_side: ClassVar[bool] = False
 
     def __init__(self, num_classes: int, *positional: Any, **options: Any):
         if len(positional) > len(self.options):

@@ -18,6 +18,7 @@ class FullEncoding(Encoding):
     summary = "all logits (float16)"
     values = "logits"
     field_names = frozenset({"logits"})
+    device_side = True
 
     def fields(self) -> dict[str, Field]:
         return {"logits": Field((self.num_classes,), np.dtype("float16"))}

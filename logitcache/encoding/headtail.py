@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from ..errors import LogitcacheError
-from .base import Encoding, Field, Option, num_classes_of, torch_dtype
+from .base import Encoding, Field, Option, inverse_cdf, num_classes_of, torch_dtype, uniforms
 from .topk8 import CompactTopKEncoding, check_layout, compact_id_dtype
 from .registry import register
 from .sampled import TAU
@@ -17,7 +17,7 @@ from .topk import TopKEncoding
 
 
 def multinomial(probs: Tensor, samples: int, generator: torch.Generator | None, support: int) -> Tensor:
-    return torch.multinomial(probs, samples, replacement=True, generator=generator)
+    return inverse_cdf(probs, uniforms(generator, (probs.shape[0], samples), probs.device))
 
 
 def systematic(probs: Tensor, samples: int, generator: torch.Generator | None, support: int) -> Tensor:
@@ -28,8 +28,8 @@ def systematic(probs: Tensor, samples: int, generator: torch.Generator | None, s
     use). ``support``: how many classes can have a non-zero probability (the rest sort last and are never drawn)."""
     p, order = probs.sort(dim=-1, descending=True)
     cdf = p.cumsum(-1)
-    u = torch.rand(probs.shape[0], 1, generator=generator)
-    points = (u + torch.arange(samples)) / samples * cdf[:, -1:]  # the total is 1 up to rounding
+    u = uniforms(generator, (probs.shape[0], 1), probs.device)
+    points = (u + torch.arange(samples, device=probs.device)) / samples * cdf[:, -1:]  # the total is 1 up to rounding
     at = torch.searchsorted(cdf, points).clamp(max=support - 1)
     return order.gather(1, at)
 
@@ -76,6 +76,7 @@ class HeadTailEncoding(Encoding):
     }
     field_names = CompactTopKEncoding.field_names | {"tail_ids", "tail_counts", "tail_q", "tail_scale"}
     deterministic = False
+    device_side = True
     # the options' values, set by ``Encoding.__init__``
     k: int
     tail_samples: int
@@ -123,7 +124,7 @@ class HeadTailEncoding(Encoding):
         # the teacher at temperature tau, restricted to the tail
         rest = torch.softmax((logp / self.tau).scatter(-1, ids, float("-inf")), dim=-1)
         draws = DRAWS[self.draws](rest, self.tail_samples, generator, self.num_classes - self.k)
-        counts = torch.zeros(rest.shape, dtype=torch.int32).scatter_add_(
+        counts = torch.zeros(rest.shape, dtype=torch.int32, device=rest.device).scatter_add_(
             1, draws, torch.ones_like(draws, dtype=torch.int32)
         )
         used, slot_ids = counts.topk(self.slots(), dim=-1)

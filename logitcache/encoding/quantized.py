@@ -27,6 +27,7 @@ class QuantizedEncoding(Encoding):
     values = "log-probs"
     options = {"floor": Option(40.0, "quantized: lowest log-probability kept (clipped below).")}
     field_names = frozenset({"q", "scale"})
+    device_side = True
     # the option's value, set by ``Encoding.__init__``
     floor: float
 

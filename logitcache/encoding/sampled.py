@@ -7,7 +7,17 @@ import torch
 from torch import Tensor
 
 from ..errors import LogitcacheError
-from .base import Encoding, Field, Option, id_dtype, num_classes_of, torch_dtype, torch_id_dtype
+from .base import (
+    Encoding,
+    Field,
+    Option,
+    id_dtype,
+    inverse_cdf,
+    num_classes_of,
+    torch_dtype,
+    torch_id_dtype,
+    uniforms,
+)
 from .registry import register
 
 
@@ -37,6 +47,7 @@ class SampledEncoding(Encoding):
     }
     field_names = frozenset({"ids", "counts"})
     deterministic = False
+    device_side = True
     # the options' values, set by ``Encoding.__init__``
     samples: int
     tau: float
@@ -72,8 +83,8 @@ class SampledEncoding(Encoding):
 
     def encode(self, logits: Tensor, generator: torch.Generator | None = None) -> dict[str, Tensor]:
         probs = torch.softmax(logits.float() / self.tau, dim=-1)
-        draws = torch.multinomial(probs, self.samples, replacement=True, generator=generator)
-        counts = torch.zeros(probs.shape, dtype=torch.int32).scatter_add_(
+        draws = inverse_cdf(probs, uniforms(generator, (probs.shape[0], self.samples), probs.device))
+        counts = torch.zeros(probs.shape, dtype=torch.int32, device=probs.device).scatter_add_(
             1, draws, torch.ones_like(draws, dtype=torch.int32)
         )
         top, ids = counts.topk(self.slots(), dim=-1)

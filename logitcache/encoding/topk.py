@@ -44,6 +44,7 @@ class TopKEncoding(Encoding):
     }
     field_names = frozenset({"logprobs", "ids", "tail"})
     optional_field_names = frozenset({"tail_soft"})
+    device_side = True
     # the options' values, set by ``Encoding.__init__``
     k: int
     soft_tail: bool

@@ -89,6 +89,7 @@ class CompactTopKEncoding(Encoding):
     }
     field_names = frozenset({"ids", "q", "scale", "tail", "tail_soft8"})
     optional_field_names = frozenset({"tail_coef", "tail_coef_scale"})
+    device_side = True
     # the options' values, set by ``Encoding.__init__``
     k: int
     layout: int
@@ -195,7 +196,7 @@ class CompactTopKEncoding(Encoding):
         rest = self.num_classes - self.k
         soft = full["tail_soft"].float()
         if rest > 0:
-            betas = torch.tensor(SOFT_TAIL_BETAS)
+            betas = torch.tensor(SOFT_TAIL_BETAS, device=logits.device)
             low, width = betas * tail[:, None], (1 - betas) * math.log(rest)
             pos = torch.round((soft - low) / width * 255).clamp(0, 255)
         else:
@@ -219,12 +220,13 @@ class CompactTopKEncoding(Encoding):
         if table is None:
             raise LogitcacheError("topk8 with tail_rank encodes against the cache's table; none was given")
         c, r = self.num_classes, self.tail_rank
-        rows, basis = table[:c].float(), table[c:].float()
+        table = table.to(logits.device).float()
+        rows, basis = table[:c], table[c:]
         dev = torch.log_softmax(logits.float(), dim=-1) - rows[ids[:, 0]]
         unstored = torch.ones_like(dev).scatter_(1, ids, 0.0)
-        m = torch.cat([basis.T, torch.ones(c, 1)], dim=1)  # [C, r + 1]
+        m = torch.cat([basis.T, torch.ones(c, 1, device=dev.device)], dim=1)  # [C, r + 1]
         weighted = m.T[None] * unstored[:, None, :]  # [N, r + 1, C]
-        gram = weighted @ m + 1e-6 * torch.eye(r + 1)
+        gram = weighted @ m + 1e-6 * torch.eye(r + 1, device=dev.device)
         coef = torch.linalg.solve(gram, (weighted @ dev[..., None]))[:, :r, 0]
         scale = (coef.abs().amax(1) / 127).to(torch.float16)
         steps = scale.float()[:, None]
