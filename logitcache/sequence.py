@@ -1,41 +1,53 @@
 """A sequence of training runs that teach each other (a hyperparameter sweep, periodic retraining): which finished run
 teaches the next, one cache per teacher, built once, and what the whole sequence cost.
 
-A sequence is a folder every process of the sweep can reach (a local disk, or a filesystem machines share):
+A sequence is a folder every process of the sweep can reach: a local disk, a filesystem machines share, or an object
+store (``s3://bucket/prefix``; ``logitcache.folder``):
 
-- ``members.jsonl``: one line per finished run (its run directory, metric, wall time, teacher passes, teacher);
-- ``builds.jsonl``: one line per finished cache build (its teacher, wall time, teacher passes);
-- ``caches/<teacher>/``: the cache of each teacher, and ``caches/<teacher>.lock`` while one process builds it.
+- ``members/NNNNNN.json``: one object per finished run, numbered in the order they were recorded (its run directory,
+  metric, wall time, teacher passes, teacher);
+- ``builds/NNNNNN.json``: one object per finished cache build (its teacher, wall time, teacher passes);
+- ``caches/<teacher>/``: the cache of each teacher, and ``caches/<teacher>.lock/NNNNNN.json`` while a process builds it;
+- in an object store, ``runs/<member>-<weights' sha256>/``: each recorded run's model and records, so that any machine
+  can build from it.
 
-The teacher is a pure function of the recorded members (in the order they were recorded) and the policy, so every
-process names the same teacher without asking the others. Building is claimed by creating the lock file (atomic,
-``O_EXCL``); the builder refreshes it while it works, others wait for the cache (or take the previous one); a lock
-left by a builder that died (its process gone, or not refreshed for ``stale_s``) is taken over, and the build resumes
-where it stopped. Sweep engines (a plain loop, Optuna, Ray Tune, a W&B agent) call this API from their workers; the
-sequence schedules nothing itself. ``logitcache sweep`` runs a grid through it on one machine.
+The teacher is a pure function of the recorded members (in their order) and the policy, so every process names the
+same teacher without asking the others. Records, and the claim to build a cache, are objects created only if absent
+(atomic on a filesystem and in an object store): a number is taken by one process only. The builder rewrites its lock
+while it works; others wait for the cache (or take the previous one); a lock whose builder died (its process gone, or
+its lock unchanged for ``stale_s`` as the waiting process measures it: no clocks compared between machines) is taken
+over by creating the next lock number, which one process alone can do, and the build resumes where it stopped. Sweep
+engines (a plain loop, Optuna, Ray Tune, a W&B agent) call this API from their workers; the sequence schedules nothing
+itself. ``logitcache sweep`` runs a grid through it on one machine.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import re
+import shutil
 import socket
+import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .config import BuildConfig
 from .errors import LogitcacheError
+from .folder import SharedFolder
 from .procs import alive
 
 POLICIES = ("best", "fixed", "ensemble")
-MEMBERS, BUILDS, CACHES = "members.jsonl", "builds.jsonl", "caches"
+MEMBERS, BUILDS, CACHES, RUNS = "members", "builds", "caches", "runs"
+# what a recorded run keeps in an object store: enough to teach (model and weights) and to be reported
+RUN_FILES = ("config.json", "metrics.jsonl", "model.json", "model.safetensors")
+_NUMBERED = re.compile(r"^(\d{6})\.json$")
 
 
 @dataclass(frozen=True)
@@ -116,9 +128,9 @@ def teacher_key(members: tuple[Member, ...]) -> str:
 
 
 class Sequence:
-    """The sequence in folder ``root``. ``build``: how each teacher's cache is built (dataset, augmentation, views,
-    encoding, ...; its ``teacher`` and ``out`` are the sequence's), ``policy`` which runs teach (``Policy`` or its
-    spec string). ``stale_s``: a lock not refreshed for that long is a dead builder's."""
+    """The sequence in folder ``root`` (a path or an fsspec URL). ``build``: how each teacher's cache is built
+    (dataset, augmentation, views, encoding, ...; its ``teacher`` and ``out`` are the sequence's), ``policy`` which
+    runs teach (``Policy`` or its spec string). ``stale_s``: a lock unchanged for that long is a dead builder's."""
 
     def __init__(
         self,
@@ -129,22 +141,57 @@ class Sequence:
         stale_s: float = 120.0,
         poll_s: float = 1.0,
     ):
-        self.root = Path(root).resolve()  # records hold absolute paths: any process, any working directory
-        self.root.mkdir(parents=True, exist_ok=True)
-        (self.root / CACHES).mkdir(exist_ok=True)
+        self.folder = SharedFolder(root)
+        self.root = str(self.folder)
         self.build_config = build or BuildConfig(dataset="fashion-mnist")
         self.policy = Policy.parse(policy) if isinstance(policy, str) else policy
         self.stale_s, self.poll_s = stale_s, poll_s
+        self._seen: dict[str, tuple[bytes, float]] = {}  # lock -> (its bytes, when this process first saw them)
+        self._adopt_line_records()
+
+    def _adopt_line_records(self) -> None:
+        """A folder whose records are lines (``members.jsonl``, ``builds.jsonl``, an earlier layout) gets them as
+        numbered objects, in their order; the files are kept, renamed ``*.jsonl.adopted``."""
+        for kind in () if self.folder.remote else (MEMBERS, BUILDS):
+            lines = Path(self.root, f"{kind}.jsonl")
+            if lines.exists():
+                rows = [line for line in lines.read_text().splitlines() if line.strip()]
+                for number, line in enumerate(rows):
+                    self.folder.create(f"{kind}/{number:06d}.json", line.encode())  # idempotent: another may too
+                try:
+                    lines.rename(lines.with_name(lines.name + ".adopted"))
+                except FileNotFoundError:
+                    pass
 
     # --- what happened ---------------------------------------------------------------------------------------------
 
     @property
     def members(self) -> list[Member]:
-        return [Member(**row) for row in _read_jsonl(self.root / MEMBERS)]
+        return [Member(**row) for _, row in self._records(MEMBERS)]
 
     @property
     def builds(self) -> list[BuildRecord]:
-        return [BuildRecord(**{**row, "members": tuple(row["members"])}) for row in _read_jsonl(self.root / BUILDS)]
+        return [BuildRecord(**{**row, "members": tuple(row["members"])}) for _, row in self._records(BUILDS)]
+
+    def _records(self, kind: str) -> list[tuple[int, dict[str, Any]]]:
+        """The ``(number, record)`` pairs of ``kind``, in the order they were recorded (the first of a name wins)."""
+        rows, names = [], set()
+        for entry in self.folder.names(kind):
+            match, body = _NUMBERED.match(entry), self.folder.read(f"{kind}/{entry}")
+            if match and body is not None:
+                row = json.loads(body)
+                if kind != MEMBERS or row["name"] not in names:
+                    rows.append((int(match.group(1)), row))
+                    names.add(row.get("name"))
+        return rows
+
+    def _append(self, kind: str, row: dict[str, Any]) -> int:
+        """Record ``row`` under the next free number (the creation is atomic: concurrent records never collide)."""
+        while True:
+            numbers = [int(m.group(1)) for m in map(_NUMBERED.match, self.folder.names(kind)) if m]
+            number = max(numbers, default=-1) + 1
+            if self.folder.create(f"{kind}/{number:06d}.json", json.dumps(row).encode()):
+                return number
 
     def member(self, name: str) -> Member | None:
         return next((m for m in self.members if m.name == name), None)
@@ -170,9 +217,12 @@ class Sequence:
             raise LogitcacheError(f"{run} has not finished ({len(rows)} of {config['epochs']} epochs)")
         last = rows[-1]
         cache = config.get("cache") if config.get("kd") == "cached" else None
+        name = name or run.name
+        if self.member(name) is not None:
+            raise LogitcacheError(f"the sequence already has a member named {name!r}")
         member = Member(
-            name=name or run.name,
-            run_dir=str(run.resolve()),
+            name=name,
+            run_dir=self._publish(run, name),
             metric=float(metric if metric is not None else last["test_accuracy"]),
             seconds=float(last["wall_seconds"]),
             samples=int(config["epochs"]) * _train_size(config),
@@ -180,11 +230,22 @@ class Sequence:
             teacher=self._key_of_cache(cache) if cache else None,
             settings=dict(settings or {}),
         )
-        with _file_lock(self.root / (MEMBERS + ".lock")):
-            if self.member(member.name) is not None:
-                raise LogitcacheError(f"the sequence already has a member named {member.name!r}")
-            _append_jsonl(self.root / MEMBERS, dataclasses.asdict(member))
+        number = self._append(MEMBERS, dataclasses.asdict(member))
+        if next(n for n, row in self._records(MEMBERS) if row["name"] == name) != number:  # recorded at once elsewhere
+            self.folder.remove(f"{MEMBERS}/{number:06d}.json")
+            raise LogitcacheError(f"the sequence already has a member named {name!r}")
         return member
+
+    def _publish(self, run: Path, name: str) -> str:
+        """Where every process finds the run: its own folder on a filesystem; in an object store, a copy of its
+        files under a name its weights make unique (two processes recording one name never mix their files)."""
+        if not self.folder.remote:
+            return str(run.resolve())
+        files = {file: (run / file).read_bytes() for file in RUN_FILES}
+        folder = f"{RUNS}/{name}-{hashlib.sha256(files['model.safetensors']).hexdigest()[:12]}"
+        for file, body in files.items():
+            self.folder.write(f"{folder}/{file}", body)
+        return self.folder.path(folder)
 
     # --- who teaches -----------------------------------------------------------------------------------------------
 
@@ -192,8 +253,8 @@ class Sequence:
         """The runs that teach the next run under the policy (empty: the next run trains from scratch)."""
         return self.policy.choose(self.members)
 
-    def cache_path(self, teacher: tuple[Member, ...]) -> Path:
-        return self.root / CACHES / teacher_key(teacher)
+    def cache_path(self, teacher: tuple[Member, ...]) -> str:
+        return self.folder.path(f"{CACHES}/{teacher_key(teacher)}")
 
     def cache(self, *, wait: bool = True, launch: Callable[[BuildConfig], None] | None = None) -> str | None:
         """The path of the current teacher's complete cache, built here if no process has built it (None while no
@@ -203,17 +264,18 @@ class Sequence:
         teacher = self.teacher()
         if not teacher:
             return None
-        path = self.cache_path(teacher)
+        key, path = teacher_key(teacher), self.cache_path(teacher)
         while True:
-            if _complete(path) and not self._lock_path(path).exists():
-                return str(path)
-            claimed = self._claim(path)
+            if _complete(path) and not self._locks(key):
+                return path
+            claimed = self._claim(key)
             if claimed:
                 try:
-                    self._build(teacher, path, launch)
+                    if not _complete(path):  # a builder judged dead may have finished after all
+                        self._build(teacher, path, launch)
                 finally:
                     claimed.release()
-                return str(path)
+                return path
             if not wait:
                 return self._previous_cache()
             time.sleep(self.poll_s)
@@ -232,20 +294,25 @@ class Sequence:
 
     # --- building --------------------------------------------------------------------------------------------------
 
-    def _build(self, teacher: tuple[Member, ...], path: Path, launch: Callable[[BuildConfig], None] | None) -> None:
+    def _build(self, teacher: tuple[Member, ...], path: str, launch: Callable[[BuildConfig], None] | None) -> None:
         from .build import build
         from .store import is_store, open_cache
 
-        cfg = dataclasses.replace(
-            self.build_config,
-            teacher=",".join(m.run_dir for m in teacher),
-            out=str(path),
-            resume=is_store(path),  # a build a dead builder left midway continues
-            overwrite=False,
-        )
-        start = time.perf_counter()
-        (launch or build)(cfg)
-        seconds = time.perf_counter() - start
+        local = tempfile.mkdtemp(prefix="logitcache-teachers-") if self.folder.remote else None
+        try:
+            cfg = dataclasses.replace(
+                self.build_config,
+                teacher=",".join(self._local_run(m, local) for m in teacher),
+                out=path,
+                resume=is_store(path),  # a build a dead builder left midway continues
+                overwrite=False,
+            )
+            start = time.perf_counter()
+            (launch or build)(cfg)
+            seconds = time.perf_counter() - start
+        finally:
+            if local:
+                shutil.rmtree(local, ignore_errors=True)
         cache = open_cache(path)
         if not cache.is_complete:
             raise LogitcacheError(f"the build of {path} did not finish")
@@ -253,45 +320,72 @@ class Sequence:
         record = BuildRecord(
             teacher_key(teacher),
             tuple(m.name for m in teacher),
-            str(path),
+            path,
             round(seconds, 3),
             cache.num_views * cache.num_samples + probe,
         )
-        with _file_lock(self.root / (BUILDS + ".lock")):
-            _append_jsonl(self.root / BUILDS, dataclasses.asdict(record))
+        self._append(BUILDS, dataclasses.asdict(record))
 
-    def _lock_path(self, path: Path) -> Path:
-        return path.with_name(path.name + ".lock")
+    def _local_run(self, member: Member, into: str | None) -> str:
+        """A run directory of ``member`` on this machine (fetched from the object store into ``into``)."""
+        if into is None:
+            return member.run_dir
+        run = Path(into, member.name)
+        run.mkdir(parents=True)
+        for file in RUN_FILES:
+            body = self.folder.read(f"{member.run_dir.removeprefix(self.root + '/')}/{file}")
+            if body is None:
+                raise LogitcacheError(f"{member.run_dir}/{file} is missing: member {member.name} cannot teach")
+            (run / file).write_bytes(body)
+        return str(run)
 
-    def _claim(self, path: Path) -> "_BuildLock | None":
-        lock = self._lock_path(path)
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            if self._stale(lock):
-                lock.unlink(missing_ok=True)  # a dead builder's: the next claim takes it over
+    # --- who builds: numbered locks, each created by one process only -----------------------------------------------
+
+    def _locks(self, key: str) -> list[int]:
+        return [int(m.group(1)) for m in map(_NUMBERED.match, self.folder.names(f"{CACHES}/{key}.lock")) if m]
+
+    def _claim(self, key: str) -> "_BuildLock | None":
+        """This process's claim to build ``key``'s cache, or None while a live builder holds it. A dead builder's
+        lock N is taken over by creating lock N + 1, which only one process can do."""
+        locks = self._locks(key)
+        if locks and not self._stale(f"{CACHES}/{key}.lock/{max(locks):06d}.json"):
             return None
-        with os.fdopen(fd, "w") as f:
-            json.dump({"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}, f)
-        return _BuildLock(lock, interval=max(0.05, self.stale_s / 6))
+        name = f"{CACHES}/{key}.lock/{max(locks, default=-1) + 1:06d}.json"
+        claim = _BuildLock(self.folder, name, interval=max(0.05, self.stale_s / 6))
+        if not self.folder.create(name, claim.body()):
+            return None
+        for number in locks:  # the dead builders' locks
+            self.folder.remove(f"{CACHES}/{key}.lock/{number:06d}.json")
+        claim.start()
+        return claim
 
-    def _stale(self, lock: Path) -> bool:
+    def _stale(self, lock: str) -> bool:
+        """Whether ``lock``'s builder is dead: its process gone (on this machine), or its lock unchanged for
+        ``stale_s`` by this process's clock (a live builder rewrites it every ``stale_s / 6``)."""
+        body = self.folder.read(lock)
+        if body is None:
+            return False  # just released: the next look finds the cache
         try:
-            owner = json.loads(lock.read_text())
-            age = time.time() - lock.stat().st_mtime
-        except (OSError, ValueError):
-            return False  # being written, or just removed
+            owner = json.loads(body)
+        except ValueError:
+            return False
         if owner.get("host") == socket.gethostname() and not alive(int(owner.get("pid", 0))):
             return True
-        return age > self.stale_s
+        now = time.monotonic()
+        seen = self._seen.get(lock)
+        if seen is None or seen[0] != body:
+            self._seen[lock] = (body, now)
+            return False
+        return now - seen[1] > self.stale_s
 
     def _previous_cache(self) -> str | None:
-        done = [b for b in self.builds if _complete(Path(b.path))]
+        done = [b for b in self.builds if _complete(b.path)]
         return done[-1].path if done else None
 
     def _key_of_cache(self, cache: str) -> str | None:
-        path = Path(cache).resolve()
-        return path.name if path.parent == (self.root / CACHES).resolve() else str(cache)
+        caches = self.folder.path(CACHES)
+        path = cache if self.folder.remote else str(Path(cache).resolve())
+        return path.rsplit("/", 1)[-1] if path.rsplit("/", 1)[0] == caches else str(cache)
 
 
 @dataclass
@@ -387,55 +481,35 @@ class SequenceReport:
 
 
 class _BuildLock:
-    """A claimed build: the lock file's mtime is refreshed every ``interval`` seconds until ``release``."""
+    """A claimed build: the lock is rewritten (its beat counted up) every ``interval`` seconds until ``release``."""
 
-    def __init__(self, path: Path, interval: float):
-        self.path, self._stop = path, threading.Event()
-        self._thread = threading.Thread(target=self._beat, args=(interval,), name="logitcache-lock", daemon=True)
+    def __init__(self, folder: SharedFolder, name: str, interval: float):
+        self.folder, self.name, self.interval, self.beats = folder, name, interval, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name="logitcache-lock", daemon=True)
+
+    def body(self) -> bytes:
+        return json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "beat": self.beats}).encode()
+
+    def start(self) -> None:
         self._thread.start()
 
-    def _beat(self, interval: float) -> None:
-        while not self._stop.wait(interval):
+    def _beat(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.beats += 1
             try:
-                os.utime(self.path)
+                self.folder.write(self.name, self.body())
             except OSError:
                 return
 
     def release(self) -> None:
         self._stop.set()
-        self._thread.join()
-        self.path.unlink(missing_ok=True)
+        if self._thread.is_alive():
+            self._thread.join()
+        self.folder.remove(self.name)
 
 
-@contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    """An exclusive lock (``flock``) around an append: records from concurrent processes never interleave."""
-    import fcntl
-
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def _append_jsonl(path: Path, row: dict[str, Any]) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(row) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        return []
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
-
-
-def _complete(path: Path) -> bool:
+def _complete(path: str) -> bool:
     from .store import is_store, open_cache
 
     if not is_store(path):

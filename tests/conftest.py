@@ -1,5 +1,8 @@
 import os
+import socket
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -64,3 +67,48 @@ def built_cache(tmp_path_factory, tiny):
         encoding="topk",
     )
     return out
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_env():
+    """A real S3-compatible server (moto in server mode) on loopback, and the environment that points fsspec at it."""
+    pytest.importorskip("s3fs")
+    pytest.importorskip("moto.server")
+    port = _free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    env = {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "FSSPEC_S3_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+    }
+    try:
+        import boto3
+
+        client = boto3.client(
+            "s3",
+            endpoint_url=env["FSSPEC_S3_ENDPOINT_URL"],
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+            region_name="us-east-1",
+        )
+        for _ in range(100):
+            try:
+                client.create_bucket(Bucket="logitcache-test")
+                break
+            except Exception:
+                time.sleep(0.1)
+        yield env
+    finally:
+        server.terminate()
+        server.wait(timeout=10)

@@ -3,11 +3,9 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -159,51 +157,6 @@ def test_two_rank_ddp_training_from_the_cache(single, tmp_path):
     correct, total = sum(c for c, _ in counts), sum(t for _, t in counts)
     assert total == len(test) == 100
     assert json.loads(lines[-1])["test_accuracy"] == correct / total
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def s3_env():
-    """A real S3-compatible server (moto in server mode) on loopback, and the environment that points fsspec at it."""
-    pytest.importorskip("s3fs")
-    pytest.importorskip("moto.server")
-    port = _free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    env = {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "FSSPEC_S3_ENDPOINT_URL": f"http://127.0.0.1:{port}",
-    }
-    try:
-        import boto3
-
-        client = boto3.client(
-            "s3",
-            endpoint_url=env["FSSPEC_S3_ENDPOINT_URL"],
-            aws_access_key_id="testing",
-            aws_secret_access_key="testing",
-            region_name="us-east-1",
-        )
-        for _ in range(100):
-            try:
-                client.create_bucket(Bucket="logitcache-test")
-                break
-            except Exception:
-                time.sleep(0.1)
-        yield env
-    finally:
-        server.terminate()
-        server.wait(timeout=10)
 
 
 def test_build_to_and_train_from_s3(s3_env, single, tmp_path):

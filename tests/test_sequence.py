@@ -1,6 +1,7 @@
 """Sequences of runs: the policies name the right teacher, one cache per teacher is built once however many processes
 ask, a killed sweep resumes without rerunning finished members, and the report adds up the runs' own records."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -53,6 +54,20 @@ def test_fixed_and_ensemble_policies():
         Policy.parse("worst")
 
 
+def test_a_shared_folder_creates_an_object_once(sequence_root):
+    from logitcache.folder import SharedFolder
+
+    folder = SharedFolder(sequence_root[0])
+    assert folder.create("locks/000000.json", b"first")
+    assert not folder.create("locks/000000.json", b"second")  # If-None-Match: * / a hard link that exists
+    assert folder.read("locks/000000.json") == b"first"
+    folder.write("locks/000000.json", b"beat")
+    assert folder.read("locks/000000.json") == b"beat" and folder.read("locks/missing.json") is None
+    assert folder.create("locks/000001.json", b"x") and folder.names("locks") == ["000000.json", "000001.json"]
+    folder.remove("locks/000000.json")
+    assert folder.names("locks") == ["000001.json"] and folder.create("locks/000000.json", b"again")
+
+
 @pytest.fixture(scope="module")
 def teacher_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("seq") / "teacher"
@@ -67,10 +82,10 @@ _ASK = textwrap.dedent(
     from logitcache.config import BuildConfig
     from logitcache.sequence import Sequence
 
-    root, dataset, augment, run = sys.argv[1:5]
+    root, dataset, augment, run, launches = sys.argv[1:6]
 
     def launch(cfg):
-        with open(os.path.join(root, "launches"), "a") as f:
+        with open(launches, "a") as f:
             f.write(f"{os.getpid()}\\n")
         time.sleep(2)  # the other process asks while this one builds
         build(cfg)
@@ -78,37 +93,76 @@ _ASK = textwrap.dedent(
     seq = Sequence(root, build=BuildConfig(dataset=dataset, augment=augment, views=2, encoding="full",
                                            batch_size=32, chunk_rows=64, workers=0, progress=False), poll_s=0.2)
     print(seq.cache(launch=launch))
-    seq.record(run, name=os.path.basename(run))  # both record a run at once: neither line is lost
+    seq.record(run, name=os.path.basename(run))  # both record a run at once: neither record is lost
     """
 )
 
 
-def test_two_processes_asking_at_once_build_one_cache_once(tmp_path, teacher_run):
+@pytest.fixture(params=["local", "s3"])
+def sequence_root(request, tmp_path, monkeypatch):
+    """A sequence folder on the local disk, or in an S3 bucket (moto on loopback), and the environment for it."""
+    if request.param == "local":
+        return str(tmp_path / "seq"), {}
+    import uuid
+
+    import fsspec
+
+    env = request.getfixturevalue("s3_env")
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setitem(fsspec.config.conf, "s3", {"endpoint_url": env["FSSPEC_S3_ENDPOINT_URL"]})
+    return f"s3://logitcache-test/seq-{uuid.uuid4().hex[:8]}", env
+
+
+def test_two_processes_asking_at_once_build_one_cache_once(tmp_path, teacher_run, sequence_root):
     import shutil
 
-    root = tmp_path / "seq"
+    root, env = sequence_root
     seq = Sequence(root)
     seq.record(teacher_run.run_dir, name="teacher")
     runs = [tmp_path / "a", tmp_path / "b"]
     for run in runs:
         shutil.copytree(teacher_run.run_dir, run)
+    launches = tmp_path / "launches"
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", _ASK, str(root), DATASET, AUGMENT, str(run)],
+            [sys.executable, "-c", _ASK, root, DATASET, AUGMENT, str(run), str(launches)],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
+            env={**os.environ, **env},
         )  # fmt: skip
         for run in runs
     ]
     outputs = [p.communicate(timeout=300) for p in procs]
     assert all(p.returncode == 0 for p in procs), [err for _, err in outputs]
     paths = {out.strip() for out, _ in outputs}
-    assert paths == {str(root / "caches" / "teacher")}
-    assert len((root / "launches").read_text().split()) == 1  # built once
+    assert paths == {seq.folder.path("caches/teacher")}
+    assert len(launches.read_text().split()) == 1  # built once
     assert len(seq.builds) == 1 and lc.open_cache(paths.pop()).is_complete
     assert sorted(m.name for m in seq.members) == ["a", "b", "teacher"]
-    assert not list((root / "caches").glob("*.lock"))
+    assert seq._locks("teacher") == []
+    if root.startswith("s3://"):  # every member's run is in the store, for any machine to build from
+        assert all(m.run_dir.startswith(f"{root}/runs/{m.name}-") for m in seq.members)
+        a = seq.member("a").run_dir.removeprefix(root + "/")
+        assert seq.folder.read(f"{a}/model.safetensors") == (runs[0] / "model.safetensors").read_bytes()
+
+
+def test_a_member_is_recorded_once_even_when_two_processes_record_it_at_once(tmp_path, teacher_run, monkeypatch):
+    # both create their record (different numbers); the later sees the earlier and withdraws with a clear error
+    seq = Sequence(tmp_path / "seq")
+    first = seq._append("members", {**dataclasses.asdict(Member("x", "/runs/x", 0.5, 1.0, 10))})
+    with pytest.raises(LogitcacheError, match="already has a member named 'x'"):
+        seq.record(teacher_run.run_dir, name="x")
+    assert [m.name for m in seq.members] == ["x"] and first == 0
+    # the same race after the check: the record is created, found second, and removed
+    seq._append("members", {**dataclasses.asdict(Member("y", "/runs/y", 0.5, 1.0, 10))})
+    monkeypatch.setattr(Sequence, "member", lambda self, name: None)  # the check saw no 'y' yet
+    with pytest.raises(LogitcacheError, match="already has a member named 'y'"):
+        seq.record(teacher_run.run_dir, name="y")
+    monkeypatch.undo()
+    assert [m.name for m in seq.members] == ["x", "y"]
+    assert sorted(os.listdir(tmp_path / "seq" / "members")) == ["000000.json", "000001.json"]
 
 
 def test_a_dead_builders_lock_is_taken_over_and_its_build_resumed(tmp_path, teacher_run):
@@ -116,13 +170,47 @@ def test_a_dead_builders_lock_is_taken_over_and_its_build_resumed(tmp_path, teac
     seq = Sequence(root, build=BuildConfig(dataset=DATASET, augment=AUGMENT, views=2, encoding="full", batch_size=32,
                                            chunk_rows=64, workers=0, progress=False), poll_s=0.05)  # fmt: skip
     seq.record(teacher_run.run_dir, name="teacher")
-    lock = root / "caches" / "teacher.lock"
+    lock = root / "caches" / "teacher.lock" / "000000.json"
+    lock.parent.mkdir(parents=True)
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    lock.write_text(json.dumps({"host": os.uname().nodename, "pid": dead.pid, "since": time.time()}))
-    assert seq.cache(wait=False) is None  # taken over on the next claim; nothing built before
-    path = seq.cache()
-    assert lc.open_cache(path).is_complete and len(seq.builds) == 1 and not lock.exists()
+    lock.write_text(json.dumps({"host": os.uname().nodename, "pid": dead.pid, "beat": 0}))
+    path = seq.cache(wait=False)  # taken over at once: its process is gone
+    assert lc.open_cache(path).is_complete and len(seq.builds) == 1 and not lock.parent.exists()
+
+
+def test_a_lock_from_another_machine_is_stale_once_unchanged_for_stale_s_and_a_beating_one_never(tmp_path, teacher_run):
+    import threading
+
+    seq = Sequence(tmp_path / "seq", build=BuildConfig(dataset=DATASET, augment=AUGMENT, views=1, encoding="full",
+                                                       batch_size=32, chunk_rows=64, workers=0, progress=False),
+                   stale_s=0.5, poll_s=0.05)  # fmt: skip
+    seq.record(teacher_run.run_dir, name="teacher")
+    lock = tmp_path / "seq" / "caches" / "teacher.lock" / "000000.json"
+    lock.parent.mkdir(parents=True)
+    lock.write_text(json.dumps({"host": "elsewhere", "pid": 1, "beat": 0}))
+    stop = threading.Event()
+
+    def beat() -> None:  # a live builder on another machine: its lock changes every 0.1 s
+        n = 0
+        while not stop.wait(0.1):
+            n += 1
+            lock.write_text(json.dumps({"host": "elsewhere", "pid": 1, "beat": n}))
+
+    beating = threading.Thread(target=beat)
+    beating.start()
+    try:
+        deadline = time.monotonic() + 2.0  # four times stale_s
+        while time.monotonic() < deadline:
+            assert seq.cache(wait=False) is None  # never taken over, and no earlier cache to fall back on
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        beating.join()
+    start = time.monotonic()
+    path = seq.cache()  # the lock stopped changing: taken over (lock 1) after stale_s, and the cache built
+    assert time.monotonic() - start > 0.3  # not at once: the unchanged lock is stale only after stale_s
+    assert lc.open_cache(path).is_complete and len(seq.builds) == 1 and not lock.parent.exists()
 
 
 def _sweep(root: Path, *extra: str) -> subprocess.Popen:
@@ -134,14 +222,14 @@ def _sweep(root: Path, *extra: str) -> subprocess.Popen:
 def test_a_killed_sweep_resumes_without_rerunning_finished_members_and_its_report_adds_up(tmp_path):
     root = tmp_path / "sweep"
     first = _sweep(root)
-    members = root / "members.jsonl"
+    first_member = root / "members" / "000000.json"
     deadline = time.time() + 240
-    while not (members.exists() and members.read_text().strip()) and first.poll() is None:
+    while not first_member.exists() and first.poll() is None:
         assert time.time() < deadline, "the first member never finished"
         time.sleep(0.2)
     os.killpg(first.pid, signal.SIGKILL)  # mid-sweep: member 2's teacher cache is being built
     first.wait()
-    done = Path(json.loads(members.read_text().splitlines()[0])["run_dir"])
+    done = Path(json.loads(first_member.read_text())["run_dir"])
     before = (done / "metrics.jsonl").stat().st_mtime_ns
     second = _sweep(root)
     out, err = second.communicate(timeout=600)
@@ -185,3 +273,24 @@ def test_an_optuna_study_drives_the_sequence(tmp_path):
     assert members[0].teacher is None and all(m.teacher for m in members[1:])
     assert study.best_value == max(m.metric for m in members)
     assert len(seq.builds) == len({m.teacher for m in members[1:]})
+
+
+def test_sweep_refuses_an_object_store_folder_in_one_line():
+    from typer.testing import CliRunner
+
+    from logitcache.cli import app
+
+    result = CliRunner().invoke(app, ["sweep", "--out", "s3://bucket/sweep", "--grid", "lr=0.1,0.2"])
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    assert "for a sequence in an object store, call logitcache.sequence.Sequence" in " ".join(result.output.split())
+
+
+def test_a_sequence_recorded_as_lines_is_adopted_in_its_order(tmp_path):
+    root = tmp_path / "seq"
+    root.mkdir()
+    rows = [dataclasses.asdict(m) for m in _members(0.80, 0.83, 0.81)]
+    (root / "members.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    seq = Sequence(root)
+    assert [m.name for m in seq.members] == ["m0", "m1", "m2"] and seq.teacher()[0].name == "m1"
+    assert not (root / "members.jsonl").exists() and (root / "members.jsonl.adopted").exists()
+    assert [m.name for m in Sequence(root).members] == ["m0", "m1", "m2"]  # opened again: nothing doubled

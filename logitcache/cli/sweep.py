@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import re
 import subprocess
 import sys
 import time
@@ -172,6 +173,11 @@ def sweep(
     from logitcache.store import open_cache
 
     try:
+        if re.match(r"^[a-z][a-z0-9+.-]*:/", str(out_dir)):  # a URL, which Path has already folded
+            raise LogitcacheError(
+                "sweep trains its members on this machine and keeps the sequence in a local or shared folder; for a "
+                "sequence in an object store, call logitcache.sequence.Sequence from your sweep engine's workers"
+            )
         base, settings = parse_settings(grid or [], set_ or [])
         names = [member_name(s) for s in settings]
         if len(set(names)) != len(names):

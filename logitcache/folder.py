@@ -1,0 +1,119 @@
+"""A folder that every process of a sequence reaches, on a local or shared filesystem or in an object store.
+
+Concurrent processes (on one machine or several) coordinate through one atomic primitive, ``create``: write an
+object only if it does not exist yet, whole or not at all. On a filesystem it is a hard link of a finished temporary
+file (atomic on local disks and on NFS, where ``O_EXCL`` is not always); on an object store, a conditional put
+(``If-None-Match: *``, which S3 and S3-compatible servers honour). Everything else is a whole-object write, a read, a
+listing or a removal. Nothing relies on clocks agreeing between machines or on appends.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+
+class SharedFolder:
+    """``root``: a local path or an fsspec URL (``s3://bucket/prefix``, ``memory://...``); names are ``/``-separated
+    paths inside it."""
+
+    def __init__(self, root: str | os.PathLike):
+        from .store import is_url
+
+        self.remote = is_url(str(root))
+        self.fs: Any = None
+        if self.remote:
+            import fsspec
+
+            self.root = str(root).rstrip("/")
+            self.fs, self._path = fsspec.core.url_to_fs(self.root)
+        else:
+            self.root = str(Path(root).resolve())  # records hold absolute paths: any process, any working directory
+            Path(self.root).mkdir(parents=True, exist_ok=True)
+
+    def __str__(self) -> str:
+        return self.root
+
+    def path(self, name: str) -> str:
+        """The local path or URL of ``name``."""
+        return f"{self.root}/{name}"
+
+    def _fs_path(self, name: str) -> str:
+        return f"{self._path}/{name}"
+
+    def create(self, name: str, data: bytes) -> bool:
+        """Write ``name`` if it does not exist (atomically, whole): True if this call created it."""
+        if self.remote:
+            try:
+                self.fs.pipe_file(self._fs_path(name), data, mode="create")
+            except FileExistsError:
+                return False
+            return True
+        target = Path(self.root, name)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self._tmp(target, data)
+        try:
+            os.link(tmp, target)
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def write(self, name: str, data: bytes) -> None:
+        """Replace ``name`` whole (readers see the old bytes or the new, never a part)."""
+        if self.remote:
+            self.fs.pipe_file(self._fs_path(name), data)
+            return
+        target = Path(self.root, name)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(self._tmp(target, data), target)
+
+    def read(self, name: str) -> bytes | None:
+        """The bytes of ``name``, or None when it does not exist."""
+        try:
+            if self.remote:
+                return bytes(self.fs.cat_file(self._fs_path(name)))
+            return Path(self.root, name).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def names(self, folder: str) -> list[str]:
+        """The names of the objects directly in ``folder`` (sorted; temporary files left out)."""
+        if self.remote:
+            self.fs.invalidate_cache()  # another process may have written since the last listing
+            try:
+                entries = self.fs.ls(self._fs_path(folder), detail=False)
+            except FileNotFoundError:
+                return []
+            names = [e.rstrip("/").rsplit("/", 1)[-1] for e in entries]
+        else:
+            try:
+                names = os.listdir(Path(self.root, folder))
+            except FileNotFoundError:
+                return []
+        return sorted(n for n in names if not n.startswith("."))
+
+    def remove(self, name: str) -> None:
+        try:
+            if self.remote:
+                self.fs.rm_file(self._fs_path(name))
+            else:
+                Path(self.root, name).unlink()
+                try:
+                    Path(self.root, name).parent.rmdir()  # an empty lock folder goes too
+                except OSError:
+                    pass
+        except FileNotFoundError:
+            pass
+
+    @staticmethod
+    def _tmp(target: Path, data: bytes) -> Path:
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        return tmp
