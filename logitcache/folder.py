@@ -3,16 +3,25 @@
 Concurrent processes (on one machine or several) coordinate through one atomic primitive, ``create``: write an
 object only if it does not exist yet, whole or not at all. On a filesystem it is a hard link of a finished temporary
 file (atomic on local disks and on NFS, where ``O_EXCL`` is not always); on an object store, a conditional put
-(``If-None-Match: *``, which S3 and S3-compatible servers honour). Everything else is a whole-object write, a read, a
-listing or a removal. Nothing relies on clocks agreeing between machines or on appends.
+(``If-None-Match: *``, which S3 and S3-compatible servers honour), read back so that a server ignoring the condition
+is caught. Everything else is a whole-object write, a read, a listing or a removal. ``age`` compares an object's
+modification time with a probe's written just now, both stamped by the same server, so no two machines' clocks are
+ever compared and nothing relies on appends.
 """
 
 from __future__ import annotations
 
 import os
+import socket
 import threading
+import time
+import uuid
 from pathlib import Path
 from typing import Any
+
+from .errors import LogitcacheError
+
+_TRIES = 5  # a conditional put that conflicts with a concurrent one (S3's 409) is tried again
 
 
 class SharedFolder:
@@ -44,23 +53,31 @@ class SharedFolder:
         return f"{self._path}/{name}"
 
     def create(self, name: str, data: bytes) -> bool:
-        """Write ``name`` if it does not exist (atomically, whole): True if this call created it."""
-        if self.remote:
+        """Write ``name`` if it does not exist (atomically, whole): True if this call created it. ``data`` should be
+        unique to the caller (a host and process id): it is read back to catch a server that ignores the condition."""
+        if not self.remote:
+            target = Path(self.root, name)
+            tmp = self._tmp(target, data)
             try:
-                self.fs.pipe_file(self._fs_path(name), data, mode="create")
+                os.link(tmp, target)
+                return True
             except FileExistsError:
                 return False
-            return True
-        target = Path(self.root, name)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self._tmp(target, data)
-        try:
-            os.link(tmp, target)
-            return True
-        except FileExistsError:
-            return False
-        finally:
-            tmp.unlink(missing_ok=True)
+            finally:
+                tmp.unlink(missing_ok=True)
+        for attempt in range(_TRIES):
+            try:
+                self.fs.pipe_file(self._fs_path(name), data, mode="create")
+                return self.read(name) == data
+            except FileExistsError:
+                return False
+            except OSError as e:  # a conflicting concurrent put (409), or a 412 that does not name its condition
+                if self.read(name) is not None:
+                    return False
+                if attempt == _TRIES - 1:
+                    raise LogitcacheError(f"cannot create {self.path(name)}: {e}") from None
+                time.sleep(0.05 * 2**attempt)
+        return False
 
     def write(self, name: str, data: bytes) -> None:
         """Replace ``name`` whole (readers see the old bytes or the new, never a part)."""
@@ -68,7 +85,6 @@ class SharedFolder:
             self.fs.pipe_file(self._fs_path(name), data)
             return
         target = Path(self.root, name)
-        target.parent.mkdir(parents=True, exist_ok=True)
         os.replace(self._tmp(target, data), target)
 
     def read(self, name: str) -> bytes | None:
@@ -102,18 +118,34 @@ class SharedFolder:
                 self.fs.rm_file(self._fs_path(name))
             else:
                 Path(self.root, name).unlink()
-                try:
-                    Path(self.root, name).parent.rmdir()  # an empty lock folder goes too
-                except OSError:
-                    pass
         except FileNotFoundError:
             pass
 
+    def age(self, name: str) -> float | None:
+        """Seconds since ``name`` was last written, by the clock of the server that stamps both it and a probe
+        written now (None when it does not exist)."""
+        probe = f".clock/{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.write(probe, b"")
+        try:
+            return self._modified(probe) - self._modified(name)
+        except FileNotFoundError:
+            return None
+        finally:
+            self.remove(probe)
+
+    def _modified(self, name: str) -> float:
+        if self.remote:
+            self.fs.invalidate_cache(self._fs_path(name))
+            stamp = self.fs.modified(self._fs_path(name))
+            return stamp.timestamp()
+        return Path(self.root, name).stat().st_mtime
+
     @staticmethod
     def _tmp(target: Path, data: bytes) -> Path:
-        tmp = target.with_name(f".{target.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-        with open(tmp, "wb") as f:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        name = f".{target.name}.{socket.gethostname()}.{os.getpid()}.{threading.get_ident()}.tmp"
+        with open(target.with_name(name), "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        return tmp
+        return target.with_name(name)

@@ -15,10 +15,10 @@ The teacher is a pure function of the recorded members (in their order) and the 
 same teacher without asking the others. Records, and the claim to build a cache, are objects created only if absent
 (atomic on a filesystem and in an object store): a number is taken by one process only. The builder rewrites its lock
 while it works; others wait for the cache (or take the previous one); a lock whose builder died (its process gone, or
-its lock unchanged for ``stale_s`` as the waiting process measures it: no clocks compared between machines) is taken
-over by creating the next lock number, which one process alone can do, and the build resumes where it stopped. Sweep
-engines (a plain loop, Optuna, Ray Tune, a W&B agent) call this API from their workers; the sequence schedules nothing
-itself. ``logitcache sweep`` runs a grid through it on one machine.
+its lock not rewritten for ``stale_s``, measured against a probe the store stamps with the same clock: no two
+machines' clocks are compared) is taken over by creating the next lock number, which one process alone can do, and
+the build resumes where it stopped. Sweep engines (a plain loop, Optuna, Ray Tune, a W&B agent) call this API from
+their workers; the sequence schedules nothing itself. ``logitcache sweep`` runs a grid through it on one machine.
 """
 
 from __future__ import annotations
@@ -146,7 +146,6 @@ class Sequence:
         self.build_config = build or BuildConfig(dataset="fashion-mnist")
         self.policy = Policy.parse(policy) if isinstance(policy, str) else policy
         self.stale_s, self.poll_s = stale_s, poll_s
-        self._seen: dict[str, tuple[bytes, float]] = {}  # lock -> (its bytes, when this process first saw them)
         self._adopt_line_records()
 
     def _adopt_line_records(self) -> None:
@@ -241,7 +240,10 @@ class Sequence:
         files under a name its weights make unique (two processes recording one name never mix their files)."""
         if not self.folder.remote:
             return str(run.resolve())
-        files = {file: (run / file).read_bytes() for file in RUN_FILES}
+        try:
+            files = {file: (run / file).read_bytes() for file in RUN_FILES}
+        except OSError as e:
+            raise LogitcacheError(f"{run} cannot teach: {e.strerror}: {e.filename}") from None
         folder = f"{RUNS}/{name}-{hashlib.sha256(files['model.safetensors']).hexdigest()[:12]}"
         for file, body in files.items():
             self.folder.write(f"{folder}/{file}", body)
@@ -360,8 +362,8 @@ class Sequence:
         return claim
 
     def _stale(self, lock: str) -> bool:
-        """Whether ``lock``'s builder is dead: its process gone (on this machine), or its lock unchanged for
-        ``stale_s`` by this process's clock (a live builder rewrites it every ``stale_s / 6``)."""
+        """Whether ``lock``'s builder is dead: its process gone (on this machine), or its lock not rewritten for
+        ``stale_s`` (or six of its own beat intervals, if longer), as the store's clock tells (``SharedFolder.age``)."""
         body = self.folder.read(lock)
         if body is None:
             return False  # just released: the next look finds the cache
@@ -371,12 +373,8 @@ class Sequence:
             return False
         if owner.get("host") == socket.gethostname() and not alive(int(owner.get("pid", 0))):
             return True
-        now = time.monotonic()
-        seen = self._seen.get(lock)
-        if seen is None or seen[0] != body:
-            self._seen[lock] = (body, now)
-            return False
-        return now - seen[1] > self.stale_s
+        age = self.folder.age(lock)
+        return age is not None and age > max(self.stale_s, 6 * float(owner.get("interval", 0)))
 
     def _previous_cache(self) -> str | None:
         done = [b for b in self.builds if _complete(b.path)]
@@ -489,7 +487,8 @@ class _BuildLock:
         self._thread = threading.Thread(target=self._beat, name="logitcache-lock", daemon=True)
 
     def body(self) -> bytes:
-        return json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "beat": self.beats}).encode()
+        owner = {"host": socket.gethostname(), "pid": os.getpid(), "interval": self.interval, "beat": self.beats}
+        return json.dumps(owner).encode()
 
     def start(self) -> None:
         self._thread.start()
@@ -498,9 +497,11 @@ class _BuildLock:
         while not self._stop.wait(self.interval):
             self.beats += 1
             try:
+                if self.folder.read(self.name) is None:
+                    return  # taken over (judged dead) and removed: never recreated
                 self.folder.write(self.name, self.body())
             except OSError:
-                return
+                continue  # a failed request (a timeout, throttling): the next beat tries again
 
     def release(self) -> None:
         self._stop.set()

@@ -98,7 +98,7 @@ class UnitWriter:
                 host[name] = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
                 host[name].copy_(t, non_blocking=True)
                 t.record_stream(self.copy_stream)  # the allocator keeps t until the copy is done
-        copied = torch.cuda.Event()
+        copied = torch.cuda.Event(blocking=True)  # the thread sleeps while it waits, not spins
         copied.record(self.copy_stream)
         return host, copied
 

@@ -59,7 +59,10 @@ def num_classes_of(targets: dict[str, Tensor]) -> int:
 def uniforms(generator: torch.Generator | None, shape: tuple[int, ...], device: torch.device) -> Tensor:
     """Uniform numbers in [0, 1) for a sampling encoding, drawn on the generator's device (the CPU for the build's
     per-unit generators) and moved to ``device``: the same numbers whichever device encodes."""
-    return torch.rand(shape, generator=generator, device=generator.device if generator else None).to(device)
+    u = torch.rand(shape, generator=generator, device=generator.device if generator else None)
+    if device.type == "cuda" and u.device.type == "cpu":
+        return u.pin_memory().to(device, non_blocking=True)  # no stall of the teacher's stream
+    return u.to(device)
 
 
 def inverse_cdf(probs: Tensor, points: Tensor) -> Tensor:

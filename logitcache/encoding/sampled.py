@@ -87,7 +87,8 @@ class SampledEncoding(Encoding):
         counts = torch.zeros(probs.shape, dtype=torch.int32, device=probs.device).scatter_add_(
             1, draws, torch.ones_like(draws, dtype=torch.int32)
         )
-        top, ids = counts.topk(self.slots(), dim=-1)
+        # most drawn first, ties in increasing class order (a stable sort: the same order on any device)
+        top, ids = (t[:, : self.slots()] for t in counts.sort(dim=-1, descending=True, stable=True))
         ids = torch.where(top > 0, ids, 0)  # unused slots: id 0, count 0 (compresses to nothing)
         return {"ids": ids.to(torch_id_dtype(self.num_classes)), "counts": top.to(torch_dtype(self._count_dtype()))}
 
