@@ -121,6 +121,14 @@ class SharedFolder:
         except FileNotFoundError:
             pass
 
+    def prune(self, folder: str) -> None:
+        """Remove ``folder`` if it is empty (an object store has no empty folders)."""
+        if not self.remote:
+            try:
+                os.rmdir(Path(self.root, folder))
+            except OSError:
+                pass  # not empty, or already gone
+
     def age(self, name: str) -> float | None:
         """Seconds since ``name`` was last written, by the clock of the server that stamps both it and a probe
         written now (None when it does not exist)."""
@@ -142,10 +150,17 @@ class SharedFolder:
 
     @staticmethod
     def _tmp(target: Path, data: bytes) -> Path:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        name = f".{target.name}.{socket.gethostname()}.{os.getpid()}.{threading.get_ident()}.tmp"
-        with open(target.with_name(name), "wb") as f:
+        tmp = target.with_name(f".{target.name}.{socket.gethostname()}.{os.getpid()}.{threading.get_ident()}.tmp")
+        for attempt in range(3):
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                f = open(tmp, "wb")
+                break
+            except FileNotFoundError:  # another process pruned the (empty) folder between the two calls
+                if attempt == 2:
+                    raise
+        with f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        return target.with_name(name)
+        return tmp

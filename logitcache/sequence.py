@@ -508,6 +508,7 @@ class _BuildLock:
         if self._thread.is_alive():
             self._thread.join()
         self.folder.remove(self.name)
+        self.folder.prune(self.name.rsplit("/", 1)[0])
 
 
 def _complete(path: str) -> bool:
