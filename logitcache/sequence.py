@@ -175,22 +175,25 @@ class Sequence:
     def _records(self, kind: str) -> list[tuple[int, dict[str, Any]]]:
         """The ``(number, record)`` pairs of ``kind``, in the order they were recorded (the first of a name wins)."""
         rows, names = [], set()
-        for entry in self.folder.names(kind):
-            match, body = _NUMBERED.match(entry), self.folder.read(f"{kind}/{entry}")
-            if match and body is not None:
+        for number in self._numbers(kind):
+            body = self.folder.read(_numbered(kind, number))
+            if body is not None:
                 row = json.loads(body)
                 if kind != MEMBERS or row["name"] not in names:
-                    rows.append((int(match.group(1)), row))
+                    rows.append((number, row))
                     names.add(row.get("name"))
         return rows
 
     def _append(self, kind: str, row: dict[str, Any]) -> int:
         """Record ``row`` under the next free number (the creation is atomic: concurrent records never collide)."""
         while True:
-            numbers = [int(m.group(1)) for m in map(_NUMBERED.match, self.folder.names(kind)) if m]
-            number = max(numbers, default=-1) + 1
-            if self.folder.create(f"{kind}/{number:06d}.json", json.dumps(row).encode()):
+            number = max(self._numbers(kind), default=-1) + 1
+            if self.folder.create(_numbered(kind, number), json.dumps(row).encode()):
                 return number
+
+    def _numbers(self, folder: str) -> list[int]:
+        """The numbers of the numbered objects in ``folder`` (records or locks), in increasing order."""
+        return [int(m.group(1)) for m in map(_NUMBERED.match, self.folder.names(folder)) if m]
 
     def member(self, name: str) -> Member | None:
         return next((m for m in self.members if m.name == name), None)
@@ -231,7 +234,7 @@ class Sequence:
         )
         number = self._append(MEMBERS, dataclasses.asdict(member))
         if next(n for n, row in self._records(MEMBERS) if row["name"] == name) != number:  # recorded at once elsewhere
-            self.folder.remove(f"{MEMBERS}/{number:06d}.json")
+            self.folder.remove(_numbered(MEMBERS, number))
             raise LogitcacheError(f"the sequence already has a member named {name!r}")
         return member
 
@@ -344,20 +347,19 @@ class Sequence:
     # --- who builds: numbered locks, each created by one process only -----------------------------------------------
 
     def _locks(self, key: str) -> list[int]:
-        return [int(m.group(1)) for m in map(_NUMBERED.match, self.folder.names(f"{CACHES}/{key}.lock")) if m]
+        return self._numbers(f"{CACHES}/{key}.lock")
 
     def _claim(self, key: str) -> "_BuildLock | None":
         """This process's claim to build ``key``'s cache, or None while a live builder holds it. A dead builder's
         lock N is taken over by creating lock N + 1, which only one process can do."""
-        locks = self._locks(key)
-        if locks and not self._stale(f"{CACHES}/{key}.lock/{max(locks):06d}.json"):
+        folder, locks = f"{CACHES}/{key}.lock", self._locks(key)
+        if locks and not self._stale(_numbered(folder, locks[-1])):
             return None
-        name = f"{CACHES}/{key}.lock/{max(locks, default=-1) + 1:06d}.json"
-        claim = _BuildLock(self.folder, name, interval=max(0.05, self.stale_s / 6))
-        if not self.folder.create(name, claim.body()):
+        claim = _BuildLock(self.folder, _numbered(folder, locks[-1] + 1 if locks else 0), max(0.05, self.stale_s / 6))
+        if not self.folder.create(claim.name, claim.body()):
             return None
         for number in locks:  # the dead builders' locks
-            self.folder.remove(f"{CACHES}/{key}.lock/{number:06d}.json")
+            self.folder.remove(_numbered(folder, number))
         claim.start()
         return claim
 
@@ -476,6 +478,10 @@ class SequenceReport:
         fig.savefig(path, dpi=120)
         plt.close(fig)
         return True
+
+
+def _numbered(folder: str, number: int) -> str:
+    return f"{folder}/{number:06d}.json"
 
 
 class _BuildLock:

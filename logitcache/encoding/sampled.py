@@ -87,8 +87,11 @@ class SampledEncoding(Encoding):
         counts = torch.zeros(probs.shape, dtype=torch.int32, device=probs.device).scatter_add_(
             1, draws, torch.ones_like(draws, dtype=torch.int32)
         )
-        # most drawn first, ties in increasing class order (a stable sort: the same order on any device)
-        top, ids = (t[:, : self.slots()] for t in counts.sort(dim=-1, descending=True, stable=True))
+        # every drawn class (at most S <= slots), then ordered most drawn first, ties in increasing class order: a key
+        # unique per slot, so the order is the same on any device (topk's order of ties is not)
+        top, ids = counts.topk(self.slots(), dim=-1)
+        order = (top.long() * (self.num_classes + 1) + (self.num_classes - ids)).argsort(dim=-1, descending=True)
+        top, ids = top.gather(1, order), ids.gather(1, order)
         ids = torch.where(top > 0, ids, 0)  # unused slots: id 0, count 0 (compresses to nothing)
         return {"ids": ids.to(torch_id_dtype(self.num_classes)), "counts": top.to(torch_dtype(self._count_dtype()))}
 
