@@ -12,17 +12,58 @@ from typing import Iterator, TypeVar
 import torch
 import torch.distributed as dist
 
+from .errors import LogitcacheError
+
 T = TypeVar("T")
 
 
-def init_from_env() -> bool:
-    """Join the process group `torchrun` describes in the environment (gloo on CPU, NCCL on GPU); False if none."""
+def init_from_env(device: str | torch.device = "auto") -> bool:
+    """Join the process group `torchrun` describes in the environment; False if none. ``device`` is the one this
+    process computes on (as ``resolve_device`` reads it): on a CUDA device, that device becomes the current one and
+    the group gets NCCL for tensors on it beside gloo; on the CPU the group is gloo alone and CUDA is never touched, so
+    that ``--device cpu`` runs any number of processes on a machine with fewer GPUs (or none)."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or is_distributed():
         return is_distributed()
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(default_backend(torch.cuda.is_available()))
+    dev = resolve_device(device)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    dist.init_process_group(default_backend(dev.type == "cuda"))
     return True
+
+
+def local_rank() -> int | None:
+    """This process's index on its machine under torchrun (``LOCAL_RANK``); None outside torchrun."""
+    value = os.environ.get("LOCAL_RANK", "").strip()
+    return int(value) if value else None
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """The device ``device`` names, with an index when it is CUDA: ``auto`` is CUDA when present, else the CPU; a bare
+    ``cuda`` is this process's own GPU under torchrun (``cuda:LOCAL_RANK``), else the current one. An index given
+    explicitly (``cuda:0``) is kept. A CUDA device that is not there is a ``LogitcacheError``."""
+    if isinstance(device, torch.device):
+        device = str(device)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise LogitcacheError("--device cuda was asked for but CUDA is not available on this machine")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise LogitcacheError(f"unknown device {device!r}; use auto, cpu or cuda") from None
+    if dev.type != "cuda" or dev.index is not None:
+        return dev
+    local = local_rank()
+    if local is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    count = torch.cuda.device_count()
+    if local >= count:
+        raise LogitcacheError(
+            f"this process is LOCAL_RANK {local} under torchrun and sees {count} CUDA device(s), so it has no GPU of "
+            "its own: start at most that many processes per machine (--nproc-per-node), run on the CPU "
+            "(--device cpu), or name the device (cuda:0) where each process sees only its own GPU"
+        )
+    return torch.device("cuda", local)
 
 
 def default_backend(cuda: bool) -> str:
