@@ -23,7 +23,9 @@ __all__ = [
 ]
 
 from .data import CachedKDDataset, ReplayDataset
-from .losses import kd_loss, kd_loss_dense
+from .losses import KDLoss, kd_loss, kd_loss_dense
 from .train import RunResult, TrainConfig, train
 
-__all__ += ["CachedKDDataset", "ReplayDataset", "kd_loss", "kd_loss_dense", "TrainConfig", "RunResult", "train"]
+__all__ += [
+    "CachedKDDataset", "ReplayDataset", "KDLoss", "kd_loss", "kd_loss_dense", "TrainConfig", "RunResult", "train",
+]  # fmt: skip

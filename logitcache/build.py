@@ -31,7 +31,7 @@ from . import distributed, store
 from .compat import differences, inputs_of
 from .datasets import dataset_len, labels_of
 from .compute import Compute, compiled
-from .config import BuildConfig
+from .config import BuildConfig, resolve_workers
 from .encoding import AUTO, ENCODINGS, Encoding, make_encoding
 from .errors import LogitcacheError
 from .meta import AugmentRecord, CacheMeta, EncodingRecord, TeacherRecord
@@ -294,7 +294,7 @@ def build(cfg: BuildConfig) -> store.Cache:
     check_encoding_options(cfg.encoding, cfg.options)
     dataset = resolve_dataset(cfg.dataset, train=True, limit=cfg.limit)
     augment, _ = resolve_augment(cfg.augment, dataset)
-    teacher = resolve_teacher(cfg.teacher, cfg.teacher_weights)
+    teacher = resolve_teacher(cfg.teacher, cfg.teacher_weights, key=cfg.teacher_key, num_classes=cfg.num_classes)
     return build_cache(teacher, dataset, cfg.out, augment=augment, **build_arguments(cfg))
 
 
@@ -346,7 +346,7 @@ def build_cache(
     batch_size: int = BuildConfig.batch_size,
     chunk_rows: int = BuildConfig.chunk_rows,
     inner_chunk_rows: int | None = BuildConfig.inner_chunk_rows,
-    workers: int = BuildConfig.workers,
+    workers: int | str = BuildConfig.workers,
     device: str = BuildConfig.device,
     resume: bool = BuildConfig.resume,
     overwrite: bool = BuildConfig.overwrite,
@@ -389,15 +389,16 @@ def build_cache(
     needs the same. ``encode_on`` says where the teacher's outputs are encoded (``logitcache.writer``): ``auto``, on
     an accelerator its device, on a CPU a thread beside the teacher.
     """
-    out, specs = str(out), specs or {}
-    _check_arguments(views=views, batch_size=batch_size, chunk_rows=chunk_rows, workers=workers)
+    out, specs, workers = str(out), specs or {}, resolve_workers(workers)
+    _check_arguments(views=views, batch_size=batch_size, chunk_rows=chunk_rows)
     _check_layout(codec, chunk_rows, inner_chunk_rows)
     compute = Compute.of(resolve_device(device), precision, channels_last)
     teacher = compute.model(teacher.eval())
     images = ReplayedViews(dataset, augment, seed, mix)
     labels, num_classes = _probe(teacher, images, compute)
-    if compile:
-        teacher = compiled(teacher, lambda module: _probe(module, images, compute))
+    if compile:  # judged on a full batch: the shape the build runs
+        first = torch.stack([images[i] for i in range(min(batch_size, images.n))])
+        teacher = compiled(teacher, lambda module: _eval(module, first, compute))
     enc = make_encoding(encoding, num_classes, options)
     num_samples = dataset_len(dataset)
     job = _Build(
@@ -440,9 +441,13 @@ def _check_layout(codec: str, chunk_rows: int, inner_chunk_rows: int | None) -> 
 
 def _check_arguments(**values: int) -> None:
     for name, value in values.items():
-        low = 0 if name == "workers" else 1
-        if value < low:
-            raise LogitcacheError(f"{name} must be >= {low}, got {value}")
+        if value < 1:
+            raise LogitcacheError(f"{name} must be >= 1, got {value}")
+
+
+def _eval(teacher: nn.Module, x: torch.Tensor, compute: Compute) -> None:
+    with torch.inference_mode(), compute.autocast():
+        teacher(compute.inputs(x))
 
 
 def _probe(teacher: nn.Module, images: "ReplayedViews", compute: Compute) -> tuple[np.ndarray, int]:

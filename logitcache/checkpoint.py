@@ -45,6 +45,9 @@ def save_checkpoint(run_dir: Path, model: torch.nn.Module, optimizer: torch.opti
             else:
                 extra.setdefault(str(index), {})[key] = value
     tensors["rng/torch"] = torch.get_rng_state()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # every device's generator, by index
+        for i, rng in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng/cuda/{i}"] = rng
     meta = {
         "epoch": str(state.epoch),
         "step": str(state.step),
@@ -79,6 +82,9 @@ def load_checkpoint(run_dir: Path, model: torch.nn.Module, optimizer: torch.opti
     # load_state_dict moves each state tensor to its parameter's device
     optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
     torch.set_rng_state(tensors["rng/torch"])
+    cuda = [tensors[f"rng/cuda/{i}"] for i in range(len(tensors)) if f"rng/cuda/{i}" in tensors]
+    if cuda and torch.cuda.is_available() and torch.cuda.device_count() == len(cuda):
+        torch.cuda.set_rng_state_all(cuda)
     return RunState(
         epoch=int(meta["epoch"]),
         step=int(meta["step"]),

@@ -7,15 +7,40 @@ Python API takes the same defaults.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
 from .compute import PRECISIONS
+from .errors import LogitcacheError
 from .encoding import AUTO, ENCODINGS, TAIL_MODES
 from .encoding.registry import FEW_CLASSES
 from .mix import MIX_MODES
 from .store import CODECS
 from .writer import ENCODE_ON
+
+
+MAX_AUTO_WORKERS = 8
+WORKERS_AUTO = (
+    f"auto: the CPUs this process may use shared among the ranks on this machine (LOCAL_WORLD_SIZE), at most "
+    f"{MAX_AUTO_WORKERS}, at least 1."
+)
+
+
+def resolve_workers(workers: int | str) -> int:
+    """A worker count from ``workers``: a number as it is, ``auto`` as ``WORKERS_AUTO`` says (2 on a 2-core machine,
+    8 for one rank on 16 cores, 2 for each of 8 ranks there)."""
+    if workers == "auto":
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        return max(1, min(MAX_AUTO_WORKERS, cpus // ranks))
+    try:
+        n = int(workers)
+    except ValueError:
+        raise LogitcacheError(f"workers must be a number >= 0 or auto, got {workers!r}") from None
+    if n < 0:
+        raise LogitcacheError(f"workers must be >= 0, got {n}")
+    return n
 
 
 def option(default: Any, help: str, **cli: Any) -> Any:
@@ -69,7 +94,13 @@ class BuildConfig:
     cutmix_alpha: float = option(1.0, "CutMix's Beta(alpha, alpha).")
     mix_prob: float = option(1.0, "Probability that a sample is mixed at all.")
     switch_prob: float = option(0.5, "With --mix both: probability of CutMix rather than Mixup.")
-    teacher_weights: str | None = option(None, "State dict (.safetensors or weights-only torch file).")
+    teacher_weights: str | None = option(
+        None,
+        "Weights: a .safetensors file, or a training script's checkpoint (a state dict under model / state_dict / "
+        "model_ema ..., DDP's module. and Lightning's model. prefixes taken off; loaded without running pickle code).",
+    )
+    teacher_key: str | None = option(None, "Key of the weights in a checkpoint holding several (model, model_ema, ...).")
+    num_classes: int | None = option(None, "Classes of a torchvision or timm teacher named by its model name.", low=1)
     batch_size: int = option(256, "Teacher batch size (part of the cache identity: resume needs the same).", low=1)
     chunk_rows: int = option(1024, "Samples per unit: one object per field, the unit of work, resume and reads.", low=1)
     inner_chunk_rows: int | None = option(
@@ -81,7 +112,7 @@ class BuildConfig:
     table_probe: int | None = option(
         None, "Samples of view 0 an encoding's table is fitted on (topk8's tail table; default: 64 per class).", low=1
     )
-    workers: int = option(2, "DataLoader worker processes for decoding and augmentation.", low=0)
+    workers: int | str = option("auto", "DataLoader worker processes for decoding and augmentation; " + WORKERS_AUTO)
     device: str = option("auto", "auto (CUDA when present), cpu or cuda.")
     limit: int | None = option(None, "Use the first N samples of the dataset only.", low=1)
     resume: bool = option(False, "Finish an interrupted build; complete chunks are kept.", flag="--resume")
@@ -190,7 +221,7 @@ class TrainConfig:
     label_smoothing: float = option(0.0, "Label smoothing of the cross-entropy term.")
     warmup: float = option(0.05, "Fraction of steps with linear warm-up, then cosine decay.")
     batch_size: int = option(128, "Global batch size (split over torchrun ranks).", low=1)
-    workers: int = option(2, "DataLoader worker processes.", low=0)
+    workers: int | str = option("auto", "DataLoader worker processes; " + WORKERS_AUTO)
     start_method: str | None = option(
         None,
         "How DataLoader workers start: fork, spawn or forkserver; default: the platform's (fork on Linux before "
@@ -225,6 +256,12 @@ class TrainConfig:
         False, "torch.compile the student (where the platform cannot compile: uncompiled, with a warning).",
         flag="--compile",
     )  # fmt: skip
+    deterministic: bool = option(
+        False,
+        "Deterministic algorithms only (torch.use_deterministic_algorithms; cuDNN autotuning off): on a GPU, the "
+        "run's weights then repeat bitwise and a resumed run reaches an uninterrupted one's. On a CPU they do anyway.",
+        flag="--deterministic",
+    )
     overwrite: bool = option(False, "Replace an existing run directory.", flag="--overwrite")
     resume: bool = option(
         False, "Continue an interrupted run after its last finished epoch (same settings).", flag="--resume"

@@ -283,7 +283,7 @@ class CachedKDDataset(ReplayDataset):
             epoch = self.epoch
             ring = self._ring if served and view == self.view_of(epoch) else None
             if ring is not None and ring.serves(epoch):
-                batch = self.cache.with_constants(ring.take(indices, epoch))
+                batch = self.cache.wire(ring.take(indices, epoch))
             else:
                 self._own_handle()
                 batch = self.cache.take(view, indices, self._chunk)
@@ -295,7 +295,7 @@ class CachedKDDataset(ReplayDataset):
 
     def _from_memory(self, indices: list[int], view: int) -> dict[str, torch.Tensor] | None:
         rows = self._views.gather(indices, view) if self._views is not None else None
-        return self.cache.with_constants(rows) if rows is not None else None
+        return self.cache.wire(rows) if rows is not None else None
 
     def _own_handle(self) -> None:
         if os.getpid() != self._pid:  # a forked DataLoader worker: open its own store handle, lazily

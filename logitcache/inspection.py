@@ -83,7 +83,7 @@ def _teacher_stats(cache: Cache, done: np.ndarray, stats_rows: int) -> list[dict
                 break
             start, stop = cache.layout.rows(c)
             targets = cache.read(view, start, stop)
-            log_p = dense_log_probs(targets, temperature)
+            log_p = dense_log_probs(targets, temperature, cache=cache)
             p = log_p.exp()
             agree += float((p.argmax(1) == labels[start:stop]).sum())
             entropy += float(-torch.special.xlogy(p, p).sum())

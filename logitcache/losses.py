@@ -1,15 +1,20 @@
 """Knowledge-distillation losses: ``T^2 * KL(teacher_T || student_T)``, on cached targets or on live teacher logits.
 
 The KL against cached targets is the encoding's own (``Encoding.kl``): sparse encodings compute it from their stored
-entries and two reductions over the student's logits, with no dense ``[B, C]`` teacher tensor.
+entries and two reductions over the student's logits, with no dense ``[B, C]`` teacher tensor. Batches travel as
+their stored fields; a cache's table (``topk8``) is expanded on the device inside the loss. Nothing here reads a
+device value on the host, so a step never waits for the GPU.
 """
 
 from __future__ import annotations
 
-import torch.nn.functional as F
-from torch import Tensor
+from typing import Any
 
-from .encoding import encoding_of
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .encoding import TAIL_MODES, decoder
+from .errors import LogitcacheError
 
 
 def kd_loss_dense(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0) -> Tensor:
@@ -20,11 +25,54 @@ def kd_loss_dense(student_logits: Tensor, teacher_logits: Tensor, temperature: f
 
 
 def kd_loss(
-    student_logits: Tensor, targets: dict[str, Tensor], temperature: float = 1.0, tail: str = "uniform"
+    student_logits: Tensor,
+    targets: dict[str, Tensor],
+    temperature: float = 1.0,
+    tail: str = "uniform",
+    *,
+    cache: Any = None,
 ) -> Tensor:
     """Batch-mean KD loss against a collated batch of cached targets, for every registered encoding.
 
+    ``cache``: the ``CachedKDDataset`` (or ``Cache``) the batch came from; it decodes with the store's options and
+    table (the table is copied to the logits' device once and kept). Without it the batch decodes alone, with its
+    encoding's defaults at the student's number of classes; a batch that needs its cache's table is refused in one
+    line. ``KDLoss`` is the same loss as a module that holds the table as a buffer.
     ``tail`` (top-k only): ``uniform`` spreads the leftover mass over the unstored classes (default); ``bucket`` treats
     it as one "rest" class, matching only the student's total mass outside the teacher's top k.
     """
-    return temperature**2 * encoding_of(targets).kl(student_logits, targets, temperature, tail).mean()
+    encoding, table = decoder(targets, student_logits.shape[-1], cache)
+    return temperature**2 * encoding.kl(student_logits, targets, temperature, tail, table).mean()
+
+
+class KDLoss(nn.Module):
+    """The KD loss against one cache's targets: ``KDLoss(ds, temperature=2.0).to(device)``, then
+    ``loss = kd(student_logits, targets)``.
+
+    Holds the store's encoding (its options as host numbers) and its table as a buffer that ``.to(device)`` moves
+    (and the first call moves, if it is elsewhere), checks the temperature against the store once, here, and never
+    reads a device value: the step stays asynchronous on a GPU. The trainer's loss.
+    """
+
+    table: Tensor | None
+
+    def __init__(self, source: Any, temperature: float = 1.0, tail: str = "uniform"):
+        super().__init__()
+        if tail not in TAIL_MODES:
+            raise LogitcacheError(f"the top-k tail mode must be one of {', '.join(TAIL_MODES)}, got {tail!r}")
+        store = getattr(source, "cache", source)  # a CachedKDDataset: its store handle
+        self.encoding = getattr(store, "encoding", store)
+        self.encoding.check_temperature(temperature)
+        self.temperature, self.tail = float(temperature), tail
+        table_of = getattr(store, "table", None)
+        table = table_of() if callable(table_of) else None
+        self.register_buffer("table", table, persistent=False)
+
+    def forward(self, student_logits: Tensor, targets: dict[str, Tensor]) -> Tensor:
+        if self.table is not None and self.table.device != student_logits.device:
+            self.table = self.table.to(student_logits.device)  # once: a module moved with .to() has it there
+        t = self.temperature
+        return t**2 * self.encoding.kl(student_logits, targets, t, self.tail, self.table).mean()
+
+    def extra_repr(self) -> str:
+        return f"{self.encoding!r}, temperature={self.temperature:g}, tail={self.tail!r}"

@@ -2,12 +2,14 @@
 
 A run directory holds ``config.json``, ``metrics.jsonl`` (one line per epoch, flushed as it goes), ``model.json``,
 ``model.safetensors`` (rewritten atomically after every epoch, so an interrupted run still leaves a usable teacher)
-and ``checkpoint.safetensors`` (weights, optimizer and RNG state: ``resume=True`` continues after the last finished
-epoch, to the same weights an uninterrupted run reaches).
+and ``checkpoint.safetensors`` (weights, optimizer and every device's RNG state: ``resume=True`` continues after the
+last finished epoch, to the same weights an uninterrupted run reaches on a CPU, and on a GPU with ``deterministic``:
+cuDNN's autotuned kernels and float atomics are not bitwise repeatable otherwise).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import multiprocessing as mp
@@ -27,7 +29,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 from . import distributed, specs
 from .checkpoint import RunState, load_checkpoint, save_checkpoint
 from .compute import Compute, compiled, resolve_precision
-from .config import KD_MODES, TrainConfig
+from .config import KD_MODES, TrainConfig, resolve_workers
 from .data import CachedKDDataset, ReplayDataset
 from .datasets import labels_of
 from .encoding import TAIL_MODES
@@ -42,7 +44,7 @@ from .store import open_cache
 # Options that do not change what a run computes: a resumed run may differ in these.
 _RESUMABLE_CHANGES = (
     "out", "overwrite", "resume", "progress", "workers", "start_method", "device", "target_accuracy", "eval_every",
-    "channels_last", "compile",
+    "channels_last", "compile", "deterministic",
 )  # fmt: skip
 
 
@@ -216,6 +218,7 @@ class _Run:
     kd_steps: int
     lead: bool  # rank 0: writes the run directory
     world: int
+    stepped: bool = False  # a training step has run (a compiled model's training graph has compiled)
 
 
 def train(cfg: TrainConfig) -> RunResult:
@@ -271,8 +274,12 @@ def train(cfg: TrainConfig) -> RunResult:
 def _setup(cfg: TrainConfig) -> _Run:
     """Datasets (with the cache's checks), model, teacher, run directory, DDP, loaders and optimizer."""
     device = specs.resolve_device(cfg.device)
-    cfg = replace(cfg, precision=resolve_precision(cfg.precision, device))  # recorded concrete: a resume keeps it
+    cfg = replace(cfg, precision=resolve_precision(cfg.precision, device), workers=resolve_workers(cfg.workers))  # recorded concrete: a resume keeps it
     compute = Compute(device, cfg.precision, cfg.channels_last)
+    if cfg.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS's condition for repeatable results
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
     torch.manual_seed(cfg.seed)
     assert cfg.dataset is not None  # named by _with_recorded_data
     base = specs.resolve_dataset(cfg.dataset, train=True, limit=cfg.limit)
@@ -331,8 +338,9 @@ def _setup(cfg: TrainConfig) -> _Run:
     )
     total_steps = cfg.epochs * len(loader)
     kd_steps = int(round(cfg.kd_until * total_steps)) if cfg.kd != "none" else 0
-    if cfg.compile:  # checked by one pass in evaluation mode, which changes no statistic of the model
-        sample = compute.inputs(train_ds.image(0, 0)[0][None])
+    if cfg.compile:  # checked by one pass over a full batch in evaluation mode, which changes no statistic
+        rows = min(loader.batch_size or 1, len(train_ds))
+        sample = compute.inputs(torch.stack([train_ds.image(i, 0)[0] for i in range(rows)]))
         model = compiled(model, lambda m: _eval_pass(m, sample, compute))
     scaler = torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None
     return _Run(
@@ -346,10 +354,11 @@ def _loaders(
 ) -> tuple[DistributedSampler | ChunkShuffleSampler, DataLoader, DataLoader]:
     """The training sampler and loader (this rank's share of every epoch) and the evaluation loader, whose workers
     start here."""
-    persistent = cfg.workers > 0
-    context = cfg.start_method if cfg.workers > 0 else None
+    workers = resolve_workers(cfg.workers)
+    persistent = workers > 0
+    context = cfg.start_method if workers > 0 else None
     default = mp.get_start_method(allow_none=True) or mp.get_all_start_methods()[0]
-    if cfg.workers and (context or default) == "forkserver":
+    if workers and (context or default) == "forkserver":
         # workers forked from a server that imported torch and logitcache once start in a fraction of a second
         mp.get_context("forkserver").set_forkserver_preload(["logitcache"])
     # Each epoch's order is a function of (seed, epoch) alone, so a resumed run shuffles as the uninterrupted one did.
@@ -363,7 +372,7 @@ def _loaders(
         train_ds,
         batch_size=max(1, cfg.batch_size // world),  # the global batch stays --batch-size
         sampler=sampler,
-        num_workers=cfg.workers,
+        num_workers=workers,
         persistent_workers=persistent,
         drop_last=True,
         pin_memory=device.type == "cuda",
@@ -374,7 +383,7 @@ def _loaders(
     # Each rank evaluates every world-th test sample (no padding, no duplicates); the counts are summed.
     test_shard = Subset(test_ds, range(rank, len(test_ds), world)) if world > 1 else test_ds
     test_loader = DataLoader(
-        test_shard, batch_size=512, num_workers=cfg.workers, persistent_workers=persistent,
+        test_shard, batch_size=512, num_workers=workers, persistent_workers=persistent,
         multiprocessing_context=context,
     )  # fmt: skip
     if persistent:
@@ -422,38 +431,93 @@ def _train_epoch(run: _Run, epoch: int, state: RunState, forwards: int, last_acc
     assert run.loader.batch_size is not None  # _setup builds the loader with a batch size
     samples = len(run.loader) * run.loader.batch_size * run.world
     batches = iter(run.loader)  # workers start (first epoch) before the progress bar's thread does
+    watch = sync_watch(device)
     with progress_bar(label, samples, cfg.progress and run.lead) as advance:
-        for batch in batches:
-            x, y = run.compute.inputs(batch[0]), batch[1].to(device, non_blocking=True)
+        for i, batch in enumerate(batches):
             for group in run.opt.param_groups:
                 group["lr"] = _lr_at(state.step, run.total_steps, cfg.lr, cfg.warmup)
-            with run.compute.autocast():
-                logits = run.model(x)
-            logits = logits.float()  # the losses in fp32, whatever the precision of the pass
-            loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
-            if state.step < run.kd_steps:
-                if run.teacher is not None:
-                    with torch.inference_mode(), run.compute.autocast():
-                        teacher_logits = run.teacher(x).float()
-                    forwards += len(x)
-                    kd = kd_loss_dense(logits, teacher_logits.clone(), cfg.temperature)
-                else:
-                    targets = {k: v.to(device, non_blocking=True) for k, v in batch[2].items()}
-                    kd = kd_loss(logits, targets, cfg.temperature, tail=cfg.kd_tail)
-                loss = (1 - cfg.kd_weight) * loss + cfg.kd_weight * kd
-            run.opt.zero_grad(set_to_none=True)
-            if run.scaler is not None:  # fp16: scaled so that small gradients do not underflow
-                run.scaler.scale(loss).backward()
+            # steady state: the first step of an epoch allocates, warms up and (with --compile) compiles
+            with watch(i > 0):
+                loss, scaled, teacher_forwards = _forward_backward(run, batch, state.step)
+                if run.scaler is None:
+                    run.opt.step()
+            if run.scaler is not None:  # fp16: reads the found-inf flag on the host, by design of the scaler
                 run.scaler.step(run.opt)
                 run.scaler.update()
-            else:
-                loss.backward()
-                run.opt.step()
+            forwards += teacher_forwards
             state.step += 1
-            loss_sum += loss.detach() * len(x)  # no .item(): a host sync per step stalls a GPU
-            seen += len(x)
-            advance(len(x) * run.world)
+            loss_sum += loss.detach() * len(batch[0])  # no .item(): a host sync per step stalls a GPU
+            seen += len(batch[0])
+            advance(len(batch[0]) * run.world)
     return loss_sum.item(), seen, forwards
+
+
+def step_loss(run: _Run, batch: tuple, step: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Everything a training step computes before ``backward()``: the batch on the device, the student's forward
+    pass (autocast, channels-last), cross-entropy, and the KD loss (online: the teacher's pass; cached: the stored
+    targets decoded on the device). Returns the loss, what ``backward()`` takes (scaled for fp16), and the teacher
+    forward passes made. No host read of a device value: a GPU step never waits here."""
+    cfg, device = run.cfg, run.device
+    x, y = run.compute.inputs(batch[0]), batch[1].to(device, non_blocking=True)
+    with run.compute.autocast():
+        logits = run.model(x)
+    logits = logits.float()  # the losses in fp32, whatever the precision of the pass
+    loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
+    forwards = 0
+    if step < run.kd_steps:
+        if run.teacher is not None:
+            with torch.inference_mode(), run.compute.autocast():
+                teacher_logits = run.teacher(x).float()
+            forwards = len(x)
+            kd = kd_loss_dense(logits, teacher_logits.clone(), cfg.temperature)
+        else:
+            targets = {k: v.to(device, non_blocking=True) for k, v in batch[2].items()}
+            kd = kd_loss(logits, targets, cfg.temperature, tail=cfg.kd_tail, cache=run.train_ds)
+        loss = (1 - cfg.kd_weight) * loss + cfg.kd_weight * kd
+    scaled = run.scaler.scale(loss) if run.scaler is not None else loss  # fp16: small gradients do not underflow
+    return loss, scaled, forwards
+
+
+def _forward_backward(run: _Run, batch: tuple, step: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """``step_loss`` and ``backward()``. At the run's first step, a compiled model that fails to compile its training
+    graph (forward or backward, first met here) falls back to the uncompiled model with one warning, as a failure
+    at setup does."""
+    run.opt.zero_grad(set_to_none=True)
+    first, run.stepped = not run.stepped, True
+    try:
+        loss, scaled, forwards = step_loss(run, batch, step)
+        scaled.backward()
+    except Exception as e:
+        original = getattr(run.model, "_orig_mod", None)
+        if original is None or not first:
+            raise
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        warnings.warn(f"--compile: the training step cannot compile ({reason}); running uncompiled", stacklevel=2)
+        run.model = original
+        run.opt.zero_grad(set_to_none=True)
+        loss, scaled, forwards = step_loss(run, batch, step)
+        scaled.backward()
+    return loss, scaled, forwards
+
+
+def sync_watch(device: torch.device):
+    """``watch(on)``: a context in which CUDA raises (``LOGITCACHE_SYNC_DEBUG=error``) or warns (``=warn``) at any
+    host synchronisation, when ``on`` and the device is a GPU; a no-op otherwise. The GPU session runs training
+    under it to prove the steady-state step never waits for the device."""
+    mode = os.environ.get("LOGITCACHE_SYNC_DEBUG", "")
+
+    @contextlib.contextmanager
+    def watch(on: bool):
+        if not (on and mode and device.type == "cuda"):
+            yield
+            return
+        torch.cuda.set_sync_debug_mode(mode)
+        try:
+            yield
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+
+    return watch
 
 
 def _evaluate_epoch(run: _Run, epoch: int) -> float | None:

@@ -20,7 +20,7 @@ from .build import teacher_pass
 from .compute import Compute
 from .compat import compatibility
 from .datasets import dataset_len
-from .encoding import dense_log_probs
+from .encoding import Encoding
 from .errors import LogitcacheError
 from .mix import mixed_view
 from .specs import recorded_augment, resolve_device
@@ -126,25 +126,24 @@ def verify_cache(
     table = {"table": cache.table()} if encoding.table_shape() is not None else {}
     agree, excess = 0, []
     images = _Views(pairs, augment, dataset, meta.seed, mix)
-    fresh_logits = teacher_pass(teacher, images, compute, batch_size=batch_size)
+    fresh_logits = teacher_pass(teacher, images, compute, batch_size=batch_size, host=False)
     for b, logits in zip(range(0, len(pairs), batch_size), fresh_logits):
         batch = pairs[b : b + batch_size]
-        stored = _gather(cache, batch)
-        fresh = cache.with_constants(encoding.encode(logits, torch.Generator().manual_seed(0), **table))
-        fresh_log_p = torch.log_softmax(logits / temperature, dim=-1)
-        stored_log_p = dense_log_probs(stored, temperature)
-        fresh_rec = dense_log_probs(fresh, temperature)
-        kl_stored, kl_fresh = _kl(fresh_log_p, stored_log_p), _kl(fresh_log_p, fresh_rec)
+        stored = {k: t.to(logits.device) for k, t in _gather(cache, batch).items()}
+        fresh = cache.wire(encoding.encode(logits, torch.Generator().manual_seed(0), **table))
+        on_device = score_batch(encoding, stored, fresh, logits, temperature, cache.decode_table(logits.device))
+        scores = {k: t.cpu() for k, t in on_device.items()}  # one copy per batch, after the device's work
+        stored, fresh = ({k: t.cpu() for k, t in d.items()} for d in (stored, fresh))
+        agree += int(scores["agree"].sum())
         for j, (v, i) in enumerate(batch):
-            agree += int(fresh_log_p[j].argmax() == stored_log_p[j].argmax())
             diff, why = encoding.compare(
-                {k: t[j] for k, t in stored.items()}, {k: t[j] for k, t in fresh.items()}, fresh_log_p[j]
+                {k: t[j] for k, t in stored.items()}, {k: t[j] for k, t in fresh.items()}, scores["fresh_log_p"][j]
             )
             report.max_abs_diff = max(report.max_abs_diff, diff)
             if not why and diff > atol:
                 why = f"stored numbers differ from fresh ones by {diff:.3g} (> {atol})"
             # A deterministic encoding loses the same KL on stored and fresh targets; more means other numbers.
-            extra = float(kl_stored[j] - kl_fresh[j]) if encoding.deterministic else 0.0
+            extra = float(scores["excess"][j]) if encoding.deterministic else 0.0
             excess.append(extra)
             if not why and extra > kl_tolerance:
                 why = f"KL(fresh || stored) exceeds the encoding's own loss by {extra:.3g} nats"
@@ -157,6 +156,23 @@ def verify_cache(
     report.mean_excess_kl = sum(excess) / len(excess) if excess else 0.0
     report.max_excess_kl = max(excess) if excess else 0.0
     return report
+
+
+def score_batch(
+    encoding: Encoding,
+    stored: dict[str, torch.Tensor],
+    fresh: dict[str, torch.Tensor],
+    logits: torch.Tensor,
+    temperature: float,
+    table: torch.Tensor | None,
+) -> dict[str, torch.Tensor]:
+    """Stored against fresh targets of one batch, on the logits' device with no host read: whether the top classes
+    agree, the excess of KL(fresh || stored) over the encoding's own loss, and the fresh log-probabilities."""
+    fresh_log_p = torch.log_softmax(logits.float() / temperature, dim=-1)
+    stored_log_p = encoding.log_probs(stored, temperature, table)
+    fresh_rec = encoding.log_probs(fresh, temperature, table)
+    excess = _kl(fresh_log_p, stored_log_p) - _kl(fresh_log_p, fresh_rec)
+    return {"agree": fresh_log_p.argmax(1) == stored_log_p.argmax(1), "excess": excess, "fresh_log_p": fresh_log_p}
 
 
 def verify_storage(cache: Cache | str | os.PathLike) -> VerifyReport:

@@ -42,7 +42,7 @@ def test_loader_with_persistent_workers_sees_every_epoch(built_cache, tiny, work
             # the teacher on the wrapper's image reproduces the stored target: ids equal, values within fp16
             assert torch.equal(ids, targets["ids"].long())
             assert torch.allclose(top, targets["logprobs"].float(), atol=1e-2)
-            assert torch.allclose(lc.to_probs(targets).sum(1), torch.ones(len(images)), atol=1e-4)
+            assert torch.allclose(lc.to_probs(targets, cache=ds).sum(1), torch.ones(len(images)), atol=1e-4)
             seen += len(images)
         assert seen == len(tiny)
 
@@ -121,7 +121,7 @@ def test_target_rows_collate_whole_batches_and_any_mix(built_cache, tiny):
     for samples, indices in cases:
         images, labels, targets = default_collate(samples)
         assert labels.tolist() == [int(tiny.targets[i]) for i in indices]
-        assert set(targets) == {"ids", "logprobs", "tail", "tail_soft", "num_classes"}
+        assert set(targets) == {"ids", "logprobs", "tail", "tail_soft"}
         for name, value in targets.items():
             assert torch.equal(value, stored[name][indices]), name
         assert dict(samples[0][2]).keys() == targets.keys()  # a row reads like a dict

@@ -2,23 +2,24 @@ import numpy as np
 import pytest
 import torch
 
-from logitcache.encoding import (
-    FullEncoding,
-    QuantizedEncoding,
-    SampledEncoding,
-    TopKEncoding,
-    dense_log_probs,
-    id_dtype,
-    to_probs,
-)
+from logitcache import encoding as E
+from logitcache.encoding import FullEncoding, QuantizedEncoding, SampledEncoding, TopKEncoding, id_dtype
 from logitcache.errors import LogitcacheError
 from logitcache.losses import kd_loss, kd_loss_dense
 
 
-def _batch(enc, logits):
-    t = enc.encode(logits)
-    t["num_classes"] = torch.full((len(logits),), logits.shape[1])
-    return t
+def _batch(enc, logits, generator=None):
+    """A batch as it travels from a store: the encoding's wire format (its newest layout, its per-sample extras)."""
+    return enc.wire(enc.encode(logits, generator))
+
+
+def to_probs(targets, temperature=1.0, num_classes=100):
+    """A batch decoded alone (no cache), at this file's usual 100 classes."""
+    return E.to_probs(targets, temperature, num_classes=num_classes)
+
+
+def dense_log_probs(targets, temperature=1.0, num_classes=100):
+    return E.dense_log_probs(targets, temperature, num_classes=num_classes)
 
 
 def _kl(p, q):
@@ -105,10 +106,7 @@ def test_id_dtype():
 
 def _sampled(logits, samples=20, tau=1.0, seed=0):
     enc = SampledEncoding(logits.shape[1], samples, tau)
-    t = enc.encode(logits, torch.Generator().manual_seed(seed))
-    for name, value in enc.constants().items():
-        t[name] = torch.full((len(logits),), value)
-    return t
+    return _batch(enc, logits, torch.Generator().manual_seed(seed))
 
 
 def test_sampled_fields_hold_the_draws(logits):
@@ -128,7 +126,7 @@ def test_sampled_is_unbiased(tau):
     logits = torch.tensor([[3.0, 2.0, 1.0, 0.0, -1.0, -2.0, -4.0, 0.5]])
     m, s = 4000, 20
     t = _sampled(logits.expand(m, -1).contiguous(), samples=s, tau=tau, seed=1)
-    mean = SampledEncoding.probs(t).mean(0)
+    mean = SampledEncoding(8).probs(t).mean(0)
     p = torch.softmax(logits[0] / tau, 0)
     se = (p * (1 - p) / (m * s)).sqrt()
     z = ((mean - p).abs() / se).max().item()
@@ -148,7 +146,7 @@ def test_sampled_refuses_another_temperature(logits):
 def test_sampled_kd_loss_equals_dense_by_hand(logits):
     t = _sampled(logits, tau=2.0)
     student = torch.randn(64, 100, generator=torch.Generator().manual_seed(3))
-    p = SampledEncoding.probs(t)
+    p = SampledEncoding(100).probs(t)
     log_q = torch.log_softmax(student / 2.0, 1)
     by_hand = 4.0 * (torch.special.xlogy(p, p) - p * log_q).sum(1).mean()
     assert torch.allclose(kd_loss(student, t, 2.0), by_hand, atol=1e-5)
@@ -250,13 +248,8 @@ def test_a_new_encoding_is_one_class_and_every_tool_knows_it(tmp_path, tiny):
         def encode(self, logits, generator=None):
             return {"scaled": logits.float() * self.factor}
 
-        def constants(self):
-            return {"num_classes": self.num_classes, "temperature": self.factor}  # carried to decode without a cache
-
-        @staticmethod
-        def log_probs(targets, temperature):
-            factor = float(targets["temperature"].reshape(-1)[0])
-            return torch.log_softmax(targets["scaled"].float() / factor / temperature, dim=-1)
+        def log_probs(self, targets, temperature, table=None):  # the factor: a host number of the store's
+            return torch.log_softmax(targets["scaled"].float() / self.factor / temperature, dim=-1)
 
     register(ScaledLogits)
     try:
@@ -280,9 +273,11 @@ def test_a_new_encoding_is_one_class_and_every_tool_knows_it(tmp_path, tiny):
         images = torch.stack([lc.replay_view(helpers.heavy_augment(), tiny[i][0], 0, 0, i) for i in range(8)])
         with torch.no_grad():
             teacher_logits = helpers.tiny_teacher()(images)
-        assert torch.allclose(lc.to_probs(targets), torch.softmax(teacher_logits, 1), atol=1e-5)
+        assert torch.allclose(lc.to_probs(targets, cache=cache), torch.softmax(teacher_logits, 1), atol=1e-5)
         student = torch.randn(8, 10)
-        assert torch.allclose(kd_loss(student, targets, 2.0), kd_loss_dense(student, teacher_logits, 2.0), atol=1e-4)
+        kd = kd_loss(student, targets, 2.0, cache=cache)
+        assert torch.allclose(kd, kd_loss_dense(student, teacher_logits, 2.0), atol=1e-4)
+        assert torch.allclose(lc.KDLoss(cache, 2.0)(student, targets), kd)
         assert verify_cache(out, helpers.tiny_teacher(), tiny, augment=helpers.heavy_augment(), samples=16).ok
         assert inspect_cache(out)["encoding_params"] == {"factor": 3.0}
         with pytest.raises(LogitcacheError, match="no encoding has the option"):
@@ -304,15 +299,15 @@ def test_topk8_keeps_what_topk_keeps_in_about_half_the_bytes(num_classes, k):
     assert torch.equal(c["ids"].long(), t["ids"].long())
     for temperature in (1.0, 2.0, 4.0):
         exact = torch.softmax(logits / temperature, 1)
-        kl_c = _kl(exact, to_probs(c, temperature)).mean()
-        kl_t = _kl(exact, to_probs(t, temperature)).mean()
+        kl_c = _kl(exact, to_probs(c, temperature, num_classes)).mean()
+        kl_t = _kl(exact, to_probs(t, temperature, num_classes)).mean()
         assert abs(kl_c - kl_t) < 2e-3 + 0.01 * kl_t, (temperature, kl_c, kl_t)  # 8-bit rounding costs ~nothing
         student = torch.randn(256, num_classes, generator=g)
         assert torch.allclose(kd_loss(student, c, temperature), kd_loss(student, t, temperature), rtol=0.02)
     stored = lambda enc: sum(f.dtype.itemsize * int(np.prod(f.shape)) for f in enc.fields().values())  # noqa: E731
     # raw bytes: half of topk's up to 256 classes (1-byte ids), under three quarters above (2-byte ids)
     assert stored(compact) <= (0.51 if num_classes <= 256 else 0.73) * stored(topk)
-    assert torch.allclose(to_probs(c).sum(1), torch.ones(256), atol=1e-4)
+    assert torch.allclose(to_probs(c, 1.0, num_classes).sum(1), torch.ones(256), atol=1e-4)
 
 
 def test_topk8_refuses_k_below_3():
@@ -333,8 +328,7 @@ def test_headtail_is_unbiased_at_t1_and_keeps_the_tails_shape_at_t4():
     enc = HeadTailEncoding(100, 10, 16)
     flat = _batch(TopKEncoding(100, 10, True), logits)
     for temperature, tol in ((1.0, 4e-3), (4.0, 6e-3)):
-        t = enc.encode(logits.expand(1000, 100), torch.Generator().manual_seed(0))  # each row draws anew
-        t["num_classes"] = torch.full((1000,), 100)
+        t = _batch(enc, logits.expand(1000, 100), torch.Generator().manual_seed(0))  # each row draws anew
         mean = to_probs(t, temperature).mean(0)
         exact = torch.softmax(logits / temperature, 1)[0]
         assert (mean - exact).abs().max() < tol, temperature
@@ -356,8 +350,7 @@ def test_headtail_draws_at_tau_are_unbiased_there_and_less_noisy_than_draws_at_1
     errors = {}
     for tau in (1.0, 4.0):
         enc = HeadTailEncoding(100, 10, 16, tau=tau)
-        t = enc.encode(logits.expand(1000, 100), torch.Generator().manual_seed(0))
-        t.update({k: torch.full((1000,), v) for k, v in enc.constants().items()})
+        t = _batch(enc, logits.expand(1000, 100), torch.Generator().manual_seed(0))
         probs = to_probs(t, 4.0)
         if tau == 4.0:
             assert (probs.mean(0) - exact).abs().max() < 6e-3
@@ -385,8 +378,7 @@ def test_headtail_systematic_draws_are_unbiased_and_less_noisy_than_independent_
         errors = {}
         for how in ("multinomial", "systematic"):
             enc = HeadTailEncoding(100, 10, samples, tau=4.0, draws=how)
-            t = enc.encode(logits.expand(2000, 100), torch.Generator().manual_seed(0))
-            t.update({k: torch.full((2000,), v) for k, v in enc.constants().items()})
+            t = _batch(enc, logits.expand(2000, 100), torch.Generator().manual_seed(0))
             errors[how] = ((to_probs(t, 4.0) - exact) ** 2).sum(1).mean()
         assert errors["systematic"] < ratio * errors["multinomial"], (samples, errors)
     with pytest.raises(LogitcacheError, match="draws must be one of systematic, multinomial"):
@@ -406,8 +398,7 @@ def test_headtail_layouts_store_the_same_targets():
     decoded = {}
     for layout in (1, 2, 3):
         enc = HeadTailEncoding(100, 10, 24, tau=4.0, layout=layout)
-        t = enc.encode(logits, torch.Generator().manual_seed(0))
-        t.update({k: torch.full((64,), v) for k, v in enc.constants().items()})
+        t = _batch(enc, logits, torch.Generator().manual_seed(0))  # layouts 1 and 2 travel as layout 3
         decoded[layout] = [to_probs(t, temperature) for temperature in (1.0, 2.0, 4.0)]
         if layout == 3:
             assert (t["tail_ids"].long().cumsum(1) < 100).all() and t["tail_ids"].long().max() < 100
@@ -432,12 +423,14 @@ def test_headtail_loss_and_store_round_trip(tmp_path, tiny, tau):
     from test_store import inspect_json
 
     assert inspect_json(out)["encoding_params"] == params
-    targets = lc.open_cache(out).read(0, 0, 32)
+    cache = lc.open_cache(out)
+    targets = cache.read(0, 0, 32)
     student = torch.randn(32, 10, requires_grad=True)
-    loss = kd_loss(student, targets, 4.0)
+    loss = kd_loss(student, targets, 4.0)  # alone: the draws' temperature travels with the batch
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(student.grad).all()
-    assert torch.allclose(to_probs(targets, 2.0).sum(1), torch.ones(32), atol=1e-4)
+    assert torch.equal(loss, kd_loss(student, targets, 4.0, cache=cache))
+    assert torch.allclose(to_probs(targets, 2.0, 10).sum(1), torch.ones(32), atol=1e-4)
     assert verify_cache(out, helpers.tiny_teacher(), tiny, augment=helpers.heavy_augment(), samples=16).ok
 
 

@@ -33,15 +33,29 @@ def structured_logits(n: int, num_classes: int = 50, seed: int = 0) -> torch.Ten
     return profiles[top] + torch.randn(n, num_classes, generator=torch.Generator().manual_seed(seed + 1)) * 0.5
 
 
+class Source:
+    """An encoding with its table: what a cache gives ``kd_loss(..., cache=)`` / ``to_probs(..., cache=)``."""
+
+    def __init__(self, encoding, table):
+        self.encoding, self._table = encoding, table
+
+    def table(self):
+        return self._table
+
+    def decode_table(self, device):
+        return None if self._table is None else self._table.to(device)
+
+
 def decoded(enc, logits, table):
-    fields = enc.encode(logits, table=table)
-    consts = {name: torch.full((len(logits),), value) for name, value in enc.constants().items()}
-    return {**fields, **consts, **enc.per_sample(fields, table)}
+    """A batch as it travels (the wire format: stored fields and the row index), and the source that decodes it."""
+    return enc.wire(enc.encode(logits, table=table)), Source(enc, table)
 
 
-def kl_to_teacher(logits, targets, temperature):
+def kl_to_teacher(logits, batch, temperature):
+    targets, source = batch
     ref = torch.log_softmax(logits / temperature, dim=1)
-    return float((ref.exp() * (ref - dense_log_probs(targets, temperature))).sum(1).mean())
+    log_p = dense_log_probs(targets, temperature, cache=source)
+    return float((ref.exp() * (ref - log_p)).sum(1).mean())
 
 
 def test_the_table_keeps_the_tails_shape_where_flat_loses_it():
@@ -56,13 +70,18 @@ def test_the_table_keeps_the_tails_shape_where_flat_loses_it():
         # (at T = 1 the tail holds little mass, so both are small; softened, the flat tail's error dominates)
         assert kl_shaped < (0.8 if temperature == 1 else 0.3) * kl_flat, (temperature, kl_shaped, kl_flat)
         # the same top k and the same tail mass: only how the tail is spread differs
-        p_shaped, p_flat = lc.to_probs(shaped, temperature), lc.to_probs(flat, temperature)
-        ids = shaped["ids"].long()
+        p_shaped, p_flat = lc.to_probs(*shaped[:1], temperature, cache=shaped[1]), lc.to_probs(
+            flat[0], temperature, cache=flat[1]
+        )
+        ids = shaped[0]["ids"].long()
         assert torch.allclose(p_shaped.gather(1, ids), p_flat.gather(1, ids), atol=1e-5)
         assert torch.allclose(p_shaped.sum(1), torch.ones(500), atol=1e-5)
         # the loss is the KL of the decoded target (dense), the student's gradient that of that target
         student = torch.randn(500, 50, requires_grad=True)
-        loss = lc.kd_loss(student, shaped, temperature)
+        loss = lc.kd_loss(student, shaped[0], temperature, cache=shaped[1])
+        assert torch.equal(loss, lc.KDLoss(shaped[1], temperature)(student, shaped[0]))
+        with pytest.raises(LogitcacheError, match="take their tail's shape from the cache's table"):
+            lc.kd_loss(student, shaped[0], temperature)  # alone it would decode a flat tail: refused
         log_q = torch.log_softmax(student.detach() / temperature, dim=1)
         p = p_shaped
         assert torch.isclose(loss, temperature**2 * (p * (p.log() - log_q)).sum(1).mean(), rtol=1e-4)
@@ -95,8 +114,9 @@ def test_the_basis_keeps_each_samples_own_tail_where_the_row_alone_misses_it():
         kl_basis, kl_alone = kl_to_teacher(logits, with_basis, temperature), kl_to_teacher(logits, alone, temperature)
         assert kl_basis < 0.1 * kl_alone, (temperature, kl_basis, kl_alone)
         # the same top k and tail mass: the coefficients move mass only within the tail
-        ids = with_basis["ids"].long()
-        p_basis, p_alone = lc.to_probs(with_basis, temperature), lc.to_probs(alone, temperature)
+        ids = with_basis[0]["ids"].long()
+        p_basis = lc.to_probs(with_basis[0], temperature, cache=with_basis[1])
+        p_alone = lc.to_probs(alone[0], temperature, cache=alone[1])
         assert torch.allclose(p_basis.gather(1, ids), p_alone.gather(1, ids), atol=1e-5)
     # coefficients are int8 steps of a per-sample scale; a teacher exactly on its row needs none
     rows = table_basis[:50].float()
@@ -151,15 +171,18 @@ def test_build_fits_the_table_on_a_probe_and_every_read_path_adds_the_samples_ro
         lp = torch.log_softmax(helpers.tiny_teacher()(torch.stack([views[i] for i in range(len(tiny))])), dim=1)
     assert torch.equal(table, cache.encoding.fit_table(lp))
     whole = cache.read(1)
+    # a batch carries the row's index, never the row: the loss expands it from the table on the batch's device
+    assert torch.equal(whole["tail_row"], whole["ids"][:, 0]) and "tail_shape" not in whole
     coef = whole["tail_coef"].float() * whole["tail_coef_scale"].float()[:, None]
-    assert torch.equal(whole["tail_shape"], table[whole["ids"][:, 0].long()].float() + coef @ table[10:].float())
-    assert "tail_shape" not in cache.read(1, fields_only=True)
+    row = cache.encoding.tail_shape_of(whole, cache.decode_table(torch.device("cpu")))
+    assert torch.equal(row, table[whole["ids"][:, 0].long()].float() + coef @ table[10:].float())
+    assert "tail_row" not in cache.read(1, fields_only=True)
     for memory_mb in (4096, 0):  # the view in shared memory, and read by chunk
         ds = lc.CachedKDDataset(tiny, cache, augment=helpers.heavy_augment(), memory_mb=memory_mb)
         ds.set_epoch(1)
         batch = ds.targets(list(range(40, 80)), 1)
-        assert torch.equal(batch["tail_shape"], whole["tail_shape"][40:80])
-        assert torch.equal(lc.to_probs(batch, 4.0), lc.to_probs({k: v[40:80] for k, v in whole.items()}, 4.0))
+        assert batch.keys() == whole.keys() and all(torch.equal(batch[k], whole[k][40:80]) for k in batch)
+        assert torch.equal(lc.to_probs(batch, 4.0, cache=ds), lc.to_probs(whole, 4.0, cache=cache)[40:80])
     report = verify_cache(cache, helpers.tiny_teacher(), tiny, augment=helpers.heavy_augment(), samples=40)
     assert report.ok, report
 
@@ -232,14 +255,16 @@ def test_a_table_store_from_before_the_basis_reads_with_its_rows_alone(tmp_path)
 
     tiny, out = helpers.tiny_dataset(), tmp_path / "c"
     lc.build_cache(helpers.tiny_teacher(), tiny, out, augment=helpers.heavy_augment(), tail_rank=0, **BUILD)
-    before = lc.open_cache(out).read(1)
+    before_cache = lc.open_cache(out)
+    before = before_cache.read(1)
     g = zarr.open_group(str(out), mode="r+")
     meta = dict(g.attrs["logitcache"])
-    del meta["encoding"]["params"]["tail_rank"]  # as session 8 wrote it
+    del meta["encoding"]["params"]["tail_rank"]  # as a store from before the basis has it
     meta[META_DIGEST] = metadata_digest(meta)
     g.attrs["logitcache"] = meta
     cache = lc.open_cache(out)
     assert cache.encoding.tail_rank == 0 and cache.table().shape == (10, 10)
     after = cache.read(1)
-    assert "tail_coef" not in after and torch.equal(after["tail_shape"], before["tail_shape"])
+    assert "tail_coef" not in after and torch.equal(after["tail_row"], before["tail_row"])
+    assert torch.equal(lc.to_probs(after, 4.0, cache=cache), lc.to_probs(before, 4.0, cache=before_cache))
     assert verify_cache(cache, helpers.tiny_teacher(), tiny, augment=helpers.heavy_augment(), samples=20).ok

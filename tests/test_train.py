@@ -295,11 +295,11 @@ def test_topk_kept_mass():
     from logitcache.encoding import TopKEncoding, topk_kept_mass
 
     logits = torch.tensor([[5.0, 4.0, 0.0, 0.0, 0.0, 0.0]])
-    targets = TopKEncoding(6, 2, soft_tail=True).encode(logits)
-    targets["num_classes"] = torch.tensor([6])
+    enc = TopKEncoding(6, 2, soft_tail=True)
+    targets = enc.encode(logits)
     for t in (1.0, 4.0):
         true = torch.softmax(logits / t, 1)[0, :2].sum().item()
-        assert topk_kept_mass(targets, t) == pytest.approx(true, abs=1e-3)
+        assert topk_kept_mass(enc, targets, t) == pytest.approx(true, abs=1e-3)
 
 
 def test_eval_every_scores_every_nth_epoch_and_the_last(tmp_path, monkeypatch):

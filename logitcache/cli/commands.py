@@ -85,7 +85,7 @@ def _build(**opts) -> None:
 
         cfg = BuildConfig(**opts)
         check_encoding_options(cfg.encoding, cfg.options)
-        distributed.init_from_env()  # under torchrun: join the process group
+        distributed.init_from_env(cfg.device)  # under torchrun: join the process group (a CPU run never touches CUDA)
         if cfg.dry_run:
             _dry_run(cfg)
             return
@@ -108,7 +108,7 @@ def _dry_run(cfg) -> None:
 
     ds = specs.resolve_dataset(cfg.dataset, train=True, limit=cfg.limit)
     augment, _ = specs.resolve_augment(cfg.augment, ds)
-    teacher = specs.resolve_teacher(cfg.teacher, cfg.teacher_weights)
+    teacher = specs.resolve_teacher(cfg.teacher, cfg.teacher_weights, key=cfg.teacher_key, num_classes=cfg.num_classes)
     est = estimate_build(teacher, ds, augment=augment, **build_arguments(cfg))
     minutes = est.total_seconds / 60
     out.print(
@@ -138,8 +138,8 @@ def _train(**opts) -> None:
         from logitcache import TrainConfig, distributed
         from logitcache import train as train_run
 
-        distributed.init_from_env()
         cfg = TrainConfig(**opts)
+        distributed.init_from_env(cfg.device)
         result = train_run(cfg)
         if distributed.rank() != 0:
             return

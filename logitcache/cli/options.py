@@ -35,8 +35,11 @@ def plain(options: dict[str, Any]) -> dict[str, Any]:
 
 
 def _optional(tp: Any) -> Any:
-    """``X | None`` as ``Optional[X]`` (what Typer understands), other types unchanged."""
+    """``X | None`` as ``Optional[X]`` (what Typer understands), ``int | str`` (a number or a word such as ``auto``)
+    as ``str``, other types unchanged."""
     args = typing.get_args(tp)
+    if set(args) == {int, str}:
+        return str
     if type(None) in args:
         (inner,) = [a for a in args if a is not type(None)]
         return Optional[inner]

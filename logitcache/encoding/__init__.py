@@ -5,8 +5,8 @@ sample) and such a dict, as a collated batch, back into teacher log-probabilitie
 ``Encoding`` subclass decorated with ``@register`` (and imported below) plus its tests.
 """
 
-from .base import MIN_TAIL, Encoding, Field, Option, id_dtype
-from .registry import AUTO, CONSTANT_KEYS, ENCODINGS, auto_encoding, dense_log_probs, encoding_class, encoding_of
+from .base import MIN_TAIL, Encoding, Field, Option, dense_kl, id_dtype
+from .registry import AUTO, ENCODINGS, WIRE_KEYS, auto_encoding, decoder, dense_log_probs, encoding_class, encoding_of
 from .registry import make_encoding, register, to_probs
 
 # Imported for their @register; this order is the CLI's order of choices.
@@ -19,7 +19,6 @@ from .headtail import HeadTailEncoding  # isort: skip
 
 __all__ = [
     "AUTO",
-    "CONSTANT_KEYS",
     "ENCODINGS",
     "MIN_TAIL",
     "SOFT_TAIL_BETAS",
@@ -33,7 +32,10 @@ __all__ = [
     "QuantizedEncoding",
     "SampledEncoding",
     "TopKEncoding",
+    "WIRE_KEYS",
     "auto_encoding",
+    "dense_kl",
+    "decoder",
     "dense_log_probs",
     "encoding_class",
     "encoding_of",

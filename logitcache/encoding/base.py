@@ -2,6 +2,10 @@
 
 Pure tensor code: nothing here knows about Zarr or files. Stored numbers are at temperature 1 and the temperature is
 chosen at training time, unless an encoding says otherwise (``stored_temperature``, ``check_temperature``).
+
+Device-clean: decoding makes every tensor on its inputs' device and never reads a device value on the host. What a
+decode needs beyond the batch's tensors (the number of classes, the format's options, the cache's table) are host
+numbers and buffers of the ``Encoding`` instance, never per-sample tensors on the wire.
 """
 
 from __future__ import annotations
@@ -52,10 +56,6 @@ def torch_id_dtype(num_classes: int) -> torch.dtype:
     return torch_dtype(id_dtype(num_classes))
 
 
-def num_classes_of(targets: dict[str, Tensor]) -> int:
-    return int(targets["num_classes"].reshape(-1)[0])
-
-
 def uniforms(generator: torch.Generator | None, shape: tuple[int, ...], device: torch.device) -> Tensor:
     """Uniform numbers in [0, 1) for a sampling encoding, drawn on the generator's device (the CPU for the build's
     per-unit generators) and moved to ``device``: the same numbers whichever device encodes."""
@@ -73,11 +73,30 @@ def inverse_cdf(probs: Tensor, points: Tensor) -> Tensor:
     return at.clamp(max=probs.shape[-1] - 1)
 
 
+def dense_kl(log_p: Tensor, student_logits: Tensor, temperature: float) -> Tensor:
+    """Per-sample ``KL(p || softmax(student / T))`` for dense teacher log-probabilities ``log_p`` (``-inf`` allowed)."""
+    p = log_p.exp()
+    log_q = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    return torch.where(p > 0, p * (log_p - log_q), p.new_zeros(())).sum(1)  # classes with p = 0 add nothing
+
+
+def steps_of(values: Tensor) -> Tensor:
+    """uint8 ``values`` (nondecreasing along the last axis, or positions modulo 256) as their steps from the previous
+    one (the first from 0), modulo 256: how layout 2 stores what layout 1 stored as it is."""
+    v = values.to(torch.int16)
+    return (torch.diff(v, dim=-1, prepend=torch.zeros_like(v[..., :1])) % 256).to(torch.uint8)
+
+
 class Encoding:
     """Base class. A subclass owns everything about its format: its options, its per-sample ``fields``, ``encode``
     (teacher logits -> fields), ``log_probs`` (fields -> dense log-probabilities), ``kl`` (the KD loss against student
     logits) and ``compare`` (stored against fresh targets, for ``verify``). Register it with ``@register`` and the
     store, the CLI, the loss and verify know it.
+
+    Decoding is an instance's: ``log_probs`` and ``kl`` read the number of classes and the options from ``self`` and
+    the cache's table from ``table=`` (on the batch's device), so a batch carries its stored fields alone. ``wire``
+    gives the fields as they travel from the store to the loss (one format per encoding, whichever layout the store
+    keeps); ``for_targets`` is the decoder of a batch that decodes alone (its defaults).
     """
 
     name: ClassVar[str] = ""
@@ -134,9 +153,33 @@ class Encoding:
     def check_temperature(self, temperature: float) -> None:
         """Refuse (LogitcacheError) a training temperature these targets cannot serve."""
 
-    def constants(self) -> dict[str, float]:
-        """Per-sample constants added to every target dict at read time, so a batch decodes without the cache."""
-        return {"num_classes": self.num_classes}
+    def wire(self, fields: dict[str, Tensor]) -> dict[str, Tensor]:
+        """A batch of stored ``fields`` as it travels to the loss: the fields in this version's newest layout (the
+        same numbers; a store of an older layout is converted on the host), plus what the decode needs per sample
+        that the fields do not hold (``WIRE_KEYS``). Never a dense row: expansion happens on the device, in the loss.
+        Identity by default."""
+        return fields
+
+    @classmethod
+    def for_targets(cls, targets: dict[str, Tensor], num_classes: int) -> "Encoding":
+        """The decoder of a batch of wire ``targets`` without its cache: this encoding's defaults at ``num_classes``
+        (every option that decides the decode travels with the batch). Refuses (LogitcacheError) a batch that needs
+        its cache (``needs_cache``)."""
+        cls.refuse_without_cache(targets)
+        return cls(num_classes)
+
+    @classmethod
+    def needs_cache(cls, targets: dict[str, Tensor]) -> str:
+        """Why a batch cannot decode without its cache ("" when it can)."""
+        return ""
+
+    @classmethod
+    def refuse_without_cache(cls, targets: dict[str, Tensor]) -> None:
+        why = cls.needs_cache(targets)
+        if why:
+            raise LogitcacheError(
+                f"these {cls.name} targets {why}: pass the cache (lc.kd_loss(..., cache=ds) or lc.KDLoss(ds))"
+            )
 
     def entries(self) -> int:
         """Numbers kept per sample (for bytes-per-entry figures)."""
@@ -156,11 +199,6 @@ class Encoding:
         """The table from the teacher's log-probabilities ``[P, C]`` on the probe."""
         raise NotImplementedError
 
-    def per_sample(self, fields: dict[str, Tensor], table: Tensor | None) -> dict[str, Tensor]:
-        """What the reader adds to a batch of stored ``fields`` from the cache's table, so that the batch decodes
-        alone (none by default)."""
-        return {}
-
     # --- the format ----------------------------------------------------------------------------------------------
     def fields(self) -> dict[str, Field]:
         raise NotImplementedError
@@ -170,18 +208,22 @@ class Encoding:
         also given the cache's as ``table=`` (the stored one, which the reader decodes with)."""
         raise NotImplementedError
 
-    @staticmethod
-    def log_probs(targets: dict[str, Tensor], temperature: float) -> Tensor:
-        """Dense teacher log-probabilities ``[B, C]`` at ``temperature`` from a collated batch of targets."""
+    def log_probs(self, targets: dict[str, Tensor], temperature: float, table: Tensor | None = None) -> Tensor:
+        """Dense teacher log-probabilities ``[B, C]`` at ``temperature`` from a collated batch of wire targets
+        (``table``: the cache's, on the batch's device, for an encoding that keeps one)."""
         raise NotImplementedError
 
     # --- the loss ------------------------------------------------------------------------------------------------
-    @classmethod
-    def kl(cls, student_logits: Tensor, targets: dict[str, Tensor], temperature: float, tail: str) -> Tensor:
+    def kl(
+        self,
+        student_logits: Tensor,
+        targets: dict[str, Tensor],
+        temperature: float,
+        tail: str,
+        table: Tensor | None = None,
+    ) -> Tensor:
         """Per-sample ``KL(teacher_T || student_T)``; dense by default (sparse encodings avoid the dense tensor)."""
-        log_p = cls.log_probs(targets, temperature)
-        log_q = F.log_softmax(student_logits.float() / temperature, dim=-1)
-        return (log_p.exp() * (log_p - log_q)).sum(1)
+        return dense_kl(self.log_probs(targets, temperature, table), student_logits, temperature)
 
     def flat_tail_share(self, targets: dict[str, Tensor], temperature: float) -> float | None:
         """Mean share of the softened target that decoding spreads evenly over unstored classes (their shape lost);

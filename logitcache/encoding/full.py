@@ -26,6 +26,5 @@ class FullEncoding(Encoding):
     def encode(self, logits: Tensor, generator: torch.Generator | None = None) -> dict[str, Tensor]:
         return {"logits": logits.float().to(torch.float16)}
 
-    @staticmethod
-    def log_probs(targets: dict[str, Tensor], temperature: float) -> Tensor:
+    def log_probs(self, targets: dict[str, Tensor], temperature: float, table: Tensor | None = None) -> Tensor:
         return torch.log_softmax(targets["logits"].float() / temperature, dim=-1)

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from ..errors import LogitcacheError
-from .base import Encoding, Field, Option, inverse_cdf, num_classes_of, torch_dtype, uniforms
+from .base import Encoding, Field, Option, inverse_cdf, steps_of, torch_dtype, uniforms
 from .topk8 import CompactTopKEncoding, check_layout, compact_id_dtype
 from .registry import register
 from .sampled import TAU
@@ -85,6 +85,7 @@ class HeadTailEncoding(Encoding):
     layout: int
 
     def validate(self) -> None:
+        self._head_cache: CompactTopKEncoding | None = None
         check_layout(self.name, self.layout, newest=3)
         if self.tau <= 0:
             raise LogitcacheError(f"headtail: the draws' temperature must be > 0, got {self.tau:g}")
@@ -98,9 +99,33 @@ class HeadTailEncoding(Encoding):
     def _head(self) -> CompactTopKEncoding:
         return CompactTopKEncoding(self.num_classes, self.k, layout=min(self.layout, 2), tail_shape="flat")
 
-    def constants(self) -> dict[str, float]:
-        # the draws' temperature, as for ``sampled``
-        return {**self._head().constants(), "layout": self.layout, "temperature": self.tau}
+    def wire(self, fields: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Layout 3's numbers whatever the store's layout (the head's steps; the slots in increasing class order with
+        their ids as gaps), and the draws' temperature per sample (the decode's importance weights use it)."""
+        out = dict(fields)
+        if self.layout == 1:
+            out["q"], out["tail_soft8"] = steps_of(fields["q"]), steps_of(fields["tail_soft8"])
+        if self.layout <= 2:  # slots most drawn first, absolute ids, unused ones (count 0, id 0) last
+            ids, counts = fields["tail_ids"].long(), fields["tail_counts"]
+            order = torch.where(counts > 0, ids, self.num_classes).argsort(dim=-1, stable=True)
+            ids, counts = ids.gather(-1, order), counts.gather(-1, order)
+            ids = torch.cummax(torch.where(counts > 0, ids, 0), dim=-1).values
+            gaps = torch.diff(ids, dim=-1, prepend=torch.zeros_like(ids[..., :1]))
+            out["tail_ids"] = gaps.to(fields["tail_ids"].dtype)
+            out["tail_counts"], out["tail_q"] = counts, fields["tail_q"].gather(-1, order)
+        out["temperature"] = fields["ids"].new_full((len(fields["ids"]),), self.tau, dtype=torch.float32)
+        return out
+
+    @classmethod
+    def for_targets(cls, targets: dict[str, Tensor], num_classes: int) -> "Encoding":
+        # the draws' temperature travels as a tensor and enters the decode as one: nothing to read on the host
+        k, slots = targets["ids"].shape[-1], targets["tail_ids"].shape[-1]
+        return cls(num_classes, k=k, tail_samples=slots)
+
+    def _head_decoder(self) -> CompactTopKEncoding:
+        if self._head_cache is None:
+            self._head_cache = CompactTopKEncoding(self.num_classes, self.k, tail_shape="flat")
+        return self._head_cache
 
     def slots(self) -> int:
         return min(self.tail_samples, self.num_classes - self.k)
@@ -149,37 +174,26 @@ class HeadTailEncoding(Encoding):
 
     @staticmethod
     def tail_ids(targets: dict[str, Tensor]) -> Tensor:
-        """The drawn classes' ids (int64), whichever layout stores them."""
-        ids = targets["tail_ids"].long()
-        layout = targets.get("layout")  # absent in a dict fresh from ``encode``: this version's default
-        return ids.cumsum(-1) if layout is None or int(layout.reshape(-1)[0]) >= 3 else ids
+        """The drawn classes' ids (int64) from wire targets (which hold them as gaps)."""
+        return targets["tail_ids"].long().cumsum(-1)
 
-    @staticmethod
-    def log_probs(targets: dict[str, Tensor], temperature: float) -> Tensor:
-        head = CompactTopKEncoding.as_topk(targets)
+    def log_probs(self, targets: dict[str, Tensor], temperature: float, table: Tensor | None = None) -> Tensor:
+        head = self._head_decoder().as_topk(targets)
         logp_top, ids = head["logprobs"], head["ids"]
-        num_classes = num_classes_of(targets)
-        rest = num_classes - ids.shape[-1]
+        rest = self.num_classes - ids.shape[-1]
         total = TopKEncoding.softened_tail(head, rest, temperature)  # log sum over the tail of p^(1/T)
         counts = targets["tail_counts"].float()
         slot_lp = logp_top[..., -1:] - targets["tail_q"].float() * targets["tail_scale"].float()[..., None]
         # importance weights of the draws, rescaled so that they add up to the known total
-        tau = targets["temperature"].float()[..., None] if "temperature" in targets else 1.0
+        tau = targets["temperature"].float()[..., None] if "temperature" in targets else self.tau
         log_w = torch.log(counts) + (1.0 / temperature - 1.0 / tau) * slot_lp
         log_w = log_w - torch.logsumexp(log_w, dim=-1, keepdim=True) + total[..., None]
-        dense = torch.full((*ids.shape[:-1], num_classes), float("-inf"))
+        dense = logp_top.new_full((*ids.shape[:-1], self.num_classes), float("-inf"))
         dense = dense.scatter(-1, ids, logp_top / temperature)
         # scatter-add the draws' weights (a class occupies one slot; unused slots have weight 0 = exp(-inf))
-        mass = torch.zeros_like(dense).scatter_add_(-1, HeadTailEncoding.tail_ids(targets), log_w.exp())
+        mass = torch.zeros_like(dense).scatter_add_(-1, self.tail_ids(targets), log_w.exp())
         dense = torch.where(mass > 0, mass.log(), dense)
         return torch.log_softmax(dense, dim=-1)
-
-    @classmethod
-    def kl(cls, student_logits: Tensor, targets: dict[str, Tensor], temperature: float, tail: str) -> Tensor:
-        log_p = cls.log_probs(targets, temperature)
-        p = log_p.exp()
-        log_q = torch.log_softmax(student_logits.float() / temperature, dim=-1)
-        return (torch.special.xlogy(p, p) - p * log_q).sum(1)  # classes with p = 0 add nothing
 
     def flat_tail_share(self, targets: dict[str, Tensor], temperature: float) -> float | None:
         return None  # the draws keep the tail's shape
@@ -188,7 +202,7 @@ class HeadTailEncoding(Encoding):
         diff, why = self._head().compare(stored, fresh, fresh_log_p)
         if why:
             return diff, why
-        drawn = self.tail_ids({**stored, "layout": torch.tensor(self.layout)})[stored["tail_counts"] > 0]
+        drawn = self.tail_ids(stored)[stored["tail_counts"] > 0]
         worst = float(fresh_log_p[drawn].min()) if len(drawn) else 0.0
         # draws differ from run to run by design; an essentially impossible drawn class means another teacher/image
         # (a draw at temperature tau follows p^(1/tau): what is impossible at 1 is only unlikely at 4)

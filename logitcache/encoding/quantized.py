@@ -44,8 +44,7 @@ class QuantizedEncoding(Encoding):
         q = torch.round(-logp / scale[:, None]).clamp(0, 255).to(torch.uint8)
         return {"q": q, "scale": scale}
 
-    @staticmethod
-    def log_probs(targets: dict[str, Tensor], temperature: float) -> Tensor:
+    def log_probs(self, targets: dict[str, Tensor], temperature: float, table: Tensor | None = None) -> Tensor:
         logp = -targets["q"].float() * targets["scale"].float()[..., None]
         return torch.log_softmax(logp / temperature, dim=-1)
 

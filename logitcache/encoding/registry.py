@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import Tensor
 
 from ..errors import LogitcacheError
 from .base import Encoding
 
 ENCODINGS: dict[str, type[Encoding]] = {}
-# what the reader adds to every target dict beyond the stored fields, so that batches decode alone: per-sample
-# constants (an encoding's format details included) and rows of the cache's table (``Encoding.per_sample``)
-CONSTANT_KEYS = frozenset({"num_classes", "temperature", "layout", "tail_shape"})
+# what a batch of wire targets carries beyond the stored fields (``Encoding.wire``): the draws' temperature
+# (``sampled``, ``headtail``) and the table's row index (``topk8`` with its tail table)
+WIRE_KEYS = frozenset({"temperature", "tail_row"})
 
 
 def register(cls: type[Encoding]) -> type[Encoding]:
@@ -65,18 +67,54 @@ def make_encoding(name: str, num_classes: int, options: dict | None = None) -> E
 
 def encoding_of(targets: dict[str, Tensor]) -> type[Encoding]:
     """The encoding class that produced a target dict, recognised by its field names."""
-    keys = set(targets) - CONSTANT_KEYS
+    keys = set(targets) - WIRE_KEYS
     for cls in ENCODINGS.values():
         if cls.field_names <= keys <= cls.field_names | cls.optional_field_names:
             return cls
     raise LogitcacheError(f"not a logitcache target dict (fields: {sorted(keys)})")
 
 
-def dense_log_probs(targets: dict[str, Tensor], temperature: float = 1.0) -> Tensor:
-    """Dense teacher log-probabilities ``[B, C]`` at ``temperature``, the tail restored as the encoding defines."""
-    return encoding_of(targets).log_probs(targets, temperature)
+def decoder(
+    targets: dict[str, Tensor], num_classes: int | None = None, cache: Any = None
+) -> tuple[Encoding, Tensor | None]:
+    """The encoding that decodes a batch of wire ``targets`` and the table it decodes with (on the batch's device).
+
+    ``cache``: an ``Encoding``, a ``Cache``, a ``CachedKDDataset`` or a ``KDLoss`` (anything with ``.encoding``, and
+    ``decode_table(device)`` where a table is kept): its options and table decode the batch. Without it the batch
+    decodes alone, with its encoding's defaults at ``num_classes`` (what ``encode`` with defaults makes; a batch that
+    needs its cache's table is refused). Host work only: nothing is read from the batch's tensors.
+    """
+    if cache is None:
+        cls = encoding_of(targets)
+        if num_classes is None:
+            num_classes = _classes_in(targets)
+        return cls.for_targets(targets, num_classes), None
+    cache = getattr(cache, "cache", cache)  # a CachedKDDataset: its store handle
+    if isinstance(cache, Encoding):
+        return cache, None
+    device = next(iter(targets.values())).device
+    table_of = getattr(cache, "decode_table", None)
+    return cache.encoding, table_of(device) if table_of is not None else None
 
 
-def to_probs(targets: dict[str, Tensor], temperature: float = 1.0) -> Tensor:
+def _classes_in(targets: dict[str, Tensor]) -> int:
+    for name in ("logits", "q"):  # full, quantized: one stored number per class
+        if name in targets and targets[name].dim() == 2 and "ids" not in targets:
+            return targets[name].shape[-1]
+    raise LogitcacheError("how many classes these targets have is not in them: pass num_classes= or cache=")
+
+
+def dense_log_probs(
+    targets: dict[str, Tensor], temperature: float = 1.0, *, cache: Any = None, num_classes: int | None = None
+) -> Tensor:
+    """Dense teacher log-probabilities ``[B, C]`` at ``temperature``, the tail restored as the encoding defines
+    (``cache`` / ``num_classes``: as for ``decoder``)."""
+    encoding, table = decoder(targets, num_classes, cache)
+    return encoding.log_probs(targets, temperature, table)
+
+
+def to_probs(
+    targets: dict[str, Tensor], temperature: float = 1.0, *, cache: Any = None, num_classes: int | None = None
+) -> Tensor:
     """Dense teacher probabilities ``[B, C]`` for a (collated) batch of cached targets."""
-    return dense_log_probs(targets, temperature).exp()
+    return dense_log_probs(targets, temperature, cache=cache, num_classes=num_classes).exp()

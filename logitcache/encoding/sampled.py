@@ -13,7 +13,6 @@ from .base import (
     Option,
     id_dtype,
     inverse_cdf,
-    num_classes_of,
     torch_dtype,
     torch_id_dtype,
     uniforms,
@@ -63,8 +62,17 @@ class SampledEncoding(Encoding):
     def check_temperature(self, temperature: float) -> None:
         _refuse_other_temperature(self.tau, temperature)
 
-    def constants(self) -> dict[str, float]:
-        return {"num_classes": self.num_classes, "temperature": self.tau}
+    def wire(self, fields: dict[str, Tensor]) -> dict[str, Tensor]:
+        # the draws' temperature travels with the batch, so that a batch decoded without its cache is still checked
+        rows = len(fields["ids"])
+        return {**fields, "temperature": fields["ids"].new_full((rows,), self.tau, dtype=torch.float32)}
+
+    @classmethod
+    def for_targets(cls, targets: dict[str, Tensor], num_classes: int) -> "Encoding":
+        """Reads the batch's ``temperature`` on the host: a decode without the cache pays one read of it per call
+        (``KDLoss`` knows it from the cache instead)."""
+        tau = float(targets["temperature"].reshape(-1)[0]) if "temperature" in targets else TAU.default
+        return cls(num_classes, samples=targets["ids"].shape[-1], tau=tau)
 
     def slots(self) -> int:
         return min(self.samples, self.num_classes)
@@ -95,25 +103,25 @@ class SampledEncoding(Encoding):
         ids = torch.where(top > 0, ids, 0)  # unused slots: id 0, count 0 (compresses to nothing)
         return {"ids": ids.to(torch_id_dtype(self.num_classes)), "counts": top.to(torch_dtype(self._count_dtype()))}
 
-    @staticmethod
-    def check_targets_temperature(targets: dict[str, Tensor], temperature: float) -> None:
-        _refuse_other_temperature(float(targets["temperature"].reshape(-1)[0]), temperature)
-
-    @staticmethod
-    def probs(targets: dict[str, Tensor]) -> Tensor:
+    def probs(self, targets: dict[str, Tensor]) -> Tensor:
         counts = targets["counts"].float()
-        dense = torch.zeros(*counts.shape[:-1], num_classes_of(targets))
+        dense = counts.new_zeros(*counts.shape[:-1], self.num_classes)
         dense.scatter_add_(-1, targets["ids"].long(), counts)
         return dense / counts.sum(-1, keepdim=True)
 
-    @staticmethod
-    def log_probs(targets: dict[str, Tensor], temperature: float) -> Tensor:
-        SampledEncoding.check_targets_temperature(targets, temperature)
-        return SampledEncoding.probs(targets).log()
+    def log_probs(self, targets: dict[str, Tensor], temperature: float, table: Tensor | None = None) -> Tensor:
+        self.check_temperature(temperature)
+        return self.probs(targets).log()
 
-    @classmethod
-    def kl(cls, student_logits: Tensor, targets: dict[str, Tensor], temperature: float, tail: str) -> Tensor:
-        cls.check_targets_temperature(targets, temperature)
+    def kl(
+        self,
+        student_logits: Tensor,
+        targets: dict[str, Tensor],
+        temperature: float,
+        tail: str,
+        table: Tensor | None = None,
+    ) -> Tensor:
+        self.check_temperature(temperature)
         counts = targets["counts"].float()
         p = counts / counts.sum(1, keepdim=True)
         log_q = student_logits.float() / temperature

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from ..errors import LogitcacheError
-from .base import MIN_TAIL, Encoding, Field, Option, id_dtype, num_classes_of, torch_id_dtype
+from .base import MIN_TAIL, Encoding, Field, Option, dense_kl, id_dtype, torch_id_dtype
 from .registry import register
 
 # Inverse temperatures at which the tail's softened mass is stored (``tail_soft``): T = 8, 4 and 2. With the exact
@@ -97,14 +97,17 @@ class TopKEncoding(Encoding):
         w = (beta - betas[i]) / (betas[i + 1] - betas[i])
         return ((1 - w) * points[i] + w * points[i + 1]).clamp(min=MIN_TAIL)
 
-    @staticmethod
-    def log_probs(targets: dict[str, Tensor], temperature: float) -> Tensor:
+    @classmethod
+    def for_targets(cls, targets: dict[str, Tensor], num_classes: int) -> "Encoding":
+        return cls(num_classes, k=targets["ids"].shape[-1], soft_tail="tail_soft" in targets)
+
+    def log_probs(self, targets: dict[str, Tensor], temperature: float, table: Tensor | None = None) -> Tensor:
         logp, ids = targets["logprobs"].float(), targets["ids"].long()
-        num_classes = num_classes_of(targets)
+        num_classes = self.num_classes
         rest = num_classes - ids.shape[-1]
         if rest == 0:
             fill = torch.full_like(logp[..., 0], float("-inf"))
-        elif "tail_shape" in targets:  # the cache's table: the tail's softened mass in the teacher's usual shape
+        elif "tail_shape" in targets:  # a table's row (topk8): the tail's softened mass in the teacher's usual shape
             shape = (targets["tail_shape"].float() / temperature).scatter(-1, ids, float("-inf"))
             total = TopKEncoding.softened_tail(targets, rest, temperature)
             dense = shape - torch.logsumexp(shape, dim=-1, keepdim=True) + total[..., None]
@@ -114,18 +117,25 @@ class TopKEncoding(Encoding):
         dense = fill[..., None].expand(*ids.shape[:-1], num_classes).clone().scatter_(-1, ids, logp / temperature)
         return torch.log_softmax(dense, dim=-1)
 
-    @classmethod
-    def kl(cls, student_logits: Tensor, targets: dict[str, Tensor], temperature: float, tail: str) -> Tensor:
+    def kl(
+        self,
+        student_logits: Tensor,
+        targets: dict[str, Tensor],
+        temperature: float,
+        tail: str,
+        table: Tensor | None = None,
+    ) -> Tensor:
         """From the k stored entries, the tail and two reductions over the student's logits: no dense teacher.
 
         ``tail``: ``uniform`` spreads the leftover mass over the unstored classes (equally, or in the shape of the
-        cache's table when the targets carry ``tail_shape``: then the teacher is dense, [B, C]); ``bucket`` treats it
+        cache's table when the targets carry a table's row, ``tail_shape``: then the teacher is dense, [B, C]);
+        ``bucket`` treats it
         as one "rest" class, matching only the student's total mass outside the teacher's top k.
         """
         if tail not in TAIL_MODES:
             raise LogitcacheError(f"the top-k tail mode must be one of {', '.join(TAIL_MODES)}, got {tail!r}")
         if tail == "uniform" and "tail_shape" in targets:  # every class has its own mass: the base class's dense KL
-            return super().kl(student_logits, targets, temperature, tail)
+            return dense_kl(TopKEncoding.log_probs(self, targets, temperature), student_logits, temperature)
         logprobs, ids = targets["logprobs"], targets["ids"]
         s = student_logits.float() / temperature
         log_z = torch.logsumexp(s, dim=1)
@@ -135,7 +145,7 @@ class TopKEncoding(Encoding):
         if rest == 0:
             lp_top = torch.log_softmax(t_top, dim=1)
             return (lp_top.exp() * (lp_top - s_top)).sum(1) + log_z
-        t_tail = cls.softened_tail(targets, rest, temperature)
+        t_tail = TopKEncoding.softened_tail(targets, rest, temperature)
         log_norm = torch.logsumexp(torch.cat([t_top, t_tail[:, None]], dim=1), dim=1)
         lp_top, lp_bucket = t_top - log_norm[:, None], t_tail - log_norm
         lp_rest = lp_bucket - math.log(rest)  # an equal share of the softened leftover mass per unstored class
@@ -148,7 +158,7 @@ class TopKEncoding(Encoding):
         return (lp_top.exp() * (lp_top - s_top)).sum(1) + rest * p_rest * lp_rest - p_rest * s_rest_sum + log_z
 
     def flat_tail_share(self, targets: dict[str, Tensor], temperature: float) -> float | None:
-        return 1.0 - topk_kept_mass(targets, temperature)
+        return 1.0 - topk_kept_mass(self, targets, temperature)
 
     def compare(self, stored: dict[str, Tensor], fresh: dict[str, Tensor], fresh_log_p: Tensor) -> tuple[float, str]:
         if not torch.equal(stored["ids"], fresh["ids"]):
@@ -156,7 +166,8 @@ class TopKEncoding(Encoding):
         return super().compare(stored, fresh, fresh_log_p)
 
 
-def topk_kept_mass(targets: dict[str, Tensor], temperature: float) -> float:
-    """Mean share of the softened teacher distribution held by a top-k batch's stored entries (the rest is tail)."""
+def topk_kept_mass(decoder: TopKEncoding, targets: dict[str, Tensor], temperature: float) -> float:
+    """Mean share of the softened teacher distribution held by a top-k batch's stored entries (the rest is tail);
+    a host number, for reports outside the training step."""
     ids = targets["ids"].long()
-    return float(TopKEncoding.log_probs(targets, temperature).exp().gather(-1, ids).sum(-1).mean())
+    return float(TopKEncoding.log_probs(decoder, targets, temperature).exp().gather(-1, ids).sum(-1).mean())

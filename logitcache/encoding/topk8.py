@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from ..errors import LogitcacheError
-from .base import MIN_TAIL, Encoding, Field, Option, num_classes_of, torch_dtype
+from .base import MIN_TAIL, Encoding, Field, Option, steps_of, torch_dtype
 from .registry import register
 from .topk import SOFT_TAIL_BETAS, TopKEncoding, topk_kept_mass
 
@@ -52,7 +52,8 @@ class CompactTopKEncoding(Encoding):
     The unstored classes' share (``tail_shape``): ``table`` (the default) spreads the tail's softened mass over them
     in the shape the teacher usually gives them when the sample's top class is c: a C x C table of the teacher's mean
     log-probabilities per top-1 class, fitted on a probe of view 0 before the build (``probe_size``) and stored once
-    per cache (``tail_table``, docs/format.md); the reader adds each sample's row to its target. ``flat`` (what stores
+    per cache (``tail_table``, docs/format.md); a batch carries each sample's row index (``tail_row``, its top class)
+    and the loss expands the row from the table on the device (``KDLoss`` holds it as a buffer). ``flat`` (what stores
     without the option hold) spreads it equally, which at high T teaches a shape the teacher never had. A row can
     make an unstored class likelier than the k-th stored one; the decode keeps it so, because capping it there gives
     better targets offline but trains worse students (docs: choosing an encoding).
@@ -152,20 +153,38 @@ class CompactTopKEncoding(Encoding):
         basis = vectors[:, -self.tail_rank :].flip(1).T
         return torch.cat([rows, basis.to(torch.float16)])
 
-    def per_sample(self, fields: dict[str, Tensor], table: Tensor | None) -> dict[str, Tensor]:
-        if table is None or self.k == self.num_classes:
-            return {}
-        shape = table[fields["ids"][..., 0].long()]  # ids are sorted: the first is the top class
-        if "tail_coef" in fields:
-            coef = fields["tail_coef"].float() * fields["tail_coef_scale"].float()[..., None]
-            shape = shape.float() + coef @ table[self.num_classes :].float()
-        return {"tail_shape": shape}
+    def wire(self, fields: dict[str, Tensor]) -> dict[str, Tensor]:
+        out = dict(fields)
+        if self.layout == 1:  # the same numbers as layout 2 stores them
+            out["q"], out["tail_soft8"] = steps_of(fields["q"]), steps_of(fields["tail_soft8"])
+        if self.tail_shape == "table" and self.k < self.num_classes:
+            out["tail_row"] = fields["ids"][..., 0].clone()  # ids are sorted: the first is the top class
+        return out
+
+    @classmethod
+    def needs_cache(cls, targets: dict[str, Tensor]) -> str:
+        return "take their tail's shape from the cache's table" if "tail_row" in targets else ""
+
+    @classmethod
+    def for_targets(cls, targets: dict[str, Tensor], num_classes: int) -> "Encoding":
+        cls.refuse_without_cache(targets)  # a batch with a table's row index needs that table
+        return cls(num_classes, k=targets["ids"].shape[-1], tail_shape="flat")
+
+    def tail_shape_of(self, targets: dict[str, Tensor], table: Tensor | None) -> Tensor | None:
+        """Each sample's row of the table, with its own deviation when the store keeps one (``[B, C]``, on the
+        batch's device), or None for a flat tail."""
+        if "tail_row" not in targets:
+            return None
+        if table is None:
+            raise LogitcacheError("topk8 targets with a tail table decode with the cache's table; none was given")
+        shape = table[targets["tail_row"].long()].float()
+        if "tail_coef" in targets:
+            coef = targets["tail_coef"].float() * targets["tail_coef_scale"].float()[..., None]
+            shape = shape + coef @ table[self.num_classes :].float()
+        return shape
 
     def entries(self) -> int:
         return self.k
-
-    def constants(self) -> dict[str, float]:
-        return {**super().constants(), "layout": self.layout}
 
     def fields(self) -> dict[str, Field]:
         return {
@@ -227,7 +246,8 @@ class CompactTopKEncoding(Encoding):
         m = torch.cat([basis.T, torch.ones(c, 1, device=dev.device)], dim=1)  # [C, r + 1]
         weighted = m.T[None] * unstored[:, None, :]  # [N, r + 1, C]
         gram = weighted @ m + 1e-6 * torch.eye(r + 1, device=dev.device)
-        coef = torch.linalg.solve(gram, (weighted @ dev[..., None]))[:, :r, 0]
+        # solve_ex: no check of the factorisation on the host, so the build's device never waits here
+        coef = torch.linalg.solve_ex(gram, (weighted @ dev[..., None]))[0][:, :r, 0]
         scale = (coef.abs().amax(1) / 127).to(torch.float16)
         steps = scale.float()[:, None]
         q = torch.where(steps > 0, torch.round(coef / steps.clamp(min=1e-30)), 0.0).clamp(-127, 127)
@@ -235,49 +255,52 @@ class CompactTopKEncoding(Encoding):
 
     @staticmethod
     def q_values(targets: dict[str, Tensor]) -> Tensor:
-        """``q_1 .. q_{k-2}`` themselves (float), whichever layout stores them."""
-        q = targets["q"].float()
-        return q if layout_of(targets) == 1 else q.cumsum(-1)
+        """``q_1 .. q_{k-2}`` themselves (float) from wire targets (which hold their steps)."""
+        return targets["q"].float().cumsum(-1)
 
-    @staticmethod
-    def as_topk(targets: dict[str, Tensor]) -> dict[str, Tensor]:
-        """The equivalent ``topk`` target dict (float log-probabilities, ids, tail, tail_soft)."""
+    def as_topk(self, targets: dict[str, Tensor], table: Tensor | None = None) -> dict[str, Tensor]:
+        """The equivalent ``topk`` target dict (float log-probabilities, ids, tail, tail_soft, and the table's row
+        as ``tail_shape`` when the batch has one), every tensor on the batch's device."""
         ids = targets["ids"].long()
         scale = targets["scale"].float()[..., None]
-        q = CompactTopKEncoding.q_values(targets)
-        zeros = torch.zeros(*q.shape[:-1], 1)
+        q = self.q_values(targets)
+        zeros = q.new_zeros(*q.shape[:-1], 1)
         steps = torch.cat([zeros, q, torch.full_like(zeros, 255.0)], dim=-1)  # q_0 = 0 and q_{k-1} = 255
         tail = targets["tail"].float()
         # the top k and the tail sum to one: lp_0 = log(1 - e^tail) - logsumexp(-q * scale)
         lp0 = torch.log1p(-tail.exp().clamp(max=1 - 1e-6)) - torch.logsumexp(-steps * scale, dim=-1)
         out = {"logprobs": lp0[..., None] - steps * scale, "ids": ids, "tail": tail}
-        num_classes = num_classes_of(targets)
-        rest = num_classes - ids.shape[-1]
+        rest = self.num_classes - ids.shape[-1]
         if rest > 0:
-            betas = torch.tensor(SOFT_TAIL_BETAS)
-            low, width = betas * tail[..., None], (1 - betas) * math.log(rest)
-            pos = targets["tail_soft8"].float()
-            pos = pos if layout_of(targets) == 1 else pos.cumsum(-1) % 256
-            out["tail_soft"] = low + pos / 255 * width
+            pos = targets["tail_soft8"].float().cumsum(-1) % 256
+            # each beta a host number: no constant tensor is copied to the device in the step
+            soft = [b * tail + pos[..., j] / 255 * ((1 - b) * math.log(rest)) for j, b in enumerate(SOFT_TAIL_BETAS)]
+            out["tail_soft"] = torch.stack(soft, dim=-1)
         else:
-            out["tail_soft"] = torch.full((*tail.shape, len(SOFT_TAIL_BETAS)), MIN_TAIL)
-        out["num_classes"] = targets["num_classes"]
-        if "tail_shape" in targets:
-            out["tail_shape"] = targets["tail_shape"]
+            out["tail_soft"] = tail.new_full((*tail.shape, len(SOFT_TAIL_BETAS)), MIN_TAIL)
+        shape = self.tail_shape_of(targets, table)
+        if shape is not None:
+            out["tail_shape"] = shape
         return out
 
-    @staticmethod
-    def log_probs(targets: dict[str, Tensor], temperature: float) -> Tensor:
-        return TopKEncoding.log_probs(CompactTopKEncoding.as_topk(targets), temperature)
+    def log_probs(self, targets: dict[str, Tensor], temperature: float, table: Tensor | None = None) -> Tensor:
+        return TopKEncoding.log_probs(self, self.as_topk(targets, table), temperature)  # type: ignore[arg-type]
 
-    @classmethod
-    def kl(cls, student_logits: Tensor, targets: dict[str, Tensor], temperature: float, tail: str) -> Tensor:
-        return TopKEncoding.kl(student_logits, cls.as_topk(targets), temperature, tail)
+    def kl(
+        self,
+        student_logits: Tensor,
+        targets: dict[str, Tensor],
+        temperature: float,
+        tail: str,
+        table: Tensor | None = None,
+    ) -> Tensor:
+        topk = self.as_topk(targets, table)
+        return TopKEncoding.kl(self, student_logits, topk, temperature, tail)  # type: ignore[arg-type]
 
     def flat_tail_share(self, targets: dict[str, Tensor], temperature: float) -> float | None:
-        if "tail_shape" in targets:
+        if self.tail_shape == "table":
             return None  # the tail keeps the teacher's usual shape
-        return 1.0 - topk_kept_mass(self.as_topk(targets), temperature)
+        return 1.0 - topk_kept_mass(self, self.as_topk(targets), temperature)  # type: ignore[arg-type]
 
     def compare(self, stored: dict[str, Tensor], fresh: dict[str, Tensor], fresh_log_p: Tensor) -> tuple[float, str]:
         if not torch.equal(stored["ids"], fresh["ids"]):
@@ -293,9 +316,3 @@ def check_layout(name: str, layout: int, newest: int = 2) -> None:
         raise LogitcacheError(
             f"{name}: this version of logitcache reads layouts {known}, the store has {layout} (upgrade)"
         )
-
-
-def layout_of(targets: dict[str, Tensor]) -> int:
-    """The layout a target dict holds (the store adds it as a constant; a dict fresh from ``encode`` is the default)."""
-    layout = targets.get("layout")
-    return LAYOUT.default if layout is None else int(layout.reshape(-1)[0])

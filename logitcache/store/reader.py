@@ -27,7 +27,7 @@ from .integrity import DamagedCache, repair_hint, table_digest, unit_digest
 
 
 class Cache:
-    """A read handle on a logitcache store. Reads whole chunks; decode with ``logitcache.to_probs``/``kd_loss``.
+    """A read handle on a logitcache store. Reads whole chunks; decode with ``KDLoss(cache)`` or ``kd_loss(..., cache=)``.
 
     Every read of a unit is checked: a checksum failure, a missing chunk file or contents that differ from the
     digest recorded at build time raise ``DamagedCache`` naming the array, view, chunk and samples.
@@ -52,6 +52,7 @@ class Cache:
         self.has_digests = DIGESTS in members
         self._digests: dict[int, np.ndarray | None] = {}  # None: the view's digest chunk cannot be read
         self._table: torch.Tensor | None = None
+        self._device_tables: dict[torch.device, torch.Tensor] = {}
         self._validate(members)
 
     def _check_metadata_digest(self, attrs: dict[str, Any]) -> None:
@@ -146,7 +147,7 @@ class Cache:
         """Targets of samples ``[start, stop)`` of ``view``: the whole chunks that hold them are read (one Zarr call
         per field, which fetches chunks concurrently) and each is checked against its digest. The one way targets
         are read from the store. ``fields_only``: the stored fields alone (what the view buffers and the ring hold;
-        ``with_constants`` completes a batch of them)."""
+        ``wire`` completes a batch of them)."""
         if not 0 <= view < self.num_views:
             raise LogitcacheError(f"view {view} out of range: the cache holds {self.num_views} views")
         stop = self.num_samples if stop is None else stop
@@ -167,10 +168,10 @@ class Cache:
                 a, b = (r - lo for r in self.layout.rows(c))
                 self._check_digest(view, c, {name: x[a:b] for name, x in rows.items()})
         out = {name: torch.from_numpy(x[start - lo : stop - lo]) for name, x in rows.items()}
-        return out if fields_only else self.with_constants(out)
+        return out if fields_only else self.wire(out)
 
     def read_chunks(self, view: int, chunks: Sequence[int]) -> list[dict[str, torch.Tensor]]:
-        """The stored fields of whole units ``chunks`` of ``view`` (scattered, any order; ``with_constants`` completes
+        """The stored fields of whole units ``chunks`` of ``view`` (scattered, any order; ``wire`` completes
         them), each checked against its digest, all fetched and decoded concurrently: the ring reads a window of
         shuffled units this way (one call per unit and field costs several times more)."""
         if not 0 <= view < self.num_views:
@@ -195,15 +196,23 @@ class Cache:
             out.append({name: torch.from_numpy(x) for name, x in rows.items()})
         return out
 
-    def with_constants(self, fields: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """A batch of stored ``fields`` as a target dict: with the encoding's per-sample constants and its rows of the
-        cache's table (``Encoding.per_sample``), so that it decodes alone. Every read path ends here."""
-        rows = len(next(iter(fields.values())))
-        constants = {
-            name: torch.full((rows,), value, dtype=torch.int64 if isinstance(value, int) else torch.float32)
-            for name, value in self.encoding.constants().items()
-        }
-        return {**fields, **constants, **self.encoding.per_sample(fields, self.table())}
+    def wire(self, fields: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A batch of stored ``fields`` as it travels to the loss (``Encoding.wire``): the stored fields in the
+        encoding's newest layout, with its few per-sample extras; decoded with this cache's options and table
+        (``kd_loss(..., cache=)``, ``KDLoss``). Every read path ends here, so a damaged table is named at the first
+        read, before any target that needs it travels."""
+        self.table()  # checked once per handle
+        return self.encoding.wire(fields)
+
+    def decode_table(self, device: torch.device) -> torch.Tensor | None:
+        """The table on ``device`` (copied there once per handle), or None for an encoding that keeps none."""
+        table = self.table()
+        if table is None:
+            return None
+        copy = self._device_tables.get(device)
+        if copy is None:
+            copy = self._device_tables[device] = table.to(device)
+        return copy
 
     def table(self) -> torch.Tensor | None:
         """The encoding's per-cache table (None when it keeps none), checked against its digest once per handle."""
