@@ -30,7 +30,10 @@ def bare_loop(teacher, ds, tf, views: int, batch_size: int, chunk_rows: int, wor
     layout = Layout(views, len(ds), chunk_rows)
     units = [(v, c) for v in range(views) for c in range(layout.num_chunks)]
     plan = plan_batches(layout, units, batch_size)
-    loader = DataLoader(ReplayedViews(ds, tf, 0), batch_sampler=[batch.indices for batch in plan], num_workers=workers)
+    # pinned and copied without blocking, as the build's teacher pass does: the ratio compares like with like
+    pin = compute.device.type == "cuda"
+    batches = [batch.indices for batch in plan]
+    loader = DataLoader(ReplayedViews(ds, tf, 0), batch_sampler=batches, num_workers=workers, pin_memory=pin)
     with torch.inference_mode(), compute.autocast():
         for x in loader:
             teacher(compute.inputs(x)).float().cpu()

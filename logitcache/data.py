@@ -86,7 +86,8 @@ class CachedKDDataset(ReplayDataset):
     """``ds[i]`` -> ``(image, label, target)``: ``image`` is exactly the view the teacher labelled for this epoch.
 
     ``target`` is a dict of tensors (a dict-like ``TargetRow`` when the DataLoader fetches a batch; the default
-    collate makes either a dict of batched tensors) for ``logitcache.kd_loss`` / ``to_probs``.
+    collate makes either a dict of batched tensors): the stored fields as they travel, decoded on the device by
+    ``logitcache.KDLoss(ds)`` (or ``kd_loss(..., cache=ds)``, ``to_probs(..., cache=ds)``).
     ``augment`` defaults to the one recorded in the cache; any augmentation whose replay does not reproduce the
     recorded fingerprint is refused (``allow_mismatch=True`` turns that into a warning, at your own risk). ``mix``
     defaults to the cache's Mixup/CutMix (then ``label`` is the mixed label vector); another one is refused.
