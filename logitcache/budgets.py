@@ -49,6 +49,42 @@ class Arm:
         return full_epochs / epochs if epochs else None
 
 
+# two-sided 95% quantiles of Student's t by degrees of freedom (1..30); above, the normal's 1.96
+_T95 = (12.71, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Lift:
+    """A paired comparison in percentage points: the mean of ``arm - baseline`` over seeds and its 95% interval."""
+
+    n: int
+    mean: float
+    low: float
+    high: float
+
+    def text(self) -> str:
+        if self.n < 2:
+            return f"{self.mean:+.2f} pp"
+        return f"{self.mean:+.2f} pp [{self.low:+.2f}, {self.high:+.2f}]"
+
+    def as_dict(self) -> dict[str, float]:
+        return {"n": self.n, "mean_pp": round(self.mean, 3), "low_pp": round(self.low, 3), "high_pp": round(self.high, 3)}
+
+
+def paired_lift(baseline: list[float], arm: list[float]) -> Lift:
+    """``arm`` against ``baseline``, seed by seed (lists in the same seed order; the shorter decides the pairs):
+    the mean difference in pp and its 95% t-interval, which is wide when few seeds disagree."""
+    diffs = [(a - b) * 100 for a, b in zip(arm, baseline)]
+    if not diffs:
+        return Lift(0, float("nan"), float("nan"), float("nan"))
+    mean = statistics.mean(diffs)
+    if len(diffs) < 2:
+        return Lift(1, mean, mean, mean)
+    half = (_T95[len(diffs) - 2] if len(diffs) - 1 <= len(_T95) else 1.96) * statistics.stdev(diffs) / len(diffs) ** 0.5
+    return Lift(len(diffs), mean, mean - half, mean + half)
+
+
 def plot_budgets(arms: list[Arm], path: Path, title: str, target: float, full_epochs: int) -> bool:
     """Final accuracy (mean, min-max over seeds) against the budget, one line per arm; False without matplotlib."""
     try:
