@@ -1,4 +1,5 @@
-"""One progress bar style for long work: samples/s and ETA; a no-op when disabled."""
+"""One progress bar style for long work: done/total, samples/s, elapsed and remaining time, on one line of an
+80-column terminal; a no-op when disabled."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+from rich.console import Console
 from rich.text import Text
 
 
@@ -24,25 +26,31 @@ class _Rate(ProgressColumn):
 
     def render(self, task) -> Text:
         speed = task.finished_speed or task.speed
-        return Text(f"{speed:,.0f} {self.unit}/s" if speed else f"-- {self.unit}/s", style="cyan")
+        return Text(f"{speed:,.0f}/s" if speed else "--/s", style="cyan")
+
+
+def progress_columns(label: str, unit: str = "samples") -> list[ProgressColumn]:
+    """The columns: ``label``, a short bar, done/total, rate, elapsed and remaining time (about 75 characters with a
+    30-character label, so a line fits 80 columns)."""
+    return [
+        TextColumn(f"[bold]{label}"),
+        BarColumn(bar_width=16),
+        MofNCompleteColumn(),
+        _Rate(unit),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(compact=True),
+    ]
 
 
 @contextlib.contextmanager
 def progress_bar(
-    label: str, total: int, enabled: bool = True, unit: str = "samples"
+    label: str, total: int, enabled: bool = True, unit: str = "samples", console: Console | None = None
 ) -> Iterator[Callable[[int], None]]:
+    """``advance(n)`` for ``total`` units of work (``unit``: what the rate counts, per second)."""
     if not enabled:
         yield lambda n: None
         return
-    with Progress(
-        TextColumn(f"[bold]{label}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        _Rate(unit),
-        TimeElapsedColumn(),
-        TextColumn("ETA"),
-        TimeRemainingColumn(),
-    ) as bar:
+    with Progress(*progress_columns(label, unit), console=console) as bar:
         task = bar.add_task(label, total=total)
         yield lambda n: bar.advance(task, n)
 

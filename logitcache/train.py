@@ -426,7 +426,7 @@ def _train_epoch(run: _Run, epoch: int, state: RunState, forwards: int, last_acc
     run.model.train()
     loss_sum, seen = torch.zeros((), device=device), 0
     label = f"epoch {epoch + 1}/{cfg.epochs}" + (
-        f" | test acc {last_accuracy:.4f}" if last_accuracy is not None else ""
+        f" acc {last_accuracy:.4f}" if last_accuracy is not None else ""
     )
     assert run.loader.batch_size is not None  # _setup builds the loader with a batch size
     samples = len(run.loader) * run.loader.batch_size * run.world

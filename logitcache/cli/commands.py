@@ -17,6 +17,9 @@ app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    # click's plain help: each option's description wraps under its name at any width (rich's panels squeeze it
+    # into a narrow third column at 80)
+    rich_markup_mode=None,
     help="Cache a teacher's soft targets once (build), then distill from them at almost no cost (train).",
 )
 err = Console(stderr=True, soft_wrap=True)  # one error = one line, whatever the width
