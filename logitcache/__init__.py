@@ -24,8 +24,11 @@ __all__ = [
 
 from .data import CachedKDDataset, ReplayDataset
 from .losses import KDLoss, kd_loss, kd_loss_dense
+from .batchmix import BatchMix, BatchMixing, MixedKDLoss, check_mixing, mixed_kd_loss, mixed_probs
+from .mix import Mix
 from .train import RunResult, TrainConfig, train
 
 __all__ += [
     "CachedKDDataset", "ReplayDataset", "KDLoss", "kd_loss", "kd_loss_dense", "TrainConfig", "RunResult", "train",
+    "BatchMix", "BatchMixing", "MixedKDLoss", "check_mixing", "mixed_kd_loss", "mixed_probs", "Mix",
 ]  # fmt: skip

@@ -81,7 +81,10 @@ def control_device(backend: str) -> torch.device:
 
 
 def _control_tensor(values: list[float] | list[int], dtype: torch.dtype) -> torch.Tensor:
-    return torch.tensor(values, dtype=dtype, device=control_device(str(dist.get_backend())))
+    backend = str(dist.get_backend())
+    if backend == "undefined":  # a group started without naming one: its config names its legs ("cpu:gloo,...")
+        backend = str(dist.get_backend_config())
+    return torch.tensor(values, dtype=dtype, device=control_device(backend))
 
 
 def is_distributed() -> bool:

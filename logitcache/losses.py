@@ -67,8 +67,17 @@ class KDLoss(nn.Module):
         table_of = getattr(store, "table", None)
         table = table_of() if callable(table_of) else None
         self.register_buffer("table", table, persistent=False)
+        self.replayed_mix = getattr(store, "mix", None)  # the store's own per-sample Mixup/CutMix, if any
 
-    def forward(self, student_logits: Tensor, targets: dict[str, Tensor]) -> Tensor:
+    def forward(
+        self, student_logits: Tensor, targets: dict[str, Tensor], labels: Tensor | None = None
+    ) -> Tensor:
+        """``labels`` (optional, the batch's): refused when they come mixed by a collate function that left the
+        cached targets unmixed (``check_mixing``; shape and dtype only, no device read)."""
+        if labels is not None:
+            from .batchmix import check_mixing  # batchmix builds on this module
+
+            check_mixing(self.replayed_mix, labels)
         if self.table is not None and self.table.device != student_logits.device:
             self.table = self.table.to(student_logits.device)  # once: a module moved with .to() has it there
         t = self.temperature
