@@ -100,7 +100,7 @@ def worker_cost(kd: CachedKDDataset, images: ReplayDataset, args) -> str:
     arms = {
         "images only": lambda b: default_collate([images[i] for i in b]),  # a DataLoader's fetch for a plain dataset
         "cached KD": lambda b: default_collate(kd.__getitems__(b)),  # its batched fetch
-        "targets alone": lambda b: kd.targets(b, view),
+        "targets alone": lambda b: kd.cached_targets(b, view),
     }
     seconds = {name: 0.0 for name in arms}
     for k, b in enumerate(batches):

@@ -133,7 +133,7 @@ def main() -> None:
     def read_zarr_batched() -> float:
         ds_ = CachedKDDataset(ds, cache.path)  # fresh: cold chunk cache
         batches = [order[i : i + 256] for i in range(0, len(order), 256)]  # what a DataLoader's __getitems__ asks
-        return args.samples / timed(lambda: [ds_.targets(b, 1) for b in batches])
+        return args.samples / timed(lambda: [ds_.cached_targets(b, 1) for b in batches])
 
     def read_zarr_single() -> float:
         ds_ = CachedKDDataset(ds, cache.path)

@@ -161,7 +161,7 @@ class LabelsApart(CachedKDDataset):
 
     def __getitems__(self, indices):
         view = self.view_of(self.epoch)
-        batch = self.targets(indices, view)
+        batch = self.cached_targets(indices, view)
         return [(*self.image(i, view), TargetRow(batch, row)) for row, i in enumerate(indices)]
 
 

@@ -3,10 +3,14 @@ evaluation pipeline that matches it; both map a PIL image (or uint8 tensor) to a
 
 from __future__ import annotations
 
-from typing import Callable
+import copy
+from typing import Any, Callable
 
 import torch
+from torch.utils.data import Dataset
 from torchvision.transforms import v2
+
+from .errors import LogitcacheError
 
 MEAN, STD = (0.5,), (0.5,)  # broadcast over any number of channels
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -48,3 +52,45 @@ PRESETS: dict[str, tuple[Callable[[int, int], v2.Compose], Callable[[int, int], 
     "rrc-flip": (rrc_flip, center_crop),
     "none": (plain, plain),
 }
+
+
+def own_transform(dataset: Dataset) -> Callable[[Any], Any] | None:
+    """The dataset's own ``transform`` (torchvision's datasets keep it there), or None."""
+    transform = getattr(dataset, "transform", None)
+    return transform if callable(transform) else None
+
+
+def without_transform(dataset: Dataset) -> Dataset:
+    """A shallow copy of ``dataset`` whose ``transform`` is set aside (None; torchvision's ``transforms``, which
+    wraps it with the target transform, likewise), so that its images come out untransformed; ``dataset`` itself is
+    left as it is. The copy shares the dataset's data and keeps every other attribute."""
+    bare = copy.copy(dataset)
+    try:
+        bare.transform = None  # type: ignore[attr-defined]
+        joint: Any = getattr(bare, "transforms", None)
+        if type(joint).__name__ == "StandardTransform":  # torchvision's VisionDataset: (transform, target_transform)
+            bare.transforms = type(joint)(None, getattr(joint, "target_transform", None))  # type: ignore[attr-defined]
+    except AttributeError as e:
+        raise LogitcacheError(
+            f"cannot set aside the transform of {type(dataset).__name__} ({e}); pass a dataset without a transform "
+            "and the augmentation as augment="
+        ) from None
+    return bare
+
+
+def dataset_and_augment(
+    dataset: Dataset, augment: Callable[[Any], Any] | None, who: str
+) -> tuple[Dataset, Callable[[Any], Any]]:
+    """The dataset to replay on and the augmentation to replay: ``augment`` when given, else the dataset's own
+    ``transform``; the dataset's own transform, when it is the one replayed, is taken over (set aside on a copy of
+    the dataset), so no image is transformed twice."""
+    own = own_transform(dataset)
+    if augment is None:
+        if own is None:
+            raise LogitcacheError(
+                f"{who}: pass augment= (the transform the images go through); the dataset has no transform of its own"
+            )
+        augment = own
+    if own is not None and augment is own:
+        return without_transform(dataset), augment
+    return dataset, augment

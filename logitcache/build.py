@@ -28,6 +28,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from . import distributed, store
+from .augment import dataset_and_augment
 from .compat import differences, inputs_of
 from .datasets import dataset_len, labels_of
 from .compute import Compute, compiled
@@ -256,7 +257,7 @@ def _metadata(job: "_Build") -> CacheMeta:
         encoding=EncodingRecord(encoding.name, encoding.params()),
         values=encoding.values,
         temperature=encoding.stored_temperature,
-        augment=AugmentRecord(specs.get("augment"), repr(images.transform), inputs.fingerprint),
+        augment=AugmentRecord(specs.get("augment"), repr(images.transform), inputs.fingerprint, inputs.structure),
         teacher=TeacherRecord(specs.get("teacher"), type(module).__name__, teacher_sha256(module)),
         dataset=dataclasses.replace(inputs.dataset, spec=specs.get("dataset")),
         versions=versions(),
@@ -338,7 +339,7 @@ def build_cache(
     dataset: Dataset,
     out: str | os.PathLike,
     *,
-    augment: Callable[[Any], torch.Tensor],
+    augment: Callable[[Any], torch.Tensor] | None = None,
     views: int = BuildConfig.views,
     seed: int = BuildConfig.seed,
     encoding: str = BuildConfig.encoding,
@@ -363,6 +364,10 @@ def build_cache(
 ) -> store.Cache:
     """Run ``teacher`` over ``views`` replayed augmentations of every sample of ``dataset`` and store soft targets.
     The defaults are ``BuildConfig``'s (``logitcache build``'s); ``build(cfg)`` runs a build from specs.
+
+    ``augment`` defaults to the dataset's own ``transform``, which the build then takes over: it replays it on the
+    dataset's images with that transform set aside (on a shallow copy; ``dataset`` itself is left as it is), so no
+    image is transformed twice. Passing ``augment=dataset.transform`` does the same.
 
     ``encoding`` names a registered encoding (``logitcache.encoding.ENCODINGS``), or ``auto`` (``full`` up to 32
     classes, ``topk8`` with its tail table above: ``logitcache.encoding.auto_encoding``); ``options`` are its options
@@ -390,6 +395,7 @@ def build_cache(
     an accelerator its device, on a CPU a thread beside the teacher.
     """
     out, specs, workers = str(out), specs or {}, resolve_workers(workers)
+    dataset, augment = dataset_and_augment(dataset, augment, "build_cache")
     _check_arguments(views=views, batch_size=batch_size, chunk_rows=chunk_rows)
     _check_layout(codec, chunk_rows, inner_chunk_rows)
     compute = Compute.of(resolve_device(device), precision, channels_last)

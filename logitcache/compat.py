@@ -2,6 +2,12 @@
 
 ``build --resume``, ``CachedKDDataset`` (and so ``train``) and ``verify`` all ask it, and all word its answers the
 same way. Cheap checks first: a dataset of another length is not replayed at all.
+
+The augmentation is compared twice. By structure (``fingerprint.augment_structure``: the pipeline as plain data, its
+transforms' classes and public parameters), which names what differs: a transform added, removed or replaced, a
+parameter changed, however rarely the transform fires. And by replayed pixels, a few views against the thumbnails the
+build recorded, which catch what structure cannot see: a changed ``__call__``, another library version or
+interpolation backend, a transform that does not replay. A store that records no structure is compared by pixels alone.
 """
 
 from __future__ import annotations
@@ -12,10 +18,12 @@ from typing import Any, Callable
 from torch.utils.data import Dataset
 
 from .datasets import dataset_len
-from .fingerprint import dataset_fingerprint
+from .fingerprint import augment_structure, dataset_fingerprint, structure_differences
 from .meta import CacheMeta, DatasetRecord, Inputs
 from .mix import Mix
-from .replay import Mismatch, fingerprint_mismatch, replay_fingerprint
+from .replay import FINGERPRINT_POINTS, Mismatch, fingerprint_mismatch, replay_fingerprint
+
+SHOWN = 3  # structural differences named in a message; the rest are counted
 
 
 @dataclass(frozen=True)
@@ -32,14 +40,24 @@ class Difference:
 
 
 def inputs_of(
-    dataset: Dataset, augment: Callable[[Any], Any], seed: int, views: int, labels=None, mix: Mix | None = None
+    dataset: Dataset,
+    augment: Callable[[Any], Any],
+    seed: int,
+    views: int,
+    labels=None,
+    mix: Mix | None = None,
+    points: int = FINGERPRINT_POINTS,
 ) -> Inputs:
-    """What a cache records about its inputs (the ``dataset``, ``augment.fingerprint`` and ``mix`` attributes)."""
+    """What a cache records about its inputs (the ``dataset``, ``augment.fingerprint``, ``augment.structure`` and
+    ``mix`` attributes); ``points``: the replayed views in the fingerprint. The structure is read before any view is
+    replayed."""
     mix = mix or Mix()
+    structure = augment_structure(augment)
     return Inputs(
         DatasetRecord(**dataset_fingerprint(dataset, labels)),
-        replay_fingerprint(augment, dataset, seed, views, mix),
+        replay_fingerprint(augment, dataset, seed, views, mix, points),
         mix,
+        structure,
     )
 
 
@@ -78,12 +96,25 @@ def differences(recorded: Inputs, fresh: Inputs, built_with: str = "") -> list[D
                 "order)",
             )
         )
-    # The replayed pixels decide, not repr(): a user transform's repr may hold a memory address.
+    # Structure and replayed pixels, never repr(): a user transform's repr may hold a memory address.
     bad = fingerprint_mismatch(recorded.fingerprint, fresh.fingerprint)
-    if bad and built == given:  # with other mixing the images differ anyway; that difference is named above
+    changed = []
+    if recorded.structure is not None and fresh.structure is not None:
+        changed = structure_differences(recorded.structure, fresh.structure)
+    if changed:
+        more = f"; and {len(changed) - SHOWN} more" if len(changed) > SHOWN else ""
+        out.append(
+            Difference(
+                "augmentation",
+                f"the augmentation does not replay the views the teacher labelled, it differs from the cache's: "
+                f"{'; '.join(changed[:SHOWN])}{more} (pass the cache's augmentation, or rebuild the cache)",
+                bad,
+            )
+        )
+    elif bad and built == given:  # with other mixing the images differ anyway; that difference is named above
         message = f"the augmentation does not replay the views the teacher labelled ({bad})"
         if built_with:
-            message += f"; the cache was built with {built_with}"
+            message += f"; the cache was built with {' '.join(built_with.split())[:300]}"
         out.append(Difference("augmentation", message, bad))
     return out
 
@@ -96,5 +127,5 @@ def compatibility(
     mix = meta.mix if mix is None else mix
     if dataset_len(dataset) != meta.dataset.length:  # fingerprints of another length would be meaningless
         return differences(meta.inputs(), Inputs(DatasetRecord(dataset_len(dataset), "", ""), [], mix))
-    fresh = inputs_of(dataset, augment, meta.seed, meta.num_views, mix=mix)
+    fresh = inputs_of(dataset, augment, meta.seed, meta.num_views, mix=mix, points=len(meta.augment.fingerprint))
     return differences(meta.inputs(), fresh, meta.augment.spec or meta.augment.repr)

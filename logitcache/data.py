@@ -2,7 +2,9 @@
 
 Both take the epoch from a shared-memory tensor, so ``set_epoch`` reaches DataLoader workers, persistent ones
 included, with any sampler (``DistributedSampler`` too): call it before iterating the loader, as with
-``DistributedSampler.set_epoch``.
+``DistributedSampler.set_epoch``. Both wrap a dataset on its own terms: its public attributes (``classes``,
+``class_to_idx``, ``targets``, ...) pass through, and its own ``transform`` is the augmentation replayed when none is
+given (taken over: set aside on a copy of the dataset, so no image is transformed twice).
 """
 
 from __future__ import annotations
@@ -15,10 +17,11 @@ from collections.abc import Iterator, Mapping
 from typing import Any, Callable
 
 import torch
-from torch.utils.data import Dataset, DistributedSampler
+from torch.utils.data import Dataset, DistributedSampler, get_worker_info
 from torch.utils.data._utils.collate import default_collate_fn_map
 
-from . import procs
+from . import distributed, procs
+from .augment import dataset_and_augment, own_transform
 from .compat import compatibility
 from .datasets import dataset_len, labels_of
 from .encoding.base import torch_dtype
@@ -39,26 +42,49 @@ class ReplayDataset(Dataset):
     With ``num_views`` set, epoch ``e`` uses view ``e % num_views``; without, every epoch gets a fresh view ``e``.
     With ``mix`` (``logitcache.mix.Mix``) active the image is mixed with its partner's view as ``logitcache.mix``
     replays it, and the label is the mixed one: a float vector ``[num_classes]`` (``F.cross_entropy`` takes it).
+    ``augment`` defaults to ``base.transform``, taken over (``logitcache.augment.dataset_and_augment``). The wrapped
+    dataset's public attributes pass through (``ds.classes``, ``ds.targets``). With ``num_views`` set, serving more
+    samples than one epoch holds without a ``set_epoch`` in between warns once: every such pass replays the same view.
     """
 
     def __init__(
         self,
         base: Dataset,
-        augment: Callable[[Any], torch.Tensor],
+        augment: Callable[[Any], torch.Tensor] | None = None,
         seed: int = 0,
         num_views: int | None = None,
         mix: Mix | None = None,
         num_classes: int | None = None,
     ):
+        base, augment = dataset_and_augment(base, augment, type(self).__name__)
         self.base, self.augment, self.seed, self.num_views = base, augment, seed, num_views
         self.mix = mix or Mix()
         self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
+        # Samples served after the last set_epoch, per process slot (each slot written by one process alone), and
+        # the warnings already given by any process (0: read amplification, 1: a pass without set_epoch).
+        self._served = torch.zeros(PROCESS_SLOTS, dtype=torch.int64).share_memory_()
+        self._warned = torch.zeros(2, dtype=torch.int64).share_memory_()
+        self._pass = -(-dataset_len(base) // distributed.world_size())  # one epoch's samples on this rank
         if self.mix.active:  # partners' labels, without loading their images twice
             self._labels = labels_of(base)
             self.num_classes = num_classes or int(self._labels.max()) + 1
 
+    def __getattr__(self, name: str) -> Any:
+        # Only reached when normal lookup fails: the wrapped dataset's public attributes (classes, targets, ...).
+        base = self.__dict__.get("base")
+        if base is None or name.startswith("_"):
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        try:
+            return getattr(base, name)
+        except AttributeError:
+            raise AttributeError(
+                f"{type(self).__name__!r} object has no attribute {name!r}, nor has its dataset "
+                f"({type(base).__name__})"
+            ) from None
+
     def set_epoch(self, epoch: int) -> None:
         self._epoch[0] = epoch
+        self._served.zero_()
 
     @property
     def epoch(self) -> int:
@@ -79,7 +105,22 @@ class ReplayDataset(Dataset):
         return replay_view(self.augment, image, self.seed, view, index), int(label)
 
     def __getitem__(self, index: int):
+        self._count(1)
         return self.image(index, self.view_of(self.epoch))
+
+    def _count(self, n: int) -> None:
+        """Counts ``n`` samples served; the first sample past one epoch's without a ``set_epoch`` warns, once."""
+        if self.num_views is None:
+            return
+        self._served[process_slot()] += n
+        if not self._warned[1] and int(self._served.sum()) > self._pass:
+            self._warned[1] = 1
+            warnings.warn(
+                f"{type(self).__name__}: a second pass over the data without set_epoch ({int(self._served.sum())} "
+                f"samples served, one epoch holds {self._pass}): it replays view {self.view_of(self.epoch)} and its "
+                "order again; call ds.set_epoch(epoch) before iterating each epoch (in a single process too)",
+                stacklevel=3,
+            )
 
 
 class CachedKDDataset(ReplayDataset):
@@ -88,9 +129,13 @@ class CachedKDDataset(ReplayDataset):
     ``target`` is a dict of tensors (a dict-like ``TargetRow`` when the DataLoader fetches a batch; the default
     collate makes either a dict of batched tensors): the stored fields as they travel, decoded on the device by
     ``logitcache.KDLoss(ds)`` (or ``kd_loss(..., cache=ds)``, ``to_probs(..., cache=ds)``).
-    ``augment`` defaults to the one recorded in the cache; any augmentation whose replay does not reproduce the
-    recorded fingerprint is refused (``allow_mismatch=True`` turns that into a warning, at your own risk). ``mix``
-    defaults to the cache's Mixup/CutMix (then ``label`` is the mixed label vector); another one is refused.
+    ``augment`` defaults to the one recorded in the cache (a CLI spec), else to the dataset's own ``transform``,
+    taken over (set aside on a copy of the dataset, so no image is transformed twice; ``augment=base.transform`` does
+    the same). Any augmentation that differs from the recorded one, in its structure (transforms and parameters) or
+    in its replayed views, is refused with a message naming the difference (``allow_mismatch=True`` turns that into
+    a warning, at your own risk). ``mix`` defaults to the cache's Mixup/CutMix (then ``label`` is the mixed label
+    vector); another one is refused. The dataset's public attributes pass through (``ds.classes``, ``ds.targets``);
+    ``cached_targets`` reads the cached targets by index.
 
     Reading: when one view's targets fit ``memory_mb``, ``set_epoch`` reads the
     epoch's view sequentially, once, into shared memory that every DataLoader worker of this process (one copy per
@@ -100,7 +145,8 @@ class CachedKDDataset(ReplayDataset):
     chunks needed at a time few): the main process then reads each window of chunks once, in order, into a small ring
     of shared memory the workers serve from (``logitcache.ring``), so each chunk is read once per rank and epoch.
     Any other order is served one whole chunk at a time from an LRU of ``max_cache_mb`` per worker (a shuffled
-    order reads each chunk about once per sample).
+    order reads each chunk about once per sample): when a process decodes several times the rows it serves, it warns
+    once, with the figure and the fix (``ds.sampler()``).
     Without ``set_epoch`` (or before it) the chunk path serves, so results never depend on which path ran.
     """
 
@@ -120,11 +166,19 @@ class CachedKDDataset(ReplayDataset):
         cache.require_complete()
         meta = cache.meta
         if augment is None:
-            augment = recorded_augment(meta, base)
+            try:
+                augment = recorded_augment(meta, base)
+            except LogitcacheError as e:
+                if own_transform(base) is None:  # nothing else to replay
+                    raise LogitcacheError(
+                        f"{' '.join(str(e).split())}, or a dataset whose transform is that augmentation"
+                    ) from None
         super().__init__(base, augment, meta.seed, cache.num_views, mix or cache.mix, cache.num_classes)
         self.cache = cache
         self._pid = os.getpid()
-        self._check(base, meta, allow_mismatch)
+        self._memory_mb = memory_mb
+        self._reads = [self._pid, 0, 0]  # this process's rows served and rows decoded on the chunk path
+        self._check(self.base, meta, allow_mismatch)
         self._chunks: OrderedDict[tuple[int, int], dict[str, torch.Tensor]] = OrderedDict()
         self._chunk_bytes = max(1, sum(t.nbytes for t in cache.read_chunk(0, 0).values()))
         self._max_chunks = max(1, int(max_cache_mb * 2**20 // self._chunk_bytes))
@@ -157,6 +211,7 @@ class CachedKDDataset(ReplayDataset):
             self._sampler = DistributedSampler(
                 self, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True
             )
+            self._pass = len(self._sampler)
             return self._sampler
         return self.chunk_sampler(window=window, num_replicas=num_replicas, rank=rank, seed=seed)
 
@@ -178,7 +233,7 @@ class CachedKDDataset(ReplayDataset):
         sampler = ChunkShuffleSampler(
             len(self), self.cache.chunk_rows, window=window, num_replicas=num_replicas, rank=rank, seed=seed
         )
-        self._sampler = sampler
+        self._sampler, self._pass = sampler, len(sampler)
         if self._ring is not None:
             self._ring.stop()
             self._ring = None
@@ -260,6 +315,11 @@ class CachedKDDataset(ReplayDataset):
 
     def _check(self, base: Dataset, meta: CacheMeta, allow_mismatch: bool) -> None:
         for diff in compatibility(meta, base, self.augment, self.mix):
+            if diff.what == "images" and own_transform(base) is not None:
+                raise LogitcacheError(
+                    f"{diff}; the dataset applies its own transform to every image: pass augment=dataset.transform "
+                    "to replay it instead, or a dataset without one"
+                )
             if diff.what != "augmentation" or not allow_mismatch:
                 raise LogitcacheError(str(diff))
             warnings.warn(
@@ -268,9 +328,11 @@ class CachedKDDataset(ReplayDataset):
 
     def target(self, index: int, view: int) -> dict[str, torch.Tensor]:
         """The cached target of sample ``index`` in ``view`` (a dict of tensors without a batch dimension)."""
-        return {name: t[0] for name, t in self.targets([index], view).items()}
+        return {name: t[0] for name, t in self.cached_targets([index], view).items()}
 
-    def targets(self, indices: list[int], view: int, labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def cached_targets(
+        self, indices: list[int], view: int, labels: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
         """The cached targets of ``indices`` in ``view``, batched: from the shared view when it holds ``view``, else
         one gather per chunk and field; all in one buffer (``labels`` too, under a private key, when given)."""
         return self._targets(indices, view, labels, served=False)
@@ -290,6 +352,8 @@ class CachedKDDataset(ReplayDataset):
                 batch = self.cache.take(view, indices, self._chunk)
                 if ring is not None:
                     ring.count(len(indices))
+                elif served and self._views is None:
+                    self._watch_reads(len(indices))
         if labels is not None:
             batch[_LABELS] = labels
         return packed(batch)
@@ -303,11 +367,37 @@ class CachedKDDataset(ReplayDataset):
             self.cache, self._pid = self.cache.reopened(), os.getpid()
             self._chunks.clear()
 
+    def _read_counts(self) -> list[int]:
+        """This process's ``[pid, rows served, rows decoded]`` on the chunk path (a new process starts at zero)."""
+        if self._reads[0] != os.getpid():
+            self._reads = [os.getpid(), 0, 0]
+        return self._reads
+
+    def _watch_reads(self, served: int) -> None:
+        """Warns once (over all processes) when this process decodes several times the rows it serves: the view is
+        read by chunk in an order that is not the dataset's sampler's, each chunk decoded again and again."""
+        counts = self._read_counts()
+        counts[1] += served
+        if self._warned[0] or counts[1] < 4 * self.cache.chunk_rows:
+            return
+        info = get_worker_info()
+        amplification = counts[2] / counts[1]
+        if amplification > max(4, 2 * (info.num_workers if info is not None else 1)):
+            self._warned[0] = 1
+            warnings.warn(
+                f"targets are read chunk by chunk at {amplification:.1f} rows decoded per row served: one view "
+                f"({self.cache.view_nbytes() / 2**20:.1f} MiB) is not held in memory (memory_mb="
+                f"{self._memory_mb:g}), and the samples come in an order that is not the dataset's sampler's; pass "
+                "sampler=ds.sampler() to the DataLoader (each chunk is then read once per epoch)",
+                stacklevel=4,
+            )
+
     def _chunk(self, view: int, chunk: int) -> dict[str, torch.Tensor]:
         key = (view, chunk)
         rows = self._chunks.get(key)
         if rows is None:
             rows = self.cache.read_chunk(view, chunk)
+            self._read_counts()[2] += len(next(iter(rows.values())))
             self.rows_read[process_slot()] += len(next(iter(rows.values())))
             self._chunks[key] = rows
             if len(self._chunks) > self._max_chunks:
@@ -317,6 +407,7 @@ class CachedKDDataset(ReplayDataset):
         return rows
 
     def __getitem__(self, index: int):
+        self._count(1)
         view = self.view_of(self.epoch)
         image, label = self.image(index, view)
         return image, label, {name: t[0] for name, t in self._targets([index], view, None, served=True).items()}
@@ -326,6 +417,7 @@ class CachedKDDataset(ReplayDataset):
         # TargetRow into them, which the default collate turns back into the batch without stacking anything. Integer
         # labels travel in the same buffer (LabelRow, an int): a batch then crosses from a worker in as many
         # shared-memory segments as it would without targets (images, labels).
+        self._count(len(indices))
         view = self.view_of(self.epoch)
         samples = [self.image(i, view) for i in indices]
         labels = [label for _, label in samples]

@@ -30,11 +30,14 @@ class EncodingRecord:
 
 @dataclass(frozen=True)
 class AugmentRecord:
-    """The augmentation: its CLI spec (None for a Python transform), ``repr``, and the replayed views' fingerprint."""
+    """The augmentation: its CLI spec (None for a Python transform), ``repr``, the replayed views' fingerprint, and
+    its structure as plain data (``fingerprint.augment_structure``; None in stores written before it was recorded,
+    which are compared by their replayed views alone)."""
 
     spec: str | None
     repr: str
     fingerprint: list[dict[str, Any]]
+    structure: Any = None
 
 
 @dataclass(frozen=True)
@@ -77,6 +80,7 @@ class Inputs:
     dataset: DatasetRecord
     fingerprint: list[dict[str, Any]]
     mix: Mix = field(default_factory=Mix)
+    structure: Any = None
 
 
 @dataclass(frozen=True)
@@ -131,6 +135,8 @@ class CacheMeta:
                          "samples_sha256": value.samples_sha256}  # fmt: skip
             elif dataclasses.is_dataclass(value) and not isinstance(value, type):  # a record, not a class
                 value = dataclasses.asdict(value)
+                if f.name == "augment" and value["structure"] is None:
+                    del value["structure"]
             if value is not None or f.name not in ("inner_chunk_rows", "mix", "table"):
                 out[f.name] = value
         return out
@@ -168,7 +174,9 @@ class CacheMeta:
                 temperature=float(get("temperature")),
                 view_rule=str(get("view_rule", VIEW_RULE)),
                 precision=str(get("precision", "fp32")),
-                augment=AugmentRecord(augment["spec"], augment["repr"], list(augment["fingerprint"])),
+                augment=AugmentRecord(
+                    augment["spec"], augment["repr"], list(augment["fingerprint"]), augment.get("structure")
+                ),
                 teacher=TeacherRecord(teacher.get("spec"), teacher["class"], teacher["sha256"]),
                 dataset=DatasetRecord(
                     int(dataset["length"]), dataset["labels_sha256"], dataset["samples_sha256"], dataset.get("spec")
@@ -192,7 +200,7 @@ class CacheMeta:
 
     def inputs(self) -> Inputs:
         """What the cache was built on, for ``compat.differences``."""
-        return Inputs(self.dataset, self.augment.fingerprint, self.mix)
+        return Inputs(self.dataset, self.augment.fingerprint, self.mix, self.augment.structure)
 
     def with_table(self, table: TableRecord) -> "CacheMeta":
         return dataclasses.replace(self, table=table)

@@ -108,8 +108,8 @@ def test_a_damaged_chunk_is_named_on_every_read_path(store, attack):
         assert "chunk file is missing" in str(e.value)
     ds = lc.CachedKDDataset(_tiny(), cache, augment=_heavy())
     with pytest.raises(DamagedCache, match="view 1, chunk 2"):
-        ds.targets([3, 70], view=1)
-    assert ds.targets([3, 40], view=0)["ids"].shape == (2, 3)  # undamaged units still read
+        ds.cached_targets([3, 70], view=1)
+    assert ds.cached_targets([3, 40], view=0)["ids"].shape == (2, 3)  # undamaged units still read
     ring = lc.CachedKDDataset(_tiny(), cache, augment=_heavy(), memory_mb=0)
     sampler = ring.chunk_sampler(window=2)
     ring.set_epoch(1)

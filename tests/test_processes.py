@@ -117,10 +117,10 @@ def test_a_refill_during_a_copy_is_never_served(built_cache, tiny):
     ds._views.__class__ = Raced
     ds.set_epoch(0)
     indices = list(range(5, 40))
-    raced_rows = ds.targets(indices, 1)  # what the buffer holds after the refill: view 1's rows
+    raced_rows = ds.cached_targets(indices, 1)  # what the buffer holds after the refill: view 1's rows
     ds.set_epoch(0)
     ds._views.race_to = 1
-    got = ds.targets(indices, 0)
+    got = ds.cached_targets(indices, 0)
     want = _expected(ds.cache, 0, indices)
     assert any(not torch.equal(raced_rows[n], want[n]) for n in want)  # the race would have served other rows
     for name, t in want.items():

@@ -47,7 +47,7 @@ def test_prefetch_reads_the_next_view_during_the_epoch_and_never_serves_it_half_
     ds.set_epoch(1)  # served from the prefetched buffer: nothing read now but epoch 2's view, in the background
     ds._views.join()
     assert int(ds.rows_read[0]) == reads + len(tiny) and sorted(ds._views.holds.tolist()) == [1, 2]
-    assert torch.equal(ds.targets(list(range(240)), 1)["ids"], lc.open_cache(built_cache).read(1)["ids"])
+    assert torch.equal(ds.cached_targets(list(range(240)), 1)["ids"], lc.open_cache(built_cache).read(1)["ids"])
 
 
 def test_a_damaged_chunk_met_by_the_prefetch_stops_the_next_epoch(built_cache, tiny, tmp_path):
@@ -67,7 +67,7 @@ def test_a_damaged_chunk_met_by_the_prefetch_stops_the_next_epoch(built_cache, t
 def test_without_set_epoch_the_chunk_path_serves_the_same_targets(built_cache, tiny):
     ds = lc.CachedKDDataset(tiny, built_cache)
     cache = lc.open_cache(built_cache)
-    assert torch.equal(ds.targets([5, 200, 3], 0)["logprobs"], cache.read(0)["logprobs"][[5, 200, 3]])
+    assert torch.equal(ds.cached_targets([5, 200, 3], 0)["logprobs"], cache.read(0)["logprobs"][[5, 200, 3]])
     assert int(ds.rows_read.sum()) == 64 + (240 - 3 * 64)  # chunk 0 (rows 0-63) and chunk 3 (rows 192-239)
 
 
@@ -77,7 +77,7 @@ def test_a_view_over_the_memory_budget_is_read_by_chunks(built_cache, tiny):
     ds.set_epoch(1)
     cache = lc.open_cache(built_cache)
     assert int(ds.rows_read.sum()) == 0  # nothing preloaded
-    assert torch.equal(ds.targets(list(range(240)), 1)["ids"], cache.read(1)["ids"])
+    assert torch.equal(ds.cached_targets(list(range(240)), 1)["ids"], cache.read(1)["ids"])
 
 
 def test_chunk_shuffle_order_is_a_function_of_seed_and_epoch_and_covers_every_sample_once():
@@ -280,4 +280,4 @@ def test_too_little_shared_memory_falls_back_to_chunks_with_a_warning(built_cach
         ds = lc.CachedKDDataset(tiny, built_cache)
     assert not ds.in_memory
     ds.set_epoch(0)
-    assert torch.equal(ds.targets([1, 2], 0)["ids"], lc.open_cache(built_cache).read(0, 1, 3)["ids"])
+    assert torch.equal(ds.cached_targets([1, 2], 0)["ids"], lc.open_cache(built_cache).read(0, 1, 3)["ids"])

@@ -180,7 +180,7 @@ def test_build_fits_the_table_on_a_probe_and_every_read_path_adds_the_samples_ro
     for memory_mb in (4096, 0):  # the view in shared memory, and read by chunk
         ds = lc.CachedKDDataset(tiny, cache, augment=helpers.heavy_augment(), memory_mb=memory_mb)
         ds.set_epoch(1)
-        batch = ds.targets(list(range(40, 80)), 1)
+        batch = ds.cached_targets(list(range(40, 80)), 1)
         assert batch.keys() == whole.keys() and all(torch.equal(batch[k], whole[k][40:80]) for k in batch)
         assert torch.equal(lc.to_probs(batch, 4.0, cache=ds), lc.to_probs(whole, 4.0, cache=cache)[40:80])
     report = verify_cache(cache, helpers.tiny_teacher(), tiny, augment=helpers.heavy_augment(), samples=40)
