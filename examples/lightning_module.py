@@ -28,7 +28,7 @@ from torchvision import datasets
 from torchvision.transforms import v2
 
 import logitcache as lc
-from logitcache.batchmix import BatchMix, MixedKDLoss
+from logitcache.student.batchmix import BatchMix, MixedKDLoss
 from logitcache.integrations.lightning import CachedKDDataModule
 
 

@@ -1,13 +1,13 @@
 """logitcache: run the teacher once, store its soft targets in Zarr, make knowledge distillation nearly free."""
 
-from .version import __version__  # noqa: F401  (the package version, re-exported)
+from logitcache.version import __version__  # noqa: F401  (the package version, re-exported)
 
-from .build import build, build_cache
-from .config import BuildConfig
-from .encoding import to_probs
-from .errors import LogitcacheError
-from .replay import replay, replay_view, sample_seed
-from .store import Cache, open_cache
+from logitcache.teacher.build import build, build_cache
+from logitcache.config import BuildConfig
+from logitcache.encoding import to_probs
+from logitcache.errors import LogitcacheError
+from logitcache.augment.seeds import replay, replay_view, sample_seed
+from logitcache.store import Cache, open_cache
 
 __all__ = [
     "build",
@@ -22,11 +22,11 @@ __all__ = [
     "LogitcacheError",
 ]
 
-from .data import CachedKDDataset, ReplayDataset
-from .losses import KDLoss, kd_loss, kd_loss_dense
-from .batchmix import BatchMix, BatchMixing, MixedKDLoss, check_mixing, mixed_kd_loss, mixed_probs
-from .mix import Mix
-from .train import RunResult, TrainConfig, train
+from logitcache.read.dataset import CachedKDDataset, ReplayDataset
+from logitcache.student.losses import KDLoss, kd_loss, kd_loss_dense
+from logitcache.student.batchmix import BatchMix, BatchMixing, MixedKDLoss, check_mixing, mixed_kd_loss, mixed_probs
+from logitcache.augment.mix import Mix
+from logitcache.student.loop import RunResult, TrainConfig, train
 
 __all__ += [
     "CachedKDDataset", "ReplayDataset", "KDLoss", "kd_loss", "kd_loss_dense", "TrainConfig", "RunResult", "train",

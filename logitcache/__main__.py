@@ -1,5 +1,5 @@
 """``python -m logitcache ...`` (and ``torchrun -m logitcache ...``) runs the command-line app."""
 
-from .cli import main
+from logitcache.cli import main
 
 main()

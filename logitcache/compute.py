@@ -17,7 +17,7 @@ from typing import cast
 import torch
 from torch import nn
 
-from .errors import LogitcacheError
+from logitcache.errors import LogitcacheError
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}

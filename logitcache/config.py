@@ -11,15 +11,15 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from .compute import PRECISIONS
-from .errors import LogitcacheError
-from .encoding import AUTO, ENCODINGS, TAIL_MODES
-from .encoding.registry import FEW_CLASSES
-from .mix import MIX_MODES
-from .store import CODECS
-from .writer import ENCODE_ON
+from logitcache.compute import PRECISIONS
+from logitcache.errors import LogitcacheError
+from logitcache.encoding import AUTO, ENCODINGS, TAIL_MODES
+from logitcache.encoding.registry import FEW_CLASSES
+from logitcache.augment.mix import MIX_MODES
+from logitcache.store import CODECS
 
 
+ENCODE_ON = ("auto", "device", "host")  # where a build encodes the teacher's outputs (logitcache.teacher.writer)
 MAX_AUTO_WORKERS = 8
 WORKERS_AUTO = (
     f"auto: the CPUs this process may use shared among the ranks on this machine (LOCAL_WORLD_SIZE), at most "
@@ -237,7 +237,7 @@ class TrainConfig:
     target_memory_mb: float = option(
         4096,
         "Memory per rank for one view of cached targets: a view that fits is read once per epoch into memory shared "
-        "by the DataLoader workers; a larger one is shuffled chunk-aware (logitcache.sampler.ChunkShuffleSampler) "
+        "by the DataLoader workers; a larger one is shuffled chunk-aware (logitcache.read.sampler.ChunkShuffleSampler) "
         "and read window by window, once per rank, into a ring of 3 windows the workers share.",
     )
     shuffle_window: int = option(

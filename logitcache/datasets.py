@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from .errors import LogitcacheError
+from logitcache.errors import LogitcacheError
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 DOWNLOAD_ROOT = Path(os.environ.get("LOGITCACHE_DATA", Path.home() / ".cache" / "logitcache" / "data"))

@@ -12,7 +12,7 @@ from typing import Iterator, TypeVar
 import torch
 import torch.distributed as dist
 
-from .errors import LogitcacheError
+from logitcache.errors import LogitcacheError
 
 T = TypeVar("T")
 

@@ -18,12 +18,12 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from . import augment as aug
-from . import distributed
-from .datasets import BUILTIN, Head, image_folder
-from .errors import LogitcacheError
-from .meta import CacheMeta
-from .models import Ensemble, small_resnet
+import logitcache.augment.presets as aug
+from logitcache import distributed
+from logitcache.datasets import BUILTIN, Head, image_folder
+from logitcache.errors import LogitcacheError
+from logitcache.store.meta import CacheMeta
+from logitcache.models import Ensemble, small_resnet
 
 MODEL_FILE, MODEL_SPEC_FILE = "model.safetensors", "model.json"
 
@@ -460,7 +460,7 @@ def find_weights(checkpoint: Any, path: str | Path, key: str | None = None) -> t
             f"no weights found in {path}: {_listing(checkpoint)}; name the key that holds them (--teacher-key)"
         )
     if len(found) > 1:
-        from .progress import note
+        from logitcache.progress import note
 
         used, others = found[0][0], ", ".join(k for k, _ in found[1:])
         note(f"weights: {path}[{used!r}]; it also holds {others} (--teacher-key picks one)", distributed.rank() == 0)

@@ -1,4 +1,4 @@
-"""Batch-level Mixup/CutMix with cached targets (logitcache.batchmix): the images, the labels and the teacher's
+"""Batch-level Mixup/CutMix with cached targets (logitcache.student.batchmix): the images, the labels and the teacher's
 decoded distributions are mixed with one lambda and one pairing, and a collate function that mixes images and labels
 without the targets is refused where the labels show it."""
 
@@ -12,9 +12,9 @@ from torchvision.transforms import v2
 
 import helpers
 import logitcache as lc
-from logitcache.batchmix import BatchMix, BatchMixing, MixedKDLoss, check_mixing, mixed_kd_loss, mixed_probs
+from logitcache.student.batchmix import BatchMix, BatchMixing, MixedKDLoss, check_mixing, mixed_kd_loss, mixed_probs
 from logitcache.errors import LogitcacheError
-from logitcache.mix import Mix
+from logitcache.augment.mix import Mix
 
 C = helpers.NUM_CLASSES
 

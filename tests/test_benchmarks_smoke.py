@@ -1,7 +1,16 @@
 """Every benchmark's --quick mode runs end to end (real Fashion-MNIST; bench_scale.py is synthetic by design) and
 prints sane figures: no NaN, ratios finite and in range, the read amplification a path promises. No timing is
-asserted. The runs share one output folder, so the benchmark teacher is trained once for all of them. Marked
-``smoke``: ``pytest -m "not smoke"`` is the fast inner loop; the README's test command runs everything."""
+asserted. The runs share one output folder, so the quick teacher (`_common.QUICK_TEACHER`) is trained once for all of
+them. Marked ``smoke``: ``pytest -m "not smoke"`` is the fast inner loop; the README's test command runs everything.
+
+A quick mode is a check that the script runs, in seconds, not a small benchmark: every part of every script, at a few
+hundred images, one repetition, the fewest runs and child processes that take each part's code (the recorded runs in
+RESULTS.md are the measurements). What the quick runs still prove: every figure is finite and every ratio in range;
+bench_scale's paths read what they promise (the ring and a one-view store each row once, a store of several views
+each view and the next, on disk and on the object store); bench_step's cached KD costs less than 2x no KD over a
+measured epoch of 8 steps; bench_processes's trainings under torchrun (through the ring) and in one process with forked
+workers (the next view prefetched) all finish, none failed or hung; bench_sequence's runs learn (accuracy above
+chance)."""
 
 import os
 import re
@@ -43,9 +52,10 @@ def _sane(script: str, out: str) -> None:
     if script == "bench_step.py":
         (ratio,) = re.findall(r"cached KD: (\d+\.\d+)x the time of no KD", out)
         assert 0.5 < float(ratio) < 2.0
-    if script == "bench_processes.py":
+    if script == "bench_processes.py":  # every layout's runs finished: some ok, none failed, none hung
         last = [line for line in out.splitlines() if line.startswith("round ")][-1]
-        assert re.findall(r"(\d+) failed (\d+) hung", last) and "0 failed 0 hung" in last and " 1 failed" not in last
+        counts = re.findall(r"(\w+) (\d+) ok (\d+) failed (\d+) hung", last)
+        assert counts and all(int(ok) > 0 and failed == hung == "0" for _, ok, failed, hung in counts), last
     if script == "bench_sequence.py":
         accs = [float(a) for a in re.findall(r"(?<![\d.+-])[01]\.\d{4}\b", out)]  # accuracies, unsigned
         assert accs and all(0 <= a <= 1 for a in accs) and max(accs) > 0.1
@@ -54,7 +64,8 @@ def _sane(script: str, out: str) -> None:
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_benchmark_quick_mode(script, bench_out):
     before = {name: (BENCH / name).read_text() for name in ("RESULTS.md", "RECORDS.md")}
-    env = {**os.environ, "LOGITCACHE_BENCH_OUT": str(bench_out), "COLUMNS": "250"}  # wide tables: one row a line
+    # wide tables: one row a line; one torch thread (tiny tensors, and two threads on a busy machine wait on each other)
+    env = {**os.environ, "LOGITCACHE_BENCH_OUT": str(bench_out), "COLUMNS": "250", "OMP_NUM_THREADS": "1"}
     r = subprocess.run(
         [sys.executable, str(BENCH / script), "--quick"],
         env=env,

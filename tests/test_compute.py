@@ -11,10 +11,10 @@ import torch
 import helpers
 import logitcache as lc
 from conftest import HELPERS
-from logitcache.build import ReplayedViews
+from logitcache.teacher.build import ReplayedViews
 from logitcache.compute import Compute, resolve_precision
 from logitcache.errors import LogitcacheError
-from logitcache.verify import verify_cache
+from logitcache.teacher.verify import verify_cache
 
 DATASET = f"{HELPERS}:tiny_dataset"
 AUGMENT = f"{HELPERS}:heavy_augment"
@@ -75,7 +75,7 @@ def test_training_in_a_precision_resumes_to_the_same_weights(tmp_path, precision
     cfg = dict(dataset=DATASET, model="small-resnet8-w4", epochs=2, batch_size=32, workers=0, progress=False, lr=0.05,
                kd="cached", cache=str(cache.path), kd_until=1.0, precision=precision, seed=2)  # fmt: skip
     straight = lc.train(lc.TrainConfig(out=str(tmp_path / "straight"), **cfg))
-    module = sys.modules["logitcache.train"]
+    module = sys.modules["logitcache.student.loop"]
     real, calls = module.kd_loss, {"n": 0}
 
     def dies_in_epoch_2(*args, **kwargs):  # 10 steps per epoch
@@ -147,7 +147,7 @@ def test_a_non_finite_teacher_output_is_named_whichever_side_encodes(tmp_path, e
 
 def test_where_a_build_encodes():
     from logitcache.encoding import FullEncoding, make_encoding
-    from logitcache.writer import encodes_on_device
+    from logitcache.teacher.writer import encodes_on_device
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     full = make_encoding("full", 10, {})

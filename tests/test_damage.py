@@ -256,7 +256,7 @@ def test_a_deleted_metadata_digest_is_refused(store):
 
 def test_attributes_that_contradict_the_arrays_are_refused(store):
     # Even with a matching metadata digest (a deliberate rewrite), arrays must fit the attributes.
-    from logitcache.meta import DIGEST_KEY as META_DIGEST, json_digest as metadata_digest
+    from logitcache.store.meta import DIGEST_KEY as META_DIGEST, json_digest as metadata_digest
 
     meta = _edit_attrs(store, chunk_rows=16)
     _edit_attrs(store, **{META_DIGEST: metadata_digest(meta)})
@@ -288,7 +288,7 @@ def test_a_full_disk_while_saving_an_epoch_is_one_line(reference, tmp_path, monk
     # the failing epoch depend on file-system block sizes).
     import safetensors.torch
 
-    train_module = sys.modules["logitcache.train"]  # the module (the package exports its `train` function)
+    train_module = sys.modules["logitcache.student.loop"]  # the module (the package exports its `train` function)
     calls = {"n": 0}
     real = safetensors.torch.save_file
 
@@ -299,7 +299,7 @@ def test_a_full_disk_while_saving_an_epoch_is_one_line(reference, tmp_path, monk
         return real(tensors, filename, metadata=metadata)
 
     monkeypatch.setattr(train_module, "save_file", failing)
-    monkeypatch.setattr("logitcache.checkpoint.save_file", failing)
+    monkeypatch.setattr("logitcache.student.checkpoint.save_file", failing)
     cfg = lc.TrainConfig(
         out=str(tmp_path / "run"),
         dataset=f"{HELPERS}:tiny_dataset",

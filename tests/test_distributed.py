@@ -116,7 +116,7 @@ def test_two_rank_ddp_training_from_the_cache(single, tmp_path):
             "--batch-size",
             "32",
             "--workers",
-            "2",  # forked while the next view is prefetched: logitcache.procs holds that read back during the fork
+            "2",  # forked while the next view is prefetched: logitcache.read.procs holds that read back during the fork
             "--kd",
             "cached",
             "--cache",
@@ -137,7 +137,7 @@ def test_two_rank_ddp_training_from_the_cache(single, tmp_path):
     from torch.utils.data import DataLoader, Subset
 
     from logitcache import specs
-    from logitcache.train import evaluate
+    from logitcache.student.loop import evaluate
 
     test = specs.resolve_dataset(f"{HELPERS}:tiny_dataset", train=False)
     _, eval_tf = specs.resolve_augment(f"{HELPERS}:heavy_augment", test)

@@ -5,7 +5,7 @@ import torch
 from logitcache import encoding as E
 from logitcache.encoding import FullEncoding, QuantizedEncoding, SampledEncoding, TopKEncoding, id_dtype
 from logitcache.errors import LogitcacheError
-from logitcache.losses import kd_loss, kd_loss_dense
+from logitcache.student.losses import kd_loss, kd_loss_dense
 
 
 def _batch(enc, logits, generator=None):
@@ -234,8 +234,8 @@ def test_a_new_encoding_is_one_class_and_every_tool_knows_it(tmp_path, tiny):
     import helpers
     import logitcache as lc
     from logitcache.encoding import ENCODINGS, Encoding, Field, Option, register
-    from logitcache.inspection import inspect_cache
-    from logitcache.verify import verify_cache
+    from logitcache.store.inspection import inspect_cache
+    from logitcache.teacher.verify import verify_cache
 
     class ScaledLogits(Encoding):
         name, summary, values = "scaled-test", "logits times a factor, float32", "scaled logits"
@@ -413,7 +413,7 @@ def test_headtail_layouts_store_the_same_targets():
 def test_headtail_loss_and_store_round_trip(tmp_path, tiny, tau):
     import helpers
     import logitcache as lc
-    from logitcache.verify import verify_cache
+    from logitcache.teacher.verify import verify_cache
 
     out = tmp_path / "c"
     lc.build_cache(helpers.tiny_teacher(), tiny, out, augment=helpers.heavy_augment(), encoding="headtail", k=4,

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 import logitcache as lc
-from logitcache.fingerprint import teacher_sha256
+from logitcache.store.identity import teacher_sha256
 from logitcache.specs import load_weights
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"

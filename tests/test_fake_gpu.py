@@ -30,8 +30,8 @@ import logitcache as lc
 from logitcache import specs
 from logitcache.compute import Compute
 from logitcache.config import TrainConfig
-from logitcache.train import step_loss
-from logitcache.verify import score_batch
+from logitcache.student.loop import step_loss
+from logitcache.teacher.verify import score_batch
 
 ENCODINGS = ("full", "topk", "quantized", "sampled", "topk8", "headtail")
 CLASSES = (10, 100, 5000)

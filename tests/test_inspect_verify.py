@@ -12,7 +12,7 @@ import helpers
 import logitcache as lc
 from logitcache.cli import app
 from conftest import HELPERS
-from logitcache.verify import verify_cache
+from logitcache.teacher.verify import verify_cache
 
 runner = CliRunner()
 
@@ -147,7 +147,7 @@ def test_verify_catches_a_reordered_dataset(built_cache):
 
 @pytest.mark.parametrize("encoding", ["full", "topk", "topk8", "headtail", "sampled", "quantized"])
 def test_every_encoding_builds_inspects_and_verifies(tmp_path, tiny, encoding):
-    from logitcache.inspection import inspect_cache
+    from logitcache.store.inspection import inspect_cache
 
     out = tmp_path / encoding
     lc.build_cache(helpers.tiny_teacher(), tiny, out, augment=helpers.heavy_augment(), encoding=encoding, k=4,

@@ -15,7 +15,7 @@ from torchvision.transforms import v2
 
 import logitcache as lc
 from logitcache.errors import LogitcacheError
-from logitcache.replay import fingerprint_mismatch, replay_fingerprint
+from logitcache.augment.fingerprint import fingerprint_mismatch, replay_fingerprint
 
 BUILD = dict(views=2, seed=3, batch_size=48, chunk_rows=16, workers=0, progress=False)
 
@@ -117,7 +117,7 @@ def test_a_store_without_a_recorded_structure_is_compared_by_pixels_as_before(ca
 
     import zarr
 
-    from logitcache.meta import DIGEST_KEY, json_digest
+    from logitcache.store.meta import DIGEST_KEY, json_digest
 
     out = tmp_path / "old"
     shutil.copytree(cache, out)

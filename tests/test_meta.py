@@ -11,7 +11,7 @@ import zarr
 import helpers
 import logitcache as lc
 from logitcache.errors import LogitcacheError
-from logitcache.meta import CacheMeta
+from logitcache.store.meta import CacheMeta
 
 FORMAT = Path(__file__).resolve().parents[1] / "docs" / "format.md"
 

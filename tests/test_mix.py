@@ -13,7 +13,7 @@ import logitcache as lc
 from logitcache.cli import app
 from conftest import HELPERS
 from logitcache.errors import LogitcacheError
-from logitcache.mix import Mix, draw, mixed_view
+from logitcache.augment.mix import Mix, draw, mixed_view
 
 BOTH = Mix("both", alpha=0.8, cutmix_alpha=1.0, prob=0.9, switch_prob=0.5)
 
@@ -112,7 +112,7 @@ def test_other_mixing_is_refused_naming_the_difference(mixed_cache, tiny, tmp_pa
                        encoding="full", batch_size=32, chunk_rows=64, workers=0, progress=False, resume=True,
                        mix=Mix("mixup"))  # fmt: skip
     # verify replays the mixed images the teacher labelled
-    from logitcache.verify import verify_cache
+    from logitcache.teacher.verify import verify_cache
 
     assert verify_cache(mixed_cache, helpers.tiny_teacher(), tiny, samples=32).ok
 

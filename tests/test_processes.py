@@ -21,7 +21,7 @@ import logitcache as lc
 from conftest import HELPERS
 from logitcache import procs, specs
 from logitcache.errors import LogitcacheError
-from logitcache.views import SharedViews
+from logitcache.read.views import SharedViews
 
 DATASET = f"{HELPERS}:tiny_dataset"
 BATCH = 16
@@ -208,7 +208,7 @@ def test_close_stops_background_reads_and_train_closes_on_error(built_cache, tin
     with pytest.raises(LogitcacheError, match="closed"):
         ds.set_epoch(1)
 
-    train_mod = sys.modules["logitcache.train"]
+    train_mod = sys.modules["logitcache.student.loop"]
 
     calls, alive = [], []
 

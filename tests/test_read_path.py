@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader
 
 import helpers
 import logitcache as lc
-from logitcache.sampler import ChunkShuffleSampler
+from logitcache.read.sampler import ChunkShuffleSampler
 
 SEED = 7  # the built_cache fixture's base seed; 240 samples, 3 views, chunks of 64 rows
 
@@ -215,7 +215,7 @@ def test_train_over_the_budget_uses_the_chunk_shuffle(built_cache, tmp_path):
     import sys
     import warnings
 
-    train_mod, seen = sys.modules["logitcache.train"], []
+    train_mod, seen = sys.modules["logitcache.student.loop"], []
     setup = train_mod._setup
 
     def recorded(cfg):
@@ -245,7 +245,7 @@ def test_two_ranks_share_an_epoch_exactly_once(tmp_path):
         textwrap.dedent(
             """
             import torch, torch.distributed as dist
-            from logitcache.sampler import ChunkShuffleSampler
+            from logitcache.read.sampler import ChunkShuffleSampler
             dist.init_process_group("gloo")
             world, rank = dist.get_world_size(), dist.get_rank()
             s = ChunkShuffleSampler(1001, 64, window=2, num_replicas=world, rank=rank, seed=9)

@@ -5,8 +5,8 @@ import torch
 from torch.utils.data import DataLoader, RandomSampler
 
 import helpers
-from logitcache.build import ReplayedViews
-from logitcache.replay import fingerprint_mismatch, replay_fingerprint, replay_view, sample_seed
+from logitcache.teacher.build import ReplayedViews
+from logitcache.augment.fingerprint import fingerprint_mismatch, replay_fingerprint, replay_view, sample_seed
 
 
 def _load(ds, workers, shuffle):

@@ -17,8 +17,8 @@ import logitcache as lc
 from conftest import HELPERS
 from logitcache.config import BuildConfig
 from logitcache.errors import LogitcacheError
-from logitcache.sequence import Member, Policy, Sequence
-from logitcache.train import load_metrics
+from logitcache.sequence.runs import Member, Policy, Sequence
+from logitcache.student.loop import load_metrics
 
 DATASET = f"{HELPERS}:tiny_dataset"
 AUGMENT = f"{HELPERS}:light_augment"
@@ -55,7 +55,7 @@ def test_fixed_and_ensemble_policies():
 
 
 def test_a_shared_folder_creates_an_object_once(sequence_root):
-    from logitcache.folder import SharedFolder
+    from logitcache.sequence.folder import SharedFolder
 
     folder = SharedFolder(sequence_root[0])
     assert folder.create("locks/000000.json", b"first")
@@ -78,9 +78,9 @@ def teacher_run(tmp_path_factory):
 _ASK = textwrap.dedent(
     """
     import os, sys, time
-    from logitcache.build import build
+    from logitcache.teacher.build import build
     from logitcache.config import BuildConfig
-    from logitcache.sequence import Sequence
+    from logitcache.sequence.runs import Sequence
 
     root, dataset, augment, run, launches = sys.argv[1:6]
 
@@ -283,7 +283,7 @@ def test_sweep_refuses_an_object_store_folder_in_one_line():
 
     result = CliRunner().invoke(app, ["sweep", "--out", "s3://bucket/sweep", "--grid", "lr=0.1,0.2"])
     assert result.exit_code != 0 and "Traceback" not in result.output
-    assert "for a sequence in an object store, call logitcache.sequence.Sequence" in " ".join(result.output.split())
+    assert "for a sequence in an object store, call logitcache.sequence.runs.Sequence" in " ".join(result.output.split())
 
 
 def test_a_sequence_recorded_as_lines_is_adopted_in_its_order(tmp_path):

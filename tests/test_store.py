@@ -309,7 +309,7 @@ def test_cli_refuses_an_option_of_another_encoding(tmp_path):
 
 
 def test_dry_run_estimates_the_size_and_writes_nothing(tmp_path, tiny):
-    from logitcache.estimate import estimate_build
+    from logitcache.teacher.estimate import estimate_build
 
     args = cli_build_args(chunk_rows=64, workers=0) + ["--teacher", f"{HELPERS}:tiny_teacher", "--out", str(tmp_path)]
     r = CliRunner().invoke(app, args + ["--dry-run"])
@@ -333,7 +333,7 @@ def test_topk8_layout_2_stores_steps_and_layout_1_stores_still_read(tmp_path, ti
     # numbers, smaller after compression). A store written before layouts existed has no "layout" (nor "tail_shape":
     # its tail is flat; nor "tail_rank") in its encoding's parameters and holds the values: it must decode to exactly
     # the targets a layout 2 store with a flat tail holds.
-    from logitcache.meta import DIGEST_KEY as META_DIGEST, json_digest as metadata_digest
+    from logitcache.store.meta import DIGEST_KEY as META_DIGEST, json_digest as metadata_digest
 
     build = dict(BUILD, encoding="topk8", k=5, tail_shape="flat")
     new, old = tmp_path / "new", tmp_path / "old"

@@ -13,12 +13,12 @@ from typer.testing import CliRunner
 
 import helpers
 import logitcache as lc
-from logitcache.build import ReplayedViews
+from logitcache.teacher.build import ReplayedViews
 from logitcache.cli import app
 from logitcache.encoding import CompactTopKEncoding, dense_log_probs
 from logitcache.errors import LogitcacheError
 from logitcache.store import TABLE, DamagedCache
-from logitcache.verify import verify_cache
+from logitcache.teacher.verify import verify_cache
 
 BUILD = dict(views=2, seed=3, k=3, batch_size=16, chunk_rows=32, workers=0, progress=False, encoding="topk8")
 
@@ -195,7 +195,7 @@ def test_resume_keeps_the_stored_table(table_store, tmp_path, monkeypatch):
     def refit(*args, **kwargs):
         raise AssertionError("a resume must not fit the table again")
 
-    monkeypatch.setattr(sys.modules["logitcache.build"], "_fit_table", refit)
+    monkeypatch.setattr(sys.modules["logitcache.teacher.build"], "_fit_table", refit)
     tiny = helpers.tiny_dataset()
     lc.build_cache(helpers.tiny_teacher(), tiny, out, augment=helpers.heavy_augment(), resume=True, **BUILD)
     assert (out / TABLE).joinpath("c", "0", "0").read_bytes() == before
@@ -232,7 +232,7 @@ def test_inspect_reports_the_table(table_store):
 
 
 def test_dry_run_counts_the_table_and_its_probe():
-    from logitcache.estimate import estimate_build
+    from logitcache.teacher.estimate import estimate_build
 
     tiny = helpers.tiny_dataset()
     est = estimate_build(
@@ -251,7 +251,7 @@ def test_dry_run_counts_the_table_and_its_probe():
 def test_a_table_store_from_before_the_basis_reads_with_its_rows_alone(tmp_path):
     import zarr
 
-    from logitcache.meta import DIGEST_KEY as META_DIGEST, json_digest as metadata_digest
+    from logitcache.store.meta import DIGEST_KEY as META_DIGEST, json_digest as metadata_digest
 
     tiny, out = helpers.tiny_dataset(), tmp_path / "c"
     lc.build_cache(helpers.tiny_teacher(), tiny, out, augment=helpers.heavy_augment(), tail_rank=0, **BUILD)

@@ -11,7 +11,7 @@ from logitcache.cli import app
 from conftest import HELPERS
 from logitcache import specs
 from logitcache.errors import LogitcacheError
-from logitcache.train import load_metrics as load_metrics
+from logitcache.student.loop import load_metrics as load_metrics
 
 DATASET = f"{HELPERS}:tiny_dataset"
 COMMON = dict(dataset=DATASET, model="small-resnet8-w4", epochs=3, batch_size=32, workers=0, progress=False, lr=0.05)
@@ -226,7 +226,7 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path, teacher_cache, mo
     cfg = dict(kd="cached", cache=str(teacher_cache), seed=3, kd_until=1.0, **COMMON)  # kd_loss runs every step
     straight = lc.train(lc.TrainConfig(out=str(tmp_path / "straight"), **cfg))
 
-    module = sys.modules["logitcache.train"]
+    module = sys.modules["logitcache.student.loop"]
     calls = {"n": 0}
     real_kd_loss = module.kd_loss
 
@@ -352,7 +352,7 @@ def test_the_evaluation_loaders_workers_start_at_setup_before_any_thread(tmp_pat
     import sys
     import threading
 
-    module = sys.modules["logitcache.train"]
+    module = sys.modules["logitcache.student.loop"]
     cfg = module._with_recorded_data(lc.TrainConfig(out=str(tmp_path / "r"), **{**COMMON, "workers": 1}))
     before = {t.ident for t in threading.enumerate()}
     run = module._setup(cfg)

@@ -9,7 +9,7 @@ from typing import Callable, Optional
 import typer
 from rich.console import Console
 
-from .options import config_parameters, encoding_parameters, plain, with_parameters
+from logitcache.cli.options import config_parameters, encoding_parameters, plain, with_parameters
 from logitcache.encoding import ENCODINGS
 from logitcache.config import BuildConfig, TrainConfig
 
@@ -84,7 +84,7 @@ def _build(**opts) -> None:
 
     def go() -> None:
         from logitcache import BuildConfig, distributed
-        from logitcache.build import build, check_encoding_options
+        from logitcache.teacher.build import build, check_encoding_options
 
         cfg = BuildConfig(**opts)
         check_encoding_options(cfg.encoding, cfg.options)
@@ -105,9 +105,9 @@ def _build(**opts) -> None:
 
 def _dry_run(cfg) -> None:
     from logitcache import specs
-    from logitcache.build import build_arguments, size_text
+    from logitcache.teacher.build import build_arguments, size_text
     from logitcache.datasets import dataset_len
-    from logitcache.estimate import estimate_build
+    from logitcache.teacher.estimate import estimate_build
 
     ds = specs.resolve_dataset(cfg.dataset, train=True, limit=cfg.limit)
     augment, _ = specs.resolve_augment(cfg.augment, ds)
@@ -196,7 +196,7 @@ def inspect(
     def go() -> None:
         import json
 
-        from logitcache.inspection import inspect_cache
+        from logitcache.store.inspection import inspect_cache
 
         info = inspect_cache(path, stats_rows=stats_rows)
         if as_json:
@@ -306,7 +306,7 @@ def verify(
 
         from logitcache import specs
         from logitcache.errors import LogitcacheError
-        from logitcache.verify import verify_cache, verify_storage
+        from logitcache.teacher.verify import verify_cache, verify_storage
 
         if storage_only:
             report = verify_storage(path)
@@ -363,7 +363,7 @@ def demo(
     """The whole idea on real Fashion-MNIST: teacher run, one build, then the next run with and without KD."""
 
     def go() -> None:
-        from logitcache.demo import run_demo
+        from logitcache.cli.demo import run_demo
 
         run_demo(out_path, quick=quick, workers=workers, console=out)
 

@@ -17,7 +17,7 @@ from enum import Enum
 import typer
 
 if TYPE_CHECKING:
-    from ..encoding import Encoding
+    from logitcache.encoding import Encoding
 
 
 def flag_of(name: str) -> str:

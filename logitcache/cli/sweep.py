@@ -1,4 +1,4 @@
-"""``logitcache sweep``: a grid of training settings run one after another through a ``logitcache.sequence.Sequence``.
+"""``logitcache sweep``: a grid of training settings run one after another through a ``logitcache.sequence.runs.Sequence``.
 
 Each member trains (and each teacher's cache builds) in a child process, so the live table here runs no thread next to
 the DataLoader workers; the table is redrawn from the children's own records (metrics.jsonl, the store's completion).
@@ -26,7 +26,7 @@ from rich.table import Table
 
 from logitcache.config import BuildConfig, TrainConfig
 
-from .options import flag_of
+from logitcache.cli.options import flag_of
 
 out = Console()
 
@@ -169,14 +169,14 @@ def sweep(
     """Train a grid of settings one after another, each member distilled from the best run so far (one cache per
     teacher, built once); resumable; a table of members and a report of the whole sequence's cost."""
     from logitcache.errors import LogitcacheError
-    from logitcache.sequence import Sequence
+    from logitcache.sequence.runs import Sequence
     from logitcache.store import open_cache
 
     try:
         if re.match(r"^[a-z][a-z0-9+.-]*:/", str(out_dir)):  # a URL, which Path has already folded
             raise LogitcacheError(
                 "sweep trains its members on this machine and keeps the sequence in a local or shared folder; for a "
-                "sequence in an object store, call logitcache.sequence.Sequence from your sweep engine's workers"
+                "sequence in an object store, call logitcache.sequence.runs.Sequence from your sweep engine's workers"
             )
         base, settings = parse_settings(grid or [], set_ or [])
         names = [member_name(s) for s in settings]

@@ -5,17 +5,17 @@ sample) and such a dict, as a collated batch, back into teacher log-probabilitie
 ``Encoding`` subclass decorated with ``@register`` (and imported below) plus its tests.
 """
 
-from .base import MIN_TAIL, Encoding, Field, Option, dense_kl, id_dtype
-from .registry import AUTO, ENCODINGS, WIRE_KEYS, auto_encoding, decoder, dense_log_probs, encoding_class, encoding_of
-from .registry import make_encoding, register, to_probs
+from logitcache.encoding.base import MIN_TAIL, Encoding, Field, Option, dense_kl, id_dtype
+from logitcache.encoding.registry import AUTO, ENCODINGS, WIRE_KEYS, auto_encoding, decoder, dense_log_probs, encoding_class, encoding_of
+from logitcache.encoding.registry import make_encoding, register, to_probs
 
 # Imported for their @register; this order is the CLI's order of choices.
-from .full import FullEncoding  # isort: skip
-from .topk import SOFT_TAIL_BETAS, TAIL_MODES, TopKEncoding, topk_kept_mass  # isort: skip
-from .sampled import SampledEncoding  # isort: skip
-from .quantized import QuantizedEncoding  # isort: skip
-from .topk8 import CompactTopKEncoding  # isort: skip
-from .headtail import HeadTailEncoding  # isort: skip
+from logitcache.encoding.full import FullEncoding  # isort: skip
+from logitcache.encoding.topk import SOFT_TAIL_BETAS, TAIL_MODES, TopKEncoding, topk_kept_mass  # isort: skip
+from logitcache.encoding.sampled import SampledEncoding  # isort: skip
+from logitcache.encoding.quantized import QuantizedEncoding  # isort: skip
+from logitcache.encoding.topk8 import CompactTopKEncoding  # isort: skip
+from logitcache.encoding.headtail import HeadTailEncoding  # isort: skip
 
 __all__ = [
     "AUTO",

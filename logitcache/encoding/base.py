@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..errors import LogitcacheError
+from logitcache.errors import LogitcacheError
 
 # Floor for a log leftover mass: keeps exp/log finite when a teacher puts (numerically) all mass in the stored entries.
 MIN_TAIL = -80.0

@@ -6,8 +6,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .base import Encoding, Field
-from .registry import register
+from logitcache.encoding.base import Encoding, Field
+from logitcache.encoding.registry import register
 
 
 @register

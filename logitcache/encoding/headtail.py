@@ -8,12 +8,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..errors import LogitcacheError
-from .base import Encoding, Field, Option, inverse_cdf, steps_of, torch_dtype, uniforms
-from .topk8 import CompactTopKEncoding, check_layout, compact_id_dtype
-from .registry import register
-from .sampled import TAU
-from .topk import TopKEncoding
+from logitcache.errors import LogitcacheError
+from logitcache.encoding.base import Encoding, Field, Option, inverse_cdf, steps_of, torch_dtype, uniforms
+from logitcache.encoding.topk8 import CompactTopKEncoding, check_layout, compact_id_dtype
+from logitcache.encoding.registry import register
+from logitcache.encoding.sampled import TAU
+from logitcache.encoding.topk import TopKEncoding
 
 
 def multinomial(probs: Tensor, samples: int, generator: torch.Generator | None, support: int) -> Tensor:

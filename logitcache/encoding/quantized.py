@@ -6,9 +6,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..errors import LogitcacheError
-from .base import Encoding, Field, Option
-from .registry import register
+from logitcache.errors import LogitcacheError
+from logitcache.encoding.base import Encoding, Field, Option
+from logitcache.encoding.registry import register
 
 
 @register

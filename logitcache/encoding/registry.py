@@ -6,8 +6,8 @@ from typing import Any
 
 from torch import Tensor
 
-from ..errors import LogitcacheError
-from .base import Encoding
+from logitcache.errors import LogitcacheError
+from logitcache.encoding.base import Encoding
 
 ENCODINGS: dict[str, type[Encoding]] = {}
 # what a batch of wire targets carries beyond the stored fields (``Encoding.wire``): the draws' temperature
@@ -29,6 +29,7 @@ def encoding_class(name: str) -> type[Encoding]:
 
 
 AUTO = "auto"
+MAX_TABLE_CLASSES = 4096  # topk8's C x C float16 tail table: 34 MB at 4096 classes, 954 MB at 21,841
 FEW_CLASSES = 32  # up to here every class is stored (``full``: 2 B per class); above, topk8 with its tail table
 
 
@@ -37,8 +38,6 @@ def auto_encoding(num_classes: int) -> str:
     per sample), ``topk8`` with its tail table and basis where they are many (the encoding the fidelity study finds
     closest to ``full`` for its bytes: docs, choosing an encoding), and ``headtail`` beyond the classes a tail table
     can hold, where sampled tail classes keep the tail's shape."""
-    from .topk8 import MAX_TABLE_CLASSES
-
     if num_classes <= FEW_CLASSES:
         return "full"
     return "topk8" if num_classes <= MAX_TABLE_CLASSES else "headtail"

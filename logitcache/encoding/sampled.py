@@ -6,8 +6,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..errors import LogitcacheError
-from .base import (
+from logitcache.errors import LogitcacheError
+from logitcache.encoding.base import (
     Encoding,
     Field,
     Option,
@@ -17,7 +17,7 @@ from .base import (
     torch_id_dtype,
     uniforms,
 )
-from .registry import register
+from logitcache.encoding.registry import register
 
 
 # shared by the encodings that store draws (one --tau flag)

@@ -8,9 +8,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..errors import LogitcacheError
-from .base import MIN_TAIL, Encoding, Field, Option, dense_kl, id_dtype, torch_id_dtype
-from .registry import register
+from logitcache.errors import LogitcacheError
+from logitcache.encoding.base import MIN_TAIL, Encoding, Field, Option, dense_kl, id_dtype, torch_id_dtype
+from logitcache.encoding.registry import register
 
 # Inverse temperatures at which the tail's softened mass is stored (``tail_soft``): T = 8, 4 and 2. With the exact
 # ends (beta = 1: ``tail``; beta = 0: log of the number of unstored classes) any training temperature interpolates.

@@ -8,17 +8,16 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..errors import LogitcacheError
-from .base import MIN_TAIL, Encoding, Field, Option, steps_of, torch_dtype
-from .registry import register
-from .topk import SOFT_TAIL_BETAS, TopKEncoding, topk_kept_mass
+from logitcache.errors import LogitcacheError
+from logitcache.encoding.base import MIN_TAIL, Encoding, Field, Option, steps_of, torch_dtype
+from logitcache.encoding.registry import MAX_TABLE_CLASSES, register
+from logitcache.encoding.topk import SOFT_TAIL_BETAS, TopKEncoding, topk_kept_mass
 
 # 1: absolute 8-bit steps below the top log-probability; 2: the differences between consecutive ones (lossless)
 LAYOUT = Option(2, "topk8 / headtail: how the 8-bit log-probabilities are stored", absent=1, low=1, cli=False)
 
 
 TAIL_SHAPES = ("table", "flat")
-MAX_TABLE_CLASSES = 4096  # a C x C float16 table: 34 MB at 4096 classes, 954 MB at 21,841
 PROBE_PER_CLASS = 64
 MAX_TAIL_RANK = 64
 FIT_BLOCK = 8192  # probe rows per block when fitting the table

@@ -13,7 +13,7 @@ from typing import Any
 
 from torch.utils.data import DataLoader
 
-from ..data import CachedKDDataset
+from logitcache.read.dataset import CachedKDDataset
 
 
 def kd_dataloader(

@@ -19,10 +19,10 @@ from typing import Any, Callable
 
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from ..data import CachedKDDataset
-from ..errors import LogitcacheError
-from ..losses import KDLoss
-from ..store import Cache
+from logitcache.read.dataset import CachedKDDataset
+from logitcache.errors import LogitcacheError
+from logitcache.student.losses import KDLoss
+from logitcache.store import Cache
 
 try:
     import lightning.pytorch as pl

@@ -11,13 +11,13 @@ every read of a unit compares the decoded rows with it, so a deleted, emptied, t
 error naming the unit, never zeros passed off as targets.
 """
 
-from .format import (
+from logitcache.store.format import (
     ATTR_KEY, CODECS, COMPLETE, DIGESTS, FORMAT_VERSION, LABELS, META_DIGEST, OUT_OF_SPACE, READABLE_VERSIONS, TABLE,
     Layout, check_codec, create_store, is_store, is_url, member_array, meta_layout, open_group, remove_store,
     store_attributes, table_meta, write_unit,
 )  # fmt: skip
-from .integrity import DamagedCache, repair_hint, table_digest, unit_digest
-from .reader import Cache, open_cache
+from logitcache.store.integrity import DamagedCache, repair_hint, table_digest, unit_digest
+from logitcache.store.reader import Cache, open_cache
 
 __all__ = [
     "ATTR_KEY", "CODECS", "COMPLETE", "DIGESTS", "FORMAT_VERSION", "LABELS", "META_DIGEST", "OUT_OF_SPACE",

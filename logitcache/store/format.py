@@ -17,10 +17,10 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec, ZstdCodec
 
-from ..encoding import Field, id_dtype
-from ..errors import LogitcacheError
-from ..meta import DIGEST_KEY, CacheMeta, TableRecord
-from .integrity import table_digest, unit_digest
+from logitcache.encoding import Field, id_dtype
+from logitcache.errors import LogitcacheError
+from logitcache.store.meta import DIGEST_KEY, CacheMeta, TableRecord
+from logitcache.store.integrity import table_digest, unit_digest
 
 # 2: top-k stores tail_soft. 3: per-unit digests, chunks always written, a digest of the metadata.
 FORMAT_VERSION = 3

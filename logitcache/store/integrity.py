@@ -8,7 +8,7 @@ import zlib
 
 import numpy as np
 
-from ..errors import LogitcacheError
+from logitcache.errors import LogitcacheError
 
 
 def table_digest(table: np.ndarray) -> str:

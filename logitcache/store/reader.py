@@ -15,15 +15,15 @@ import torch
 import zarr
 from zarr.core.sync import sync  # zarr's own bridge from blocking code to its event loop (every Array method uses it)
 
-from ..encoding import Encoding, encoding_class
-from ..errors import LogitcacheError
-from ..meta import CacheMeta, json_digest
-from ..mix import Mix
-from .format import (
+from logitcache.encoding import Encoding, encoding_class
+from logitcache.errors import LogitcacheError
+from logitcache.store.meta import CacheMeta, json_digest
+from logitcache.augment.mix import Mix
+from logitcache.store.format import (
     ATTR_KEY, COMPLETE, DIGESTS, LABELS, META_DIGEST, READABLE_VERSIONS, TABLE, is_url, member_array, meta_layout,
     open_group, store_attributes,
 )  # fmt: skip
-from .integrity import DamagedCache, repair_hint, table_digest, unit_digest
+from logitcache.store.integrity import DamagedCache, repair_hint, table_digest, unit_digest
 
 
 class Cache:

@@ -13,8 +13,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import LogitcacheError
-from .mix import Mix
+from logitcache.errors import LogitcacheError
+from logitcache.augment.mix import Mix
 
 DIGEST_KEY = "metadata_sha256"
 VIEW_RULE = "epoch e uses view e % num_views"

@@ -2,7 +2,7 @@
 teaches the next, one cache per teacher, built once, and what the whole sequence cost.
 
 A sequence is a folder every process of the sweep can reach: a local disk, a filesystem machines share, or an object
-store (``s3://bucket/prefix``; ``logitcache.folder``):
+store (``s3://bucket/prefix``; ``logitcache.sequence.folder``):
 
 - ``members/NNNNNN.json``: one object per finished run, numbered in the order they were recorded (its run directory,
   metric, wall time, teacher passes, teacher);
@@ -38,10 +38,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import BuildConfig
-from .errors import LogitcacheError
-from .folder import SharedFolder
-from .procs import alive
+from logitcache.config import BuildConfig
+from logitcache.errors import LogitcacheError
+from logitcache.sequence.folder import SharedFolder
+from logitcache.read.procs import alive
 
 POLICIES = ("best", "fixed", "ensemble")
 MEMBERS, BUILDS, CACHES, RUNS = "members", "builds", "caches", "runs"
@@ -265,7 +265,7 @@ class Sequence:
         """The path of the current teacher's complete cache, built here if no process has built it (None while no
         run is recorded). Another process building it: wait for it, or (``wait=False``) take the newest complete
         cache of an earlier teacher (None if there is none). ``launch(cfg)`` runs the build (default:
-        ``logitcache.build``, in this process)."""
+        ``logitcache.teacher.build``, in this process)."""
         teacher = self.teacher()
         if not teacher:
             return None
@@ -300,8 +300,8 @@ class Sequence:
     # --- building --------------------------------------------------------------------------------------------------
 
     def _build(self, teacher: tuple[Member, ...], path: str, launch: Callable[[BuildConfig], None] | None) -> None:
-        from .build import build
-        from .store import is_store, open_cache
+        from logitcache.teacher.build import build
+        from logitcache.store import is_store, open_cache
 
         local = tempfile.mkdtemp(prefix="logitcache-teachers-") if self.folder.remote else None
         try:
@@ -518,7 +518,7 @@ class _BuildLock:
 
 
 def _complete(path: str) -> bool:
-    from .store import is_store, open_cache
+    from logitcache.store import is_store, open_cache
 
     if not is_store(path):
         return False
@@ -532,7 +532,7 @@ def _train_size(config: dict[str, Any]) -> int:
     """The training set's size of a run, from its config (``limit``, else the cache's or the dataset's length)."""
     if config.get("limit"):
         return int(config["limit"])
-    from . import specs
-    from .datasets import dataset_len
+    from logitcache import specs
+    from logitcache.datasets import dataset_len
 
     return dataset_len(specs.resolve_dataset(config.get("dataset") or "fashion-mnist", train=True))

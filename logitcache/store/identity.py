@@ -20,8 +20,8 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from .datasets import dataset_len, labels_of
-from .version import __version__
+from logitcache.datasets import dataset_len, labels_of
+from logitcache.version import __version__
 
 SAMPLE_POINTS = 8
 

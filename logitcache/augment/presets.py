@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
-from .errors import LogitcacheError
+from logitcache.errors import LogitcacheError
 
 MEAN, STD = (0.5,), (0.5,)  # broadcast over any number of channels
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)

@@ -9,7 +9,7 @@ their stored fields (top-k ids and values, quantized numbers), which do not mix,
 
 What the target then is: the teacher labelled the two unmixed images, so a mixed target is the mix of its
 distributions on the originals, not its distribution on the mixed image. The exact path is the store's own per-sample
-mixing (``logitcache.mix``, ``logitcache build --mix``), where the teacher labels the mixed image itself.
+mixing (``logitcache.augment.mix``, ``logitcache build --mix``), where the teacher labels the mixed image itself.
 
 ``check_mixing`` refuses the batch of a collate function that mixes images and labels without the targets
 (torchvision's ``v2.MixUp`` / ``v2.CutMix`` pass other items through unchanged) wherever the labels show it.
@@ -27,10 +27,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import default_collate
 
-from .encoding import decoder, dense_kl
-from .errors import LogitcacheError
-from .losses import KDLoss
-from .mix import Mix
+from logitcache.encoding import decoder, dense_kl
+from logitcache.errors import LogitcacheError
+from logitcache.student.losses import KDLoss, check_mixing, replayed_mix
+from logitcache.augment.mix import Mix
 
 BATCH_MODES = ("batch", "elem")
 
@@ -271,38 +271,3 @@ class MixedKDLoss(nn.Module):
         t = kd.temperature
         p = mixing.mix(kd.encoding.log_probs(targets, t, kd.table).exp())
         return t**2 * dense_kl(p.log(), student_logits, t).mean()
-
-
-def replayed_mix(source: Any) -> Mix:
-    """The dataset's own (replayed, per-sample) mixing: of a ``CachedKDDataset``, a ``Cache``, a ``Mix``; ``Mix()``
-    (none) for a source that does not say, such as an ``Encoding``."""
-    if isinstance(source, Mix):
-        return source
-    for candidate in (source, getattr(source, "cache", None)):
-        mix = getattr(candidate, "mix", None)
-        if isinstance(mix, Mix):
-            return mix
-    return Mix()
-
-
-def check_mixing(source: Any, labels: Tensor, mixing: BatchMixing | None = None) -> None:
-    """Refuse (``LogitcacheError``, one line) a batch whose labels were mixed while its cached targets were not.
-
-    ``source``: the ``CachedKDDataset`` (or its ``Cache``, or its ``Mix``). Soft labels (float ``[B, C]``) come from
-    the dataset's own mixing (a cache built with ``--mix``) or from a batch mixer; when neither the dataset mixes nor
-    a ``BatchMixing`` comes with the batch, a collate function mixed images and labels and passed the targets
-    through (torchvision's ``v2.MixUp`` / ``v2.CutMix``): the student would learn from unmixed teacher targets on
-    mixed images. Host-only: reads the labels' shape and dtype, never their values.
-
-    Not detectable: images mixed with integer labels left as they were; a second mixing of a batch whose dataset
-    already mixes (its labels are soft either way); targets mixed by hand in a collate function.
-    """
-    if mixing is not None or labels.dim() != 2 or not labels.is_floating_point():
-        return
-    if replayed_mix(source).active:
-        return
-    raise LogitcacheError(
-        "the labels arrive mixed (soft [B, C] vectors) but the cached targets are not: a collate_fn mixed images and "
-        "labels only (torchvision MixUp/CutMix?); use lc.BatchMix as the collate_fn with lc.MixedKDLoss, or build "
-        "the cache with --mix"
-    )

@@ -13,8 +13,9 @@ from typing import Any
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .encoding import TAIL_MODES, decoder
-from .errors import LogitcacheError
+from logitcache.encoding import TAIL_MODES, decoder
+from logitcache.augment.mix import Mix
+from logitcache.errors import LogitcacheError
 
 
 def kd_loss_dense(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0) -> Tensor:
@@ -75,8 +76,6 @@ class KDLoss(nn.Module):
         """``labels`` (optional, the batch's): refused when they come mixed by a collate function that left the
         cached targets unmixed (``check_mixing``; shape and dtype only, no device read)."""
         if labels is not None:
-            from .batchmix import check_mixing  # batchmix builds on this module
-
             check_mixing(self.replayed_mix, labels)
         if self.table is not None and self.table.device != student_logits.device:
             self.table = self.table.to(student_logits.device)  # once: a module moved with .to() has it there
@@ -85,3 +84,38 @@ class KDLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.encoding!r}, temperature={self.temperature:g}, tail={self.tail!r}"
+
+
+def replayed_mix(source: Any) -> Mix:
+    """The dataset's own (replayed, per-sample) mixing: of a ``CachedKDDataset``, a ``Cache``, a ``Mix``; ``Mix()``
+    (none) for a source that does not say, such as an ``Encoding``."""
+    if isinstance(source, Mix):
+        return source
+    for candidate in (source, getattr(source, "cache", None)):
+        mix = getattr(candidate, "mix", None)
+        if isinstance(mix, Mix):
+            return mix
+    return Mix()
+
+
+def check_mixing(source: Any, labels: Tensor, mixing: object | None = None) -> None:
+    """Refuse (``LogitcacheError``, one line) a batch whose labels were mixed while its cached targets were not.
+
+    ``source``: the ``CachedKDDataset`` (or its ``Cache``, or its ``Mix``). Soft labels (float ``[B, C]``) come from
+    the dataset's own mixing (a cache built with ``--mix``) or from a batch mixer; when neither the dataset mixes nor
+    a ``BatchMixing`` comes with the batch, a collate function mixed images and labels and passed the targets
+    through (torchvision's ``v2.MixUp`` / ``v2.CutMix``): the student would learn from unmixed teacher targets on
+    mixed images. Host-only: reads the labels' shape and dtype, never their values.
+
+    Not detectable: images mixed with integer labels left as they were; a second mixing of a batch whose dataset
+    already mixes (its labels are soft either way); targets mixed by hand in a collate function.
+    """
+    if mixing is not None or labels.dim() != 2 or not labels.is_floating_point():
+        return
+    if replayed_mix(source).active:
+        return
+    raise LogitcacheError(
+        "the labels arrive mixed (soft [B, C] vectors) but the cached targets are not: a collate_fn mixed images and "
+        "labels only (torchvision MixUp/CutMix?); use lc.BatchMix as the collate_fn with lc.MixedKDLoss, or build "
+        "the cache with --mix"
+    )

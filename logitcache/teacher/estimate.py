@@ -16,10 +16,10 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from .build import build_cache
-from .config import BuildConfig
-from .datasets import Head, dataset_len
-from .store import member_array, open_cache
+from logitcache.teacher.build import build_cache
+from logitcache.config import BuildConfig
+from logitcache.datasets import Head, dataset_len
+from logitcache.store import member_array, open_cache
 
 
 @dataclass

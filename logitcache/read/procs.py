@@ -26,8 +26,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TypeVar
 
-from . import distributed
-from .errors import LogitcacheError
+from logitcache import distributed
+from logitcache.errors import LogitcacheError
 
 T = TypeVar("T")
 

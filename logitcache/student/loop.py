@@ -26,20 +26,21 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
-from . import distributed, specs
-from .checkpoint import RunState, load_checkpoint, save_checkpoint
-from .compute import Compute, compiled, resolve_precision
-from .config import KD_MODES, TrainConfig, resolve_workers
-from .data import CachedKDDataset, ReplayDataset
-from .datasets import labels_of
-from .encoding import TAIL_MODES
-from .errors import LogitcacheError, user_message
-from .fingerprint import versions
-from .losses import kd_loss, kd_loss_dense
-from .mix import Mix
-from .progress import note, progress_bar
-from .sampler import ChunkShuffleSampler
-from .store import open_cache
+from logitcache import distributed
+from logitcache import specs
+from logitcache.student.checkpoint import RunState, load_checkpoint, save_checkpoint
+from logitcache.compute import Compute, compiled, resolve_precision
+from logitcache.config import KD_MODES, TrainConfig, resolve_workers
+from logitcache.read.dataset import CachedKDDataset, ReplayDataset
+from logitcache.datasets import labels_of
+from logitcache.encoding import TAIL_MODES
+from logitcache.errors import LogitcacheError, user_message
+from logitcache.store.identity import versions
+from logitcache.student.losses import kd_loss, kd_loss_dense
+from logitcache.augment.mix import Mix
+from logitcache.progress import note, progress_bar
+from logitcache.read.sampler import ChunkShuffleSampler
+from logitcache.store import open_cache
 
 # Options that do not change what a run computes: a resumed run may differ in these.
 _RESUMABLE_CHANGES = (

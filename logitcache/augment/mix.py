@@ -19,9 +19,9 @@ from typing import Any, Callable
 import torch
 from torch.utils.data import Dataset
 
-from .datasets import dataset_len
-from .errors import LogitcacheError
-from .replay import replay_view, sample_seed
+from logitcache.datasets import dataset_len
+from logitcache.errors import LogitcacheError
+from logitcache.augment.seeds import replay_view, sample_seed
 
 MIX_MODES = ("none", "mixup", "cutmix", "both")
 _MIX_SALT = 0x4D1C_5EED

@@ -8,8 +8,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .encoding import dense_log_probs
-from .store import COMPLETE, DIGESTS, LABELS, TABLE, Cache, member_array, open_cache
+from logitcache.encoding import dense_log_probs
+from logitcache.store import COMPLETE, DIGESTS, LABELS, TABLE, Cache, member_array, open_cache
 
 
 def inspect_cache(cache: Cache | str | os.PathLike, stats_rows: int = 20000) -> dict:

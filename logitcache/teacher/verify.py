@@ -16,15 +16,15 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from .build import teacher_pass
-from .compute import Compute
-from .compat import compatibility
-from .datasets import dataset_len
-from .encoding import Encoding
-from .errors import LogitcacheError
-from .mix import mixed_view
-from .specs import recorded_augment, resolve_device
-from .store import Cache, open_cache
+from logitcache.teacher.build import teacher_pass
+from logitcache.compute import Compute
+from logitcache.store.compat import compatibility
+from logitcache.datasets import dataset_len
+from logitcache.encoding import Encoding
+from logitcache.errors import LogitcacheError
+from logitcache.augment.mix import mixed_view
+from logitcache.specs import recorded_augment, resolve_device
+from logitcache.store import Cache, open_cache
 
 
 @dataclass

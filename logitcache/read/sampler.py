@@ -5,7 +5,7 @@ worker's chunk cache each chunk is decoded again for nearly every sample it serv
 the order of chunks, deals them to ranks, and shuffles samples only within windows of ``window`` consecutive chunks
 of a rank's list: at most ``window`` chunks (plus one at each edge) are needed at a time. Taken from
 ``CachedKDDataset.chunk_sampler()``, the windows are read once per rank into memory the workers share
-(``logitcache.ring``); on its own, each worker reads the chunks of the batches it serves (about once per worker).
+(``logitcache.read.ring``); on its own, each worker reads the chunks of the batches it serves (about once per worker).
 
 Randomness window (the trade-off): a sample's neighbours in the order come from the same ``window`` chunks
 (``window x chunk_rows`` samples), not from the whole dataset; which chunks share a window changes every epoch. The
@@ -19,7 +19,7 @@ from collections.abc import Iterator
 import torch
 from torch.utils.data import Sampler
 
-from .replay import sample_seed
+from logitcache.augment.seeds import sample_seed
 
 
 class ChunkShuffleSampler(Sampler[int]):

@@ -19,12 +19,12 @@ import numpy as np
 import torch
 import zarr
 
-from . import store
-from .encoding import Encoding
-from .errors import LogitcacheError
-from .replay import sample_seed
+from logitcache import store
+from logitcache.encoding import Encoding
+from logitcache.config import ENCODE_ON
+from logitcache.errors import LogitcacheError
+from logitcache.augment.seeds import sample_seed
 
-ENCODE_ON = ("auto", "device", "host")
 _ENCODE_SALT = 0x5EED_E4C0
 _FINITE = "\0finite"  # a per-row flag carried with the fields, so the check costs the teacher no synchronisation
 

@@ -1,7 +1,7 @@
 """The sequence-of-runs demo on real Fashion-MNIST (the README's main command).
 
 Run 1 trains from scratch and becomes the teacher; one ``build`` caches its soft targets. The next run of the sweep
-is then trained at half the budget (a complete schedule, ``logitcache.budgets``) from scratch and with cached KD,
+is then trained at half the budget (a complete schedule, ``logitcache.student.budgets``) from scratch and with cached KD,
 for several seeds, each seed paired across the two arms (the same initial weights and data order), so the lift is
 measured on paired differences and stated with its spread: a 95% interval from the seeds. Online KD for two of the
 seeds shows the same result with a teacher forward pass per step. KD uses the library's defaults (``TrainConfig``).
@@ -21,10 +21,10 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from . import specs
-from .budgets import Arm, budget_epochs, paired_lift, plot_budgets
-from .build import build_cache
-from .train import RunResult, TrainConfig, train
+from logitcache import specs
+from logitcache.student.budgets import Arm, budget_epochs, paired_lift, plot_budgets
+from logitcache.teacher.build import build_cache
+from logitcache.student.loop import RunResult, TrainConfig, train
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from .errors import LogitcacheError
+from logitcache.errors import LogitcacheError
 
 _TRIES = 5  # a conditional put that conflicts with a concurrent one (S3's 409) is tried again
 
@@ -29,7 +29,7 @@ class SharedFolder:
     paths inside it."""
 
     def __init__(self, root: str | os.PathLike):
-        from .store import is_url
+        from logitcache.store import is_url
 
         self.remote = is_url(str(root))
         self.fs: Any = None

@@ -13,9 +13,9 @@ import threading
 
 import torch
 
-from . import procs
-from .encoding.base import torch_dtype
-from .store import Cache
+from logitcache.read import procs
+from logitcache.encoding.base import torch_dtype
+from logitcache.store import Cache
 
 
 class SharedViews:

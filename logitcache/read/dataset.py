@@ -20,29 +20,30 @@ import torch
 from torch.utils.data import Dataset, DistributedSampler, get_worker_info
 from torch.utils.data._utils.collate import default_collate_fn_map
 
-from . import distributed, procs
-from .augment import dataset_and_augment, own_transform
-from .compat import compatibility
-from .datasets import dataset_len, labels_of
-from .encoding.base import torch_dtype
-from .errors import LogitcacheError
-from .meta import CacheMeta
-from .mix import Mix, mixed_view, soft_label
-from .replay import replay_view
-from .ring import PROCESS_SLOTS, WindowRing, process_slot
-from .sampler import ChunkShuffleSampler
-from .specs import recorded_augment
-from .store import Cache, open_cache
-from .views import SharedViews
+from logitcache import distributed
+from logitcache.read import procs
+from logitcache.augment.presets import dataset_and_augment, own_transform
+from logitcache.store.compat import compatibility
+from logitcache.datasets import dataset_len, labels_of
+from logitcache.encoding.base import torch_dtype
+from logitcache.errors import LogitcacheError
+from logitcache.store.meta import CacheMeta
+from logitcache.augment.mix import Mix, mixed_view, soft_label
+from logitcache.augment.seeds import replay_view
+from logitcache.read.ring import PROCESS_SLOTS, WindowRing, process_slot
+from logitcache.read.sampler import ChunkShuffleSampler
+from logitcache.specs import recorded_augment
+from logitcache.store import Cache, open_cache
+from logitcache.read.views import SharedViews
 
 
 class ReplayDataset(Dataset):
     """``ds[i]`` -> ``(view of image i for the current epoch, label)``, the view replayed from ``(seed, view, i)``.
 
     With ``num_views`` set, epoch ``e`` uses view ``e % num_views``; without, every epoch gets a fresh view ``e``.
-    With ``mix`` (``logitcache.mix.Mix``) active the image is mixed with its partner's view as ``logitcache.mix``
+    With ``mix`` (``logitcache.augment.mix.Mix``) active the image is mixed with its partner's view as ``logitcache.augment.mix``
     replays it, and the label is the mixed one: a float vector ``[num_classes]`` (``F.cross_entropy`` takes it).
-    ``augment`` defaults to ``base.transform``, taken over (``logitcache.augment.dataset_and_augment``). The wrapped
+    ``augment`` defaults to ``base.transform``, taken over (``logitcache.augment.presets.dataset_and_augment``). The wrapped
     dataset's public attributes pass through (``ds.classes``, ``ds.targets``). With ``num_views`` set, serving more
     samples than one epoch holds without a ``set_epoch`` in between warns once: every such pass replays the same view.
     """
@@ -143,7 +144,7 @@ class CachedKDDataset(ReplayDataset):
     read in the background during this one (``prefetch=False`` turns that off), so an epoch does not wait for it.
     Otherwise iterate the dataset with its own ``chunk_sampler()`` (a ``ChunkShuffleSampler``, whose order keeps the
     chunks needed at a time few): the main process then reads each window of chunks once, in order, into a small ring
-    of shared memory the workers serve from (``logitcache.ring``), so each chunk is read once per rank and epoch.
+    of shared memory the workers serve from (``logitcache.read.ring``), so each chunk is read once per rank and epoch.
     Any other order is served one whole chunk at a time from an LRU of ``max_cache_mb`` per worker (a shuffled
     order reads each chunk about once per sample): when a process decodes several times the rows it serves, it warns
     once, with the figure and the fix (``ds.sampler()``).
@@ -186,7 +187,7 @@ class CachedKDDataset(ReplayDataset):
         self.rows_read = torch.zeros(PROCESS_SLOTS, dtype=torch.int64).share_memory_()
         # Publication of shared buffers to the workers (the views here, the ring's windows): tags written under it.
         self._lock = procs.shared_lock()
-        # Whole views in shared memory (logitcache.views) when one fits memory_mb: the epoch's, and when two fit the
+        # Whole views in shared memory (logitcache.read.views) when one fits memory_mb: the epoch's, and when two fit the
         # next epoch's, read in the background meanwhile.
         self._views: SharedViews | None = None
         self._sampler: DistributedSampler | ChunkShuffleSampler | None = None

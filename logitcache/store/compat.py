@@ -17,11 +17,11 @@ from typing import Any, Callable
 
 from torch.utils.data import Dataset
 
-from .datasets import dataset_len
-from .fingerprint import augment_structure, dataset_fingerprint, structure_differences
-from .meta import CacheMeta, DatasetRecord, Inputs
-from .mix import Mix
-from .replay import FINGERPRINT_POINTS, Mismatch, fingerprint_mismatch, replay_fingerprint
+from logitcache.datasets import dataset_len
+from logitcache.store.identity import augment_structure, dataset_fingerprint, structure_differences
+from logitcache.store.meta import CacheMeta, DatasetRecord, Inputs
+from logitcache.augment.mix import Mix
+from logitcache.augment.fingerprint import FINGERPRINT_POINTS, Mismatch, fingerprint_mismatch, replay_fingerprint
 
 SHOWN = 3  # structural differences named in a message; the rest are counted
 

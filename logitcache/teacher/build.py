@@ -4,7 +4,7 @@ Read top to bottom: ``build_cache`` checks its arguments, probes the teacher on 
 store, plans the units still to do and runs the teacher over them. DataLoader workers decode and augment (replayed
 from seeds); the main process runs the teacher; each finished unit (one chunk of one view) is encoded on the teacher's
 device or on a host thread and compressed and written by that thread while the next batches are computed
-(``logitcache.writer``). Batches never straddle a unit, so a unit's bytes do not
+(``logitcache.teacher.writer``). Batches never straddle a unit, so a unit's bytes do not
 depend on which run, resume or rank computed it.
 """
 
@@ -27,21 +27,22 @@ import zarr
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from . import distributed, store
-from .augment import dataset_and_augment
-from .compat import differences, inputs_of
-from .datasets import dataset_len, labels_of
-from .compute import Compute, compiled
-from .config import BuildConfig, resolve_workers
-from .encoding import AUTO, ENCODINGS, Encoding, make_encoding
-from .errors import LogitcacheError
-from .meta import AugmentRecord, CacheMeta, EncodingRecord, TeacherRecord
-from .fingerprint import teacher_sha256, versions
-from .mix import Mix, mixed_view
-from .progress import progress_bar
-from .replay import replay_view
-from .specs import resolve_augment, resolve_dataset, resolve_device, resolve_teacher
-from .writer import UnitWriter, encodes_on_device
+from logitcache import distributed
+from logitcache import store
+from logitcache.augment.presets import dataset_and_augment
+from logitcache.store.compat import differences, inputs_of
+from logitcache.datasets import dataset_len, labels_of
+from logitcache.compute import Compute, compiled
+from logitcache.config import BuildConfig, resolve_workers
+from logitcache.encoding import AUTO, ENCODINGS, Encoding, make_encoding
+from logitcache.errors import LogitcacheError
+from logitcache.store.meta import AugmentRecord, CacheMeta, EncodingRecord, TeacherRecord
+from logitcache.store.identity import teacher_sha256, versions
+from logitcache.augment.mix import Mix, mixed_view
+from logitcache.progress import progress_bar
+from logitcache.augment.seeds import replay_view
+from logitcache.specs import resolve_augment, resolve_dataset, resolve_device, resolve_teacher
+from logitcache.teacher.writer import UnitWriter, encodes_on_device
 
 
 class ReplayedViews(Dataset):
@@ -372,8 +373,8 @@ def build_cache(
     ``encoding`` names a registered encoding (``logitcache.encoding.ENCODINGS``), or ``auto`` (``full`` up to 32
     classes, ``topk8`` with its tail table above: ``logitcache.encoding.auto_encoding``); ``options`` are its options
     (e.g. ``k=10, soft_tail=True`` for ``topk``; ``samples``, ``tau`` for ``sampled``; ``floor`` for ``quantized``), the
-    rest taking their defaults. ``mix`` (``logitcache.mix.Mix``): the teacher labels Mixup/CutMix images, mixed per
-    sample as ``logitcache.mix`` replays them. ``specs`` records how the teacher/dataset/augmentation were named
+    rest taking their defaults. ``mix`` (``logitcache.augment.mix.Mix``): the teacher labels Mixup/CutMix images, mixed per
+    sample as ``logitcache.augment.mix`` replays them. ``specs`` records how the teacher/dataset/augmentation were named
     (CLI specs), so that tools can re-create them. Returns the opened cache. Interrupting it (Ctrl-C, kill) loses at
     most the units in flight: ``resume=True`` finishes the job and the result is bitwise identical to an
     uninterrupted build on the same machine. ``repair=True`` (with ``resume``) first checks every stored chunk and
@@ -391,7 +392,7 @@ def build_cache(
 
     ``precision`` (``auto``: bf16 autocast on a CUDA device that supports it, else fp32), ``channels_last`` and
     ``compile`` say how the teacher runs (``logitcache.compute``); the store records the precision, and a resume
-    needs the same. ``encode_on`` says where the teacher's outputs are encoded (``logitcache.writer``): ``auto``, on
+    needs the same. ``encode_on`` says where the teacher's outputs are encoded (``logitcache.teacher.writer``): ``auto``, on
     an accelerator its device, on a CPU a thread beside the teacher.
     """
     out, specs, workers = str(out), specs or {}, resolve_workers(workers)

@@ -27,9 +27,9 @@ from typing import Any, Callable
 import torch
 from torch.utils.data import get_worker_info
 
-from . import procs
-from .errors import LogitcacheError
-from .sampler import ChunkShuffleSampler
+from logitcache.read import procs
+from logitcache.errors import LogitcacheError
+from logitcache.read.sampler import ChunkShuffleSampler
 
 MAX_WORKERS = 256
 PROCESS_SLOTS = MAX_WORKERS + 1  # per-process counters: the main process, and each DataLoader worker

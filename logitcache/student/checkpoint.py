@@ -18,7 +18,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .errors import LogitcacheError
+from logitcache.errors import LogitcacheError
 
 CHECKPOINT_FILE = "checkpoint.safetensors"
 
