@@ -20,14 +20,31 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from logitcache import TrainConfig, specs  # noqa: E402
-from logitcache.fingerprint import versions  # noqa: E402
+from logitcache.store.identity import versions  # noqa: E402
 
 RESULTS = Path(__file__).parent / "RESULTS.md"  # curated by question, by hand
 RECORDS = Path(__file__).parent / "RECORDS.md"  # every recorded run, appended by record()
 OUT = Path(os.environ.get("LOGITCACHE_BENCH_OUT", "bench-out"))
 console = Console()
 
-torch.set_num_threads(os.cpu_count() or 1)
+# every core, unless OMP_NUM_THREADS says otherwise (as the CLI reads it): the smoke test runs the quick modes with one
+# thread, where two threads on a machine busy with other work wait on each other several times longer than they save
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or 0) or os.cpu_count() or 1)
+
+
+def _memoize_idx_reads() -> None:
+    """Read each Fashion-MNIST IDX file once per process: every `train` and `resolve_dataset` call otherwise
+    decompresses the whole 47 MB training set again (about 0.3 s each, the bulk of a short run's set-up). The arrays
+    are read-only and every reader copies them, so sharing one changes nothing else."""
+    import functools
+
+    from logitcache import datasets
+
+    if not hasattr(datasets._read_idx, "cache_info"):
+        datasets._read_idx = functools.lru_cache(maxsize=8)(datasets._read_idx)
+
+
+_memoize_idx_reads()
 
 
 def fashion_mnist(limit: int | None = None, train: bool = True):
@@ -106,21 +123,28 @@ def record(title: str, body: str, quick: bool) -> None:
     console.print(f"[green]recorded in {RECORDS}[/]; its question's section in {RESULTS.name} cites the latest record")
 
 
-def trained_teacher(limit: int = 10000, epochs: int = 2, model: str = "small-resnet8") -> str:
-    """A real (trained) Fashion-MNIST teacher run directory, trained once and reused by every benchmark."""
+# --quick runs check that a script runs and prints sane figures, in seconds: their teacher, a narrow small-resnet8,
+# trains one epoch on 1,000 images in batches of 32 (about 35% test accuracy: far from chance, so its targets are a
+# teacher's), trained once and shared by every quick run (bench_fidelity, bench_read, bench_processes). Quick runs
+# train without worker processes where the workers are not what the script measures: at a few batches an epoch,
+# starting them costs more than the run.
+QUICK_TEACHER = dict(model="small-resnet8-w8", limit=1000, epochs=1, batch_size=32, test_limit=500, workers=0)
+
+
+def trained_teacher(limit: int = 10000, epochs: int = 2, model: str = "small-resnet8", quick: bool = False) -> str:
+    """A real (trained) Fashion-MNIST teacher run directory, trained once and reused by every benchmark; ``quick``:
+    the small teacher every --quick run shares (`QUICK_TEACHER`), whatever the other arguments."""
     from logitcache import TrainConfig, train
 
-    run_dir = OUT / f"teacher-{model}-{limit}-{epochs}"
+    settings = dict(QUICK_TEACHER) if quick else dict(model=model, limit=limit, epochs=epochs)
+    name = "teacher-quick" if quick else "teacher"
+    run_dir = OUT / f"{name}-{settings['model']}-{settings['limit']}-{settings['epochs']}"
     if (
         not (run_dir / "model.safetensors").is_file()
-        or len((run_dir / "metrics.jsonl").read_text().splitlines()) < epochs
+        or len((run_dir / "metrics.jsonl").read_text().splitlines()) < settings["epochs"]
     ):
         console.print(f"[dim]training the benchmark teacher {run_dir} ...")
-        train(
-            TrainConfig(
-                out=str(run_dir), model=model, epochs=epochs, limit=limit, overwrite=True, progress=False, lr=0.05
-            )
-        )
+        train(TrainConfig(out=str(run_dir), overwrite=True, progress=False, lr=0.05, **settings))
     return str(run_dir)
 
 
@@ -160,7 +184,7 @@ def run_once(cfg, tag: str = ""):
     study continues where it stopped instead of starting over.
     """
     from logitcache import train
-    from logitcache.train import RunResult, load_metrics
+    from logitcache.student.loop import RunResult, load_metrics
 
     key = run_key(dataclasses.asdict(cfg))
     out = OUT / "runs" / (f"{tag}-{key}" if tag else key)
@@ -182,7 +206,7 @@ def cache_for(teacher: str, dataset: str, augment: str, limit: int, views: int, 
     """A full-encoding cache of ``teacher``'s targets at ``out``, reusing a complete one of the same teacher and mixing
     with at least ``views`` views (the benchmarks' runs are keyed by the cache's path)."""
     from logitcache import build_cache
-    from logitcache.mix import Mix
+    from logitcache.augment.mix import Mix
 
     mix = mix or Mix()
     if (out / "zarr.json").is_file():

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 
 from _common import OUT, fashion_mnist, interleaved, median, record, show, timed
 from logitcache import build_cache, specs
-from logitcache.build import ReplayedViews, plan_batches
+from logitcache.teacher.build import ReplayedViews, plan_batches
 from logitcache.compute import Compute
 from logitcache.store import Layout
 
@@ -50,12 +50,13 @@ def main() -> None:
     ap.add_argument(
         "--encode-on", default="auto,device", help="Where the full and topk builds encode (build --encode-on)."
     )
-    ap.add_argument("--quick", action="store_true", help="~1 minute smoke run, not recorded")
+    ap.add_argument("--quick", action="store_true", help="a few seconds' smoke run (every variant, 512 images, one "
+                    "view), not recorded")  # fmt: skip
     args = ap.parse_args()
     precisions = [p for p in args.precisions.split(",") if p]
     sides = [e for e in args.encode_on.split(",") if e]
     if args.quick:
-        args.samples, args.reps = 2048, 1
+        args.samples, args.views, args.reps = 512, 1, 1
 
     ds = fashion_mnist(args.samples)
     tf, _ = specs.resolve_augment("pad-crop-flip", ds)

@@ -24,9 +24,9 @@ from torch.utils.data import DataLoader
 
 from _common import OUT, console, record, run_once, show, target_bytes, trained_teacher
 from logitcache import TrainConfig, build_cache, specs, to_probs, train
-from logitcache.build import ReplayedViews
+from logitcache.teacher.build import ReplayedViews
 from logitcache.errors import LogitcacheError
-from logitcache.train import load_metrics
+from logitcache.student.loop import load_metrics
 
 HERE = Path(__file__).resolve().parent
 PAIRS, PAIRS_AUG = f"{HERE}/bench_data.py:fmnist_pairs", f"{HERE}/bench_data.py:pairs_augment"
@@ -128,7 +128,7 @@ def fidelity(name: str, ds, tf, teacher, configs, out: Path) -> str:
                 row.append("n/a")
                 continue
             p = torch.softmax(logits / t, 1)
-            q = to_probs(targets, t)
+            q = to_probs(targets, t, cache=cache)
             kl = (p * (p.clamp_min(1e-30).log() - q.clamp_min(1e-30).log())).sum(1).mean()
             row.append(f"{kl:.2e}")
         # KD gradient w.r.t. a fresh (uniform) student's logits is q - p: cosine to the exact one (RS-KD's measure)
@@ -136,9 +136,9 @@ def fidelity(name: str, ds, tf, teacher, configs, out: Path) -> str:
             row.append("-")
         else:
             u = torch.full_like(logits, 1 / logits.shape[1])
-            exact, approx = u - torch.softmax(logits / 4.0, 1), u - to_probs(targets, 4.0)
+            exact, approx = u - torch.softmax(logits / 4.0, 1), u - to_probs(targets, 4.0, cache=cache)
             row.append(f"{torch.nn.functional.cosine_similarity(exact, approx, dim=1).mean():.4f}")
-        agree = (to_probs(targets, params.get("tau", 1.0)).argmax(1) == logits.argmax(1)).float().mean()
+        agree = (to_probs(targets, params.get("tau", 1.0), cache=cache).argmax(1) == logits.argmax(1)).float().mean()
         row.append(f"{agree:.4f}")
         table.add_row(*row)
     return show(table)
@@ -157,6 +157,7 @@ def students(
     out: Path,
     test_limit: int | None,
     scratch: bool = False,
+    workers: int | str = "auto",
 ) -> str:
     """Students trained with cached KD from each encoding (T = 4, weight 0.9), and without KD when ``scratch``."""
     ds = specs.resolve_dataset(dataset, limit=limit)
@@ -188,6 +189,7 @@ def students(
             progress=False,
             test_limit=test_limit,
             eval_every=10**6,
+            workers=workers,
             **kd,
         )
         # reused when this exact run finished before (the tag tells caches of other contents at the same path apart)
@@ -271,17 +273,18 @@ def main() -> None:
         help="the students100 part's configs",
     )
     ap.add_argument("--only", default=None, help="targets part: only the configurations of this encoding")
-    ap.add_argument("--quick", action="store_true", help="~1 minute smoke run, not recorded")
+    ap.add_argument("--quick", action="store_true", help="a few seconds' smoke run of every part on 256 images, not "
+                    "recorded")  # fmt: skip
     args = ap.parse_args()
     out = OUT / "fidelity"
     parts = set(args.parts.split(","))
-    if args.quick:
-        args.samples, args.epochs, args.seeds = 1000, 1, 1
+    if args.quick:  # every part and encoding path once, on the quick teacher: a check that the script runs
+        args.samples, args.epochs, args.seeds = 256, 1, 1
         parts.add("students100")
     sections = []
 
     # 10 classes
-    fm_teacher = trained_teacher()
+    fm_teacher = trained_teacher(quick=args.quick)
     ds = specs.resolve_dataset("fashion-mnist", limit=args.samples)
     tf, _ = specs.resolve_augment("pad-crop-flip", ds)
     # --quick: a smoke test of every code path, not of every configuration
@@ -295,7 +298,8 @@ def main() -> None:
         sections.append(fidelity("Fashion-MNIST", ds, tf, specs.resolve_teacher(fm_teacher), configs_10, out / "fm"))
 
     # 100 classes: train a real teacher on the pairs task first
-    pairs_teacher = OUT / f"teacher-pairs-{'quick' if args.quick else 'full'}"
+    pairs_model = "small-resnet8-w8" if args.quick else "small-resnet8"
+    pairs_teacher = OUT / f"teacher-pairs-{'quick-w8' if args.quick else 'full'}"
     if not (pairs_teacher / "model.safetensors").is_file():
         console.print("[dim]training the 100-class pairs teacher ...")
         r = train(
@@ -303,9 +307,11 @@ def main() -> None:
                 out=str(pairs_teacher),
                 dataset=PAIRS,
                 augment=PAIRS_AUG,
-                model="small-resnet8",
+                model=pairs_model,
                 epochs=1 if args.quick else 4,
-                limit=2000 if args.quick else None,
+                limit=512 if args.quick else None,
+                test_limit=256 if args.quick else None,
+                workers=0 if args.quick else "auto",
                 lr=0.05,
                 overwrite=True,
                 progress=False,
@@ -313,7 +319,7 @@ def main() -> None:
         )
         console.print(f"pairs teacher test accuracy: {r.final_accuracy:.4f}")
     teacher_acc = load_metrics(pairs_teacher)[-1]["test_accuracy"]
-    sections.append(f"100-class pairs teacher: small-resnet8, test accuracy {teacher_acc:.4f}")
+    sections.append(f"100-class pairs teacher: {pairs_model}, test accuracy {teacher_acc:.4f}")
     pds = specs.resolve_dataset(PAIRS, limit=args.samples)
     ptf, _ = specs.resolve_augment(PAIRS_AUG, pds)
     if "targets" in parts:
@@ -345,7 +351,8 @@ def main() -> None:
                 args.samples,
                 seeds,
                 out,
-                2000,
+                256 if args.quick else 2000,
+                workers=0 if args.quick else "auto",  # quick: two batches, fewer than worker processes cost
             )
         )
     if "students100" in parts:
@@ -419,11 +426,12 @@ def main() -> None:
                 str(pairs_teacher),
                 configs[:2] if args.quick else configs,
                 1 if args.quick else args.epochs_100,
-                1000 if args.quick else args.samples_100,
+                args.samples if args.quick else args.samples_100,
                 list(range(1, args.seeds + 1)),
                 out / "students100",
-                2000 if args.quick else None,
+                256 if args.quick else None,
                 scratch=True,
+                workers=0 if args.quick else "auto",
             )
         )
     title = "Fidelity of encodings" + ("" if parts & {"students", "students100"} else ", targets only")

@@ -134,10 +134,10 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--reps", type=int, default=5, help="epochs per arm (medians)")
     ap.add_argument("--batches", type=int, default=200, help="batches of the per-batch cost (c)")
-    ap.add_argument("--quick", action="store_true", help="a few seconds' smoke run (4,096 samples), not recorded")
+    ap.add_argument("--quick", action="store_true", help="a few seconds' smoke run (2,048 samples), not recorded")
     args = ap.parse_args()
     if args.quick:
-        args.samples, args.reps, args.batches = 4096, 2, 12
+        args.samples, args.reps, args.batches = 2048, 1, 8
 
     cache = built(args, OUT / "loader-bytes")
     load_start = os.getloadavg()[0]

@@ -30,6 +30,7 @@ from rich.table import Table
 from _common import OUT, console, record, show, trained_teacher
 
 LAYOUTS = ("torchrun", "fork", "spawn", "forkserver")
+QUICK_LAYOUTS = ("torchrun", "fork")  # the two kinds: ranks (each with its workers), one process with its workers
 
 
 def _cache(teacher: str, limit: int) -> Path:
@@ -45,9 +46,9 @@ def _cache(teacher: str, limit: int) -> Path:
     return out
 
 
-def _command(layout: str, cache: Path, run: Path, limit: int, epochs: int, ring: bool) -> list[str]:
+def _command(layout: str, cache: Path, run: Path, limit: int, epochs: int, ring: bool, test_limit: int) -> list[str]:
     train = ["train", "--kd", "cached", "--cache", str(cache), "--out", str(run), "--overwrite", "--limit",
-             str(limit), "--test-limit", "500", "--model", "small-resnet8-w4", "--epochs", str(epochs),
+             str(limit), "--test-limit", str(test_limit), "--model", "small-resnet8-w4", "--epochs", str(epochs),
              "--batch-size", "128", "--workers", "2", "-q"]  # fmt: skip
     if ring:  # the view over the memory budget: 8 windows of one chunk through a ring of 3
         train += ["--target-memory-mb", "0", "--shuffle-window", "1"]
@@ -115,18 +116,21 @@ def _once(cmd: list[str], env: dict, timeout: float, stacks_to: Path, cwd: str |
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=50, help="Trainings per layout.")
-    ap.add_argument("--layouts", default=",".join(LAYOUTS), help="Comma-separated subset of " + ", ".join(LAYOUTS))
+    ap.add_argument("--layouts", help="Comma-separated subset of " + ", ".join(LAYOUTS) + " (default: all; --quick: "
+                    + ",".join(QUICK_LAYOUTS) + ")")  # fmt: skip
     ap.add_argument("--limit", type=int, default=512, help="Fashion-MNIST samples per training.")
     ap.add_argument("--epochs", type=int, default=1, help="Epochs per training (workers start once per loader).")
     ap.add_argument("--timeout", type=float, default=120.0, help="Seconds before a run counts as hung.")
     ap.add_argument("--code", help="Run another checkout's logitcache (its root: the runs start there, so that "
                     "`python -m logitcache` imports it, and it is put first on PYTHONPATH).")  # fmt: skip
-    ap.add_argument("--quick", action="store_true", help="2 runs of each layout on 512 samples, not recorded.")
+    ap.add_argument("--test-limit", type=int, default=500, help="Test samples each training evaluates.")
+    ap.add_argument("--quick", action="store_true", help="One run of each kind of layout (torchrun ranks through the "
+                    "ring; one process with forked workers, the next view prefetched) on 512 samples, not recorded.")
     args = ap.parse_args()
-    if args.quick:
-        args.runs, args.limit, args.epochs = 2, 512, 1
-    layouts = [x for x in args.layouts.split(",") if x]
-    teacher = trained_teacher(limit=2000, epochs=1, model="small-resnet8-w4")
+    if args.quick:  # a check that each kind of layout trains and exits, not a stress run (the recorded benchmark is)
+        args.runs, args.limit, args.epochs, args.test_limit = 1, 512, 1, 128
+    layouts = [x for x in (args.layouts or ",".join(QUICK_LAYOUTS if args.quick else LAYOUTS)).split(",") if x]
+    teacher = trained_teacher(limit=2000, epochs=1, model="small-resnet8-w4", quick=args.quick)
     cache = _cache(teacher, args.limit).resolve()  # absolute: with --code the runs start in another folder
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # 2 ranks x (1 + 2 workers) processes share the cores
     if args.code:
@@ -136,13 +140,16 @@ def main() -> None:
     counts = {layout: {"ok": 0, "failed": 0, "hung": 0, "seconds": []} for layout in layouts}
     with open(log_dir / "runs.jsonl", "a") as log:
         for i in range(args.runs):  # layouts interleaved, so drift on the machine hits all alike
-            for layout in layouts:
-                cmd = _command(layout, cache, log_dir / f"run-{layout}", args.limit, args.epochs, ring=i % 2 == 1)
+            for k, layout in enumerate(layouts):
+                # half the runs through the ring: by run, so each layout takes both paths; quick (one run each): by
+                # layout, the first through the ring (torchrun's ring runs met the hangs this benchmark found)
+                ring = (i + k + 1 if args.quick else i) % 2 == 1
+                cmd = _command(layout, cache, log_dir / f"run-{layout}", args.limit, args.epochs, ring, args.test_limit)
                 outcome, seconds, err = _once(cmd, env, args.timeout, log_dir / f"hung-{layout}-{i}.txt", args.code)
                 c = counts[layout]
                 c[outcome] += 1
                 c["seconds"].append(seconds)
-                log.write(json.dumps({"layout": layout, "run": i, "ring": i % 2 == 1, "outcome": outcome,
+                log.write(json.dumps({"layout": layout, "run": i, "ring": ring, "outcome": outcome,
                                       "seconds": round(seconds, 1),
                                       "code": args.code, "stderr": err if outcome != "ok" else ""}) + "\n")  # fmt: skip
                 log.flush()
@@ -150,9 +157,10 @@ def main() -> None:
                     console.print(f"[red]{layout} run {i}: {outcome}[/] {err.strip().splitlines()[-1:] or ''}")
             console.print(f"[dim]round {i + 1}/{args.runs}: " + ", ".join(
                 f"{k} {v['ok']} ok {v['failed']} failed {v['hung']} hung" for k, v in counts.items()))  # fmt: skip
+    paths = ("layouts alternately with the next view prefetched and through the ring" if args.quick
+             else "half with the next view prefetched, half through the ring")  # fmt: skip
     table = Table(title=f"{args.runs} cached-KD trainings per layout ({args.limit} Fashion-MNIST samples, "
-                  f"{args.epochs} epoch(s); half with the next view prefetched, half through the ring; hung = no exit "
-                  f"within {args.timeout:g} s)")  # fmt: skip
+                  f"{args.epochs} epoch(s); {paths}; hung = no exit within {args.timeout:g} s)")  # fmt: skip
     for col in ("layout", "runs", "ok", "failed", "hung", "median s"):
         table.add_column(col, justify="right")
     for layout, c in counts.items():

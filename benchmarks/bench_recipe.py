@@ -25,9 +25,9 @@ from rich.table import Table
 
 from _common import OUT, cache_for, console, record, run_once, show
 from logitcache import TrainConfig
-from logitcache.budgets import Arm
-from logitcache.mix import Mix
-from logitcache.train import RunResult
+from logitcache.student.budgets import Arm
+from logitcache.augment.mix import Mix
+from logitcache.student.loop import RunResult
 
 
 def main() -> None:
@@ -44,17 +44,19 @@ def main() -> None:
     )
     ap.add_argument("--checks", default="subset,deeper,noaug", help="stage 3's configurations (subset,deeper,noaug)")
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--quick", action="store_true", help="~2 minute smoke run, not recorded")
+    ap.add_argument("--quick", action="store_true", help="a few seconds' smoke run of every stage, not recorded")
     args = ap.parse_args()
-    if args.quick:
-        args.samples, args.epochs, args.seeds, args.model = 500, 2, 1, "small-resnet8-w8"
+    if args.quick:  # every stage once, on 256 images, with the fewest runs that take its code: not a study
+        args.samples, args.epochs, args.seeds, args.model = 256, 2, 1, "small-resnet8-w8"
+        args.mix_budgets = "0.5"  # stage 4 at the arms' budget alone (its time-to-target table still printed)
+        args.workers = 0  # a few batches an epoch: starting worker processes would cost more than the runs
     budget_epochs = max(1, round(args.budget * args.epochs))
     out = OUT / "recipe"
     seeds = list(range(1, args.seeds + 1))
     # Only final accuracies matter here: evaluate at the end of each run (evaluation costs more than a short epoch).
     base = dict(dataset="fashion-mnist", lr=args.lr, workers=args.workers, progress=False, eval_every=10**6)
-    if args.quick:
-        base["test_limit"] = 1000
+    if args.quick:  # batches of 32: 8 steps an epoch, so that the runs move off chance
+        base.update(test_limit=256, batch_size=32)
 
     def config_of(model: str, limit: int, augment: str) -> dict:
         return dict(base, model=model, limit=limit, augment=augment)
@@ -127,8 +129,8 @@ def main() -> None:
         recipes[f"T={t:g} w={w:g} until={until:g}"] = dict(
             kd="cached", cache=cache1, temperature=t, kd_weight=w, kd_until=until
         )
-    if args.quick:  # a smoke run: two recipes are enough to exercise every stage
-        recipes = {k: recipes[k] for k in ("scratch", "T=1 w=0.5 until=1", "T=4 w=0.9 until=0.5")}
+    if args.quick:  # a smoke run: two recipes are enough to exercise every stage (stage 4 reuses the first one's run)
+        recipes = {k: recipes[k] for k in ("scratch", "T=2 w=0.5 until=1", "T=4 w=0.9 until=0.5")}
     best_name, best = None, {}
     if stages & {"screen", "teachers", "checks"}:
         text, finals = arms_table(f"screen: {head}", main_conf, "screen", recipes, target)
@@ -185,7 +187,7 @@ def main() -> None:
             )
             text, by_budget[epochs] = arms_table(title, main_conf, "mixing", arms, target, epochs)
             texts.append(text)
-        if len(budgets) > 1:
+        if len(budgets) > 1 or args.quick:
             texts.append(time_to_target(arms, by_budget, target))
         record("Recipe study, stage 4: Mixup/CutMix, accuracy and time to target (bench_recipe.py)", "\n".join(texts),
                args.quick)  # fmt: skip
@@ -212,6 +214,8 @@ def main() -> None:
                 "best, KD for the first half only": dict(best, cache=c, kd_until=0.5),
                 "old default: T=4 w=0.9 until=1": dict(old_default, cache=c),
             }
+            if args.quick:  # scratch and the best recipe: the other two arms only change settings
+                arms = dict(list(arms.items())[:2])
             title = (
                 f"check on {label}: {conf['model']}, {conf['limit']} images, augment {conf['augment']}; "
                 f"{budget_epochs}/{args.epochs} epochs; target = its run 1 {t_run.final_accuracy:.4f}"

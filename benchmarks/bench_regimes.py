@@ -6,8 +6,8 @@ Each regime is "[pairs:]IMAGESxEPOCHS:BUDGETS" on real Fashion-MNIST (10 classes
 small-resnet8-w8, lr 0.05, as in bench_sequence.py: run 1 (seed 0) trains the full budget and is the teacher; one
 full-encoding cache of its targets; then, per seed, run 2 from scratch at the full budget and at the budgets, and with
 cached KD (each of --recipes, T/weight/until) at the budgets: complete schedules, the methodology of
-`logitcache.budgets`. The speedup to a target is the full budget over the smallest budget whose mean final accuracy
-reaches it.
+`logitcache.student.budgets`. The speedup to a target is the full budget over the smallest budget whose mean final
+accuracy reaches it.
 
   - a 3x longer schedule (10,000 images, 24 epochs): nearer convergence, where the literature measures its speedups;
   - half the images (5,000, 8 epochs): where the recipe study saw the largest gain at half the budget;
@@ -26,7 +26,7 @@ from rich.table import Table
 
 from _common import OUT, cache_for, console, record, run_once, show
 from logitcache import TrainConfig
-from logitcache.budgets import Arm, budget_epochs
+from logitcache.student.budgets import Arm, budget_epochs
 
 
 HERE = Path(__file__).resolve().parent
@@ -57,8 +57,8 @@ def study(
 ) -> str:
     dataset, augment, run1_tag, cache_name, title = DATASETS[data]
     common = dict(
-        dataset=dataset, augment=augment, model="small-resnet8-w8", limit=images, workers=2,
-        progress=False, eval_every=10**6, test_limit=1000 if quick else None,
+        dataset=dataset, augment=augment, model="small-resnet8-w8", limit=images, workers=0 if quick else 2,
+        progress=False, eval_every=10**6, test_limit=256 if quick else None,
     )  # fmt: skip
     console.print(f"[bold]{title}, {images} images, {epochs} epochs: run 1 (the teacher)")
     run1 = run_once(TrainConfig(out="", seed=0, epochs=epochs, lr=0.05, **common), tag=run1_tag)
@@ -112,10 +112,10 @@ def main() -> None:
     )
     ap.add_argument("--recipes", default="2/0.5/1", help="cached KD arms, each T/weight/until, comma-separated")
     ap.add_argument("--seeds", type=int, default=2)
-    ap.add_argument("--quick", action="store_true", help="~1 minute smoke run, not recorded")
+    ap.add_argument("--quick", action="store_true", help="a few seconds' smoke run (one small regime), not recorded")
     args = ap.parse_args()
     if args.quick:
-        args.regimes, args.seeds = "pairs:500x2:0.5", 1
+        args.regimes, args.seeds = "pairs:256x2:0.5", 1
     seeds = list(range(1, args.seeds + 1))
     for text in args.regimes.split():
         data, images, epochs, budgets = regime(text)

@@ -41,8 +41,8 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from _common import OUT, console, record, show
 from logitcache import CachedKDDataset, ReplayDataset, build_cache, open_cache
-from logitcache.data import TargetRow
-from logitcache.sampler import ChunkShuffleSampler
+from logitcache.read.dataset import TargetRow
+from logitcache.read.sampler import ChunkShuffleSampler
 
 
 class TinyImages(Dataset):
@@ -240,6 +240,16 @@ def s3_child(args) -> None:
     print(json.dumps({"rate": r["rate"], "rows_read": int(kd.rows_read.sum()), "served": r["served"]}))
 
 
+def s3_build_here(env: dict, args) -> None:
+    """``s3_child``'s build in this process: the server's address and keys put into its fsspec settings and
+    environment, as a child's ``env`` would give them."""
+    import fsspec.config
+
+    os.environ.update({k: v for k, v in env.items() if k.startswith(("AWS_", "FSSPEC_S3_"))})
+    fsspec.config.conf.setdefault("s3", {})["endpoint_url"] = env["FSSPEC_S3_ENDPOINT_URL"]
+    s3_child(args)
+
+
 def s3_requests(args) -> str:
     """GET requests and bytes per epoch per read path, against moto in server mode on loopback."""
     with socket.socket() as s:
@@ -268,8 +278,14 @@ def s3_requests(args) -> str:
         for col in ("store layout", "objects", "MiB", "path", "GET requests / epoch", "read ampl.", "rate /s"):
             table.add_column(col, justify="right")
         plain = "1024"
-        for layout in (plain, *args.s3_layouts):
-            subprocess.run(base + ["--s3-child", "build", "--s3-layout", layout], env=env, check=True)
+        # quick: every child imports torch, so one read only, the sharded layout's shared view (the LRU paths' reads
+        # are the paths part's, on disk), of a store built here: this process forks no loader workers after it
+        for layout in args.s3_layouts if args.quick else (plain, *args.s3_layouts):
+            if args.quick:
+                s3_build_here(env, argparse.Namespace(s3_child="build", s3_layout=layout, samples=args.samples,
+                                                      classes=args.classes))  # fmt: skip
+            else:
+                subprocess.run(base + ["--s3-child", "build", "--s3-layout", layout], env=env, check=True)
             prefix = f"scale-{layout.replace('/', '-')}/"
             objects = client.list_objects_v2(Bucket=S3_BUCKET, Prefix=prefix, MaxKeys=100_000)
             count, stored = objects.get("KeyCount", 0), sum(o["Size"] for o in objects.get("Contents", []))
@@ -380,9 +396,9 @@ def main() -> None:
     args = ap.parse_args()
     if args.s3_child:
         return s3_child(args)
-    if args.quick:
-        args.samples, args.classes, args.batches, args.variants = 20_000, 100, 10, "topk:1,full:2"
-        args.s3_samples, args.prefetch_variants, args.epochs, args.reps = 5_000, "full:2", 2, 1
+    if args.quick:  # every part and path once, small: a check that the script runs and reads what each path promises
+        args.samples, args.classes, args.batches, args.variants = 4096, 100, 10, "topk:1,full:2"
+        args.s3_samples, args.prefetch_variants, args.epochs, args.reps = 4096, "full:2", 2, 1
         args.s3_layouts = ["2048/1024"]
     out = OUT / "scale"
     if "paths" in args.parts:
@@ -401,7 +417,8 @@ def main() -> None:
     except ImportError:
         console.print("object store: not measured (moto is not installed)")
         return
-    text = s3_requests(argparse.Namespace(samples=args.s3_samples, classes=args.classes, s3_layouts=args.s3_layouts))
+    text = s3_requests(argparse.Namespace(samples=args.s3_samples, classes=args.classes, s3_layouts=args.s3_layouts,
+                                          quick=args.quick))  # fmt: skip
     record("Read path at scale: object store requests, synthetic (bench_scale.py)", text, args.quick)
 
 

@@ -1,7 +1,7 @@
 """Benchmark 4, the sequence of runs (the product's claim), on real Fashion-MNIST, measured as the literature does.
 
 Every arm trains *complete* schedules (warm-up + cosine) at reduced budgets; its time to accuracy is the smallest
-budget whose final accuracy, averaged over seeds, reaches the target (`logitcache.budgets`).
+budget whose final accuracy, averaged over seeds, reaches the target (`logitcache.student.budgets`).
 
 Part A, the budget curve: run 1 (seed 0, full budget, the teacher); run 2 from scratch at several budgets; run 2 with
 cached KD (the library's default recipe: KD for the first half of the steps, as KD early in training works best,
@@ -27,8 +27,8 @@ from rich.table import Table
 
 from _common import OUT, console, record, run_once, show
 from logitcache import BuildConfig, TrainConfig, build_cache, specs
-from logitcache.budgets import Arm, budget_epochs, plot_budgets
-from logitcache.sequence import Sequence
+from logitcache.student.budgets import Arm, budget_epochs, plot_budgets
+from logitcache.sequence.runs import Sequence
 
 
 def floats(text: str) -> list[float]:
@@ -56,10 +56,11 @@ def main() -> None:
     ap.add_argument("--best-teacher", action="store_true", help="part C: each member's teacher is the best run so far")
     ap.add_argument("--eval-every", type=int, default=10**6, help="default: only the final accuracy")
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--quick", action="store_true", help="~2 minute smoke run, not recorded")
+    ap.add_argument("--quick", action="store_true", help="a few seconds' smoke run of every part, not recorded")
     args = ap.parse_args()
-    if args.quick:
-        args.samples, args.epochs, args.seeds, args.model = 500, 4, 1, "small-resnet8-w8"
+    if args.quick:  # every part once on 256 images: a check that the script runs, not a measurement
+        args.samples, args.epochs, args.seeds, args.model = 256, 4, 1, "small-resnet8-w8"
+        args.workers = 0  # a few batches an epoch: starting worker processes would cost more than the runs
         args.scratch_budgets, args.kd_budgets, args.throughout_budgets, args.sweep_lrs = [1.0], [0.5], [], [0.1]
         args.best_teacher = True
     seeds = list(range(1, args.seeds + 1))
@@ -71,7 +72,9 @@ def main() -> None:
         workers=args.workers,
         progress=False,
         eval_every=args.eval_every,
-        test_limit=1000 if args.quick else None,
+        test_limit=256 if args.quick else None,
+        # quick: batches of 32, so that 256 images x 4 epochs are 32 steps, enough to learn (about 35% accuracy)
+        **(dict(batch_size=32) if args.quick else {}),
     )
 
     def trained(arm: Arm, fraction: float, seed: int, lr: float, **kw):
@@ -200,7 +203,8 @@ def main() -> None:
 
 def best_teacher_sweep(args, seeds, run1, run1_cache, kd_epochs, trained) -> list[str]:
     """Part C: per seed, the sweep's members in order, each distilled from the best finished run so far: a
-    ``logitcache.sequence.Sequence`` (policy ``best``) names the teacher and builds each new teacher's cache once."""
+    ``logitcache.sequence.runs.Sequence`` (policy ``best``) names the teacher and builds each new teacher's cache
+    once."""
     table = Table(title=f"C. the sweep in order, each member distilled from the best run so far, {kd_epochs} epochs")
     cols = (
         "lr",
