@@ -141,3 +141,13 @@ def test_cli_build_records_the_mixing(tmp_path):
     assert lc.open_cache(out).meta.to_json()["mix"] == {
         "mode": "mixup", "alpha": 0.4, "cutmix_alpha": 1.0, "prob": 0.5, "switch_prob": 0.5,
     }  # fmt: skip
+
+
+def test_only_the_alphas_a_mode_draws_from_are_checked_and_the_error_names_the_field_and_its_flag():
+    from logitcache.augment.mix import Mix
+
+    assert Mix("cutmix", alpha=0).cutmix_alpha == 1.0 and not Mix("none", alpha=0).active
+    with pytest.raises(LogitcacheError, match=r"Mix alpha \(--mix-alpha\) must be > 0 for mode mixup, got 0"):
+        Mix("mixup", alpha=0)
+    with pytest.raises(LogitcacheError, match=r"Mix cutmix_alpha \(--cutmix-alpha\)"):
+        Mix("both", cutmix_alpha=-1)

@@ -40,11 +40,18 @@ class Mix:
 
     def __post_init__(self) -> None:
         if self.mode not in MIX_MODES:
-            raise LogitcacheError(f"--mix must be one of {', '.join(MIX_MODES)}, got {self.mode!r}")
-        if self.alpha <= 0 or self.cutmix_alpha <= 0:
-            raise LogitcacheError("--mix-alpha and --cutmix-alpha must be > 0")
-        if not (0 <= self.prob <= 1 and 0 <= self.switch_prob <= 1):
-            raise LogitcacheError("--mix-prob and --switch-prob must be in [0, 1]")
+            raise LogitcacheError(f"Mix mode (--mix) must be one of {', '.join(MIX_MODES)}, got {self.mode!r}")
+        # only the alphas the mode draws from must be valid: Mix("cutmix", alpha=0) leaves mixup's unused
+        used = {"mixup": ("alpha",), "cutmix": ("cutmix_alpha",), "both": ("alpha", "cutmix_alpha")}.get(self.mode, ())
+        flags = {"alpha": "--mix-alpha", "cutmix_alpha": "--cutmix-alpha"}
+        for name in used:
+            if getattr(self, name) <= 0:
+                raise LogitcacheError(
+                    f"Mix {name} ({flags[name]}) must be > 0 for mode {self.mode}, got {getattr(self, name):g}"
+                )
+        for name, flag in (("prob", "--mix-prob"), ("switch_prob", "--switch-prob")):
+            if not 0 <= getattr(self, name) <= 1:
+                raise LogitcacheError(f"Mix {name} ({flag}) must be in [0, 1], got {getattr(self, name):g}")
 
     @property
     def active(self) -> bool:
