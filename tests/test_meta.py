@@ -36,7 +36,7 @@ def test_the_format_documents_exactly_the_records_keys():
 @pytest.mark.parametrize("build", [dict(encoding="topk8", k=4), dict(encoding="full", mix="cutmix", inner=8)])
 def test_a_builds_attribute_reads_back_to_the_same_json_and_digest(tmp_path, build):
     tiny = helpers.tiny_dataset()
-    mix = lc.mix.Mix(build.pop("mix")) if "mix" in build else None
+    mix = lc.Mix(build.pop("mix")) if "mix" in build else None
     inner = build.pop("inner", None)
     out = tmp_path / "c"
     lc.build_cache(helpers.tiny_teacher(), tiny, out, augment=helpers.heavy_augment(), views=2, chunk_rows=32,
@@ -46,7 +46,7 @@ def test_a_builds_attribute_reads_back_to_the_same_json_and_digest(tmp_path, bui
     assert meta.attribute() == stored  # every key, the digest included
     assert lc.open_cache(out).meta == meta
     assert (meta.table is not None) == (build["encoding"] == "topk8")
-    assert meta.inner_chunk_rows == inner and meta.mix == (mix or lc.mix.Mix())
+    assert meta.inner_chunk_rows == inner and meta.mix == (mix or lc.Mix())
     assert ("mix" in stored) == (mix is not None) and ("inner_chunk_rows" in stored) == (inner is not None)
 
 

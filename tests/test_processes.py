@@ -19,7 +19,8 @@ from torch.utils.data import DataLoader
 
 import logitcache as lc
 from conftest import HELPERS
-from logitcache import procs, specs
+from logitcache import specs
+from logitcache.read import procs
 from logitcache.errors import LogitcacheError
 from logitcache.read.views import SharedViews
 
@@ -264,7 +265,7 @@ def test_two_loaders_over_one_dataset_fail_clearly(built_cache, tiny):
 
 
 def test_too_many_workers_is_a_clear_error(monkeypatch):
-    from logitcache import ring
+    from logitcache.read import ring
 
     monkeypatch.setattr(ring, "get_worker_info", lambda: type("Info", (), {"id": ring.MAX_WORKERS})())
     with pytest.raises(LogitcacheError, match=f"at most {ring.MAX_WORKERS} workers"):
@@ -272,7 +273,7 @@ def test_too_many_workers_is_a_clear_error(monkeypatch):
 
 
 def test_a_worker_waiting_on_the_ring_stops_when_its_parent_is_gone(built_cache, tiny, monkeypatch):
-    from logitcache import ring as ring_mod
+    from logitcache.read import ring as ring_mod
 
     ds = lc.CachedKDDataset(tiny, built_cache, memory_mb=0)
     ds.chunk_sampler(window=1)

@@ -6,7 +6,8 @@ from torch.utils.data import DataLoader, RandomSampler
 
 import helpers
 from logitcache.teacher.build import ReplayedViews
-from logitcache.augment.fingerprint import fingerprint_mismatch, replay_fingerprint, replay_view, sample_seed
+from logitcache.augment.fingerprint import fingerprint_mismatch, replay_fingerprint
+from logitcache.augment.seeds import replay_view, sample_seed
 
 
 def _load(ds, workers, shuffle):

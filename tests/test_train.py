@@ -319,7 +319,7 @@ def test_eval_every_scores_every_nth_epoch_and_the_last(tmp_path, monkeypatch):
     assert run.final_accuracy == accs[2]
     # the progress line of each epoch shows the latest test accuracy (none before the first evaluation)
     assert labels[0] == "epoch 1/3" and labels[1] == "epoch 2/3"
-    assert labels[2] == f"epoch 3/3 | test acc {accs[1]:.4f}"
+    assert labels[2] == f"epoch 3/3 acc {accs[1]:.4f}"
     r = CliRunner().invoke(app, ["train", "--out", str(tmp_path / "r"), "--resume", "--eval-every", "0"])
     assert r.exit_code == 2
 
