@@ -364,3 +364,42 @@ def test_the_evaluation_loaders_workers_start_at_setup_before_any_thread(tmp_pat
         assert set(started) <= {"QueueFeederThread"}  # the loader's own queue feeder only: no logitcache thread yet
     finally:
         run.test_loader._iterator._shutdown_workers()
+
+
+def test_deterministic_holds_for_the_run_and_the_process_setting_comes_back(tmp_path, monkeypatch):
+    """--deterministic turns on deterministic algorithms for the run (seen from inside a step) and train() restores
+    the caller's setting, so a library call leaves no global state behind."""
+    module = __import__("sys").modules["logitcache.student.loop"]
+    seen = []
+    real = module.step_loss
+
+    def spy(run, batch, step):
+        seen.append(torch.are_deterministic_algorithms_enabled())
+        return real(run, batch, step)
+
+    monkeypatch.setattr(module, "step_loss", spy)
+    before = torch.are_deterministic_algorithms_enabled()
+    lc.train(lc.TrainConfig(out=str(tmp_path / "r"), **{**COMMON, "epochs": 1}, limit=64, deterministic=True))
+    assert seen and all(seen) and torch.are_deterministic_algorithms_enabled() == before
+
+
+def test_a_training_graph_that_fails_to_compile_falls_back_at_the_first_step(tmp_path, monkeypatch):
+    """The compile check at setup passes (evaluation mode); the training graph then fails at its first step (as a
+    backward that cannot compile would): the run goes on uncompiled with one warning."""
+    module = __import__("sys").modules["logitcache.student.loop"]
+
+    class FailsInTraining(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self._orig_mod = inner
+
+        def forward(self, x):
+            if self.training:
+                raise RuntimeError("BackendCompilerFailed: cannot compile the backward graph")
+            return self._orig_mod(x)
+
+    monkeypatch.setattr(module, "compiled", lambda model, check: FailsInTraining(model))
+    cfg = lc.TrainConfig(out=str(tmp_path / "r"), **{**COMMON, "epochs": 1}, limit=64, compile=True)
+    with pytest.warns(UserWarning, match="the training step cannot compile .*BackendCompilerFailed"):
+        result = lc.train(cfg)
+    assert result.metrics[-1]["train_loss"] > 0

@@ -223,7 +223,17 @@ class _Run:
 
 
 def train(cfg: TrainConfig) -> RunResult:
-    """Train one run as configured and write its run directory; returns the metrics and the target-accuracy time."""
+    """Train one run as configured and write its run directory; returns the metrics and the target-accuracy time.
+    ``deterministic`` holds for this call: the process's own setting is restored when it returns."""
+    deterministic = torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark
+    try:
+        return _train(cfg)
+    finally:
+        torch.use_deterministic_algorithms(deterministic[0])
+        torch.backends.cudnn.benchmark = deterministic[1]
+
+
+def _train(cfg: TrainConfig) -> RunResult:
     _validate(cfg)
     cfg = _with_recorded_data(cfg)
     run = _setup(cfg)
