@@ -1,5 +1,6 @@
 """MkDocs hooks: the CLI reference page is generated from the Typer app, so it always says what the command does;
-the benchmark results (benchmarks/RESULTS.md, its records and figures) are pages of the site without a copy in docs/."""
+the benchmark results (benchmarks/RESULTS.md, its records and figures) are pages of the site without a copy in docs/,
+and the pages' links to them (../benchmarks/RESULTS.md, which resolve outside the site too) point at those pages."""
 
 from __future__ import annotations
 
@@ -50,6 +51,10 @@ def _reference() -> str:
 
 
 def on_page_markdown(markdown: str, page, config, files) -> str:
+    # The pages link to ../benchmarks/RESULTS.md (and its records and figures), which resolves where the files are
+    # read as they are (a code host, an editor); on the site those are pages of their own (on_files).
+    for uri, name in BENCHMARK_FILES.items():
+        markdown = markdown.replace(f"](../benchmarks/{name}", f"]({uri}")
     return markdown.replace(MARK, _reference()) if MARK in markdown else markdown
 
 
