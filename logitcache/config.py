@@ -99,7 +99,9 @@ class BuildConfig:
         "Weights: a .safetensors file, or a training script's checkpoint (a state dict under model / state_dict / "
         "model_ema ..., DDP's module. and Lightning's model. prefixes taken off; loaded without running pickle code).",
     )
-    teacher_key: str | None = option(None, "Key of the weights in a checkpoint holding several (model, model_ema, ...).")
+    teacher_key: str | None = option(
+        None, "Key of the weights in a checkpoint holding several (model, model_ema, ...)."
+    )
     num_classes: int | None = option(None, "Classes of a torchvision or timm teacher named by its model name.", low=1)
     batch_size: int = option(256, "Teacher batch size (part of the cache identity: resume needs the same).", low=1)
     chunk_rows: int = option(1024, "Samples per unit: one object per field, the unit of work, resume and reads.", low=1)

@@ -145,9 +145,10 @@ def test_the_training_step_up_to_backward_on_a_fake_gpu(stores, encoding):
         with torch.device(CUDA):
             model = specs.build_model("small-resnet8-w8", 100, in_channels=1)
             teacher = specs.build_model("small-resnet8-w8", 100, in_channels=1) if encoding == "online" else None
-        ds.cache.decode_table(torch.device("cuda", 0))  # the table goes to the device once, at the first step (outside the steady state)
+        ds.cache.decode_table(torch.device("cuda", 0))  # the table goes to the device once, at the first step
         images, labels, targets = batch  # fake CPU tensors, as pinned batches arrive from a loader
-        batch = (mode.from_tensor(images), mode.from_tensor(labels), {k: mode.from_tensor(v) for k, v in targets.items()})
+        fake = mode.from_tensor
+        batch = (fake(images), fake(labels), {k: fake(v) for k, v in targets.items()})
     cuda_present = mock.patch("torch.cuda.is_available", return_value=True)
     with ds, cuda_present, mock.patch("torch.cuda.is_bf16_supported", return_value=True), mode:
         for precision in ("fp32", "bf16", "fp16"):

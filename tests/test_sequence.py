@@ -283,7 +283,8 @@ def test_sweep_refuses_an_object_store_folder_in_one_line():
 
     result = CliRunner().invoke(app, ["sweep", "--out", "s3://bucket/sweep", "--grid", "lr=0.1,0.2"])
     assert result.exit_code != 0 and "Traceback" not in result.output
-    assert "for a sequence in an object store, call logitcache.sequence.runs.Sequence" in " ".join(result.output.split())
+    flat = " ".join(result.output.split())
+    assert "for a sequence in an object store, call logitcache.sequence.runs.Sequence" in flat
 
 
 def test_a_sequence_recorded_as_lines_is_adopted_in_its_order(tmp_path):

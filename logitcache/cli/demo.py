@@ -1,12 +1,12 @@
 """The sequence-of-runs demo on real Fashion-MNIST (the README's main command).
 
 Run 1 trains from scratch and becomes the teacher; one ``build`` caches its soft targets. The next run of the sweep
-is then trained at half the budget (a complete schedule, ``logitcache.student.budgets``) from scratch and with cached KD,
-for several seeds, each seed paired across the two arms (the same initial weights and data order), so the lift is
-measured on paired differences and stated with its spread: a 95% interval from the seeds. Online KD for two of the
-seeds shows the same result with a teacher forward pass per step. KD uses the library's defaults (``TrainConfig``).
-The accuracies move with the machine (another CPU's float rounding is another training run); the teacher passes,
-the build's cost and the comparison's method do not.
+is then trained at half the budget (a complete schedule, ``logitcache.student.budgets``) from scratch and with
+cached KD, for several seeds, each seed paired across the two arms (the same initial weights and data order), so the
+lift is measured on paired differences and stated with its spread: a 95% interval from the seeds. Online KD for two of
+the seeds shows the same result with a teacher forward pass per step. KD uses the library's defaults (``TrainConfig``).
+The accuracies move with the machine (another CPU's float rounding is another training run); the teacher passes, the
+build's cost and the comparison's method do not.
 """
 
 from __future__ import annotations

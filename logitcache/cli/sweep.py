@@ -1,4 +1,5 @@
-"""``logitcache sweep``: a grid of training settings run one after another through a ``logitcache.sequence.runs.Sequence``.
+"""``logitcache sweep``: a grid of training settings run one after another through a
+``logitcache.sequence.runs.Sequence``.
 
 Each member trains (and each teacher's cache builds) in a child process, so the live table here runs no thread next to
 the DataLoader workers; the table is redrawn from the children's own records (metrics.jsonl, the store's completion).

@@ -6,7 +6,8 @@ sample) and such a dict, as a collated batch, back into teacher log-probabilitie
 """
 
 from logitcache.encoding.base import MIN_TAIL, Encoding, Field, Option, dense_kl, id_dtype
-from logitcache.encoding.registry import AUTO, ENCODINGS, WIRE_KEYS, auto_encoding, decoder, dense_log_probs, encoding_class, encoding_of
+from logitcache.encoding.registry import AUTO, ENCODINGS, WIRE_KEYS, auto_encoding, decoder, dense_log_probs
+from logitcache.encoding.registry import encoding_class, encoding_of
 from logitcache.encoding.registry import make_encoding, register, to_probs
 
 # Imported for their @register; this order is the CLI's order of choices.

@@ -41,11 +41,12 @@ class ReplayDataset(Dataset):
     """``ds[i]`` -> ``(view of image i for the current epoch, label)``, the view replayed from ``(seed, view, i)``.
 
     With ``num_views`` set, epoch ``e`` uses view ``e % num_views``; without, every epoch gets a fresh view ``e``.
-    With ``mix`` (``logitcache.augment.mix.Mix``) active the image is mixed with its partner's view as ``logitcache.augment.mix``
-    replays it, and the label is the mixed one: a float vector ``[num_classes]`` (``F.cross_entropy`` takes it).
-    ``augment`` defaults to ``base.transform``, taken over (``logitcache.augment.presets.dataset_and_augment``). The wrapped
-    dataset's public attributes pass through (``ds.classes``, ``ds.targets``). With ``num_views`` set, serving more
-    samples than one epoch holds without a ``set_epoch`` in between warns once: every such pass replays the same view.
+    With ``mix`` (``logitcache.augment.mix.Mix``) active the image is mixed with its partner's view as
+    ``logitcache.augment.mix`` replays it, and the label is the mixed one: a float vector ``[num_classes]``
+    (``F.cross_entropy`` takes it). ``augment`` defaults to ``base.transform``, taken over
+    (``logitcache.augment.presets.dataset_and_augment``). The wrapped dataset's public attributes pass through
+    (``ds.classes``, ``ds.targets``). With ``num_views`` set, serving more samples than one epoch holds without a
+    ``set_epoch`` in between warns once: every such pass replays the same view.
     """
 
     def __init__(
@@ -187,8 +188,8 @@ class CachedKDDataset(ReplayDataset):
         self.rows_read = torch.zeros(PROCESS_SLOTS, dtype=torch.int64).share_memory_()
         # Publication of shared buffers to the workers (the views here, the ring's windows): tags written under it.
         self._lock = procs.shared_lock()
-        # Whole views in shared memory (logitcache.read.views) when one fits memory_mb: the epoch's, and when two fit the
-        # next epoch's, read in the background meanwhile.
+        # Whole views in shared memory (logitcache.read.views) when one fits memory_mb: the epoch's, and when two fit
+        # the next epoch's, read in the background meanwhile.
         self._views: SharedViews | None = None
         self._sampler: DistributedSampler | ChunkShuffleSampler | None = None
         self._ring: WindowRing | None = None

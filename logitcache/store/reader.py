@@ -27,7 +27,8 @@ from logitcache.store.integrity import DamagedCache, repair_hint, table_digest, 
 
 
 class Cache:
-    """A read handle on a logitcache store. Reads whole chunks; decode with ``KDLoss(cache)`` or ``kd_loss(..., cache=)``.
+    """A read handle on a logitcache store. Reads whole chunks; decode with ``KDLoss(cache)`` or ``kd_loss(...,
+    cache=cache)``.
 
     Every read of a unit is checked: a checksum failure, a missing chunk file or contents that differ from the
     digest recorded at build time raise ``DamagedCache`` naming the array, view, chunk and samples.

@@ -51,7 +51,8 @@ class Arm:
 
 # two-sided 95% quantiles of Student's t by degrees of freedom (1..30); above, the normal's 1.96
 _T95 = (12.71, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
-        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)  # fmt: skip
+        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045,
+        2.042)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -69,7 +70,8 @@ class Lift:
         return f"{self.mean:+.2f} pp [{self.low:+.2f}, {self.high:+.2f}]"
 
     def as_dict(self) -> dict[str, float]:
-        return {"n": self.n, "mean_pp": round(self.mean, 3), "low_pp": round(self.low, 3), "high_pp": round(self.high, 3)}
+        rounded = {"mean_pp": self.mean, "low_pp": self.low, "high_pp": self.high}
+        return {"n": self.n, **{k: round(v, 3) for k, v in rounded.items()}}
 
 
 def paired_lift(baseline: list[float], arm: list[float]) -> Lift:

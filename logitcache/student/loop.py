@@ -285,7 +285,8 @@ def _train(cfg: TrainConfig) -> RunResult:
 def _setup(cfg: TrainConfig) -> _Run:
     """Datasets (with the cache's checks), model, teacher, run directory, DDP, loaders and optimizer."""
     device = specs.resolve_device(cfg.device)
-    cfg = replace(cfg, precision=resolve_precision(cfg.precision, device), workers=resolve_workers(cfg.workers))  # recorded concrete: a resume keeps it
+    # recorded concrete: a resume keeps them
+    cfg = replace(cfg, precision=resolve_precision(cfg.precision, device), workers=resolve_workers(cfg.workers))
     compute = Compute(device, cfg.precision, cfg.channels_last)
     if cfg.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS's condition for repeatable results

@@ -373,14 +373,14 @@ def build_cache(
     ``encoding`` names a registered encoding (``logitcache.encoding.ENCODINGS``), or ``auto`` (``full`` up to 32
     classes, ``topk8`` with its tail table above: ``logitcache.encoding.auto_encoding``); ``options`` are its options
     (e.g. ``k=10, soft_tail=True`` for ``topk``; ``samples``, ``tau`` for ``sampled``; ``floor`` for ``quantized``), the
-    rest taking their defaults. ``mix`` (``logitcache.augment.mix.Mix``): the teacher labels Mixup/CutMix images, mixed per
-    sample as ``logitcache.augment.mix`` replays them. ``specs`` records how the teacher/dataset/augmentation were named
-    (CLI specs), so that tools can re-create them. Returns the opened cache. Interrupting it (Ctrl-C, kill) loses at
-    most the units in flight: ``resume=True`` finishes the job and the result is bitwise identical to an
+    rest taking their defaults. ``mix`` (``logitcache.augment.mix.Mix``): the teacher labels Mixup/CutMix images,
+    mixed per sample as ``logitcache.augment.mix`` replays them. ``specs`` records how the teacher/dataset/augmentation
+    were named (CLI specs), so that tools can re-create them. Returns the opened cache. Interrupting it (Ctrl-C, kill)
+    loses at most the units in flight: ``resume=True`` finishes the job and the result is bitwise identical to an
     uninterrupted build on the same machine. ``repair=True`` (with ``resume``) first checks every stored chunk and
-    recomputes the damaged ones. ``inner_chunk_rows``: store each unit (``chunk_rows`` rows of one view) as one
-    Zarr v3 shard of inner chunks of that many rows, so that a reader can fetch a few rows without the whole unit;
-    logitcache itself reads whole units either way (one object per unit and field).
+    recomputes the damaged ones. ``inner_chunk_rows``: store each unit (``chunk_rows`` rows of one view) as one Zarr v3
+    shard of inner chunks of that many rows, so that a reader can fetch a few rows without the whole unit; logitcache
+    itself reads whole units either way (one object per unit and field).
 
     Under ``torchrun`` (an initialised process group) every rank calls this with the same arguments: rank 0 alone
     creates or validates the store and its metadata; ranks then claim units one at a time from a shared counter and
@@ -392,8 +392,8 @@ def build_cache(
 
     ``precision`` (``auto``: bf16 autocast on a CUDA device that supports it, else fp32), ``channels_last`` and
     ``compile`` say how the teacher runs (``logitcache.compute``); the store records the precision, and a resume
-    needs the same. ``encode_on`` says where the teacher's outputs are encoded (``logitcache.teacher.writer``): ``auto``, on
-    an accelerator its device, on a CPU a thread beside the teacher.
+    needs the same. ``encode_on`` says where the teacher's outputs are encoded (``logitcache.teacher.writer``):
+    ``auto``, on an accelerator its device, on a CPU a thread beside the teacher.
     """
     out, specs, workers = str(out), specs or {}, resolve_workers(workers)
     dataset, augment = dataset_and_augment(dataset, augment, "build_cache")
