@@ -66,6 +66,8 @@ class ReplayDataset(Dataset):
         # the warnings already given by any process (0: read amplification, 1: a pass without set_epoch).
         self._served = torch.zeros(PROCESS_SLOTS, dtype=torch.int64).share_memory_()
         self._warned = torch.zeros(2, dtype=torch.int64).share_memory_()
+        # Shared with the workers: a warning's check-and-set (and, in CachedKDDataset, the publication of buffers).
+        self._lock = procs.shared_lock()
         self._pass = -(-dataset_len(base) // distributed.world_size())  # one epoch's samples on this rank
         if self.mix.active:  # partners' labels, without loading their images twice
             self._labels = labels_of(base)
@@ -110,13 +112,20 @@ class ReplayDataset(Dataset):
         self._count(1)
         return self.image(index, self.view_of(self.epoch))
 
+    def _first_warning(self, which: int) -> bool:
+        """True for the one process, of all that share this dataset, that gives warning ``which``: the check and
+        the set happen under the shared lock, so two workers crossing a threshold together warn once."""
+        with self._lock:
+            first = not self._warned[which]
+            self._warned[which] = 1
+        return bool(first)
+
     def _count(self, n: int) -> None:
         """Counts ``n`` samples served; the first sample past one epoch's without a ``set_epoch`` warns, once."""
         if self.num_views is None:
             return
         self._served[process_slot()] += n
-        if not self._warned[1] and int(self._served.sum()) > self._pass:
-            self._warned[1] = 1
+        if not self._warned[1] and int(self._served.sum()) > self._pass and self._first_warning(1):
             warnings.warn(
                 f"{type(self).__name__}: a second pass over the data without set_epoch ({int(self._served.sum())} "
                 f"samples served, one epoch holds {self._pass}): it replays view {self.view_of(self.epoch)} and its "
@@ -186,8 +195,7 @@ class CachedKDDataset(ReplayDataset):
         self._max_chunks = max(1, int(max_cache_mb * 2**20 // self._chunk_bytes))
         # rows decoded from the store, per process slot (main = 0, worker w = w + 1): read amplification
         self.rows_read = torch.zeros(PROCESS_SLOTS, dtype=torch.int64).share_memory_()
-        # Publication of shared buffers to the workers (the views here, the ring's windows): tags written under it.
-        self._lock = procs.shared_lock()
+        # (self._lock, from ReplayDataset: the views' and the ring's tags are written under it too)
         # Whole views in shared memory (logitcache.read.views) when one fits memory_mb: the epoch's, and when two fit
         # the next epoch's, read in the background meanwhile.
         self._views: SharedViews | None = None
@@ -384,8 +392,7 @@ class CachedKDDataset(ReplayDataset):
             return
         info = get_worker_info()
         amplification = counts[2] / counts[1]
-        if amplification > max(4, 2 * (info.num_workers if info is not None else 1)):
-            self._warned[0] = 1
+        if amplification > max(4, 2 * (info.num_workers if info is not None else 1)) and self._first_warning(0):
             warnings.warn(
                 f"targets are read chunk by chunk at {amplification:.1f} rows decoded per row served: one view "
                 f"({self.cache.view_nbytes() / 2**20:.1f} MiB) is not held in memory (memory_mb="
@@ -399,8 +406,9 @@ class CachedKDDataset(ReplayDataset):
         rows = self._chunks.get(key)
         if rows is None:
             rows = self.cache.read_chunk(view, chunk)
-            self._read_counts()[2] += len(next(iter(rows.values())))
-            self.rows_read[process_slot()] += len(next(iter(rows.values())))
+            n = len(next(iter(rows.values())))
+            self._read_counts()[2] += n  # this process's, for the warning (a slot outlives its process)
+            self.rows_read[process_slot()] += n  # per slot, shared: the read amplification benchmarks report
             self._chunks[key] = rows
             if len(self._chunks) > self._max_chunks:
                 self._chunks.popitem(last=False)
