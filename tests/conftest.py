@@ -9,9 +9,11 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-# Under pytest-xdist (-n N) each worker takes its share of the cores, so N workers never oversubscribe them.
+# Under pytest-xdist (-n N) each worker takes its share of the cores, so N workers never oversubscribe them; the
+# commands a test runs (in this process or in processes of their own) take the same share through OMP_NUM_THREADS.
 WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-torch.set_num_threads(max(1, (os.cpu_count() or 1) // WORKERS))
+os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // WORKERS)))
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 # Tests that start several processes of their own (trainings, torchrun ranks, benchmarks, wheel installs) run one at
 # a time, on one xdist worker (--dist loadgroup): two of them at once on 2 cores collapse each other's throughput,

@@ -16,11 +16,13 @@ from pathlib import Path
 
 import pytest
 from torch.utils.data import DataLoader
+from typer.testing import CliRunner
 import torch
 import zarr
 
 import logitcache as lc
 from conftest import HELPERS, cli_build_args
+from logitcache.cli import app
 from logitcache.errors import LogitcacheError
 from logitcache.store import DamagedCache
 
@@ -42,13 +44,26 @@ TRAIN = [
 ]
 
 
-def _cli(*args, check=False, timeout=300, **kw):
+def _process(*args, check=False, timeout=300, **kw):
+    """`python -m logitcache ARGS` in a process of its own: for the runs a test kills, races, or reads the stderr of
+    the DataLoader workers from (what a user's terminal shows)."""
     r = subprocess.run(
         [sys.executable, "-m", "logitcache", *map(str, args)], capture_output=True, text=True, timeout=timeout, **kw
     )
     if check:
         assert r.returncode == 0, r.stderr[-3000:]
     return r
+
+
+def _cli(*args, check=False):
+    """The command in this process (the app's own error handling and exit codes, without a fresh interpreter's
+    seconds of imports); an exception that escapes the app, which a terminal would show as a traceback, fails."""
+    r = CliRunner().invoke(app, [str(a) for a in args])
+    if r.exception is not None and not isinstance(r.exception, SystemExit):
+        raise AssertionError(f"the command raised instead of exiting with a message: {r.exception!r}\n{r.stderr}")
+    if check:
+        assert r.exit_code == 0, r.stderr[-3000:]
+    return subprocess.CompletedProcess(args, r.exit_code, r.stdout, r.stderr)
 
 
 def _bytes(path):
@@ -175,7 +190,7 @@ def test_a_chunk_replaced_by_another_valid_chunk_is_caught_by_the_digest(store, 
 def test_training_on_a_store_with_a_deleted_chunk_stops_with_one_line(store, tmp_path):
     _file(store, "tail", 0, 3).unlink()
     # over the memory budget: the ring reads in the training process and its workers stop with its message
-    r = _cli(*TRAIN, "--cache", store, "--out", tmp_path / "run", "--workers", "2", "--target-memory-mb", "0")
+    r = _process(*TRAIN, "--cache", store, "--out", tmp_path / "run", "--workers", "2", "--target-memory-mb", "0")
     assert r.returncode == 2
     lines = [line for line in r.stderr.splitlines() if line.strip() and not line.startswith("warning:")]
     assert "Traceback" not in r.stderr and len(lines) == 1, r.stderr
@@ -271,7 +286,7 @@ def test_a_full_disk_during_build_is_one_line_and_resume_finishes(tmp_path, refe
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=160k", "tmpfs", str(mnt)]).returncode != 0:
         pytest.skip("this machine does not allow mounting a tmpfs (a container without the capability)")
     try:
-        r = _cli(*BUILD, "--out", mnt / "c")
+        r = _process(*BUILD, "--out", mnt / "c")
         assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
         line = [x for x in r.stderr.splitlines() if x.startswith("error:")][0]
         assert "No space left on device" in line and "chunks are complete and kept" in line
@@ -332,6 +347,7 @@ def test_two_concurrent_resumes_into_one_new_store_give_the_right_store(tmp_path
     assert _bytes(out) == _bytes(reference)
 
 
+@pytest.mark.smoke  # a training killed and resumed end to end
 def test_train_killed_mid_epoch_twice_resumes_to_the_same_weights(reference, tmp_path):
     from safetensors.torch import load_file
 

@@ -62,6 +62,7 @@ def test_two_rank_build_equals_single_process_bitwise(single, tmp_path):
     assert lc.open_cache(out).meta.num_views == 2
 
 
+@pytest.mark.smoke  # a further encoding on the two-rank layout
 def test_two_rank_topk8_build_with_its_tail_table_equals_single_process_bitwise(tmp_path):
     # rank 0 alone fits the table (before any unit is written); every rank's units and the table match one process's
     args = BUILD + ["--teacher", f"{HELPERS}:tiny_teacher", "--encoding", "topk8"]
@@ -70,6 +71,7 @@ def test_two_rank_topk8_build_with_its_tail_table_equals_single_process_bitwise(
     helpers.assert_same_store(tmp_path / "one", tmp_path / "two")  # every array (topk8's tail table and tail_coef)
 
 
+@pytest.mark.smoke  # a job killed and resumed, on three ranks
 def test_three_rank_build_killed_on_one_rank_resumes_to_the_same_bytes(single, tmp_path):
     out = tmp_path / "three"
     r = _run(
@@ -159,6 +161,7 @@ def test_two_rank_ddp_training_from_the_cache(single, tmp_path):
     assert json.loads(lines[-1])["test_accuracy"] == correct / total
 
 
+@pytest.mark.smoke  # end to end on an object store
 def test_build_to_and_train_from_s3(s3_env, single, tmp_path):
     url = "s3://logitcache-test/caches/tiny"
     _run(BUILD + ["--teacher", f"{HELPERS}:tiny_teacher", "--out", url], env=s3_env)

@@ -56,6 +56,7 @@ def test_plain_loop(tmp_path):
     assert len(result["losses"]) == 2 and lc.open_cache(tmp_path / "cache").num_views == 2
 
 
+@pytest.mark.smoke  # an example script end to end, twice
 def test_timm_style_resumes_and_its_ema_checkpoint_teaches_the_next_build(tmp_path):
     first = run_example("timm_style.py", "--out", str(tmp_path))
     assert first["start"] == 0 and len(first["losses"]) == 2
@@ -69,6 +70,7 @@ def test_timm_style_resumes_and_its_ema_checkpoint_teaches_the_next_build(tmp_pa
     assert teacher_sha256(student) != teacher_sha256(teacher)
 
 
+@pytest.mark.smoke  # an example script end to end
 def test_lightning_module_with_batch_mixing_and_its_checkpoint_as_the_next_teacher(tmp_path):
     pytest.importorskip("lightning")
     result = run_example("lightning_module.py", "--out", str(tmp_path), "--mix", "--workers", "1")

@@ -184,7 +184,7 @@ torch.save(recorder.seen, {out!r} + f"/rank{{trainer.global_rank}}.pt")
 
 
 @pytest.mark.multiprocess
-@pytest.mark.parametrize("path", ["memory", "ring"])
+@pytest.mark.parametrize("path", [pytest.param("memory", marks=pytest.mark.smoke), "ring"])  # the fast loop: ring
 def test_lightning_ddp_on_two_cpu_ranks_sees_every_sample_once_per_epoch(built_cache, tmp_path, path):
     pytest.importorskip("lightning")
     script = tmp_path / "ddp.py"

@@ -17,6 +17,7 @@ import pytest
 import logitcache
 from conftest import HELPERS
 
+pytestmark = pytest.mark.smoke  # builds, installs and runs the package end to end
 ROOT = Path(__file__).resolve().parents[1]
 
 

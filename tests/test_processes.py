@@ -48,9 +48,17 @@ def _expected(cache: lc.Cache, view: int, indices: list[int]) -> dict[str, torch
     return {name: torch.stack(ts) for name, ts in rows.items()}
 
 
-@pytest.mark.parametrize("method", ["fork", "spawn", "forkserver"])
-@pytest.mark.parametrize("path", ["memory", "ring", "chunk"])
-@pytest.mark.parametrize("persistent", [True, False])
+# The fast loop keeps every read path under fork and worker lifetime, spawn with persistent workers on the two paths
+# whose buffers travel to the workers (memory, ring), and forkserver on the chunk path; the full suite runs every cell.
+FAST_LAYOUTS = {("fork", p, w) for p in ("memory", "ring", "chunk") for w in (True, False)} | {
+    ("spawn", "memory", True), ("spawn", "ring", True), ("forkserver", "chunk", True)}  # fmt: skip
+LAYOUTS = [
+    pytest.param(m, p, w, marks=() if (m, p, w) in FAST_LAYOUTS else pytest.mark.smoke)
+    for w in (True, False) for p in ("memory", "ring", "chunk") for m in ("fork", "spawn", "forkserver")
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("method,path,persistent", LAYOUTS)
 def test_every_start_method_serves_the_teachers_views_and_targets(built_cache, method, path, persistent):
     cache = lc.open_cache(built_cache)
     ds, sampler = _dataset(cache, path)
@@ -77,7 +85,7 @@ def test_every_start_method_serves_the_teachers_views_and_targets(built_cache, m
             assert int(ds.rows_read[0]) >= len(ds)
 
 
-@pytest.mark.parametrize("method", ["fork", "spawn", "forkserver"])
+@pytest.mark.parametrize("method", ["fork", pytest.param("spawn", marks=pytest.mark.smoke), "forkserver"])
 def test_workers_that_wait_for_a_slow_ring_serve_its_windows(built_cache, method):
     """The filler slower than the workers (every window's read delayed past the workers' check that the training
     process is alive), so each worker waits on the ring; under forkserver that process is not a worker's parent."""

@@ -98,7 +98,7 @@ _ASK = textwrap.dedent(
 )
 
 
-@pytest.fixture(params=["local", "s3"])
+@pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.smoke)])  # the fast loop: the local folder
 def sequence_root(request, tmp_path, monkeypatch):
     """A sequence folder on the local disk, or in an S3 bucket (moto on loopback), and the environment for it."""
     if request.param == "local":
@@ -220,6 +220,7 @@ def _sweep(root: Path, *extra: str) -> subprocess.Popen:
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
+@pytest.mark.smoke  # a sweep killed and resumed end to end
 def test_a_killed_sweep_resumes_without_rerunning_finished_members_and_its_report_adds_up(tmp_path):
     root = tmp_path / "sweep"
     first = _sweep(root)

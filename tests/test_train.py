@@ -194,6 +194,7 @@ def test_cached_kd_trains_like_online_kd(tmp_path, teacher_run):
         assert abs(a["train_loss"] - c["train_loss"]) > 1e-2  # KD really is in the loss
 
 
+@pytest.mark.smoke  # the demo's quick mode end to end
 def test_demo_quick_runs_end_to_end_on_fashion_mnist(tmp_path):
     result = CliRunner().invoke(app, ["demo", "--quick", "--out", str(tmp_path / "demo"), "--workers", "0"])
     assert result.exit_code == 0, result.output

@@ -168,7 +168,7 @@ def _report(
                 str(n),
                 f"{arm.mean(epochs):.4f} ± {arm.sd(epochs):.4f}" if n > 1 else f"{arm.mean(epochs):.4f}",
                 lift.text() if lift is not None else "-",
-                f"{forwards:,}" if arm is online else "0 *",
+                f"{forwards:,}" if arm is online else "0 *" if arm is cached else "0",
                 f"{statistics.mean(arm.seconds[epochs]):.0f}",
             )
             summary["arms"].setdefault(arm.name, {})[str(epochs)] = {
