@@ -172,6 +172,24 @@ def test_the_dataset_is_wrapped_as_it_is_with_its_attributes_and_its_own_transfo
     assert torch.equal(replayed[7][0], lc.replay_view(own, raw, 3, 0, 7))
 
 
+def test_a_subset_of_a_dataset_with_a_transform_replays_that_transform_once(tmp_path):
+    # a train/val split: the Subset has no transform of its own; the one of the dataset it selects from is replayed
+    full = Folder(transform=flip_crop())
+    own, split = full.transform, torch.utils.data.Subset(full, list(range(40, 200)))
+    lc.build_cache(helpers.tiny_teacher(), split, tmp_path / "c", **BUILD)
+    assert full.transform is own and split.dataset is full  # the user's datasets are left as they are
+    raw = helpers.TinyImages(240, seed=0)[47][0]  # sample 7 of the split
+    with lc.CachedKDDataset(split, tmp_path / "c") as ds:
+        assert ds.augment is own and len(ds) == 160
+        ds.set_epoch(1)
+        assert torch.equal(ds[7][0], lc.replay_view(own, raw, 3, 1, 7))  # transformed once, as the teacher saw it
+        assert int(ds[7][1]) == full[47][1]
+    with lc.CachedKDDataset(split, tmp_path / "c", augment=own) as ds:  # passing it explicitly: the same
+        assert torch.equal(ds[7][0], lc.replay_view(own, raw, 3, 0, 7))
+    with pytest.raises(LogitcacheError, match="as augment="):  # a split of a dataset without a transform
+        lc.CachedKDDataset(torch.utils.data.Subset(Folder(), list(range(40, 200))), tmp_path / "c")
+
+
 def test_a_dataset_with_another_transform_is_refused_with_what_differs(cache):
     # the cache of the same images, built from Python with pipeline(): no spec recorded, the dataset's transform taken
     with pytest.raises(LogitcacheError, match=r"RandAugment\.magnitude 9 -> 5"):

@@ -7,7 +7,7 @@ import copy
 from typing import Any, Callable
 
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 from torchvision.transforms import v2
 
 from logitcache.errors import LogitcacheError
@@ -55,16 +55,23 @@ PRESETS: dict[str, tuple[Callable[[int, int], v2.Compose], Callable[[int, int], 
 
 
 def own_transform(dataset: Dataset) -> Callable[[Any], Any] | None:
-    """The dataset's own ``transform`` (torchvision's datasets keep it there), or None."""
+    """The dataset's own ``transform`` (torchvision's datasets keep it there), or, for a ``Subset`` (a train/val
+    split), the transform of the dataset it selects from; None without one."""
     transform = getattr(dataset, "transform", None)
+    if not callable(transform) and isinstance(dataset, Subset):
+        return own_transform(dataset.dataset)
     return transform if callable(transform) else None
 
 
 def without_transform(dataset: Dataset) -> Dataset:
     """A shallow copy of ``dataset`` whose ``transform`` is set aside (None; torchvision's ``transforms``, which
     wraps it with the target transform, likewise), so that its images come out untransformed; ``dataset`` itself is
-    left as it is. The copy shares the dataset's data and keeps every other attribute."""
+    left as it is. The copy shares the dataset's data and keeps every other attribute. A ``Subset`` is copied with
+    its dataset's transform set aside the same way."""
     bare = copy.copy(dataset)
+    if not callable(getattr(dataset, "transform", None)) and isinstance(dataset, Subset):
+        bare.dataset = without_transform(dataset.dataset)
+        return bare
     try:
         bare.transform = None  # type: ignore[attr-defined]
         joint: Any = getattr(bare, "transforms", None)
