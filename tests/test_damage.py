@@ -7,6 +7,7 @@ Each attack asserts the *named* outcome: the error names the array, view, chunk 
 import errno
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -63,7 +64,8 @@ def _cli(*args, check=False):
         raise AssertionError(f"the command raised instead of exiting with a message: {r.exception!r}\n{r.stderr}")
     if check:
         assert r.exit_code == 0, r.stderr[-3000:]
-    return subprocess.CompletedProcess(args, r.exit_code, r.stdout, r.stderr)
+    plain = re.compile(r"\x1b\[[0-9;]*m")  # rich's colours, should the terminal have asked for them
+    return subprocess.CompletedProcess(args, r.exit_code, plain.sub("", r.stdout), plain.sub("", r.stderr))
 
 
 def _bytes(path):

@@ -24,9 +24,11 @@ def _run(args, nproc=None, env=None, check=True):
         TORCHRUN + [f"--nproc-per-node={nproc}", "-m", "logitcache"] if nproc else [sys.executable, "-m", "logitcache"]
     ) + args
     # A session of its own, so that a hung run is killed with every rank and DataLoader worker, not just torchrun.
+    # torchrun's ranks run one thread each (torchrun's own default, which the suite's OMP_NUM_THREADS would replace)
+    threads = {"OMP_NUM_THREADS": "1"} if nproc else {}
     proc = subprocess.Popen(
         cmd,
-        env={**os.environ, **(env or {})},
+        env={**os.environ, **threads, **(env or {})},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -144,7 +146,7 @@ def test_two_rank_ddp_training_from_the_cache(single, tmp_path):
     test = specs.resolve_dataset(f"{HELPERS}:tiny_dataset", train=False)
     _, eval_tf = specs.resolve_augment(f"{HELPERS}:heavy_augment", test)
     model, threads = specs.resolve_teacher(str(out)), torch.get_num_threads()
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // 2))  # what the CLI gives each of 2 local ranks
+    torch.set_num_threads(1)  # what each rank ran with
     try:
         counts = [
             evaluate(

@@ -177,15 +177,19 @@ def test_a_subset_of_a_dataset_with_a_transform_replays_that_transform_once(tmp_
     full = Folder(transform=flip_crop())
     own, split = full.transform, torch.utils.data.Subset(full, list(range(40, 200)))
     lc.build_cache(helpers.tiny_teacher(), split, tmp_path / "c", **BUILD)
-    assert full.transform is own and split.dataset is full  # the user's datasets are left as they are
-    raw = helpers.TinyImages(240, seed=0)[47][0]  # sample 7 of the split
+    raw = helpers.TinyImages(240, seed=0)[split.indices[7]][0]  # sample 7 of the split, untransformed
     with lc.CachedKDDataset(split, tmp_path / "c") as ds:
         assert ds.augment is own and len(ds) == 160
         ds.set_epoch(1)
         assert torch.equal(ds[7][0], lc.replay_view(own, raw, 3, 1, 7))  # transformed once, as the teacher saw it
-        assert int(ds[7][1]) == full[47][1]
+        assert int(ds[7][1]) == full[split.indices[7]][1]
     with lc.CachedKDDataset(split, tmp_path / "c", augment=own) as ds:  # passing it explicitly: the same
         assert torch.equal(ds[7][0], lc.replay_view(own, raw, 3, 0, 7))
+    # a split of a split (nested Subsets) reaches the same transform and the same views
+    nested = torch.utils.data.Subset(torch.utils.data.Subset(full, list(range(20, 220))), list(range(20, 180)))
+    with lc.CachedKDDataset(nested, tmp_path / "c") as ds:
+        assert ds.augment is own and torch.equal(ds[7][0], lc.replay_view(own, raw, 3, 0, 7))
+    assert full.transform is own and split.dataset is full  # the user's datasets are left as they are
     with pytest.raises(LogitcacheError, match="as augment="):  # a split of a dataset without a transform
         lc.CachedKDDataset(torch.utils.data.Subset(Folder(), list(range(40, 200))), tmp_path / "c")
 

@@ -54,6 +54,7 @@ def test_fixed_and_ensemble_policies():
         Policy.parse("worst")
 
 
+@pytest.mark.parametrize("sequence_root", ["local", "s3"], indirect=True)
 def test_a_shared_folder_creates_an_object_once(sequence_root):
     from logitcache.sequence.folder import SharedFolder
 
@@ -98,7 +99,7 @@ _ASK = textwrap.dedent(
 )
 
 
-@pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.smoke)])  # the fast loop: the local folder
+@pytest.fixture
 def sequence_root(request, tmp_path, monkeypatch):
     """A sequence folder on the local disk, or in an S3 bucket (moto on loopback), and the environment for it."""
     if request.param == "local":
@@ -114,6 +115,8 @@ def sequence_root(request, tmp_path, monkeypatch):
     return f"s3://logitcache-test/seq-{uuid.uuid4().hex[:8]}", env
 
 
+# the fast loop: the local folder; the full suite repeats the race in an S3 bucket
+@pytest.mark.parametrize("sequence_root", ["local", pytest.param("s3", marks=pytest.mark.smoke)], indirect=True)
 def test_two_processes_asking_at_once_build_one_cache_once(tmp_path, teacher_run, sequence_root):
     import shutil
 
@@ -275,6 +278,13 @@ def test_an_optuna_study_drives_the_sequence(tmp_path):
     assert members[0].teacher is None and all(m.teacher for m in members[1:])
     assert study.best_value == max(m.metric for m in members)
     assert len(seq.builds) == len({m.teacher for m in members[1:]})
+    # the report's sums are the runs' and builds' own records (the fast loop's check; the killed sweep repeats it)
+    report = seq.report()
+    walls = [load_metrics(m.run_dir)[-1]["wall_seconds"] for m in members]
+    caches = [lc.open_cache(b.path) for b in seq.builds]
+    assert report.run_seconds == pytest.approx(sum(walls))
+    assert report.teacher_forwards == sum(c.num_views * c.num_samples for c in caches)  # full: no table probe
+    assert report.total_seconds == pytest.approx(sum(walls) + sum(b.seconds for b in seq.builds))
 
 
 def test_sweep_refuses_an_object_store_folder_in_one_line():

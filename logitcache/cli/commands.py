@@ -357,7 +357,7 @@ def _fail(report) -> None:
 @app.command()
 def demo(
     out_path: Path = typer.Option(Path("demo-out"), "--out", help="Folder for runs, cache, plot and summary."),
-    quick: bool = typer.Option(False, "--quick", help="A ~1 minute smoke version (tiny data, 1-2 epochs)."),
+    quick: bool = typer.Option(False, "--quick", help="A smoke version of about 20 s (500 images, 1,000 test images, 2-4 epochs)."),
     workers: int = typer.Option(2, min=0),
 ) -> None:
     """The whole idea on real Fashion-MNIST: teacher run, one build, then the next run with and without KD."""
