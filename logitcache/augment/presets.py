@@ -68,10 +68,11 @@ def without_transform(dataset: Dataset) -> Dataset:
     wraps it with the target transform, likewise), so that its images come out untransformed; ``dataset`` itself is
     left as it is. The copy shares the dataset's data and keeps every other attribute. A ``Subset`` is copied with
     its dataset's transform set aside the same way."""
-    bare = copy.copy(dataset)
     if not callable(getattr(dataset, "transform", None)) and isinstance(dataset, Subset):
-        bare.dataset = without_transform(dataset.dataset)
-        return bare
+        subset = copy.copy(dataset)
+        subset.dataset = without_transform(dataset.dataset)
+        return subset
+    bare = copy.copy(dataset)
     try:
         bare.transform = None  # type: ignore[attr-defined]
         joint: Any = getattr(bare, "transforms", None)
