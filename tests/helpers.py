@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import time
 
 import numpy as np
 import torch
@@ -91,7 +92,8 @@ def other_augment() -> v2.Compose:
 
 class DyingTeacher(nn.Module):
     """Wraps the tiny teacher and kills its own process (SIGKILL, no cleanup) after N forward calls; under torchrun
-    only on rank DIE_RANK when that is set."""
+    only on rank DIE_RANK when that is set. With DIE_ONCE_WRITTEN (a store's path) it first waits, up to 60 s, until
+    the store holds a finished unit, so that a killed job has always left work to resume, however the ranks ran."""
 
     def __init__(self, calls_before_death: int):
         super().__init__()
@@ -101,8 +103,22 @@ class DyingTeacher(nn.Module):
     def forward(self, x):
         self.left -= 1
         if self.left < 0 and self.mortal:
+            _wait_for_a_finished_unit(os.environ.get("DIE_ONCE_WRITTEN"))
             os.kill(os.getpid(), 9)
         return self.net(x)
+
+
+def _wait_for_a_finished_unit(store: str | None, timeout: float = 60.0) -> None:
+    import logitcache as lc
+
+    deadline = time.monotonic() + timeout
+    while store is not None and time.monotonic() < deadline:
+        try:
+            if lc.open_cache(store).completion().any():
+                return
+        except (lc.LogitcacheError, OSError, ValueError):  # rank 0 is still creating the store
+            pass
+        time.sleep(0.05)
 
 
 def dying_teacher() -> nn.Module:

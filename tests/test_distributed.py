@@ -75,11 +75,12 @@ def test_two_rank_topk8_build_with_its_tail_table_equals_single_process_bitwise(
 
 @pytest.mark.smoke  # a job killed and resumed, on three ranks
 def test_three_rank_build_killed_on_one_rank_resumes_to_the_same_bytes(single, tmp_path):
+    # rank 1 is killed mid-unit at its fourth teacher call, once the store holds a finished unit of any rank's
     out = tmp_path / "three"
     r = _run(
         BUILD + ["--teacher", f"{HELPERS}:dying_teacher", "--out", str(out)],
         nproc=3,
-        env={"DIE_AFTER": "3", "DIE_RANK": "1"},
+        env={"DIE_AFTER": "3", "DIE_RANK": "1", "DIE_ONCE_WRITTEN": str(out)},
         check=False,
     )
     assert r.returncode != 0
