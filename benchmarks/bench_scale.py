@@ -1,16 +1,16 @@
-"""Benchmark 8, the read path at ImageNet scale (issue 15). A simulation that isolates the read path, and says so.
+"""Benchmark 8, the read path at ImageNet scale. A simulation that isolates the read path, and says so.
 
 SYNTHETIC DATA: N tiny 1x4x4 images and a random linear teacher over C classes, so that images cost almost nothing
 and the loader's speed is the targets' read path alone. No accuracy is measured here.
 
 For each store variant (encoding, views) four read paths are timed in one DataLoader setting (2 workers, batch 256,
 persistent workers) against the same loader without targets (`ReplayDataset`, the "images only" rate):
-  - shuffled + chunk LRU: a global shuffle, targets read by whole chunks into each worker's 512 MB LRU (the read path
-    before issue 15; once a view exceeds the LRU each chunk is decoded again for almost every sample it serves);
+  - shuffled + chunk LRU: a global shuffle, targets read by whole chunks into each worker's 512 MB LRU (the old read
+    path; once a view exceeds the LRU each chunk is decoded again for almost every sample it serves);
   - shared view:  the epoch's view read once, sequentially, into memory shared by the workers (`set_epoch`), then a
     global shuffle (what `train` does when the view fits --target-memory-mb);
-  - chunk shuffle, chunks per worker: `ChunkShuffleSampler` (window 8 chunks) with each worker's chunk LRU (what
-    `train` did when the view does not fit, before session 7: each chunk read once per worker);
+  - chunk shuffle, chunks per worker: `ChunkShuffleSampler` (window 8 chunks) with each worker's chunk LRU (the
+    old read path of `train` when the view does not fit: each chunk read once per worker);
   - chunk shuffle + ring: the dataset's own `chunk_sampler()` (window 8 chunks): the main process reads each window
     once into a ring of 3 windows the workers share (what `train` does when the view does not fit).
 Recorded per path: loader rate and ratio to images only, read amplification (rows decoded from the store / rows
@@ -157,7 +157,7 @@ def prefetch_table(args, out) -> str:
 
 
 class LabelsApart(CachedKDDataset):
-    """The batched fetch before session 5: integer labels as plain ints, a segment of their own from each worker."""
+    """The old batched fetch: integer labels as plain ints, a segment of their own from each worker."""
 
     def __getitems__(self, indices):
         view = self.view_of(self.epoch)
@@ -343,6 +343,8 @@ def read_paths(args, out) -> None:
             r = run_loader(kd, sampler, epoch, limit, args.workers)
             if name == "shared view":
                 decode.append((cache.view_nbytes(), r["fill"]))
+            if kd._views is not None:  # the next view's read, started during the epoch, counted once it is done
+                kd._views.join()
             amplification = int(kd.rows_read.sum()) / r["served"]
             table.add_row(
                 label, f"{on_disk / 2**20:,.0f} MiB", name + ("" if limit is None else f" (first {limit} batches)"),

@@ -102,7 +102,8 @@ def s3_env():
     server = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     env = {
         "AWS_ACCESS_KEY_ID": "testing",
@@ -120,11 +121,16 @@ def s3_env():
             aws_secret_access_key="testing",
             region_name="us-east-1",
         )
-        for _ in range(100):
+        deadline = time.monotonic() + 120  # a loaded machine starts moto slowly; a dead server fails at once
+        while True:
             try:
                 client.create_bucket(Bucket="logitcache-test")
                 break
-            except Exception:
+            except Exception as e:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    if server.poll() is None:
+                        server.kill()
+                    raise RuntimeError(f"the moto S3 server did not start ({e}):\n{server.communicate()[1][-2000:]}")
                 time.sleep(0.1)
         yield env
     finally:

@@ -1,8 +1,9 @@
-"""The read path at scale (issue 15): the shared in-memory view, the chunk-aware shuffle, and the memory budget."""
+"""The read path at scale: the shared in-memory view, the chunk-aware shuffle, and the memory budget."""
 
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 import torch
@@ -170,6 +171,9 @@ def test_the_ring_refuses_another_order_and_falls_back_after_an_epoch_left_midwa
     ds._ring.stall_s = 0.5
     ds.set_epoch(0)
     backwards = list(sampler)[::-1]  # the last window first: its slot is still the first window's, never served
+    deadline = time.monotonic() + 60  # the filler has filled the slots it can and waits for one to be served
+    while not ds._ring.waiting[0] and time.monotonic() < deadline:
+        time.sleep(0.01)
     with pytest.raises(lc.LogitcacheError, match="out of the chunk-shuffle order"):
         list(DataLoader(ds, batch_size=16, sampler=backwards))
     # an epoch left midway (that one, then this one): the next one warns and reads by chunk, its targets right all the

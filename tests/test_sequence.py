@@ -185,35 +185,20 @@ def test_a_dead_builders_lock_is_taken_over_and_its_build_resumed(tmp_path, teac
 def test_a_lock_from_another_machine_is_stale_once_not_rewritten_for_stale_s_and_a_beating_one_never(
     tmp_path, teacher_run
 ):
-    import threading
-
+    # The lock's age is its file's time against a probe's, so the test sets file times rather than waiting: no
+    # scheduling delay changes the answer.
     seq = Sequence(tmp_path / "seq", build=BuildConfig(dataset=DATASET, augment=AUGMENT, views=1, encoding="full",
                                                        batch_size=32, chunk_rows=64, workers=0, progress=False),
-                   stale_s=0.5, poll_s=0.05)  # fmt: skip
+                   stale_s=5, poll_s=0.05)  # fmt: skip
     seq.record(teacher_run.run_dir, name="teacher")
     lock = tmp_path / "seq" / "caches" / "teacher.lock" / "000000.json"
     lock.parent.mkdir(parents=True)
-    lock.write_text(json.dumps({"host": "elsewhere", "pid": 1, "beat": 0}))
-    stop = threading.Event()
-
-    def beat() -> None:  # a live builder on another machine: its lock changes every 0.1 s
-        n = 0
-        while not stop.wait(0.1):
-            n += 1
-            lock.write_text(json.dumps({"host": "elsewhere", "pid": 1, "beat": n}))
-
-    beating = threading.Thread(target=beat)
-    beating.start()
-    try:
-        deadline = time.monotonic() + 2.0  # four times stale_s
-        while time.monotonic() < deadline:
-            assert seq.cache(wait=False) is None  # never taken over, and no earlier cache to fall back on
-            time.sleep(0.05)
-    finally:
-        stop.set()
-        beating.join()
-    time.sleep(0.6)  # the lock is not rewritten for stale_s: one look (a fresh process, wait=False) takes it over
-    path = Sequence(tmp_path / "seq", build=seq.build_config, stale_s=0.5).cache(wait=False)
+    for beat in range(5):  # a live builder on another machine: its lock rewritten before each look
+        lock.write_text(json.dumps({"host": "elsewhere", "pid": 1, "beat": beat}))
+        assert seq.cache(wait=False) is None  # never taken over, and no earlier cache to fall back on
+    then = time.time() - 60
+    os.utime(lock, (then, then))  # not rewritten for 60 s > stale_s: one look (a fresh process, wait=False) takes it
+    path = Sequence(tmp_path / "seq", build=seq.build_config, stale_s=5).cache(wait=False)
     assert path is not None and lc.open_cache(path).is_complete and len(seq.builds) == 1 and not lock.parent.exists()
 
 
