@@ -1,4 +1,4 @@
-"""Fidelity study (issue 4): what each encoding costs on disk and how faithful it is.
+"""Fidelity study: what each encoding costs on disk and how faithful it is.
 
 Part 1, targets: for each encoding/parameter/codec, bytes per stored view and per kept entry (the targets' chunk
 files, `_common.target_bytes`), KL(teacher || decoded) at T = 1 and T = 4, the cosine between the KD gradient from the
@@ -55,8 +55,8 @@ CONFIGS_100 = [
     ("topk", {"k": 20}, "blosc-lz4"),
     ("topk", {"k": 10}, "zstd"),
     ("topk8", {"k": 10, "tail_shape": "flat"}, "blosc-lz4"),
-    ("topk8", {"k": 10, "tail_rank": 0}, "blosc-lz4"),  # the tail table alone (session 8)
-    ("topk8", {"k": 10}, "blosc-lz4"),  # the table and 8 basis coefficients per sample (the default, session 9)
+    ("topk8", {"k": 10, "tail_rank": 0}, "blosc-lz4"),  # the tail table alone
+    ("topk8", {"k": 10}, "blosc-lz4"),  # the table and 8 basis coefficients per sample (the default)
     ("topk8", {"k": 10, "tail_rank": 4}, "blosc-lz4"),
     ("topk8", {"k": 5, "tail_rank": 0}, "blosc-lz4"),
     ("topk8", {"k": 5}, "blosc-lz4"),
@@ -65,7 +65,7 @@ CONFIGS_100 = [
     ("topk8", {"k": 20, "tail_rank": 0}, "blosc-lz4"),
     ("topk8", {"k": 20}, "blosc-lz4"),
     ("topk8", {"k": 20, "tail_shape": "flat"}, "zstd"),
-    # layout 1 (before session 6): the values, not their steps
+    # layout 1 (the older layout): the values, not their steps
     ("topk8", {"k": 10, "layout": 1, "tail_shape": "flat"}, "blosc-lz4"),
     ("topk8", {"k": 10, "layout": 1, "tail_shape": "flat"}, "zstd"),
     ("topk8", {"k": 20, "layout": 1, "tail_shape": "flat"}, "blosc-lz4"),
@@ -366,7 +366,7 @@ def main() -> None:
                 ("sampled", {"samples": 50, "tau": 4.0}, "blosc-lz4"),
                 ("quantized", {}, "blosc-lz4"),
             ],
-            # headtail's tail drawn at T = 1 (the session 5 default) or at the students' T = 4, and more draws
+            # headtail's tail drawn at T = 1 (the former default) or at the students' T = 4, and more draws
             "tails": [
                 ("full", {}, "blosc-lz4"),
                 ("headtail", {"k": 10, "tail_samples": 16, "draws": "multinomial"}, "blosc-lz4"),
@@ -396,20 +396,20 @@ def main() -> None:
                 ("full", {"seed": 1}, "blosc-lz4"),
                 ("topk8", {"k": 10, "tail_shape": "table", "tail_rank": 0}, "blosc-lz4"),
             ],
-            # each sample's own tail: the row and 8 basis coefficients (session 9); the row alone: table-vs-control
+            # each sample's own tail: the row and 8 basis coefficients; the row alone: table-vs-control
             "basis": [
                 ("full", {}, "blosc-lz4"),
                 ("full", {"seed": 1}, "blosc-lz4"),
                 ("topk8", {"k": 10, "tail_rank": 8}, "blosc-lz4"),
             ],
-            # topk8's tail spread as the teacher usually spreads it (the tail table, session 8) against flat
+            # topk8's tail spread as the teacher usually spreads it (the tail table) against flat
             "prior": [
                 ("full", {}, "blosc-lz4"),
                 ("topk8", {"k": 10, "tail_shape": "table", "tail_rank": 0}, "blosc-lz4"),
                 ("topk8", {"k": 5, "tail_shape": "table", "tail_rank": 0}, "blosc-lz4"),
                 ("topk8", {"k": 20, "tail_shape": "table", "tail_rank": 0}, "blosc-lz4"),
             ],
-            # independent against systematic tail draws (session 7), at the students' temperature
+            # independent against systematic tail draws, at the students' temperature
             "draws": [
                 ("full", {}, "blosc-lz4"),
                 ("headtail", {"k": 10, "tail_samples": 16, "tau": 4.0, "draws": "multinomial"}, "blosc-lz4"),

@@ -1,4 +1,4 @@
-"""Recipe study (issue 10): which KD settings make the next run of a sequence cheaper, on real Fashion-MNIST.
+"""Recipe study: which KD settings make the next run of a sequence cheaper, on real Fashion-MNIST.
 
 Method (Blakeney et al., Composer): every arm trains a *complete* schedule (warm-up + cosine) at a reduced budget, and
 its final test accuracy (mean over seeds) is compared with training from scratch at the same budget and with the
@@ -170,7 +170,7 @@ def main() -> None:
         mixed = cache_for(
             run1.run_dir, "fashion-mnist", "pad-crop-flip", args.samples, budgets[-1], out / "cache-run1-mix", mix
         )
-        # KD throughout, as in this stage's first record (session 4, before kd_until's default became 0.5)
+        # KD throughout (kd_until 1.0), as in this stage's first record; the default stops KD at half the budget
         kd = dict(kd="cached", temperature=2.0, kd_weight=0.5, kd_until=1.0)
         arms = {
             "scratch": {"kd": "none"},

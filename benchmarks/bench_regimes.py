@@ -1,4 +1,4 @@
-"""Does KD from the previous run pay in other regimes? (issue 10: where the 10,000-image, 8-epoch regime of
+"""Does KD from the previous run pay in other regimes? (The 10,000-image, 8-epoch regime of
 bench_sequence.py does not reach its target at a reduced budget.)
 
 Each regime is "[pairs:]IMAGESxEPOCHS:BUDGETS" on real Fashion-MNIST (10 classes, pad-crop-flip) or, with

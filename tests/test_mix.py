@@ -1,4 +1,4 @@
-"""Mixup/CutMix with cached targets (issue 14): the student sees the mixed image the teacher labelled."""
+"""Mixup/CutMix with cached targets: the student sees the mixed image the teacher labelled."""
 
 import math
 import statistics
