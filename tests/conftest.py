@@ -94,17 +94,18 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def s3_env():
+def s3_env(tmp_path_factory):
     """A real S3-compatible server (moto in server mode) on loopback, and the environment that points fsspec at it."""
     pytest.importorskip("s3fs")
     pytest.importorskip("moto.server")
     port = _free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    log = tmp_path_factory.mktemp("moto") / "server.log"  # a file, not a pipe: the server logs every request
+    with log.open("w") as err:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+        )
     env = {
         "AWS_ACCESS_KEY_ID": "testing",
         "AWS_SECRET_ACCESS_KEY": "testing",
@@ -128,11 +129,13 @@ def s3_env():
                 break
             except Exception as e:
                 if server.poll() is not None or time.monotonic() > deadline:
-                    if server.poll() is None:
-                        server.kill()
-                    raise RuntimeError(f"the moto S3 server did not start ({e}):\n{server.communicate()[1][-2000:]}")
+                    raise RuntimeError(f"the moto S3 server did not start ({e}):\n{log.read_text()[-2000:]}") from None
                 time.sleep(0.1)
         yield env
     finally:
         server.terminate()
-        server.wait(timeout=10)
+        try:
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
