@@ -15,20 +15,6 @@ WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // WORKERS)))
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
-# Tests that start several processes of their own (trainings, torchrun ranks, benchmarks, wheel installs) run one at
-# a time, on one xdist worker (--dist loadgroup): two of them at once on 2 cores collapse each other's throughput,
-# while the single-process tests fill the other worker.
-HEAVY = frozenset({
-    "test_benchmarks_smoke.py", "test_bench_loader_bytes.py", "test_gpu_check.py", "test_processes.py",
-    "test_distributed.py", "test_sequence.py", "test_package.py", "test_integrations.py", "test_examples.py",
-})  # fmt: skip
-
-
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        if item.path.name in HEAVY or item.get_closest_marker("multiprocess") or item.get_closest_marker("smoke"):
-            item.add_marker(pytest.mark.xdist_group("heavy"))
-
 import helpers  # noqa: E402
 
 import logitcache as lc  # noqa: E402
