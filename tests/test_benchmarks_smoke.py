@@ -8,9 +8,9 @@ hundred images, one repetition, the fewest runs and child processes that take ea
 RESULTS.md are the measurements). What the quick runs still prove: every figure is finite and every ratio in range;
 bench_scale's paths read what they promise (the ring and a one-view store each row once, a store of several views
 each view and the next, on disk and on the object store); bench_step prints its cached-KD-to-no-KD ratio (one quick
-repetition is not a timing to bound); bench_processes's trainings under torchrun (through the ring) and in one process with forked
-workers (the next view prefetched) all finish, none failed or hung; bench_sequence's runs learn (accuracy above
-chance)."""
+repetition is not a timing to bound); bench_processes's trainings under torchrun (through the ring) and in one
+process with forked workers (the next view prefetched) all finish, none failed or hung; bench_sequence's runs learn
+(accuracy above chance)."""
 
 import os
 import re
