@@ -109,7 +109,9 @@ def test_half_written_chunk_is_recomputed(tmp_path, tiny):
 
 # 16 teacher batches a view: dies in view 0, and (a further layout, left to the full suite) in view 1
 @pytest.mark.parametrize("die_after", [3, pytest.param(20, marks=pytest.mark.smoke)])
-def test_kill_9_then_resume_via_cli(tmp_path, die_after):
+def test_kill_9_then_resume_via_cli(tmp_path, die_after, monkeypatch):
+    """A build process killed with SIGKILL mid-build; the CLI's --resume (run in this process: only the killed
+    build needs a process of its own) finishes it to the bytes of an uninterrupted CLI build."""
     ref, out = tmp_path / "ref", tmp_path / "killed"
     common = cli_build_args(chunk_rows=32, workers=2)
     env = {**os.environ, "DIE_AFTER": str(die_after)}
@@ -119,13 +121,13 @@ def test_kill_9_then_resume_via_cli(tmp_path, die_after):
     )
     assert killed.returncode == -9
     assert not lc.open_cache(out).is_complete
-    env["DIE_AFTER"] = "100000"
+    monkeypatch.setenv("DIE_AFTER", "100000")
     for args in (
         ["--teacher", f"{HELPERS}:dying_teacher", "--out", str(out), "--resume"],
         ["--teacher", f"{HELPERS}:tiny_teacher", "--out", str(ref)],
     ):
-        r = subprocess.run(cmd + common + args, env=env, capture_output=True, text=True)
-        assert r.returncode == 0, r.stderr
+        r = runner.invoke(app, common + args)
+        assert r.exit_code == 0 and r.exception is None, r.output
     helpers.assert_same_store(ref, out, ignore=("teacher",))  # the dying wrapper: another spec
 
 
