@@ -12,6 +12,7 @@ from PIL import Image
 from torch import nn
 from torchvision.transforms import v2
 
+import logitcache as lc
 from logitcache.models import SmallResNet
 
 NUM_CLASSES = 10
@@ -109,8 +110,6 @@ class DyingTeacher(nn.Module):
 
 
 def _wait_for_a_finished_unit(store: str | None, timeout: float = 60.0) -> None:
-    import logitcache as lc
-
     deadline = time.monotonic() + timeout
     while store is not None and time.monotonic() < deadline:
         try:
