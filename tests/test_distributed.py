@@ -46,6 +46,21 @@ def _run(args, nproc=None, env=None, check=True):
     return r
 
 
+def _build_here(args):
+    """A single-process reference build, run in this process (a process of its own would only add its start-up): the
+    command with the environment a process of its own would have."""
+    from typer.testing import CliRunner
+
+    from logitcache.cli import app
+
+    threads = torch.get_num_threads()
+    try:
+        r = CliRunner().invoke(app, args)
+    finally:
+        torch.set_num_threads(threads)  # the command sets this process's threads from OMP_NUM_THREADS
+    assert r.exit_code == 0, r.output
+
+
 def _same_bytes(a, b, ignore=()):
     helpers.assert_same_store(a, b, ignore)
 
@@ -53,7 +68,7 @@ def _same_bytes(a, b, ignore=()):
 @pytest.fixture(scope="module")
 def single(tmp_path_factory):
     out = tmp_path_factory.mktemp("single") / "c"
-    _run(BUILD + ["--teacher", f"{HELPERS}:tiny_teacher", "--out", str(out)])
+    _build_here(BUILD + ["--teacher", f"{HELPERS}:tiny_teacher", "--out", str(out)])
     return out
 
 
@@ -68,7 +83,7 @@ def test_two_rank_build_equals_single_process_bitwise(single, tmp_path):
 def test_two_rank_topk8_build_with_its_tail_table_equals_single_process_bitwise(tmp_path):
     # rank 0 alone fits the table (before any unit is written); every rank's units and the table match one process's
     args = BUILD + ["--teacher", f"{HELPERS}:tiny_teacher", "--encoding", "topk8"]
-    _run(args + ["--out", str(tmp_path / "one")])
+    _build_here(args + ["--out", str(tmp_path / "one")])
     _run(args + ["--out", str(tmp_path / "two")], nproc=2)
     helpers.assert_same_store(tmp_path / "one", tmp_path / "two")  # every array (topk8's tail table and tail_coef)
 
