@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 import logitcache
-from conftest import HELPERS
+from conftest import HELPERS, made_once
 
 pytestmark = pytest.mark.smoke  # builds, installs and runs the package end to end
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,10 +26,7 @@ def _source_modules() -> set[str]:
     return {p.relative_to(ROOT).as_posix() for p in (ROOT / "logitcache").rglob("*.py")}
 
 
-@pytest.fixture(scope="module")
-def dist(tmp_path_factory) -> Path:
-    """An sdist, and a wheel built from that sdist (python -m build's default): both must be complete."""
-    out = tmp_path_factory.mktemp("dist")
+def _build(out: Path) -> None:
     r = subprocess.run(
         [sys.executable, "-m", "build", "--no-isolation", "--outdir", str(out), str(ROOT)],
         capture_output=True,
@@ -37,13 +34,23 @@ def dist(tmp_path_factory) -> Path:
         timeout=600,
     )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return out
+
+
+@pytest.fixture(scope="module")
+def dist(tmp_path_factory) -> Path:
+    """An sdist, and a wheel built from that sdist (python -m build's default): both must be complete. Built once per
+    session: the build writes into the checkout (its egg-info), so two workers building at once would collide."""
+    return made_once(tmp_path_factory, "dist", _build)
 
 
 @pytest.fixture(scope="module")
 def installed(dist, tmp_path_factory) -> Path:
-    """A fresh venv with the wheel installed (not editable); torch & co. come from the test venv's site-packages."""
-    env = tmp_path_factory.mktemp("venv") / "env"
+    """A fresh venv with the wheel installed (not editable); torch & co. come from the test venv's site-packages.
+    Made once per session; the tests only run it."""
+    return made_once(tmp_path_factory, "venv", lambda folder: _install(dist, folder / "env")) / "env"
+
+
+def _install(dist: Path, env: Path) -> None:
     venv.create(env, with_pip=True)
     py = env / "bin" / "python"
     site = subprocess.run(
@@ -62,7 +69,6 @@ def installed(dist, tmp_path_factory) -> Path:
         timeout=300,
     )
     assert r.returncode == 0, r.stderr[-3000:]
-    return env
 
 
 def _run(env: Path, cwd: Path, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -106,8 +112,8 @@ def test_installed_wheel_imports_every_module_outside_the_checkout(installed, tm
 def test_installed_command_builds_and_trains(installed, tmp_path):
     cmd = installed / "bin" / "logitcache"
     assert _run(installed, tmp_path, cmd, "--version").stdout.strip() == f"logitcache {logitcache.__version__}"
-    assert "build" in _run(installed, tmp_path, cmd, "--help").stdout
-    assert "train" in _run(installed, tmp_path, installed / "bin" / "python", "-m", "logitcache", "--help").stdout
+    usage = _run(installed, tmp_path, installed / "bin" / "python", "-m", "logitcache", "--help").stdout
+    assert "build" in usage and "train" in usage
     data = ["--dataset", f"{HELPERS}:tiny_dataset"]
     _run(installed, tmp_path, cmd, "build", *data, "--teacher", f"{HELPERS}:tiny_teacher", "--out", "c",
          "--augment", f"{HELPERS}:light_augment", "--views", "2", "--workers", "0", "-q")  # fmt: skip
