@@ -1,3 +1,4 @@
+import dataclasses
 import json
 from pathlib import Path
 
@@ -8,7 +9,7 @@ from typer.testing import CliRunner
 import helpers
 import logitcache as lc
 from logitcache.cli import app
-from conftest import HELPERS
+from conftest import HELPERS, made_once
 from logitcache import specs
 from logitcache.errors import LogitcacheError
 from logitcache.student.loop import load_metrics as load_metrics
@@ -17,15 +18,26 @@ DATASET = f"{HELPERS}:tiny_dataset"
 COMMON = dict(dataset=DATASET, model="small-resnet8-w4", epochs=3, batch_size=32, workers=0, progress=False, lr=0.05)
 
 
+# The teacher run and its cache are made once per session and shared by the xdist workers (the tests only read
+# them); the run's result is what lc.train returned, kept beside it as JSON.
 @pytest.fixture(scope="module")
 def teacher_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("runs") / "teacher"
-    return lc.train(lc.TrainConfig(out=str(out), augment=f"{HELPERS}:light_augment", seed=0, **COMMON))
+    def make(folder: Path) -> None:
+        cfg = lc.TrainConfig(out=str(folder / "teacher"), augment=f"{HELPERS}:light_augment", seed=0, **COMMON)
+        run = lc.train(cfg)
+        (folder / "result.json").write_text(json.dumps(dataclasses.asdict(run)))
+
+    folder = made_once(tmp_path_factory, "train-teacher", make)
+    return lc.RunResult(**json.loads((folder / "result.json").read_text()))
 
 
 @pytest.fixture(scope="module")
 def teacher_cache(tmp_path_factory, teacher_run):
-    out = tmp_path_factory.mktemp("cache") / "c"
+    return made_once(tmp_path_factory, "train-teacher-cache", lambda f: _build_teacher_cache(teacher_run, f)) / "c"
+
+
+def _build_teacher_cache(teacher_run: lc.RunResult, folder: Path) -> None:
+    out = folder / "c"
     ds = helpers.tiny_dataset()
     tf, _ = specs.resolve_augment(f"{HELPERS}:light_augment", ds)
     lc.build_cache(
@@ -42,7 +54,6 @@ def teacher_cache(tmp_path_factory, teacher_run):
         specs={"augment": f"{HELPERS}:light_augment", "teacher": teacher_run.run_dir},
         encoding="topk",
     )
-    return out
 
 
 def _check_run_dir(run: lc.RunResult, epochs: int):
