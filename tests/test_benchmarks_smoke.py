@@ -1,7 +1,8 @@
-"""Every benchmark's --quick mode runs end to end (real Fashion-MNIST; bench_scale.py is synthetic by design) and
-prints sane figures: no NaN, ratios finite and in range, the read amplification a path promises. No timing is
-asserted. The runs share one output folder, so the quick teacher (`_common.QUICK_TEACHER`) is trained once for all of
-them. Marked ``smoke``: ``pytest -m "not smoke"`` is the fast inner loop; the README's test command runs everything.
+"""Every benchmark's --quick mode runs end to end (real Fashion-MNIST; bench_scale.py and bench_loader_bytes.py are
+synthetic by design) and prints sane figures: no NaN, ratios finite and in range, the read amplification a path
+promises. No timing is asserted. The runs share one output folder, so the quick teacher (`_common.QUICK_TEACHER`) is
+trained once for all of them. Marked ``smoke``: ``pytest -m "not smoke"`` is the fast inner loop; the README's test
+command runs everything.
 
 A quick mode is a check that the script runs, in seconds, not a small benchmark: every part of every script, at a few
 hundred images, one repetition, the fewest runs and child processes that take each part's code (the recorded runs in
@@ -10,7 +11,7 @@ bench_scale's paths read what they promise (the ring and a one-view store each r
 each view and the next, on disk and on the object store); bench_step prints its cached-KD-to-no-KD ratio (one quick
 repetition is not a timing to bound); bench_processes's trainings under torchrun (through the ring) and in one
 process with forked workers (the next view prefetched) all finish, none failed or hung; bench_sequence's runs learn
-(accuracy above chance)."""
+(accuracy above chance); bench_loader_bytes's batches carry the targets within 2x of the encoding's stored bytes."""
 
 import os
 import re
@@ -56,6 +57,19 @@ def _sane(script: str, out: str) -> None:
         last = [line for line in out.splitlines() if line.startswith("round ")][-1]
         counts = re.findall(r"(\w+) (\d+) ok (\d+) failed (\d+) hung", last)
         assert counts and all(int(ok) > 0 and failed == hung == "0" for _, ok, failed, hung in counts), last
+    if script == "bench_loader_bytes.py":  # a batch carries the encoding's compact targets, not dense rows
+        assert "SYNTHETIC" in out and "topk8" in out
+        pattern = r"targets sent from the workers: (\d+\.\d+) B/sample.*?uncompressed: (\d+) B/sample"
+        ((sent, stored),) = re.findall(pattern, out)
+        (ratio,) = re.findall(r"sent / stored: (\d+\.\d+)x", out)
+        assert 0 < float(sent) and 0 < int(stored)
+        assert abs(float(ratio) - float(sent) / int(stored)) < 1e-2
+        assert float(ratio) <= 2, f"the batch carries {ratio}x the stored bytes"
+        assert float(sent) < 4 * 1000 / 10  # far below a dense float32 row of 1000 classes
+        (speed,) = re.findall(r"cached KD / images only: (\d+\.\d+)x", out)
+        assert 0.02 < float(speed) < 50
+        (loss,) = re.findall(r"KD loss on one batch .*: (-?\d+\.\d+)", out)
+        assert 0 <= float(loss) < 100
     if script == "bench_sequence.py":
         accs = [float(a) for a in re.findall(r"(?<![\d.+-])[01]\.\d{4}\b", out)]  # accuracies, unsigned
         assert accs and all(0 <= a <= 1 for a in accs) and max(accs) > 0.1
