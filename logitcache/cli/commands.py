@@ -357,7 +357,9 @@ def _fail(report) -> None:
 @app.command()
 def demo(
     out_path: Path = typer.Option(Path("demo-out"), "--out", help="Folder for runs, cache, plot and summary."),
-    quick: bool = typer.Option(False, "--quick", help="A smoke version of about 20 s (500 images, 1,000 test images, 2-4 epochs)."),
+    quick: bool = typer.Option(
+        False, "--quick", help="A smoke version of about 20 s (500 images, 500 test images, 1-2 epochs)."
+    ),
     workers: int = typer.Option(2, min=0),
 ) -> None:
     """The whole idea on real Fashion-MNIST: teacher run, one build, then the next run with and without KD."""

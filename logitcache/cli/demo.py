@@ -46,7 +46,7 @@ class DemoPlan:
 # result when it stands outside the seeds' spread. About 10 minutes on 2 idle CPU cores. The quick plan checks that
 # every stage runs and reports (its accuracies are a few hundred images' worth of training: noise).
 FULL = DemoPlan(10000, "small-resnet8-w8", 8, (0.5,), (0.5,), 0.5, (1, 2, 3, 4, 5, 6), (1, 2), 4)
-QUICK = DemoPlan(500, "small-resnet8-w8", 4, (0.5, 1.0), (0.5,), 0.5, (1, 2), (1,), 2, test_limit=1000)
+QUICK = DemoPlan(500, "small-resnet8-w8", 2, (0.5, 1.0), (0.5,), 0.5, (1, 2), (1,), 1, test_limit=500)
 
 
 def run_demo(
