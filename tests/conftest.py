@@ -6,13 +6,19 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 # Under pytest-xdist (-n N) each worker takes its share of the cores, so N workers never oversubscribe them; the
 # commands a test runs (in this process or in processes of their own) take the same share through OMP_NUM_THREADS.
+# The xdist controller imports this file first, and its workers inherit its environment: a value this file set
+# (marked) is replaced by each worker's share; only a value set before pytest started is kept. It is set before torch
+# is imported, so that torch's thread pools are made at that size.
 WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // WORKERS)))
+if "OMP_NUM_THREADS" not in os.environ or os.environ.get("LOGITCACHE_TESTS_SET_THREADS") == "1":
+    os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // WORKERS))
+    os.environ["LOGITCACHE_TESTS_SET_THREADS"] = "1"
+import torch  # noqa: E402
+
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 import helpers  # noqa: E402
