@@ -198,7 +198,8 @@ def _rank_main(rank: int, init: str, cache_path: str, out: str, failure: str) ->
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("failure", ["check", "allocation"])
+# rank 1 cannot hold the view: its /dev/shm check fails, or (smoke: the same agreement, another cause) the allocation
+@pytest.mark.parametrize("failure", ["check", pytest.param("allocation", marks=pytest.mark.smoke)])
 def test_ranks_agree_on_shared_memory_and_split_the_epoch(built_cache, tmp_path, failure):
     init = f"file://{tmp_path / 'rendezvous'}"
     torch.multiprocessing.spawn(_rank_main, args=(init, str(built_cache), str(tmp_path), failure), nprocs=2)
