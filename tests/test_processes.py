@@ -269,8 +269,9 @@ def test_two_loaders_over_one_dataset_fail_clearly(built_cache, tiny):
                    multiprocessing_context="fork")  # fmt: skip
     b = DataLoader(ds, batch_size=BATCH, sampler=sampler, num_workers=1, persistent_workers=True,
                    multiprocessing_context="fork")  # fmt: skip
-    first, second = iter(a), iter(b)
-    next(first)
+    first = iter(a)
+    next(first)  # a's worker holds worker slot 0 before b's starts
+    second = iter(b)
     with pytest.raises(LogitcacheError, match="two DataLoaders"):
         next(second)
     # stopped here: an iterator left to the cyclic garbage collector stops its workers only after PyTorch's 5 s
