@@ -1,4 +1,5 @@
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -91,8 +92,6 @@ def made_once(tmp_path_factory, name: str, make) -> Path:
     with FileLock(str(root / f"{name}.lock")):
         if not done.exists():
             if folder.exists():  # a make that failed: start again
-                import shutil
-
                 shutil.rmtree(folder)
             folder.mkdir()
             make(folder)

@@ -47,17 +47,12 @@ def _run(args, nproc=None, env=None, check=True):
 
 
 def _build_here(args):
-    """A single-process reference build, run in this process (a process of its own would only add its start-up): the
-    command with the environment a process of its own would have."""
+    """A single-process reference build, run in this process: a process of its own would only add its start-up."""
     from typer.testing import CliRunner
 
     from logitcache.cli import app
 
-    threads = torch.get_num_threads()
-    try:
-        r = CliRunner().invoke(app, args)
-    finally:
-        torch.set_num_threads(threads)  # the command sets this process's threads from OMP_NUM_THREADS
+    r = CliRunner().invoke(app, args)
     assert r.exit_code == 0, r.output
 
 

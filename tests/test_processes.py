@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
+import helpers
 import logitcache as lc
 from conftest import HELPERS
 from logitcache import specs
@@ -274,10 +275,8 @@ def test_two_loaders_over_one_dataset_fail_clearly(built_cache, tiny):
     second = iter(b)
     with pytest.raises(LogitcacheError, match="two DataLoaders"):
         next(second)
-    # stopped here: an iterator left to the cyclic garbage collector stops its workers only after PyTorch's 5 s
-    # join timeout each, in whichever later test the collector runs
-    first._shutdown_workers()
-    second._shutdown_workers()
+    helpers.stop_workers(first)
+    helpers.stop_workers(second)
     ds.close()
 
 

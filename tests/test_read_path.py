@@ -204,8 +204,7 @@ def test_a_damaged_chunk_met_by_the_ring_stops_the_epoch_with_its_message(built_
     with pytest.raises(Exception, match="view 1") as e:
         list(batches)
     assert "LogitcacheError" in str(e.value) or isinstance(e.value, lc.LogitcacheError)
-    if workers:  # stopped here: left to the cyclic garbage collector (the error's traceback holds the iterator), its
-        batches._shutdown_workers()  # workers stop only after PyTorch's 5 s join timeout each, in a later test
+    helpers.stop_workers(batches)
     with pytest.raises(lc.LogitcacheError, match="view 1"):
         ds.set_epoch(2)
 
